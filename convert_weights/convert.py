@@ -1,0 +1,82 @@
+"""Convert the released MetaVoice checkpoints in a directory into a converted model directory.
+
+Every component found under its released file name is converted; the output is
+built in a temporary sibling directory, ``manifest.json`` is written last, and the
+directory is moved into place only when complete, so an interrupted run never
+leaves an ``OUT`` that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from convert_weights.safe_pickle import load_checkpoint
+from mvjax.checkpoint import FORMAT_VERSION, MANIFEST, save_tree, tree_digest
+
+# Released file name -> component name in the converted directory.
+GPT_FILES = {"first_stage.pt": "first_stage", "second_stage.pt": "second_stage"}
+
+
+def _convert_gpt(src: Path, dst: Path) -> dict:
+    from convert_weights.gpt import convert_gpt_checkpoint
+
+    config, params, tokenizer = convert_gpt_checkpoint(load_checkpoint(src), source=str(src))
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text(config.to_json())
+    (dst / "tokenizer.json").write_text(tokenizer.to_json())
+    save_tree(dst / "params", params)
+    return {"kind": "gpt", "source": src.name, "params_sha256": tree_digest(params)}
+
+
+CONVERTERS: dict[str, tuple[str, Callable[[Path, Path], dict]]] = {
+    fname: (name, _convert_gpt) for fname, name in GPT_FILES.items()
+}
+
+
+def find_components(model_dir: Path) -> dict[str, Path]:
+    return {fname: model_dir / fname for fname in CONVERTERS if (model_dir / fname).is_file()}
+
+
+def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Convert every known checkpoint in ``model_dir`` into ``out``; returns the manifest."""
+    model_dir, out = Path(model_dir), Path(out)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    found = find_components(model_dir)
+    if not found:
+        raise FileNotFoundError(f"{model_dir} contains none of: {', '.join(CONVERTERS)}")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a converted model directory; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o755)
+    try:
+        components = {}
+        for fname, path in sorted(found.items()):
+            name, converter = CONVERTERS[fname]
+            log(f"converting {path} -> {out / name}")
+            components[name] = converter(path, staging / name)
+        manifest = {"format_version": FORMAT_VERSION, "components": components}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move the finished ``new`` into ``out``, replacing a previous conversion."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)

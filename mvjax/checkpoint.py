@@ -1,0 +1,99 @@
+"""Converted model directories: Orbax parameter trees + JSON configs + tokenizers.
+
+Layout written by ``python -m convert_weights``::
+
+    OUT/manifest.json                 written last; lists components and a digest of each tree
+    OUT/first_stage/config.json       GPTConfig
+    OUT/first_stage/tokenizer.json
+    OUT/first_stage/params/           Orbax checkpoint of the parameter tree
+    OUT/second_stage/...
+
+A directory without a valid ``manifest.json`` is not a model (an interrupted
+conversion never produces one). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from mvjax.config import GPTConfig
+from mvjax.text import Tokenizer, TokenizerSpec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+GPT_STAGES = ("first_stage", "second_stage")
+
+
+class ModelDirError(ValueError):
+    """A converted model directory that is missing, incomplete or corrupt."""
+
+
+def tree_digest(tree: Mapping[str, Any]) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes, in sorted path order."""
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(arr.dtype).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def save_tree(path: Path, tree: Mapping[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(Path(path).absolute(), tree)
+
+
+def restore_tree(path: Path, abstract: Mapping[str, Any] | None = None) -> dict:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        if abstract is None:
+            return ckptr.restore(Path(path).absolute())
+        return ckptr.restore(Path(path).absolute(), abstract)
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory not found: {model_dir}")
+    if not path.is_file():
+        raise ModelDirError(
+            f"{model_dir} has no {MANIFEST}: not a converted model (or an interrupted conversion); "
+            "run python -m convert_weights --model-dir CHECKPOINTS --out DIR"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelDirError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    return manifest
+
+
+def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> tuple[GPTConfig, dict, Tokenizer]:
+    """Load one GPT stage (``first_stage`` or ``second_stage``) from a converted directory."""
+    from mvjax.nn.gpt import abstract_params
+
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    entry = manifest.get("components", {}).get(stage)
+    if entry is None:
+        raise ModelDirError(f"{model_dir} holds no {stage} (has: {', '.join(manifest.get('components', {})) or 'nothing'})")
+    config = GPTConfig.from_json_file(model_dir / stage / "config.json")
+    tokenizer = Tokenizer(TokenizerSpec.from_json_file(model_dir / stage / "tokenizer.json"))
+    params = restore_tree(model_dir / stage / "params", abstract_params(config))
+    if verify and tree_digest(params) != entry["params_sha256"]:
+        raise ModelDirError(f"{model_dir / stage}: parameters do not match the digest in {MANIFEST}")
+    return config, params, tokenizer

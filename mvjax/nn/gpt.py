@@ -1,0 +1,206 @@
+"""The MetaVoice GPT, both stages, as one functional Flax module.
+
+One implementation serves the causal first stage (RMSNorm, SwiGLU, tied heads) and
+the non-causal second stage (LayerNorm, GELU, several input tables and heads);
+every choice is read from :class:`mvjax.config.GPTConfig`.
+
+Parameter tree (plain nested dicts; layer weights stacked on a leading axis so the
+blocks run under one ``nn.scan``)::
+
+    wte_{i}/embedding        (vocab_i, width)    input table of hierarchy i
+    wpe/embedding            (block, width)      learned positions
+    speaker_proj/kernel      (speaker_dim, width) only when the stage is speaker-conditioned
+    blocks/ln_1/{scale,bias} (layers, width)     bias only for LayerNorm with bias
+    blocks/attn/c_attn/{kernel,bias}  (layers, width, 3*width)   q | k | v, heads contiguous
+    blocks/attn/c_proj/{kernel,bias}  (layers, width, width)
+    blocks/ln_2/...
+    blocks/mlp/{w1,w3,c_proj}         SwiGLU, or blocks/mlp/{c_fc,c_proj} for GELU
+    ln_f/{scale,bias}
+    lm_head_{i}/kernel       (width, target_vocab_i)   absent when the heads are tied
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvjax.config import GPTConfig
+
+# The reference's slow-path GPT masks the speaker embedding before this token when
+# ``spk_emb_on_text`` is False (a constant in its source, not a config value).
+SPEAKER_MASK_END_OF_TEXT = 1537
+
+
+class Norm(nn.Module):
+    """RMSNorm (``x * rsqrt(mean(x^2) + eps) * w``, in float32) or LayerNorm (two-pass variance)."""
+
+    kind: str
+    eps: float
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (width,))
+        x32 = x.astype(jnp.float32)
+        if self.kind == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return y.astype(x.dtype) * scale.astype(x.dtype)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (width,)).astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def _dense(features: int, use_bias: bool, name: str, dtype) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        name=name,
+        dtype=dtype,
+        kernel_init=nn.initializers.normal(0.02),
+    )
+
+
+def attention(q, k, v, mask):
+    """Scaled dot-product attention. q: (B, Tq, H, hd); k, v: (B, Tk, H, hd); mask: bool, broadcast to (B, H, Tq, Tk)."""
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class SelfAttention(nn.Module):
+    config: GPTConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        batch, length, width = x.shape
+        qkv = _dense(3 * width, cfg.bias, "c_attn", self.dtype)(x)
+        qkv = qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim)
+        y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
+        return _dense(width, cfg.bias, "c_proj", self.dtype)(y.reshape(batch, length, width))
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        hidden = cfg.mlp_hidden
+        if cfg.nonlinearity_type == "swiglu":
+            h = nn.silu(_dense(hidden, cfg.bias, "w1", self.dtype)(x)) * _dense(hidden, cfg.bias, "w3", self.dtype)(x)
+        else:
+            h = nn.gelu(_dense(hidden, cfg.bias, "c_fc", self.dtype)(x), approximate=False)  # torch.nn.GELU(): erf form
+        return _dense(cfg.n_embd, cfg.bias, "c_proj", self.dtype)(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; written as a scan body ``(x, mask) -> (x, None)``."""
+
+    config: GPTConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        x = x + SelfAttention(cfg, self.dtype, name="attn")(Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_1")(x), mask)
+        x = x + MLP(cfg, self.dtype, name="mlp")(Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_2")(x))
+        return x, None
+
+
+class GPT(nn.Module):
+    """``tokens (batch, hierarchies, time)`` -> one ``(batch, time, vocab)`` logits array per head."""
+
+    config: GPTConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        emb_init = nn.initializers.normal(0.02)
+        self.wtes = [nn.Embed(v, cfg.n_embd, embedding_init=emb_init, name=f"wte_{i}") for i, v in enumerate(cfg.vocab_sizes)]
+        self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=emb_init, name="wpe")
+        if cfg.speaker_emb_dim is not None:
+            self.speaker_proj = _dense(cfg.n_embd, False, "speaker_proj", self.dtype)
+        self.blocks = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=cfg.n_layer,
+        )(cfg, self.dtype, name="blocks")
+        self.ln_f = Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_f")
+        if not cfg.tied_heads:
+            self.lm_heads = [_dense(v, False, f"lm_head_{i}", self.dtype) for i, v in enumerate(cfg.output_vocab_sizes)]
+
+    def embed(self, tokens, positions, speaker_emb):
+        """Sum of the input tables, learned positions and (optionally) the projected speaker.
+
+        tokens: (B, H, T) int; positions: (T,) or (B, T) int; speaker_emb: (B, S) or None.
+        """
+        cfg = self.config
+        if tokens.shape[1] != len(cfg.vocab_sizes):
+            raise ValueError(f"tokens have {tokens.shape[1]} hierarchies, the model has {len(cfg.vocab_sizes)} input tables")
+        x = jnp.zeros(tokens.shape[:1] + tokens.shape[2:] + (cfg.n_embd,), jnp.float32)
+        for i, wte in enumerate(self.wtes):
+            x = x + wte(tokens[:, i, :]).astype(jnp.float32)
+        pos = self.wpe(positions).astype(jnp.float32)
+        x = x + (pos if pos.ndim == 3 else pos[None])
+        if speaker_emb is not None:
+            if cfg.speaker_emb_dim is None:
+                raise ValueError("this stage was trained without speaker conditioning; pass speaker_emb=None")
+            spk = self.speaker_proj(speaker_emb.astype(self.dtype)).astype(jnp.float32)[:, None, :]  # (B, 1, D)
+            if not cfg.spk_emb_on_text:
+                seen_eot = jnp.cumsum(tokens[:, 0, :] == SPEAKER_MASK_END_OF_TEXT, axis=-1) > 0
+                spk = spk * seen_eot[:, :, None].astype(spk.dtype)
+            x = x + spk
+        return x.astype(self.dtype)
+
+    def heads(self, x):
+        if self.config.tied_heads:
+            return tuple(
+                jnp.einsum("btd,vd->btv", x, wte.embedding.astype(x.dtype)).astype(jnp.float32)
+                for wte in self.wtes
+            )
+        return tuple(head(x).astype(jnp.float32) for head in self.lm_heads)
+
+    def __call__(self, tokens, speaker_emb: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None):
+        cfg = self.config
+        length = tokens.shape[-1]
+        if length > cfg.block_size:
+            raise ValueError(f"sequence of length {length} exceeds the block size {cfg.block_size}")
+        if positions is None:
+            positions = jnp.arange(length)
+        x = self.embed(tokens, positions, speaker_emb)
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if cfg.causal else None
+        x, _ = self.blocks(x, mask)
+        return self.heads(self.ln_f(x))
+
+
+def init_params(config: GPTConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
+    """Random parameters in the converted layout (for tests and benchmarks)."""
+    tokens = jnp.zeros((1, len(config.vocab_sizes), 1), jnp.int32)
+    spk = None if config.speaker_emb_dim is None else jnp.zeros((1, config.speaker_emb_dim), dtype)
+    params = GPT(config).init(rng, tokens, spk)["params"]
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+
+
+def abstract_params(config: GPTConfig) -> dict:
+    """Shapes and dtypes of the parameter tree, from ``jax.eval_shape`` (no memory allocated)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def forward(config: GPTConfig, params, tokens, speaker_emb=None) -> Sequence[jnp.ndarray]:
+    return GPT(config).apply({"params": params}, tokens, speaker_emb)

@@ -1,0 +1,202 @@
+"""Text normalisation, the checkpoint's BPE tokenizer, and token-stream adapters.
+
+The tokenizer is rebuilt from the checkpoint's ``meta["tokenizer"]`` (a tiktoken
+layout: regex, 512 mergeable ranks, ``<|endoftext|>``) and shifts every id by the
+stage's offset; each encoding ends with the end-of-text id.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+# Code point -> replacement, as in the reference normaliser. (Its "TM" entry is keyed
+# by the decimal number 2122, not U+2122; kept as is for identical behaviour.)
+_UNICODE_REPLACEMENTS: dict[int, str] = {
+    8175: "'", 8189: "'", 8190: "'",
+    8208: "-", 8209: "-", 8210: "-", 8211: "-", 8212: "-", 8213: "-",
+    8214: "||", 8216: "'", 8217: "'", 8218: ",", 8219: "`",
+    8220: '"', 8221: '"', 8222: ",,", 8223: '"',
+    8228: ".", 8229: "..", 8230: "...",
+    8242: "'", 8243: '"', 8245: "'", 8246: '"',
+    180: "'", 2122: "TM",
+}
+_MULTI_SPACE = re.compile(r"\s\s+")
+
+
+class TextError(ValueError):
+    """Text the model cannot read."""
+
+
+def normalize_text(text: str) -> str:
+    """Map typographic punctuation to ASCII, refuse characters outside Latin-1, fold whitespace."""
+    text = text.translate(_UNICODE_REPLACEMENTS)
+    bad = sorted({c for c in text if ord(c) >= 256})
+    if bad:
+        listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad)
+        raise TextError(f"unsupported character(s) in text: {listed}; only Latin-1 (code points < 256) can be spoken")
+    for ch in "\t\n\r*":
+        text = text.replace(ch, " ")
+    return _MULTI_SPACE.sub(" ", text.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """Everything needed to rebuild a stage's tokenizer; JSON-serialisable."""
+
+    name: str
+    pat_str: str
+    mergeable_ranks: Mapping[bytes, int]
+    special_tokens: Mapping[str, int]
+    offset: int
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "TokenizerSpec":
+        missing = [k for k in ("name", "pat_str", "mergeable_ranks", "special_tokens") if k not in meta]
+        if missing:
+            raise TextError(f"tokenizer metadata lacks {', '.join(missing)}")
+        ranks = {bytes(k): int(v) for k, v in meta["mergeable_ranks"].items()}
+        offset = meta.get("offset")
+        return cls(
+            name=str(meta["name"]),
+            pat_str=str(meta["pat_str"]),
+            mergeable_ranks=ranks,
+            special_tokens={str(k): int(v) for k, v in meta["special_tokens"].items()},
+            offset=0 if offset is None else int(offset),
+        )
+
+    def to_json(self) -> str:
+        ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        doc = {
+            "name": self.name,
+            "pat_str": self.pat_str,
+            "offset": self.offset,
+            "special_tokens": dict(sorted(self.special_tokens.items())),
+            "mergeable_ranks": [[base64.b64encode(k).decode("ascii"), v] for k, v in ranks],
+        }
+        return json.dumps(doc, indent=1) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "TokenizerSpec":
+        doc = json.loads(Path(path).read_text())
+        return cls(
+            name=doc["name"],
+            pat_str=doc["pat_str"],
+            mergeable_ranks={base64.b64decode(k): int(v) for k, v in doc["mergeable_ranks"]},
+            special_tokens={k: int(v) for k, v in doc["special_tokens"].items()},
+            offset=int(doc["offset"]),
+        )
+
+
+class Tokenizer:
+    """BPE tokenizer of one stage: ``encode`` gives model ids (offset added, end-of-text last)."""
+
+    def __init__(self, spec: TokenizerSpec):
+        import tiktoken
+
+        self.spec = spec
+        self._enc = tiktoken.Encoding(
+            name=spec.name,
+            pat_str=spec.pat_str,
+            mergeable_ranks=dict(spec.mergeable_ranks),
+            special_tokens=dict(spec.special_tokens),
+        )
+
+    @property
+    def offset(self) -> int:
+        return self.spec.offset
+
+    @property
+    def eot_token(self) -> int:
+        return self._enc.eot_token + self.offset
+
+    def encode(self, text: str) -> list[int]:
+        """Encode already-normalised text; special-token strings in it are refused, as in the reference."""
+        try:
+            ids = self._enc.encode(text)
+        except ValueError as exc:
+            raise TextError(f"text contains a special token string: {exc}".splitlines()[0]) from None
+        return [t + self.offset for t in ids] + [self.eot_token]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode([int(t) - self.offset for t in ids])
+
+
+# --- Token adapters -------------------------------------------------------------------
+
+
+def split_first_stage_tokens(tokens: Sequence[int], codebook_size: int) -> tuple[list[int], np.ndarray]:
+    """First-stage stream -> (text ids, codebooks (2, frames)).
+
+    The stream interleaves codebook 1 (ids ``[0, C)``) and codebook 2 (``[C, 2C)``,
+    shifted down by C); ``2C`` is end of audio and ids above it are text. Text ids
+    drop their final (end-of-text) id and both codebooks are cut to equal length,
+    as the reference's flattened-interleaved adapter does.
+    """
+    c = codebook_size
+    tokens = np.asarray(tokens, dtype=np.int64).ravel()
+    first = tokens[tokens < c]
+    second = tokens[(tokens >= c) & (tokens < 2 * c)] - c
+    text = tokens[tokens > 2 * c]
+    frames = min(first.size, second.size)
+    return text[:-1].tolist(), np.stack([first[:frames], second[:frames]])
+
+
+def tilted_decode(tokens: np.ndarray, pad_token: int) -> tuple[list[int], list[list[int]]]:
+    """The reference second-stage output adapter, kept for parity checks.
+
+    ``tokens`` (hierarchies, time). Hierarchy 0 yields text (ids above ``pad_token``)
+    and audio (ids below it); other hierarchies yield every id below ``pad_token``.
+    With an imperfect model this keeps predictions at text positions and misaligns
+    codebooks: prefer :func:`second_stage_codebooks`.
+    """
+    tokens = np.asarray(tokens)
+    text = [int(t) for t in tokens[0] if t > pad_token]
+    audio = [[int(t) for t in tokens[0] if t < pad_token]]
+    for row in tokens[1:]:
+        audio.append([int(t) for t in row if t < pad_token])
+    frames = min(len(a) for a in audio)
+    return text[:-1], [a[:frames] for a in audio]
+
+
+def build_second_stage_input(
+    text_ids: Sequence[int], codebooks: np.ndarray, block_size: int, pad_token: int
+) -> np.ndarray:
+    """Second-stage input (2, block): text then codebook 1 then one pad; pads under the text then codebook 2 then one pad.
+
+    Right-padded with ``pad_token`` to ``block_size`` (cut if longer), as the reference does.
+    """
+    codebooks = np.asarray(codebooks, dtype=np.int64)
+    if codebooks.ndim != 2 or codebooks.shape[0] < 2:
+        raise ValueError(f"expected codebooks of shape (2, frames), got {codebooks.shape}")
+    text = np.asarray(text_ids, dtype=np.int64)
+    pad1 = np.array([pad_token], np.int64)
+    rows = [
+        np.concatenate([text, codebooks[0], pad1]),
+        np.concatenate([np.full(text.size, pad_token, np.int64), codebooks[1], pad1]),
+    ]
+    out = np.full((2, block_size), pad_token, np.int64)
+    n = min(block_size, rows[0].size)
+    for i, row in enumerate(rows):
+        out[i, :n] = row[:n]
+    return out
+
+
+def second_stage_codebooks(
+    stage2_input: np.ndarray, predicted: np.ndarray, num_text_tokens: int, num_frames: int
+) -> np.ndarray:
+    """All codebooks (2 + heads, frames') read at the audio positions of the second-stage block.
+
+    ``stage2_input`` (2, block) supplies codebooks 1-2, ``predicted`` (heads, block)
+    the rest; frames past the block are cut.
+    """
+    stacked = np.concatenate([np.asarray(stage2_input)[:2], np.asarray(predicted)], axis=0)
+    start = num_text_tokens
+    stop = min(start + num_frames, stacked.shape[1])
+    return stacked[:, start:stop].astype(np.int64)
