@@ -44,6 +44,14 @@ class Rule:
     stack_group: str | None = None  # named group holding the index on the stacked leading axis
 
 
+def readable_key(pattern: str, **groups) -> str:
+    """A rule's source regex as a key name: ``transformer\\.h\\.(?P<layer>\\d+)\\.x`` -> ``transformer.h.{layer}.x``."""
+    text = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\.", ".")
+    for name, value in groups.items():
+        text = text.replace("{" + name + "}", str(value))
+    return text
+
+
 def strip_prefix(state: Mapping[str, Any], prefix: str = "_orig_mod.") -> dict[str, Any]:
     out = {}
     for key, value in state.items():
@@ -91,6 +99,7 @@ def apply_rules(
     expected_flat = _flatten(expected)
     plain: dict[str, tuple[str, np.ndarray]] = {}
     stacked: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
+    stack_rules: dict[str, Rule] = {}
 
     for key in sorted(state):
         matches = [(m, r) for pattern, r in compiled if (m := pattern.fullmatch(key))]
@@ -108,6 +117,7 @@ def apply_rules(
         else:
             index = int(match.group(rule.stack_group))
             layers = stacked.setdefault(target, {})
+            stack_rules[target] = rule
             layers[index] = (key, value)
 
     produced: dict[str, tuple[str, np.ndarray]] = dict(plain)
@@ -119,8 +129,9 @@ def apply_rules(
             raise ConversionError(f"unused checkpoint key {layers[extra[0]][0]!r}: the config has only {n} layers")
         missing = [i for i in range(n) if i not in layers]
         if missing:
-            example = next(iter(layers.values()))[0]
-            raise ConversionError(f"missing checkpoint key for layer {missing[0]} (like {example!r}) -> {target!r}")
+            rule = stack_rules[target]
+            name = readable_key(rule.source, **{rule.stack_group: missing[0]})
+            raise ConversionError(f"missing checkpoint key {name!r} (layer {missing[0]}) for parameter {target!r}")
         shapes = {layers[i][1].shape for i in range(n)}
         if len(shapes) != 1:
             raise ConversionError(f"layers of {target!r} disagree in shape: {sorted(shapes)}")
@@ -131,9 +142,13 @@ def apply_rules(
             raise ConversionError(f"unused checkpoint key {key!r}: the model has no parameter {target!r}")
     for target, want in expected_flat.items():
         if target not in produced:
-            sources = [r.source for r in rules if r.target is not None and _template_matches(r.target, target)]
-            hint = f" (a key matching {sources[0]!r})" if sources else ""
-            raise ConversionError(f"missing checkpoint key{hint} for parameter {target!r}")
+            name = ""
+            for rule in rules:
+                match = rule.target is not None and _template_match(rule.target, target)
+                if match:
+                    name = f" {readable_key(rule.source, **match.groupdict())!r}"
+                    break
+            raise ConversionError(f"missing checkpoint key{name} for parameter {target!r}")
         key, value = produced[target]
         if tuple(value.shape) != tuple(want.shape):
             raise ConversionError(
@@ -143,6 +158,7 @@ def apply_rules(
     return _unflatten({t: np.ascontiguousarray(v.astype(dtype)) for t, (_, v) in produced.items()})
 
 
-def _template_matches(template: str, target: str) -> bool:
-    pattern = re.sub(r"\\\{[^}]*\\\}", r"[^/]+", re.escape(template))
-    return re.fullmatch(pattern, target) is not None
+def _template_match(template: str, target: str) -> re.Match | None:
+    """Match a target path against a rule's target template, capturing its fields."""
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+    return re.fullmatch(pattern, target)

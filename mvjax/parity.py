@@ -1,0 +1,237 @@
+"""Check mvjax against a reference fixture directory.
+
+    python -m mvjax.parity FIXTURE_DIR [--only tokenizer,stage1-forward,stage2]
+
+The fixture directory has the layout of ``shared/fixtures/metavoice_ref`` (see its
+README): released-layout checkpoints with small random weights and the arrays the
+original PyTorch code produced from them. The checkpoints are converted with our
+converter into a temporary directory, loaded through the normal runtime path, and
+every check prints one line::
+
+    PASS|FAIL <component> <check> max_err=<x> tol=<y>
+
+The exit status is non-zero when any requested check fails or a requested
+component is not implemented yet. Every size is read from the fixture files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+COMPONENTS = (
+    "tokenizer",
+    "stage1-forward",
+    "stage1-decode",
+    "stage1-batch",
+    "stage2",
+    "speaker",
+    "encodec",
+    "mbd",
+    "pipeline",
+)
+# Margin below which a greedy token is too close to call, per the fixture README.
+GREEDY_MARGIN = 1e-3
+
+
+@dataclasses.dataclass
+class Check:
+    component: str
+    name: str
+    passed: bool
+    max_err: float
+    tol: float
+    note: str = ""
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        text = f"{status} {self.component} {self.name} max_err={self.max_err:.3g} tol={self.tol:.3g}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+class FixtureError(RuntimeError):
+    """A fixture file needed by a check is missing."""
+
+
+def _close(component: str, name: str, got, ref, rel_tol: float) -> Check:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    tol = rel_tol * max(1.0, float(np.abs(ref).max()))
+    if got.shape != ref.shape:
+        return Check(component, name, False, float("inf"), tol, f"shape {got.shape} != {ref.shape}")
+    err = float(np.abs(got - ref).max())
+    return Check(component, name, bool(err <= tol), err, tol)
+
+
+def _exact(component: str, name: str, got, ref, where=None) -> Check:
+    got, ref = np.asarray(got), np.asarray(ref)
+    if got.shape != ref.shape:
+        return Check(component, name, False, float("inf"), 0.0, f"shape {got.shape} != {ref.shape}")
+    diff = got != ref
+    compared = ref.size
+    if where is not None:
+        diff = diff & where
+        compared = int(np.sum(where))
+    wrong = int(diff.sum())
+    err = float(np.abs(got.astype(np.int64) - ref.astype(np.int64))[diff].max()) if wrong else 0.0
+    return Check(component, name, wrong == 0, err, 0.0, f"{wrong}/{compared} differ" if wrong else f"{compared} compared")
+
+
+class Fixture:
+    """Lazily converts and loads what the checks need from one fixture directory."""
+
+    def __init__(self, root: Path, workdir: Path):
+        self.root = root
+        self.workdir = workdir
+        self._stages: dict[str, tuple] = {}
+        self._npz: dict[str, dict] = {}
+
+    def npz(self, rel: str) -> dict:
+        if rel not in self._npz:
+            path = self.root / rel
+            if not path.is_file():
+                raise FixtureError(f"missing fixture file {rel}")
+            with np.load(path, allow_pickle=False) as data:
+                self._npz[rel] = {k: data[k] for k in data.files}
+        return self._npz[rel]
+
+    def stage(self, name: str):
+        """(config, params, tokenizer) of ``first_stage`` / ``second_stage``, converted by our converter."""
+        if name not in self._stages:
+            from convert_weights.convert import convert_directory
+            from mvjax.checkpoint import load_gpt_stage
+
+            sub = {"first_stage": "stage1", "second_stage": "stage2"}[name]
+            src = self.root / sub / f"{name}.pt"
+            if not src.is_file():
+                raise FixtureError(f"missing fixture file {sub}/{name}.pt")
+            out = self.workdir / name
+            convert_directory(self.root / sub, out)
+            self._stages[name] = load_gpt_stage(out, name, verify=True)
+        return self._stages[name]
+
+
+# --- Components -----------------------------------------------------------------------
+
+
+def check_tokenizer(fx: Fixture) -> Iterator[Check]:
+    from mvjax.text import normalize_text, split_first_stage_tokens, tilted_decode
+
+    s1 = fx.npz("stage1/stage1_cases.npz")
+    _, _, tok1 = fx.stage("first_stage")
+    ids = [tok1.encode(normalize_text(str(t))) for t in s1["texts"]]
+    yield _exact("tokenizer", "stage1-lengths", [len(i) for i in ids], s1["tok_lengths"])
+    yield _exact("tokenizer", "stage1-ids", np.concatenate(ids), s1["tok_ids"])
+
+    s2 = fx.npz("stage2/stage2_cases.npz")
+    cfg2, _, tok2 = fx.stage("second_stage")
+    for b, text in enumerate(s2["texts"]):
+        got = np.asarray(tok2.encode(normalize_text(str(text))))
+        ref = s2["input"][b, 0, : min(got.size, s2["input"].shape[-1])]
+        yield _exact("tokenizer", f"stage2-ids[{b}]", got[: ref.size], ref)
+
+    codebook_size = (tok1.offset - 1) // 2
+    for g in sorted({k.split("_")[0] for k in s1 if k.startswith("gen") and k.endswith("_seq")}):
+        _, audio = split_first_stage_tokens(s1[f"{g}_seq"], codebook_size)
+        yield _exact("tokenizer", f"stage1-adapter[{g}]", audio, s1[f"{g}_audio_tokens"])
+
+    pad = tok2.offset - 1
+    for b in range(s2["input"].shape[0]):
+        text_ids, audio = tilted_decode(np.concatenate([s2["input"][b], s2["greedy"][b]]), pad)
+        yield _exact("tokenizer", f"stage2-adapter-audio[{b}]", np.asarray(audio), s2[f"row{b}_tilted_audio"])
+        yield _exact("tokenizer", f"stage2-adapter-text[{b}]", np.asarray(text_ids), s2[f"row{b}_tilted_text_ids"])
+
+
+def check_stage1_forward(fx: Fixture) -> Iterator[Check]:
+    from mvjax.nn.gpt import forward
+
+    s1 = fx.npz("stage1/stage1_cases.npz")
+    cfg, params, _ = fx.stage("first_stage")
+    idx, spk = s1["fwd_idx"], s1["fwd_spk"]
+    cond = forward(cfg, params, idx, spk)[0]
+    uncond = forward(cfg, params, idx, None)[0]
+    yield _close("stage1-forward", "logits-cond", cond, s1["fwd_logits_cond"], 1e-4)
+    yield _close("stage1-forward", "logits-uncond", uncond, s1["fwd_logits_uncond"], 1e-4)
+
+
+def check_stage2(fx: Fixture) -> Iterator[Check]:
+    from mvjax.nn.gpt import forward
+    from mvjax.text import build_second_stage_input, normalize_text
+
+    s2 = fx.npz("stage2/stage2_cases.npz")
+    cfg, params, tok = fx.stage("second_stage")
+    pad = tok.offset - 1
+    built = np.stack([
+        build_second_stage_input(tok.encode(normalize_text(str(t))), s2[f"row{b}_audio2"], cfg.block_size, pad)
+        for b, t in enumerate(s2["texts"])
+    ])
+    yield _exact("stage2", "input", built, s2["input"])
+    logits = np.stack([np.asarray(x) for x in forward(cfg, params, s2["input"], s2["spk"])], axis=1)
+    yield _close("stage2", "logits", logits, s2["logits"], 1e-4)
+    yield _exact("stage2", "greedy", logits.argmax(-1), s2["greedy"], where=s2["margins"] > GREEDY_MARGIN)
+
+
+CHECKS: dict[str, Callable[[Fixture], Iterator[Check]]] = {
+    "tokenizer": check_tokenizer,
+    "stage1-forward": check_stage1_forward,
+    "stage2": check_stage2,
+}
+
+
+def run(fixture_dir: str | Path, only: list[str] | None = None, emit: Callable[[str], None] = print) -> list[Check]:
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    root = Path(fixture_dir)
+    if not root.is_dir():
+        raise FixtureError(f"fixture directory not found: {root}")
+    results: list[Check] = []
+    with tempfile.TemporaryDirectory(prefix="mvjax-parity-") as tmp:
+        fx = Fixture(root, Path(tmp))
+        for component in only or list(COMPONENTS):
+            fn = CHECKS.get(component)
+            if fn is None:
+                check = Check(component, "all", False, float("nan"), float("nan"), "not implemented yet")
+                results.append(check)
+                emit(check.line())
+                continue
+            try:
+                for check in fn(fx):
+                    results.append(check)
+                    emit(check.line())
+            except FixtureError as exc:
+                check = Check(component, "fixture", False, float("nan"), float("nan"), str(exc))
+                results.append(check)
+                emit(check.line())
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mvjax.parity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("fixture_dir", help="fixture directory (layout of shared/fixtures/metavoice_ref)")
+    parser.add_argument("--only", help=f"comma-separated components: {','.join(COMPONENTS)}")
+    args = parser.parse_args(argv)
+    only = None
+    if args.only:
+        only = [c.strip() for c in args.only.split(",") if c.strip()]
+        unknown = [c for c in only if c not in COMPONENTS]
+        if unknown:
+            print(f"error: unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}", file=sys.stderr)
+            return 2
+    try:
+        results = run(args.fixture_dir, only)
+    except (FixtureError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = [r for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
