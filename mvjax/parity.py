@@ -171,7 +171,8 @@ def check_stage2(fx: Fixture) -> Iterator[Check]:
         for b, t in enumerate(s2["texts"])
     ])
     yield _exact("stage2", "input", built, s2["input"])
-    logits = np.stack([np.asarray(x) for x in forward(cfg, params, s2["input"], s2["spk"])], axis=1)
+    spk = s2["spk"] if cfg.speaker_emb_dim is not None else None
+    logits = np.stack([np.asarray(x) for x in forward(cfg, params, s2["input"], spk)], axis=1)
     yield _close("stage2", "logits", logits, s2["logits"], 1e-4)
     yield _exact("stage2", "greedy", logits.argmax(-1), s2["greedy"], where=s2["margins"] > GREEDY_MARGIN)
 
