@@ -1,0 +1,294 @@
+"""First-stage decoding: prefill plus a KV-cache token loop, jitted as one function.
+
+Every utterance runs as two rows, conditioned (speaker projection added at every
+position) and unconditioned (none); the next token is sampled from the guided logits
+and fed back to both rows. Prompts of different lengths share one call: each row keeps
+its own positions and write index, so its output equals decoding it alone.
+
+The loop is model-agnostic (t5x style): :func:`decode_loop` takes a
+``logits_fn(cache, tokens, positions) -> (logits, cache)`` so it can be tested with
+fake logits. The KV cache grows through a few static windows (e.g. 256, 512, ..., block)
+so early steps do not read a block-sized cache; each window is one ``lax.while_loop``.
+
+Randomness: one key per utterance, ``fold_in(key, i)`` for its i-th generated token, so
+results do not depend on batch packing or device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Callable, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mvjax.config import GPTConfig
+from mvjax.nn.gpt import apply_with_cache, init_kv_cache, split_layers
+from mvjax.sampling import guide, sample
+
+DEFAULT_GUIDANCE = 3.0
+DEFAULT_TOP_P = 0.95
+MIN_PROMPT_BUCKET = 16
+MIN_WINDOW = 256
+
+
+class BlockFullWarning(UserWarning):
+    """A row reached the end of the block before producing end of audio."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    guidance: float = DEFAULT_GUIDANCE
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = DEFAULT_TOP_P  # None or <= 0 disables nucleus filtering
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    """Per-utterance output of :func:`generate`."""
+
+    sequences: list[np.ndarray]  # prompt followed by generated tokens (end of audio included when produced)
+    prompt_lengths: np.ndarray  # (B,)
+    finished: np.ndarray  # (B,) bool: produced end of audio
+    hit_block_end: np.ndarray  # (B,) bool: stopped because the block was full
+    step_logits: Optional[list[np.ndarray]] = None  # per row (steps, V): guided logits at each step
+
+    @property
+    def truncated(self) -> bool:
+        return bool(np.any(self.hit_block_end))
+
+    def generated(self, i: int) -> np.ndarray:
+        return self.sequences[i][self.prompt_lengths[i]:]
+
+
+@flax.struct.dataclass
+class LoopState:
+    tokens: jnp.ndarray  # (B, block) int32, prompt then generated tokens
+    lengths: jnp.ndarray  # (B,) int32, tokens held per row
+    done: jnp.ndarray  # (B,) bool
+    finished: jnp.ndarray  # (B,) bool, end of audio seen
+    cache: list  # per layer (k, v), each (2B, window, H, hd)
+    step_logits: Optional[jnp.ndarray]  # (B, block, V) float32 or None
+
+
+def prompt_bucket(length: int, block_size: int) -> int:
+    """Padded prompt length: the next power of two >= 16, capped at the block."""
+    bucket = MIN_PROMPT_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, block_size)
+
+
+def cache_windows(prompt_bucket_len: int, block_size: int) -> tuple[int, ...]:
+    """Static cache sizes the loop grows through: powers of two from max(256, prompt), then the block."""
+    window = MIN_WINDOW
+    while window < prompt_bucket_len:
+        window *= 2
+    windows = []
+    while window < block_size:
+        windows.append(window)
+        window *= 2
+    windows.append(block_size)
+    return tuple(windows)
+
+
+def _grow_cache(cache, length: int):
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0)))
+    return [(pad(k), pad(v)) for k, v in cache]
+
+
+def decode_loop(
+    logits_fn: Callable,
+    cache: list,
+    prompts: jnp.ndarray,
+    prompt_lengths: jnp.ndarray,
+    limits: jnp.ndarray,
+    keys: jnp.ndarray,
+    sampling: dict,
+    *,
+    block_size: int,
+    windows: Sequence[int],
+    end_of_audio: int,
+    return_logits: bool,
+):
+    """Prefill ``prompts`` (B, P) and sample until every row is done.
+
+    ``logits_fn(cache, tokens (2B, T), positions (2B, T)) -> (logits (2B, T, V), cache)``
+    with rows [conditioned..., unconditioned...]. ``limits`` (B,): maximum total length per
+    row (<= block). ``sampling``: guidance, temperature, top_k, top_p as traced scalars.
+    Returns the final :class:`LoopState`.
+    """
+    batch, plen = prompts.shape
+    rows = jnp.arange(batch)
+
+    def pick(key, step, logits_pair):
+        cond, uncond = logits_pair
+        guided = guide(cond, uncond, sampling["guidance"])
+        token = sample(jax.random.fold_in(key, step), guided, sampling["temperature"], sampling["top_k"], sampling["top_p"])
+        return token, guided
+
+    def advance(state: LoopState, logits):
+        """Sample one token per row from ``logits`` (2B, V) and append it where the row is active."""
+        steps = state.lengths - prompt_lengths
+        tokens, guided = jax.vmap(pick)(keys, steps, (logits[:batch], logits[batch:]))
+        active = ~state.done
+        write_at = jnp.minimum(state.lengths, block_size - 1)
+        new_tokens = state.tokens.at[rows, write_at].set(jnp.where(active, tokens, state.tokens[rows, write_at]))
+        lengths = state.lengths + active.astype(jnp.int32)
+        finished = state.finished | (active & (tokens == end_of_audio))
+        done = state.done | finished | (lengths >= limits)
+        step_logits = state.step_logits
+        if step_logits is not None:
+            at = jnp.minimum(steps, step_logits.shape[1] - 1)
+            old = step_logits[rows, at]
+            step_logits = step_logits.at[rows, at].set(jnp.where(active[:, None], guided, old))
+        return state.replace(tokens=new_tokens, lengths=lengths, done=done, finished=finished, step_logits=step_logits)
+
+    # Prefill: both rows of every utterance see the padded prompt from position 0.
+    doubled = jnp.concatenate([prompts, prompts], axis=0)
+    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), doubled.shape)
+    logits, cache = logits_fn(cache, doubled, positions)
+    last = jnp.concatenate([prompt_lengths, prompt_lengths]) - 1
+    logits = logits[jnp.arange(2 * batch), last]  # (2B, V): each row's last prompt position
+    tokens = jnp.zeros((batch, block_size), jnp.int32).at[:, :plen].set(prompts)
+    vocab = logits.shape[-1]
+    state = LoopState(
+        tokens=tokens,
+        lengths=prompt_lengths.astype(jnp.int32),
+        done=prompt_lengths >= limits,
+        finished=jnp.zeros((batch,), bool),
+        cache=cache,
+        step_logits=jnp.zeros((batch, block_size, vocab), jnp.float32) if return_logits else None,
+    )
+    state = advance(state, logits)
+
+    def step(state: LoopState) -> LoopState:
+        last_pos = jnp.maximum(state.lengths - 1, 0)
+        pos2 = jnp.concatenate([last_pos, last_pos])[:, None]
+        tok = state.tokens[rows, last_pos]
+        tok2 = jnp.concatenate([tok, tok])[:, None]
+        logits, cache = logits_fn(state.cache, tok2, pos2)
+        return advance(state.replace(cache=cache), logits[:, 0])
+
+    for i, window in enumerate(windows):
+        if i > 0:
+            state = state.replace(cache=_grow_cache(state.cache, window))
+
+        def fits(state, window=window):
+            # Every active row's next write position (its last token's) lies inside this window.
+            next_write = jnp.where(state.done, 0, state.lengths - 1)
+            return jnp.any(~state.done) & jnp.all(next_write < window)
+
+        state = jax.lax.while_loop(fits, step, state)
+    return state
+
+
+class FirstStageDecoder:
+    """Jitted first-stage sampler for one converted model.
+
+    ``compile_count`` counts traces of the jitted function (a new prompt bucket or batch
+    size compiles; new texts, keys and sampling values within a bucket do not).
+    """
+
+    def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, cache_dtype=None):
+        if not config.causal:
+            raise ValueError("the first-stage decoder needs a causal GPT")
+        self.config = config
+        self.end_of_audio = int(end_of_audio)
+        self.dtype = dtype
+        self.cache_dtype = cache_dtype or dtype
+        self.shared, self.layers = split_layers(params)
+        self.compile_count = 0
+        self._jitted = jax.jit(self._run, static_argnames=("plen", "return_logits"))
+
+    def _run(self, shared, layers, prompts, prompt_lengths, limits, speaker_emb, keys, sampling, *, plen, return_logits):
+        self.compile_count += 1  # runs only while tracing
+        cfg = self.config
+        batch = prompts.shape[0]
+        if speaker_emb is None:
+            spk2 = None
+        else:
+            spk2 = jnp.concatenate([speaker_emb, jnp.zeros_like(speaker_emb)], axis=0)
+
+        def logits_fn(cache, tokens, positions):
+            logits, cache = apply_with_cache(cfg, shared, layers, tokens[:, None, :], positions, spk2, cache, self.dtype)
+            return logits[0], cache
+
+        windows = cache_windows(plen, cfg.block_size)
+        cache = init_kv_cache(cfg, 2 * batch, windows[0], self.cache_dtype)
+        state = decode_loop(
+            logits_fn, cache, prompts, prompt_lengths, limits, keys, sampling,
+            block_size=cfg.block_size, windows=windows, end_of_audio=self.end_of_audio, return_logits=return_logits,
+        )
+        return state.tokens, state.lengths, state.finished, state.step_logits
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        speaker_emb: Optional[np.ndarray],
+        keys: jax.Array,
+        sampling: SamplingConfig = SamplingConfig(),
+        max_new_tokens: Optional[int | Sequence[int]] = None,
+        return_logits: bool = False,
+    ) -> DecodeResult:
+        """Decode a batch of prompts. ``keys``: (B, 2) uint32 PRNG keys, one per utterance."""
+        cfg = self.config
+        batch = len(prompts)
+        lens = np.array([len(p) for p in prompts], np.int32)
+        if batch == 0 or lens.min() < 1:
+            raise ValueError("every prompt needs at least one token")
+        if lens.max() >= cfg.block_size:
+            raise ValueError(f"prompt of {lens.max()} tokens leaves no room in the block of {cfg.block_size}")
+        if max_new_tokens is None:
+            limits = np.full(batch, cfg.block_size, np.int32)
+        else:
+            new = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (batch,))
+            if np.any(new < 1):
+                raise ValueError("max_new_tokens must be >= 1")
+            limits = np.minimum(lens + new, cfg.block_size).astype(np.int32)
+        plen = prompt_bucket(int(lens.max()), cfg.block_size)
+        padded = np.zeros((batch, plen), np.int32)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = p
+        if speaker_emb is not None:
+            speaker_emb = jnp.asarray(speaker_emb, jnp.float32).reshape(batch, -1)
+        keys = jnp.asarray(keys)
+        if keys.shape[0] != batch:
+            raise ValueError(f"need one PRNG key per prompt: got {keys.shape[0]} for {batch}")
+        sampling_arrays = {
+            "guidance": jnp.float32(sampling.guidance),
+            "temperature": jnp.float32(sampling.temperature),
+            "top_k": jnp.int32(cfg.output_vocab_sizes[0] if sampling.top_k is None else sampling.top_k),
+            "top_p": jnp.float32(1.0 if sampling.top_p is None or sampling.top_p <= 0 else sampling.top_p),
+        }
+        tokens, lengths, finished, step_logits = self._jitted(
+            self.shared, self.layers, jnp.asarray(padded), jnp.asarray(lens), jnp.asarray(limits),
+            speaker_emb, keys, sampling_arrays, plen=plen, return_logits=return_logits,
+        )
+        tokens, lengths, finished = np.asarray(tokens), np.asarray(lengths), np.asarray(finished)
+        hit_block_end = (~finished) & (lengths >= cfg.block_size)
+        if hit_block_end.any():
+            rows = ", ".join(str(i) for i in np.flatnonzero(hit_block_end))
+            warnings.warn(
+                f"first stage filled its block of {cfg.block_size} tokens without ending the audio (rows {rows}); "
+                "the speech is cut short: use shorter text",
+                BlockFullWarning,
+                stacklevel=2,
+            )
+        seqs = [tokens[i, : lengths[i]].copy() for i in range(batch)]
+        logits_out = None
+        if return_logits:
+            step_logits = np.asarray(step_logits)
+            logits_out = [step_logits[i, : lengths[i] - lens[i]] for i in range(batch)]
+        return DecodeResult(seqs, lens, finished, hit_block_end, logits_out)
+
+
+def utterance_keys(seed: int, count: int) -> jax.Array:
+    """One PRNG key per utterance, derived from a seed and the utterance index."""
+    base = jax.random.PRNGKey(seed)
+    return jnp.stack([jax.random.fold_in(base, i) for i in range(count)])

@@ -1,0 +1,57 @@
+"""Guidance, temperature, top-k and top-p as pure functions of float32 logits.
+
+The order and the boundary rules follow the reference's fast (gpt-fast style) path:
+guided = g * cond + (1 - g) * uncond; logits / max(T, 1e-5); top-k (values below the
+k-th largest removed); top-p on the scaled logits (sorted ascending, tokens whose
+cumulative probability is <= 1 - p removed, the top token always kept); softmax;
+sample. Temperature 0 means greedy (argmax of the guided logits).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def guide(cond: jnp.ndarray, uncond: jnp.ndarray, scale) -> jnp.ndarray:
+    """Classifier-free guidance on float32 logits."""
+    cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
+    return scale * cond + (1.0 - scale) * uncond
+
+
+def top_k_filter(logits: jnp.ndarray, k) -> jnp.ndarray:
+    """Keep logits >= the k-th largest (ties kept, as in the reference); k >= vocab keeps all. logits: (..., V)."""
+    vocab = logits.shape[-1]
+    k = jnp.clip(jnp.asarray(k), 1, vocab)
+    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), jnp.broadcast_to(vocab - k, logits.shape[:-1] + (1,)), axis=-1)
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def top_p_filter(logits: jnp.ndarray, p) -> jnp.ndarray:
+    """Nucleus filter with the reference's boundary: drop tokens whose ascending cumulative probability <= 1 - p."""
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cumulative <= (1.0 - p)
+    remove_sorted = remove_sorted.at[..., -1].set(False)  # the most likely token always stays
+    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)  # back to vocab order
+    return jnp.where(remove, NEG_INF, logits)
+
+
+def filter_logits(logits: jnp.ndarray, temperature, top_k=None, top_p=None) -> jnp.ndarray:
+    """Scaled and filtered logits, whose softmax is the sampling distribution."""
+    logits = logits.astype(jnp.float32) / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-5)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return logits
+
+
+def sample(key: jax.Array, logits: jnp.ndarray, temperature, top_k=None, top_p=None) -> jnp.ndarray:
+    """One token id from (V,) logits; ``temperature == 0`` (traced or not) gives the argmax."""
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    drawn = jax.random.categorical(key, filtered, axis=-1)
+    return jnp.where(jnp.asarray(temperature) > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
