@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvjax.config import GPTConfig
-from mvjax.nn.gpt import apply_with_cache, init_kv_cache, split_layers
+from mvjax.nn.gpt_decode import apply_tokens, init_cache, prepare_decode_params
 from mvjax.sampling import guide, sample
 
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_TOP_P = 0.95
 MIN_PROMPT_BUCKET = 16
-MIN_WINDOW = 256
+MIN_WINDOW = 64
 
 
 class BlockFullWarning(UserWarning):
@@ -72,7 +72,7 @@ class LoopState:
     lengths: jnp.ndarray  # (B,) int32, tokens held per row
     done: jnp.ndarray  # (B,) bool
     finished: jnp.ndarray  # (B,) bool, end of audio seen
-    cache: list  # per layer (k, v), each (2B, window, H, hd)
+    cache: Optional[list]  # the KV cache pytree (None once decoding is over)
     step_logits: Optional[jnp.ndarray]  # (B, block, V) float32 or None
 
 
@@ -97,9 +97,15 @@ def cache_windows(prompt_bucket_len: int, block_size: int) -> tuple[int, ...]:
     return tuple(windows)
 
 
-def _grow_cache(cache, length: int):
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0)))
-    return [(pad(k), pad(v)) for k, v in cache]
+def _grow_cache(cache, length: int, axis: int):
+    """Zero-pad every cache array along its time ``axis`` to ``length``."""
+
+    def pad(a):
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, length - a.shape[axis])
+        return jnp.pad(a, widths)
+
+    return jax.tree_util.tree_map(pad, cache)
 
 
 def decode_loop(
@@ -115,13 +121,15 @@ def decode_loop(
     windows: Sequence[int],
     end_of_audio: int,
     return_logits: bool,
+    cache_time_axis: int = 1,
 ):
     """Prefill ``prompts`` (B, P) and sample until every row is done.
 
     ``logits_fn(cache, tokens (2B, T), positions (2B, T)) -> (logits (2B, T, V), cache)``
     with rows [conditioned..., unconditioned...]. ``limits`` (B,): maximum total length per
     row (<= block). ``sampling``: guidance, temperature, top_k, top_p as traced scalars.
-    Returns the final :class:`LoopState`.
+    ``cache`` is any pytree whose arrays have their time axis at ``cache_time_axis``; it is
+    zero-padded to each window in turn. Returns the final :class:`LoopState`.
     """
     batch, plen = prompts.shape
     rows = jnp.arange(batch)
@@ -175,17 +183,26 @@ def decode_loop(
         logits, cache = logits_fn(state.cache, tok2, pos2)
         return advance(state.replace(cache=cache), logits[:, 0])
 
-    for i, window in enumerate(windows):
-        if i > 0:
-            state = state.replace(cache=_grow_cache(state.cache, window))
+    def outputs(state: LoopState):
+        return state.replace(cache=None)
 
-        def fits(state, window=window):
+    def run_from(i: int, state: LoopState) -> LoopState:
+        """Loop inside window i; move to the next (larger) window only if some row is still active."""
+        window = windows[i]
+
+        def fits(state):
             # Every active row's next write position (its last token's) lies inside this window.
             next_write = jnp.where(state.done, 0, state.lengths - 1)
             return jnp.any(~state.done) & jnp.all(next_write < window)
 
         state = jax.lax.while_loop(fits, step, state)
-    return state
+        if i == len(windows) - 1:
+            return outputs(state)
+        grow = lambda s: run_from(i + 1, s.replace(cache=_grow_cache(s.cache, windows[i + 1], cache_time_axis)))
+        # Growing the cache costs a full copy: skip it (and every later window) once all rows are done.
+        return jax.lax.cond(jnp.any(~state.done), grow, outputs, state)
+
+    return run_from(0, state)
 
 
 class FirstStageDecoder:
@@ -202,11 +219,11 @@ class FirstStageDecoder:
         self.end_of_audio = int(end_of_audio)
         self.dtype = dtype
         self.cache_dtype = cache_dtype or dtype
-        self.shared, self.layers = split_layers(params)
+        self.params = prepare_decode_params(config, params, dtype)
         self.compile_count = 0
         self._jitted = jax.jit(self._run, static_argnames=("plen", "return_logits"))
 
-    def _run(self, shared, layers, prompts, prompt_lengths, limits, speaker_emb, keys, sampling, *, plen, return_logits):
+    def _run(self, params, prompts, prompt_lengths, limits, speaker_emb, keys, sampling, *, plen, return_logits):
         self.compile_count += 1  # runs only while tracing
         cfg = self.config
         batch = prompts.shape[0]
@@ -216,14 +233,14 @@ class FirstStageDecoder:
             spk2 = jnp.concatenate([speaker_emb, jnp.zeros_like(speaker_emb)], axis=0)
 
         def logits_fn(cache, tokens, positions):
-            logits, cache = apply_with_cache(cfg, shared, layers, tokens[:, None, :], positions, spk2, cache, self.dtype)
-            return logits[0], cache
+            return apply_tokens(cfg, params, tokens, positions, spk2, cache, self.dtype)
 
         windows = cache_windows(plen, cfg.block_size)
-        cache = init_kv_cache(cfg, 2 * batch, windows[0], self.cache_dtype)
+        cache = init_cache(cfg, 2 * batch, windows[0], self.cache_dtype)
         state = decode_loop(
             logits_fn, cache, prompts, prompt_lengths, limits, keys, sampling,
             block_size=cfg.block_size, windows=windows, end_of_audio=self.end_of_audio, return_logits=return_logits,
+            cache_time_axis=2,
         )
         return state.tokens, state.lengths, state.finished, state.step_logits
 
@@ -267,7 +284,7 @@ class FirstStageDecoder:
             "top_p": jnp.float32(1.0 if sampling.top_p is None or sampling.top_p <= 0 else sampling.top_p),
         }
         tokens, lengths, finished, step_logits = self._jitted(
-            self.shared, self.layers, jnp.asarray(padded), jnp.asarray(lens), jnp.asarray(limits),
+            self.params, jnp.asarray(padded), jnp.asarray(lens), jnp.asarray(limits),
             speaker_emb, keys, sampling_arrays, plen=plen, return_logits=return_logits,
         )
         tokens, lengths, finished = np.asarray(tokens), np.asarray(lengths), np.asarray(finished)

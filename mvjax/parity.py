@@ -177,9 +177,62 @@ def check_stage2(fx: Fixture) -> Iterator[Check]:
     yield _exact("stage2", "greedy", logits.argmax(-1), s2["greedy"], where=s2["margins"] > GREEDY_MARGIN)
 
 
+def _first_stage_decoder(fx: Fixture):
+    from mvjax.decode import FirstStageDecoder
+
+    cfg, params, tok = fx.stage("first_stage")
+    return FirstStageDecoder(cfg, params, end_of_audio=tok.offset - 1)
+
+
+def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
+    """The reference fast path, greedy: sequences exact, guided step logits close."""
+    from mvjax.decode import SamplingConfig, utterance_keys
+
+    s1 = fx.npz("stage1/stage1_cases.npz")
+    decoder = _first_stage_decoder(fx)
+    cases = sorted({k.split("_")[0] for k in s1 if k.startswith("gen") and k.endswith("_seq")})
+    if not cases:
+        raise FixtureError("stage1_cases.npz has no gen*_seq cases")
+    for g in cases:
+        top_p = float(s1[f"{g}_top_p"])
+        sampling = SamplingConfig(
+            guidance=float(s1[f"{g}_guidance"]), temperature=0.0, top_p=top_p if top_p > 0 else None
+        )
+        result = decoder.generate(
+            [s1[f"{g}_prompt"].tolist()], s1[f"{g}_spk"], utterance_keys(0, 1), sampling,
+            max_new_tokens=int(s1[f"{g}_max_new_tokens"]), return_logits=True,
+        )
+        yield _exact("stage1-decode", f"{g}-seq", result.sequences[0], s1[f"{g}_seq"])
+        ref_logits = s1[f"{g}_step_logits"]
+        got = result.step_logits[0]
+        steps = min(len(got), len(ref_logits))
+        yield _close("stage1-decode", f"{g}-step-logits", got[:steps], ref_logits[:steps], 1e-3)
+
+
+def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
+    """Three prompts of different lengths in one call, greedy, against the reference batched sampler."""
+    from mvjax.decode import SamplingConfig, utterance_keys
+
+    s1 = fx.npz("stage1/stage1_cases.npz")
+    decoder = _first_stage_decoder(fx)
+    prompts_in, lens, ref = s1["batch_prompt"], s1["batch_lens"], s1["batch_out"]
+    total = ref.shape[-1]
+    prompts = [prompts_in[i, 0, : lens[i]].tolist() for i in range(len(lens))]
+    result = decoder.generate(
+        prompts, s1["batch_spk"], utterance_keys(0, len(prompts)), SamplingConfig(guidance=3.0, temperature=0.0, top_p=None),
+        max_new_tokens=[total - int(n) for n in lens],
+    )
+    out = np.full(ref.shape, decoder.end_of_audio, np.int64)  # the reference pads finished rows with end of audio
+    for i, seq in enumerate(result.sequences):
+        out[i, 0, : len(seq)] = seq[:total]
+    yield _exact("stage1-batch", "batch-out", out, ref)
+
+
 CHECKS: dict[str, Callable[[Fixture], Iterator[Check]]] = {
     "tokenizer": check_tokenizer,
     "stage1-forward": check_stage1_forward,
+    "stage1-decode": check_stage1_decode,
+    "stage1-batch": check_stage1_batch,
     "stage2": check_stage2,
 }
 

@@ -1,0 +1,254 @@
+"""First-stage decode throughput: tokens/s, weight bandwidth and roofline fraction.
+
+    python benchmarks/decode.py --config full --batch 1 8 [--tokens 64] [--reference-src PATH]
+
+Configs (random weights, the released first-stage architecture otherwise):
+  tiny    the shared fixture's size (2 layers x 64, block 256)
+  medium  12 layers x 1024, 16 heads, block 2048
+  full    the released 1.2B shape: 24 layers x 2048, 16 heads, block 2048, vocab 2562
+
+Each utterance decodes with guidance (a conditioned and an unconditioned row), so one step
+reads every weight once for the whole batch. The benchmark measures the machine's memory
+read bandwidth itself (a jitted reduction over a 2 GB array, best of several runs) and
+reports ``roofline_frac = steps/s * weight_bytes / bandwidth``. Compile time is reported
+separately. With ``--reference-src`` (a checkout of metavoiceio/metavoice-src) it also times
+the reference gpt-fast style decode (``fam.llm.fast_inference_utils.generate``, eager
+PyTorch, same weights, same precision) and prints the speed ratio.
+
+Each measurement ends with one machine-readable line:
+  decode config=<name> batch=<n> dtype=<d> tokens_per_s=<x> GB_per_s=<y> roofline_frac=<z>
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mvjax.config import GPTConfig  # noqa: E402
+from mvjax.decode import FirstStageDecoder, SamplingConfig, utterance_keys  # noqa: E402
+from mvjax.nn.gpt import abstract_params  # noqa: E402
+
+SPEAKER_DIM = 256
+END_OF_AUDIO = 2048
+
+
+def make_config(name: str) -> GPTConfig:
+    base = dict(
+        vocab_sizes=(2562,), target_vocab_sizes=None, bias=False, causal=True, spk_emb_on_text=True,
+        norm_type="rmsnorm", rmsnorm_eps=1e-5, nonlinearity_type="swiglu", swiglu_multiple_of=256,
+        speaker_emb_dim=SPEAKER_DIM,
+    )
+    shapes = {
+        "tiny": dict(block_size=256, n_layer=2, n_head=4, n_embd=64),
+        "medium": dict(block_size=2048, n_layer=12, n_head=16, n_embd=1024),
+        "full": dict(block_size=2048, n_layer=24, n_head=16, n_embd=2048),
+    }
+    return GPTConfig(**base, **shapes[name])
+
+
+def random_params(config: GPTConfig, seed: int = 0, dtype=jnp.float32) -> dict:
+    """Random weights without tracing the model: N(0, 0.02) matrices, unit norm scales."""
+    abstract = abstract_params(config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    key = jax.random.PRNGKey(seed)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            out.append(jnp.ones(leaf.shape, dtype))
+        else:
+            draw = jax.jit(lambda k, shape=leaf.shape: (0.02 * jax.random.normal(k, shape)).astype(dtype))
+            out.append(draw(jax.random.fold_in(key, i)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def measure_bandwidth(gigabytes: float = 2.0, repeats: int = 5) -> float:
+    """Memory read bandwidth in GB/s: a jitted sum over a large float32 array, best of ``repeats``."""
+    n = int(gigabytes * 1e9) // 4
+    x = jnp.ones((n,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    del x
+    return n * 4 / best / 1e9
+
+
+def prompts_for(batch: int, length: int, config: GPTConfig, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    text_lo = END_OF_AUDIO + 1
+    return [rng.integers(text_lo, config.vocab_sizes[0], size=length).tolist() for _ in range(batch)]
+
+
+def bench_ours(decoder, batch: int, new_tokens: int, prompt_len: int, repeats: int):
+    config = decoder.config
+    prompts = prompts_for(batch, prompt_len, config)
+    spk = np.random.default_rng(1).standard_normal((batch, SPEAKER_DIM)).astype(np.float32)
+    sampling = SamplingConfig(guidance=3.0, temperature=1.0, top_p=0.95)
+    keys = utterance_keys(0, batch)
+    t = time.perf_counter()
+    decoder.generate(prompts, spk, keys, sampling, max_new_tokens=new_tokens)  # compiles
+    first = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = decoder.generate(prompts, spk, keys, sampling, max_new_tokens=new_tokens)
+        best = min(best, time.perf_counter() - t)
+    produced = sum(len(result.generated(i)) for i in range(batch))
+    assert produced == batch * new_tokens, produced
+    return {"seconds": best, "tokens": produced, "steps": new_tokens, "compile_s": max(first - best, 0.0)}
+
+
+def _import_reference(src: Path):
+    """Import the reference fast decoder from a metavoice-src checkout, stubbing modules it imports but
+    this benchmark never calls (audio I/O, speaker encoder, quantisation)."""
+    sys.path.insert(0, str(src))
+    for name in ("librosa", "posthog"):
+        if name not in sys.modules:
+            try:
+                __import__(name)
+            except ImportError:
+                sys.modules[name] = types.ModuleType(name)
+    import importlib
+
+    stubs = {
+        "fam.quantiser.audio.speaker_encoder.model": ["SpeakerEncoder"],
+        "fam.llm.fast_quantize": ["WeightOnlyInt4QuantHandler", "WeightOnlyInt8QuantHandler"],
+    }
+    for mod, names in stubs.items():
+        try:
+            importlib.import_module(mod)
+        except Exception:
+            stub = types.ModuleType(mod)
+            for n in names:
+                setattr(stub, n, object)
+            sys.modules[mod] = stub
+    fiu = importlib.import_module("fam.llm.fast_inference_utils")
+    fm = importlib.import_module("fam.llm.fast_model")
+    return fiu, fm
+
+
+def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prompt_len: int):
+    import torch
+
+    fiu, fm = _import_reference(src)
+    torch.set_grad_enabled(False)
+    args = fm.ModelArgs(
+        block_size=config.block_size, vocab_size=config.vocab_sizes[0], n_layer=config.n_layer,
+        n_head=config.n_head, dim=config.n_embd, speaker_emb_dim=SPEAKER_DIM,
+        intermediate_size=config.mlp_hidden, norm_eps=config.norm_eps,
+    )
+    args.dtype = torch.float32
+    with torch.device("meta"):
+        model = fm.Transformer(args)
+    config = decoder.config
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32, order="C"))  # a writable copy
+    p = decoder.params  # kernels already in torch's (out, in) layout
+    state = {
+        "tok_embeddings.weight": t(p["wte"]),
+        "pos_embeddings.weight": t(p["wpe"]),
+        "speaker_cond_pos.weight": t(p["speaker_proj"]),
+        "norm.weight": t(p["ln_f"]["scale"]),
+    }
+    state["output.weight"] = state["tok_embeddings.weight"]  # tied, as in the released model
+    for i, b in enumerate(p["layers"]):
+        state.update({
+            f"layers.{i}.attention_norm.weight": t(b["ln_1"]["scale"]),
+            f"layers.{i}.ffn_norm.weight": t(b["ln_2"]["scale"]),
+            f"layers.{i}.attention.wqkv.weight": t(b["attn"]["c_attn"]["w"]),
+            f"layers.{i}.attention.wo.weight": t(b["attn"]["c_proj"]["w"]),
+            f"layers.{i}.feed_forward.swiglu.w1.weight": t(b["mlp"]["w1"]["w"]),
+            f"layers.{i}.feed_forward.swiglu.w3.weight": t(b["mlp"]["w3"]["w"]),
+            f"layers.{i}.feed_forward.w2.weight": t(b["mlp"]["c_proj"]["w"]),
+        })
+    model.load_state_dict(state, assign=True)
+    model = model.eval()
+    model.setup_spk_cond_mask()
+    model.setup_caches(max_batch_size=2, max_seq_length=config.block_size)
+    prompt = torch.tensor(prompts_for(1, prompt_len, config)[0], dtype=torch.int)
+    spk = torch.randn(1, SPEAKER_DIM)
+    kwargs = dict(
+        temperature=torch.tensor(1.0), top_k=None, top_p=torch.tensor(0.95), guidance_scale=torch.tensor(3.0),
+        end_of_audio_token=config.vocab_sizes[0] + 1,
+    )
+    fiu.generate(model, prompt, spk, max_new_tokens=4, **kwargs)  # warm-up
+    start = time.perf_counter()
+    seq = fiu.generate(model, prompt, spk, max_new_tokens=new_tokens, **kwargs)
+    seconds = time.perf_counter() - start
+    produced = int(seq.numel()) - prompt_len
+    return {"seconds": seconds, "tokens": produced, "steps": produced}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny", choices=["tiny", "medium", "full"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per utterance")
+    parser.add_argument("--prompt-len", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--reference-src", type=Path, help="metavoice-src checkout to time the reference decode")
+    parser.add_argument("--reference-tokens", type=int, default=None, help="new tokens for the reference (default --tokens)")
+    args = parser.parse_args(argv)
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    config = make_config(args.config)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}", flush=True)
+    bandwidth = measure_bandwidth()
+    params = random_params(config, dtype=dtype)
+    weight_bytes = tree_bytes(params)
+    # An end-of-audio id outside the vocabulary: every row runs the full number of steps.
+    decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1)
+    del params  # the decoder keeps its own re-laid copy
+    print(f"config={args.config} params={weight_bytes / dtype(0).dtype.itemsize / 1e9:.3f}B "
+          f"weights={weight_bytes / 1e9:.2f} GB  read bandwidth={bandwidth:.1f} GB/s", flush=True)
+
+    ours = {}
+    for batch in args.batch:
+        r = bench_ours(decoder, batch, args.tokens, args.prompt_len, args.repeats)
+        steps_per_s = r["steps"] / r["seconds"]
+        tps = r["tokens"] / r["seconds"]
+        gbps = steps_per_s * weight_bytes / 1e9
+        ours[batch] = tps
+        print(f"  ours batch={batch}: {r['tokens']} tokens in {r['seconds']:.2f} s (compile {r['compile_s']:.1f} s)")
+        print(f"decode config={args.config} batch={batch} dtype={args.dtype} tokens_per_s={tps:.3f} "
+              f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}", flush=True)
+    if 1 in ours:
+        for batch, tps in ours.items():
+            if batch != 1:
+                print(f"batch {batch} / batch 1 total tokens/s: {tps / ours[1]:.2f}x")
+
+    if args.reference_src:
+        if args.dtype != "float32":
+            print("reference timing runs in float32 only", file=sys.stderr)
+            return 2
+        r = bench_reference(args.reference_src, decoder, args.reference_tokens or args.tokens, args.prompt_len)
+        tps = r["tokens"] / r["seconds"]
+        gbps = r["steps"] / r["seconds"] * weight_bytes / 1e9
+        print(f"  reference batch=1: {r['tokens']} tokens in {r['seconds']:.2f} s")
+        print(f"decode-reference config={args.config} batch=1 dtype=float32 tokens_per_s={tps:.3f} "
+              f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}")
+        if 1 in ours:
+            print(f"speedup over reference (batch 1): {ours[1] / tps:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

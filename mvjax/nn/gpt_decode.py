@@ -1,0 +1,145 @@
+"""The causal GPT applied token-by-token against a KV cache, laid out for fast decoding.
+
+The first stage spends nearly all its time here reading weights: one decode step
+multiplies a handful of rows by every matrix. On XLA's CPU backend a weight-major
+product ``W (out, in) @ x (in, rows)`` streams the weights far faster than
+``x (rows, in) @ W (in, out)`` (about 1.4x at 2 rows, 2x at 16 in our measurements,
+see benchmarks/RESULTS.md), so this path keeps
+
+* kernels in PyTorch's (out, in) layout, one array per layer (no slicing inside the loop),
+* activations feature-major, ``(width, rows)``,
+* the KV cache head-major, ``(rows, heads, length, head_dim)``, so attention is a plain
+  batched matmul that never transposes the cache.
+
+The numerics are those of :class:`mvjax.nn.gpt.GPT` (checked against it and against the
+reference fixtures); as in the reference's fast path, the speaker projection is added at
+every position of a conditioned row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from mvjax.config import GPTConfig
+
+
+def prepare_decode_params(config: GPTConfig, params, dtype=None) -> dict:
+    """Re-lay a converted parameter tree for :func:`apply_tokens` (copies; the input can be dropped)."""
+    if len(config.vocab_sizes) != 1 or not config.tied_heads:
+        raise ValueError("the KV-cache decoder serves the causal first stage: one input table, tied head")
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+    out_in = lambda k: cast(jnp.asarray(k).T)  # (in, out) -> (out, in)
+
+    def layer(i):
+        take = lambda a: a[i]
+        blk = jax.tree_util.tree_map(take, params["blocks"])
+        lay = {"ln_1": blk["ln_1"], "ln_2": blk["ln_2"], "attn": {}, "mlp": {}}
+        for group in ("attn", "mlp"):
+            for name, dense in blk[group].items():
+                entry = {"w": out_in(dense["kernel"])}
+                if "bias" in dense:
+                    entry["b"] = dense["bias"]
+                lay[group][name] = entry
+        return lay
+
+    prepared = {
+        "wte": cast(jnp.asarray(params["wte_0"]["embedding"])),
+        "wpe": cast(jnp.asarray(params["wpe"]["embedding"])),
+        "ln_f": params["ln_f"],
+        "layers": [layer(i) for i in range(config.n_layer)],
+    }
+    if "speaker_proj" in params:
+        prepared["speaker_proj"] = out_in(params["speaker_proj"]["kernel"])
+    return prepared
+
+
+def init_cache(config: GPTConfig, rows: int, length: int, dtype=jnp.float32) -> list:
+    """Per layer (k, v), each (rows, heads, length, head_dim), zero-filled."""
+    shape = (rows, config.n_head, length, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)]
+
+
+def _norm(config: GPTConfig, p, x):
+    """Norm over the feature axis 0 of x (D, N), in float32."""
+    x32 = x.astype(jnp.float32)
+    scale = p["scale"].astype(jnp.float32)[:, None]
+    if config.norm_type == "rmsnorm":
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + config.norm_eps)
+        return y.astype(x.dtype) * scale.astype(x.dtype)
+    centred = x32 - jnp.mean(x32, axis=0, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=0, keepdims=True) + config.norm_eps) * scale
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)[:, None]
+    return y.astype(x.dtype)
+
+
+def _linear(p, x):
+    """(out, in) @ (in, N) -> (out, N), plus bias."""
+    y = jnp.dot(p["w"], x.astype(p["w"].dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    if "b" in p:
+        y = y + p["b"].astype(y.dtype)[:, None]
+    return y
+
+
+def apply_tokens(
+    config: GPTConfig,
+    params: dict,
+    tokens: jnp.ndarray,
+    positions: jnp.ndarray,
+    speaker_emb: Optional[jnp.ndarray],
+    cache: list,
+    dtype=jnp.float32,
+):
+    """tokens, positions: (R, T). Row r writes keys/values at ``positions[r, 0]`` onwards and
+    attends to cache slots <= each query's position. ``speaker_emb`` (R, S) or None.
+    Returns (float32 logits (R, T, V), new cache)."""
+    rows, length = tokens.shape
+    width, heads, head_dim = config.n_embd, config.n_head, config.head_dim
+    n = rows * length
+
+    # Embedding, feature-major (D, N) with n = r * T + t.
+    x = params["wte"][tokens.reshape(n)].astype(jnp.float32) + params["wpe"][positions.reshape(n)].astype(jnp.float32)
+    x = x.T
+    if speaker_emb is not None:
+        spk = jnp.dot(params["speaker_proj"], speaker_emb.astype(params["speaker_proj"].dtype).T,
+                      preferred_element_type=jnp.float32)  # (D, R)
+        x = x + jnp.repeat(spk, length, axis=1)
+    x = x.astype(dtype)
+
+    cache_len = cache[0][0].shape[2]
+    mask = (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
+    write_pos = positions[:, 0]
+    write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, p, 0)))
+    scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
+
+    def split_heads(a):  # (D, N) -> (R, H, T, hd)
+        return a.reshape(heads, head_dim, rows, length).transpose(2, 0, 3, 1)
+
+    new_cache = []
+    for lp, (cache_k, cache_v) in zip(params["layers"], cache):
+        h = _norm(config, lp["ln_1"], x)
+        qkv = _linear(lp["attn"]["c_attn"], h)
+        q, k, v = split_heads(qkv[:width]), split_heads(qkv[width:2 * width]), split_heads(qkv[2 * width:])
+        cache_k, cache_v = write(cache_k, k, write_pos), write(cache_v, v, write_pos)
+        new_cache.append((cache_k, cache_v))
+        keys, values = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+        scores = jnp.einsum("rhtd,rhsd->rhts", q, keys, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+        y = jnp.einsum("rhts,rhsd->rhtd", probs.astype(x.dtype), values)
+        y = y.transpose(1, 3, 0, 2).reshape(width, n)
+        x = x + _linear(lp["attn"]["c_proj"], y)
+
+        h = _norm(config, lp["ln_2"], x)
+        mlp = lp["mlp"]
+        if config.nonlinearity_type == "swiglu":
+            h = jax.nn.silu(_linear(mlp["w1"], h)) * _linear(mlp["w3"], h)
+        else:
+            h = jax.nn.gelu(_linear(mlp["c_fc"], h), approximate=False)
+        x = x + _linear(mlp["c_proj"], h)
+
+    x = _norm(config, params["ln_f"], x)
+    logits = jnp.dot(params["wte"], x.astype(params["wte"].dtype), preferred_element_type=jnp.float32)  # (V, N)
+    return logits.T.reshape(rows, length, -1), new_cache
