@@ -10,8 +10,9 @@ Configs (random weights, the released first-stage architecture otherwise):
 Each utterance decodes with guidance (a conditioned and an unconditioned row), so one step
 reads every weight once for the whole batch. The benchmark measures the machine's memory
 read bandwidth itself (a jitted reduction over a 2 GB array, best of several runs) and
-reports ``roofline_frac = steps/s * weight_bytes / bandwidth``. Compile time is reported
-separately. With ``--reference-src`` (a checkout of metavoiceio/metavoice-src) it also times
+reports ``roofline_frac = steps/s * weight_bytes / bandwidth``. Rates are steady-state
+decoding: the time for N new tokens minus the time for one (prefill + first token); prefill,
+end-to-end and compile times are printed separately. With ``--reference-src`` (a checkout of metavoiceio/metavoice-src) it also times
 the reference gpt-fast style decode (``fam.llm.fast_inference_utils.generate``, eager
 PyTorch, same weights, same precision) and prints the speed ratio.
 
@@ -97,23 +98,35 @@ def prompts_for(batch: int, length: int, config: GPTConfig, seed: int = 0) -> li
     return [rng.integers(text_lo, config.vocab_sizes[0], size=length).tolist() for _ in range(batch)]
 
 
+def _timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def bench_ours(decoder, batch: int, new_tokens: int, prompt_len: int, repeats: int):
+    """Steady-state decode rate: time(N new tokens) - time(1 new token) covers N - 1 loop steps."""
     config = decoder.config
     prompts = prompts_for(batch, prompt_len, config)
     spk = np.random.default_rng(1).standard_normal((batch, SPEAKER_DIM)).astype(np.float32)
     sampling = SamplingConfig(guidance=3.0, temperature=1.0, top_p=0.95)
     keys = utterance_keys(0, batch)
+
+    def run(n):
+        result = decoder.generate(prompts, spk, keys, sampling, max_new_tokens=n)
+        assert all(len(result.generated(i)) == n for i in range(batch))
+
     t = time.perf_counter()
-    decoder.generate(prompts, spk, keys, sampling, max_new_tokens=new_tokens)  # compiles
+    run(1)  # compiles
     first = time.perf_counter() - t
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        result = decoder.generate(prompts, spk, keys, sampling, max_new_tokens=new_tokens)
-        best = min(best, time.perf_counter() - t)
-    produced = sum(len(result.generated(i)) for i in range(batch))
-    assert produced == batch * new_tokens, produced
-    return {"seconds": best, "tokens": produced, "steps": new_tokens, "compile_s": max(first - best, 0.0)}
+    prefill = _timed(lambda: run(1), repeats)
+    total = _timed(lambda: run(new_tokens), repeats)
+    steps = new_tokens - 1
+    return {"seconds": total - prefill, "tokens": batch * steps, "steps": steps, "prefill_s": prefill,
+            "end_to_end_s": total, "compile_s": max(first - prefill, 0.0)}
 
 
 def _import_reference(src: Path):
@@ -150,6 +163,7 @@ def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prom
 
     fiu, fm = _import_reference(src)
     torch.set_grad_enabled(False)
+    config = decoder.config
     args = fm.ModelArgs(
         block_size=config.block_size, vocab_size=config.vocab_sizes[0], n_layer=config.n_layer,
         n_head=config.n_head, dim=config.n_embd, speaker_emb_dim=SPEAKER_DIM,
@@ -158,7 +172,6 @@ def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prom
     args.dtype = torch.float32
     with torch.device("meta"):
         model = fm.Transformer(args)
-    config = decoder.config
     t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32, order="C"))  # a writable copy
     p = decoder.params  # kernels already in torch's (out, in) layout
     state = {
@@ -189,11 +202,15 @@ def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prom
         end_of_audio_token=config.vocab_sizes[0] + 1,
     )
     fiu.generate(model, prompt, spk, max_new_tokens=4, **kwargs)  # warm-up
+    # Its generate() cannot stop after one token: the baseline is prefill plus one decode step.
+    baseline = _timed(lambda: fiu.generate(model, prompt, spk, max_new_tokens=2, **kwargs), 2)
     start = time.perf_counter()
     seq = fiu.generate(model, prompt, spk, max_new_tokens=new_tokens, **kwargs)
-    seconds = time.perf_counter() - start
+    total = time.perf_counter() - start
     produced = int(seq.numel()) - prompt_len
-    return {"seconds": seconds, "tokens": produced, "steps": produced}
+    assert produced == new_tokens, produced
+    return {"seconds": total - baseline, "tokens": produced - 2, "steps": produced - 2, "prefill_s": baseline,
+            "end_to_end_s": total}
 
 
 def main(argv=None) -> int:
@@ -227,7 +244,8 @@ def main(argv=None) -> int:
         tps = r["tokens"] / r["seconds"]
         gbps = steps_per_s * weight_bytes / 1e9
         ours[batch] = tps
-        print(f"  ours batch={batch}: {r['tokens']} tokens in {r['seconds']:.2f} s (compile {r['compile_s']:.1f} s)")
+        print(f"  ours batch={batch}: {r['steps']} decode steps ({r['tokens']} tokens) in {r['seconds']:.2f} s; "
+              f"prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s, compile {r['compile_s']:.1f} s")
         print(f"decode config={args.config} batch={batch} dtype={args.dtype} tokens_per_s={tps:.3f} "
               f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}", flush=True)
     if 1 in ours:
@@ -242,7 +260,8 @@ def main(argv=None) -> int:
         r = bench_reference(args.reference_src, decoder, args.reference_tokens or args.tokens, args.prompt_len)
         tps = r["tokens"] / r["seconds"]
         gbps = r["steps"] / r["seconds"] * weight_bytes / 1e9
-        print(f"  reference batch=1: {r['tokens']} tokens in {r['seconds']:.2f} s")
+        print(f"  reference batch=1: {r['steps']} decode steps in {r['seconds']:.2f} s; "
+              f"prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s")
         print(f"decode-reference config={args.config} batch=1 dtype=float32 tokens_per_s={tps:.3f} "
               f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}")
         if 1 in ours:

@@ -7,8 +7,9 @@ its own positions and write index, so its output equals decoding it alone.
 
 The loop is model-agnostic (t5x style): :func:`decode_loop` takes a
 ``logits_fn(cache, tokens, positions) -> (logits, cache)`` so it can be tested with
-fake logits. The KV cache grows through a few static windows (e.g. 256, 512, ..., block)
-so early steps do not read a block-sized cache; each window is one ``lax.while_loop``.
+fake logits. The KV cache is allocated once for the block and updated in place; the loop
+runs through a few static attention windows (64, 128, ..., block), one ``lax.while_loop``
+each, so early steps do not read a block-sized cache.
 
 Randomness: one key per utterance, ``fold_in(key, i)`` for its i-th generated token, so
 results do not depend on batch packing or device count.
@@ -97,17 +98,6 @@ def cache_windows(prompt_bucket_len: int, block_size: int) -> tuple[int, ...]:
     return tuple(windows)
 
 
-def _grow_cache(cache, length: int, axis: int):
-    """Zero-pad every cache array along its time ``axis`` to ``length``."""
-
-    def pad(a):
-        widths = [(0, 0)] * a.ndim
-        widths[axis] = (0, length - a.shape[axis])
-        return jnp.pad(a, widths)
-
-    return jax.tree_util.tree_map(pad, cache)
-
-
 def decode_loop(
     logits_fn: Callable,
     cache: list,
@@ -121,15 +111,15 @@ def decode_loop(
     windows: Sequence[int],
     end_of_audio: int,
     return_logits: bool,
-    cache_time_axis: int = 1,
 ):
     """Prefill ``prompts`` (B, P) and sample until every row is done.
 
-    ``logits_fn(cache, tokens (2B, T), positions (2B, T)) -> (logits (2B, T, V), cache)``
-    with rows [conditioned..., unconditioned...]. ``limits`` (B,): maximum total length per
+    ``logits_fn(cache, tokens (2B, T), positions (2B, T), window) -> (logits (2B, T, V), cache)``
+    with rows [conditioned..., unconditioned...]; ``window`` (static) bounds every position
+    passed, so the model need only attend to that many cache slots. ``limits`` (B,): maximum total length per
     row (<= block). ``sampling``: guidance, temperature, top_k, top_p as traced scalars.
-    ``cache`` is any pytree whose arrays have their time axis at ``cache_time_axis``; it is
-    zero-padded to each window in turn. Returns the final :class:`LoopState`.
+    ``cache`` is the model's pytree (allocated for the whole block). Returns the final
+    :class:`LoopState` (its ``cache`` dropped).
     """
     batch, plen = prompts.shape
     rows = jnp.arange(batch)
@@ -160,7 +150,7 @@ def decode_loop(
     # Prefill: both rows of every utterance see the padded prompt from position 0.
     doubled = jnp.concatenate([prompts, prompts], axis=0)
     positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), doubled.shape)
-    logits, cache = logits_fn(cache, doubled, positions)
+    logits, cache = logits_fn(cache, doubled, positions, windows[0])
     last = jnp.concatenate([prompt_lengths, prompt_lengths]) - 1
     logits = logits[jnp.arange(2 * batch), last]  # (2B, V): each row's last prompt position
     tokens = jnp.zeros((batch, block_size), jnp.int32).at[:, :plen].set(prompts)
@@ -175,34 +165,25 @@ def decode_loop(
     )
     state = advance(state, logits)
 
-    def step(state: LoopState) -> LoopState:
+    def step(state: LoopState, window: int) -> LoopState:
         last_pos = jnp.maximum(state.lengths - 1, 0)
         pos2 = jnp.concatenate([last_pos, last_pos])[:, None]
         tok = state.tokens[rows, last_pos]
         tok2 = jnp.concatenate([tok, tok])[:, None]
-        logits, cache = logits_fn(state.cache, tok2, pos2)
+        logits, cache = logits_fn(state.cache, tok2, pos2, window)
         return advance(state.replace(cache=cache), logits[:, 0])
 
-    def outputs(state: LoopState):
-        return state.replace(cache=None)
+    # One while loop per window: a step in window W attends to W cache slots, so early steps
+    # do not pay for the whole block. Later loops exit at once when every row is done.
+    for window in windows:
 
-    def run_from(i: int, state: LoopState) -> LoopState:
-        """Loop inside window i; move to the next (larger) window only if some row is still active."""
-        window = windows[i]
-
-        def fits(state):
+        def fits(state, window=window):
             # Every active row's next write position (its last token's) lies inside this window.
             next_write = jnp.where(state.done, 0, state.lengths - 1)
             return jnp.any(~state.done) & jnp.all(next_write < window)
 
-        state = jax.lax.while_loop(fits, step, state)
-        if i == len(windows) - 1:
-            return outputs(state)
-        grow = lambda s: run_from(i + 1, s.replace(cache=_grow_cache(s.cache, windows[i + 1], cache_time_axis)))
-        # Growing the cache costs a full copy: skip it (and every later window) once all rows are done.
-        return jax.lax.cond(jnp.any(~state.done), grow, outputs, state)
-
-    return run_from(0, state)
+        state = jax.lax.while_loop(fits, functools.partial(step, window=window), state)
+    return state.replace(cache=None)
 
 
 class FirstStageDecoder:
@@ -232,15 +213,14 @@ class FirstStageDecoder:
         else:
             spk2 = jnp.concatenate([speaker_emb, jnp.zeros_like(speaker_emb)], axis=0)
 
-        def logits_fn(cache, tokens, positions):
-            return apply_tokens(cfg, params, tokens, positions, spk2, cache, self.dtype)
+        def logits_fn(cache, tokens, positions, window):
+            return apply_tokens(cfg, params, tokens, positions, spk2, cache, self.dtype, attend=window)
 
         windows = cache_windows(plen, cfg.block_size)
-        cache = init_cache(cfg, 2 * batch, windows[0], self.cache_dtype)
+        cache = init_cache(cfg, 2 * batch, cfg.block_size, self.cache_dtype)
         state = decode_loop(
             logits_fn, cache, prompts, prompt_lengths, limits, keys, sampling,
             block_size=cfg.block_size, windows=windows, end_of_audio=self.end_of_audio, return_logits=return_logits,
-            cache_time_axis=2,
         )
         return state.tokens, state.lengths, state.finished, state.step_logits
 

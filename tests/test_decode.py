@@ -36,7 +36,7 @@ def _run_fake(logits_fn, prompts, limits, block=64, windows=(16, 32, 64), return
     return [np.asarray(tokens)[i, : int(lengths[i])] for i in range(len(prompts))], np.asarray(finished)
 
 
-def _successor(cache, tokens, positions):
+def _successor(cache, tokens, positions, window):
     """Fake model: the next token is (current + 1) mod VOCAB, whatever the position."""
     logits = jax.nn.one_hot((tokens + 1) % VOCAB, VOCAB) * 10.0
     return logits, [jax.tree_util.tree_map(lambda c: c + 0, c) for c in cache]
@@ -52,7 +52,7 @@ def test_fake_logits_exact_sequence_and_end_of_audio():
 
 
 def test_rows_use_their_own_positions():
-    def position_echo(cache, tokens, positions):
+    def position_echo(cache, tokens, positions, window):
         # Emits the position of the *next* token, so every row must count from its own length.
         return jax.nn.one_hot(positions + 1, VOCAB) * 10.0, cache
 
@@ -62,7 +62,7 @@ def test_rows_use_their_own_positions():
 
 
 def test_guidance_mixes_cond_and_uncond_rows():
-    def split(cache, tokens, positions):
+    def split(cache, tokens, positions, window):
         batch = tokens.shape[0] // 2
         cond = jax.nn.one_hot(jnp.full(tokens.shape, 5), VOCAB) * 1.0
         uncond = jax.nn.one_hot(jnp.full(tokens.shape, 6), VOCAB) * 2.0

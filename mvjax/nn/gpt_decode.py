@@ -92,9 +92,13 @@ def apply_tokens(
     speaker_emb: Optional[jnp.ndarray],
     cache: list,
     dtype=jnp.float32,
+    attend: Optional[int] = None,
 ):
     """tokens, positions: (R, T). Row r writes keys/values at ``positions[r, 0]`` onwards and
-    attends to cache slots <= each query's position. ``speaker_emb`` (R, S) or None.
+    attends to cache slots <= each query's position. With T > 1 (prefill) every row must start
+    at the same position (``positions[0, 0]``), so the write is one slice update. ``speaker_emb`` (R, S) or None.
+    ``attend`` (static): read only the first ``attend`` cache slots (every position must be
+    below it); the cache itself keeps its full length and is updated in place.
     Returns (float32 logits (R, T, V), new cache)."""
     rows, length = tokens.shape
     width, heads, head_dim = config.n_embd, config.n_head, config.head_dim
@@ -109,10 +113,13 @@ def apply_tokens(
         x = x + jnp.repeat(spk, length, axis=1)
     x = x.astype(dtype)
 
-    cache_len = cache[0][0].shape[2]
+    cache_len = cache[0][0].shape[2] if attend is None else min(attend, cache[0][0].shape[2])
     mask = (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
-    write_pos = positions[:, 0]
-    write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, p, 0)))
+    if length == 1:  # per-row write positions (rows may sit at different lengths)
+        write_rows = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, p, 0)))
+        write = lambda c, u: write_rows(c, u, positions[:, 0])
+    else:
+        write = lambda c, u: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, 0, positions[0, 0], 0))
     scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
 
     def split_heads(a):  # (D, N) -> (R, H, T, hd)
@@ -123,9 +130,9 @@ def apply_tokens(
         h = _norm(config, lp["ln_1"], x)
         qkv = _linear(lp["attn"]["c_attn"], h)
         q, k, v = split_heads(qkv[:width]), split_heads(qkv[width:2 * width]), split_heads(qkv[2 * width:])
-        cache_k, cache_v = write(cache_k, k, write_pos), write(cache_v, v, write_pos)
+        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
         new_cache.append((cache_k, cache_v))
-        keys, values = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+        keys, values = cache_k[:, :, :cache_len].astype(q.dtype), cache_v[:, :, :cache_len].astype(q.dtype)
         scores = jnp.einsum("rhtd,rhsd->rhts", q, keys, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
         y = jnp.einsum("rhts,rhsd->rhtd", probs.astype(x.dtype), values)
