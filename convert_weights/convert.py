@@ -33,8 +33,19 @@ def _convert_gpt(src: Path, dst: Path) -> dict:
     return {"kind": "gpt", "source": src.name, "params_sha256": tree_digest(params)}
 
 
+def _convert_speaker(src: Path, dst: Path) -> dict:
+    from convert_weights.speaker import convert_speaker_checkpoint
+
+    config, params = convert_speaker_checkpoint(load_checkpoint(src), source=str(src))
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    save_tree(dst / "params", params)
+    return {"kind": "speaker_encoder", "source": src.name, "params_sha256": tree_digest(params)}
+
+
 CONVERTERS: dict[str, tuple[str, Callable[[Path, Path], dict]]] = {
-    fname: (name, _convert_gpt) for fname, name in GPT_FILES.items()
+    **{fname: (name, _convert_gpt) for fname, name in GPT_FILES.items()},
+    "speaker_encoder.pt": ("speaker_encoder", _convert_speaker),
 }
 
 

@@ -27,7 +27,6 @@ from mvjax.text import Tokenizer, TokenizerSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-GPT_STAGES = ("first_stage", "second_stage")
 
 
 class ModelDirError(ValueError):
@@ -82,15 +81,34 @@ def read_manifest(model_dir: str | Path) -> dict:
     return manifest
 
 
+def _component(model_dir: Path, name: str) -> dict:
+    manifest = read_manifest(model_dir)
+    entry = manifest.get("components", {}).get(name)
+    if entry is None:
+        have = ", ".join(manifest.get("components", {})) or "nothing"
+        raise ModelDirError(f"{model_dir} holds no {name} (has: {have})")
+    return entry
+
+
+def load_speaker_encoder(model_dir: str | Path, verify: bool = False):
+    """(SpeakerEncoderConfig, params, weights digest) from a converted directory."""
+    from mvjax.nn.speaker_encoder import SpeakerEncoderConfig, abstract_params
+
+    model_dir = Path(model_dir)
+    entry = _component(model_dir, "speaker_encoder")
+    config = SpeakerEncoderConfig.from_dict(json.loads((model_dir / "speaker_encoder" / "config.json").read_text()))
+    params = restore_tree(model_dir / "speaker_encoder" / "params", abstract_params(config))
+    if verify and tree_digest(params) != entry["params_sha256"]:
+        raise ModelDirError(f"{model_dir / 'speaker_encoder'}: parameters do not match the digest in {MANIFEST}")
+    return config, params, entry["params_sha256"]
+
+
 def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> tuple[GPTConfig, dict, Tokenizer]:
     """Load one GPT stage (``first_stage`` or ``second_stage``) from a converted directory."""
     from mvjax.nn.gpt import abstract_params
 
     model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir)
-    entry = manifest.get("components", {}).get(stage)
-    if entry is None:
-        raise ModelDirError(f"{model_dir} holds no {stage} (has: {', '.join(manifest.get('components', {})) or 'nothing'})")
+    entry = _component(model_dir, stage)
     config = GPTConfig.from_json_file(model_dir / stage / "config.json")
     tokenizer = Tokenizer(TokenizerSpec.from_json_file(model_dir / stage / "tokenizer.json"))
     params = restore_tree(model_dir / stage / "params", abstract_params(config))
