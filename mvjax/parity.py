@@ -60,8 +60,13 @@ class FixtureError(RuntimeError):
 
 
 def _close(component: str, name: str, got, ref, rel_tol: float) -> Check:
+    """max|got - ref| <= rel_tol * max(1, max|ref|)."""
+    return _within(component, name, got, ref, rel_tol * max(1.0, float(np.abs(np.asarray(ref)).max())))
+
+
+def _within(component: str, name: str, got, ref, tol: float) -> Check:
+    """max|got - ref| <= tol (absolute)."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    tol = rel_tol * max(1.0, float(np.abs(ref).max()))
     if got.shape != ref.shape:
         return Check(component, name, False, float("inf"), tol, f"shape {got.shape} != {ref.shape}")
     err = float(np.abs(got - ref).max())
@@ -82,6 +87,19 @@ def _exact(component: str, name: str, got, ref, where=None) -> Check:
     return Check(component, name, wrong == 0, err, 0.0, f"{wrong}/{compared} differ" if wrong else f"{compared} compared")
 
 
+def _cosine(component: str, name: str, got, ref, min_cos: float = 0.9999, max_abs: float = 1e-3) -> list[Check]:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return [Check(component, name, False, float("inf"), max_abs, f"shape {got.shape} != {ref.shape}")]
+    g, r = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    cos = float(np.min(np.sum(g * r, -1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))))
+    err = float(np.abs(got - ref).max())
+    return [
+        Check(component, f"{name}-cosine", cos >= min_cos, 1.0 - cos, 1.0 - min_cos),
+        Check(component, f"{name}-max-abs", err <= max_abs, err, max_abs),
+    ]
+
+
 class Fixture:
     """Lazily converts and loads what the checks need from one fixture directory."""
 
@@ -89,6 +107,7 @@ class Fixture:
         self.root = root
         self.workdir = workdir
         self._stages: dict[str, tuple] = {}
+        self._speaker = None
         self._npz: dict[str, dict] = {}
 
     def npz(self, rel: str) -> dict:
@@ -114,6 +133,19 @@ class Fixture:
             convert_directory(self.root / sub, out)
             self._stages[name] = load_gpt_stage(out, name, verify=True)
         return self._stages[name]
+
+
+    def speaker_encoder(self):
+        if self._speaker is None:
+            from convert_weights.convert import convert_directory
+            from mvjax.speaker import SpeakerEncoder
+
+            if not (self.root / "speaker" / "speaker_encoder.pt").is_file():
+                raise FixtureError("missing fixture file speaker/speaker_encoder.pt")
+            out = self.workdir / "speaker_encoder"
+            convert_directory(self.root / "speaker", out)
+            self._speaker = SpeakerEncoder.load(out, cache_dir=None)
+        return self._speaker
 
 
 # --- Components -----------------------------------------------------------------------
@@ -177,6 +209,29 @@ def check_stage2(fx: Fixture) -> Iterator[Check]:
     yield _exact("stage2", "greedy", logits.argmax(-1), s2["greedy"], where=s2["margins"] > GREEDY_MARGIN)
 
 
+def check_speaker(fx: Fixture) -> Iterator[Check]:
+    from mvjax.audio import load_audio
+
+    sp = fx.npz("speaker/speaker_cases.npz")
+    wav_path = fx.root / "speaker" / "reference_speaker.wav"
+    if not wav_path.is_file():
+        raise FixtureError("missing fixture file speaker/reference_speaker.wav")
+    encoder = fx.speaker_encoder()
+    audio, rate = load_audio(wav_path)
+    wav16, trimmed = encoder.preprocess(audio, rate)
+    yield _within("speaker", "wav16", wav16, sp["wav16"], 1e-4)
+    yield _within("speaker", "trimmed", trimmed, sp["trimmed"], 1e-4)
+    # Features and embeddings from the reference's trimmed audio, so each stage is judged on its own.
+    utt = encoder.embed_utterance(sp["trimmed"])
+    yield _exact("speaker", "slice-starts", np.array([a for a, _ in utt.slices]), sp["mel_slice_starts"])
+    yield _within("speaker", "mels", utt.mels, sp["mels"], 1e-3 * float(np.abs(sp["mels"]).max()))
+    yield from _cosine("speaker", "partial-embeds", utt.partial_embeddings, sp["partial_embeds"])
+    yield from _cosine("speaker", "embedding", utt.embedding, sp["embedding"])
+    if "short3s_embedding" in sp:
+        short = encoder.embed_utterance(sp["trimmed"][: 3 * encoder.config.sample_rate])
+        yield from _cosine("speaker", "short3s-embedding", short.embedding, sp["short3s_embedding"])
+
+
 def _first_stage_decoder(fx: Fixture):
     from mvjax.decode import FirstStageDecoder
 
@@ -234,6 +289,7 @@ CHECKS: dict[str, Callable[[Fixture], Iterator[Check]]] = {
     "stage1-decode": check_stage1_decode,
     "stage1-batch": check_stage1_batch,
     "stage2": check_stage2,
+    "speaker": check_speaker,
 }
 
 

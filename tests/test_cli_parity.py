@@ -12,14 +12,15 @@ def _parity(*args):
 
 
 def test_parity_tool_passes_implemented_components(fixtures):
-    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2")
+    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [l for l in res.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
     assert lines and all(l.startswith("PASS") for l in lines)
     checks = {tuple(l.split()[1:3]) for l in lines}
     for need in [("tokenizer", "stage1-ids"), ("stage1-forward", "logits-cond"), ("stage1-forward", "logits-uncond"),
                  ("stage1-decode", "gen0-seq"), ("stage1-decode", "gen0-step-logits"), ("stage1-batch", "batch-out"),
-                 ("stage2", "logits"), ("stage2", "greedy")]:
+                 ("stage2", "logits"), ("stage2", "greedy"), ("speaker", "wav16"), ("speaker", "mels"),
+                 ("speaker", "embedding-cosine"), ("speaker", "short3s-embedding-cosine")]:
         assert need in checks
     for line in lines:
         assert "max_err=" in line and "tol=" in line
