@@ -43,14 +43,34 @@ def _convert_speaker(src: Path, dst: Path) -> dict:
     return {"kind": "speaker_encoder", "source": src.name, "params_sha256": tree_digest(params)}
 
 
+def _convert_encodec(src: Path, dst: Path) -> dict:
+    from convert_weights.encodec import convert_encodec_state
+
+    config, params = convert_encodec_state(load_checkpoint(src), source=str(src))
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    save_tree(dst / "params", params)
+    return {"kind": "encodec", "source": src.name, "params_sha256": tree_digest(params)}
+
+
+# Released file name (a glob) -> (component name in the converted directory, converter).
 CONVERTERS: dict[str, tuple[str, Callable[[Path, Path], dict]]] = {
     **{fname: (name, _convert_gpt) for fname, name in GPT_FILES.items()},
     "speaker_encoder.pt": ("speaker_encoder", _convert_speaker),
+    "encodec_24khz*.th": ("encodec", _convert_encodec),
 }
 
 
 def find_components(model_dir: Path) -> dict[str, Path]:
-    return {fname: model_dir / fname for fname in CONVERTERS if (model_dir / fname).is_file()}
+    """Released pattern -> the file in ``model_dir`` that matches it (one per pattern)."""
+    found = {}
+    for pattern in CONVERTERS:
+        matches = sorted(p for p in model_dir.glob(pattern) if p.is_file())
+        if len(matches) > 1:
+            raise FileExistsError(f"{model_dir} holds several files matching {pattern}: {', '.join(p.name for p in matches)}")
+        if matches:
+            found[pattern] = matches[0]
+    return found
 
 
 def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str], None] = lambda s: None) -> dict:

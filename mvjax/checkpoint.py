@@ -103,6 +103,19 @@ def load_speaker_encoder(model_dir: str | Path, verify: bool = False):
     return config, params, entry["params_sha256"]
 
 
+def load_encodec(model_dir: str | Path, verify: bool = False):
+    """(EncodecConfig, params) of the 24 kHz codec from a converted directory."""
+    from mvjax.nn.encodec import EncodecConfig, abstract_params
+
+    model_dir = Path(model_dir)
+    entry = _component(model_dir, "encodec")
+    config = EncodecConfig.from_dict(json.loads((model_dir / "encodec" / "config.json").read_text()))
+    params = restore_tree(model_dir / "encodec" / "params", abstract_params(config))
+    if verify and tree_digest(params) != entry["params_sha256"]:
+        raise ModelDirError(f"{model_dir / 'encodec'}: parameters do not match the digest in {MANIFEST}")
+    return config, params
+
+
 def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> tuple[GPTConfig, dict, Tokenizer]:
     """Load one GPT stage (``first_stage`` or ``second_stage``) from a converted directory."""
     from mvjax.nn.gpt import abstract_params

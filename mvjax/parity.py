@@ -108,6 +108,7 @@ class Fixture:
         self.workdir = workdir
         self._stages: dict[str, tuple] = {}
         self._speaker = None
+        self._encodec = None
         self._npz: dict[str, dict] = {}
 
     def npz(self, rel: str) -> dict:
@@ -146,6 +147,33 @@ class Fixture:
             convert_directory(self.root / "speaker", out)
             self._speaker = SpeakerEncoder.load(out, cache_dir=None)
         return self._speaker
+
+
+    def encodec(self):
+        """The random codec of the fixture recipe, rebuilt with torch + encodec, then converted by us."""
+        if self._encodec is None:
+            import subprocess
+
+            from convert_weights.convert import convert_directory
+            from mvjax.checkpoint import load_encodec
+
+            recipe = self.root / "make_random_encodec.py"
+            if not recipe.is_file():
+                raise FixtureError("missing fixture file make_random_encodec.py")
+            src = self.workdir / "encodec_src"
+            src.mkdir(exist_ok=True)
+            target = src / "encodec_24khz-d7cc33bc.th"
+            proc = subprocess.run([sys.executable, str(recipe), str(target)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+                raise FixtureError(
+                    "rebuilding the random codec needs torch and the encodec package "
+                    f"(pip install torch && pip install --no-deps encodec einops): {last}"
+                )
+            out = self.workdir / "encodec"
+            convert_directory(src, out)
+            self._encodec = (proc.stdout.strip().splitlines()[-1],) + load_encodec(out, verify=True)
+        return self._encodec
 
 
 # --- Components -----------------------------------------------------------------------
@@ -232,6 +260,30 @@ def check_speaker(fx: Fixture) -> Iterator[Check]:
         yield from _cosine("speaker", "short3s-embedding", short.embedding, sp["short3s_embedding"])
 
 
+def check_encodec(fx: Fixture) -> Iterator[Check]:
+    import jax
+
+    from mvjax.nn import encodec
+
+    mb = fx.npz("mbd/mbd_cases.npz")
+    digest, cfg, params = fx.encodec()
+    same = digest == str(mb["encodec_state_sha256"])
+    yield Check("encodec", "recipe-sha256", same, 0.0 if same else 1.0, 0.0,
+                "" if same else "the rebuilt codec differs from the fixture's: recipe or package mismatch, not our bug")
+    latent = np.asarray(encodec.codes_to_latent(params, mb["tokens"]))
+    yield _within("encodec", "latent", latent, mb["latent"], 1e-4 * float(np.abs(mb["latent"]).max()))
+    wav = np.asarray(jax.jit(lambda p, x: encodec.decode_latent(cfg, p, x))(params, mb["latent"]))
+    yield _within("encodec", "decode", wav, mb["wav_encodec"], 1e-4 * float(np.abs(mb["wav_encodec"]).max()))
+    n_q = mb["encode_codes"].shape[1]
+    codes = np.asarray(jax.jit(lambda p, x: encodec.latent_to_codes(p, encodec.encode_latent(cfg, p, x), n_q))(
+        params, mb["encode_in"]))
+    if codes.shape != mb["encode_codes"].shape:
+        yield Check("encodec", "encode-codes", False, float("inf"), 0.01, f"shape {codes.shape} != {mb['encode_codes'].shape}")
+    else:
+        mismatch = float(np.mean(codes != mb["encode_codes"]))
+        yield Check("encodec", "encode-codes", mismatch <= 0.01, mismatch, 0.01, "fraction of codes that differ")
+
+
 def _first_stage_decoder(fx: Fixture):
     from mvjax.decode import FirstStageDecoder
 
@@ -290,6 +342,7 @@ CHECKS: dict[str, Callable[[Fixture], Iterator[Check]]] = {
     "stage1-batch": check_stage1_batch,
     "stage2": check_stage2,
     "speaker": check_speaker,
+    "encodec": check_encodec,
 }
 
 

@@ -12,7 +12,7 @@ def _parity(*args):
 
 
 def test_parity_tool_passes_implemented_components(fixtures):
-    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker")
+    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [l for l in res.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
     assert lines and all(l.startswith("PASS") for l in lines)
@@ -20,7 +20,8 @@ def test_parity_tool_passes_implemented_components(fixtures):
     for need in [("tokenizer", "stage1-ids"), ("stage1-forward", "logits-cond"), ("stage1-forward", "logits-uncond"),
                  ("stage1-decode", "gen0-seq"), ("stage1-decode", "gen0-step-logits"), ("stage1-batch", "batch-out"),
                  ("stage2", "logits"), ("stage2", "greedy"), ("speaker", "wav16"), ("speaker", "mels"),
-                 ("speaker", "embedding-cosine"), ("speaker", "short3s-embedding-cosine")]:
+                 ("speaker", "embedding-cosine"), ("speaker", "short3s-embedding-cosine"),
+                 ("encodec", "recipe-sha256"), ("encodec", "decode"), ("encodec", "encode-codes")]:
         assert need in checks
     for line in lines:
         assert "max_err=" in line and "tol=" in line

@@ -16,6 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mvjax.nn.lstm import lstm_layer, lstm_shapes
+
 
 @dataclasses.dataclass(frozen=True)
 class SpeakerEncoderConfig:
@@ -44,36 +46,9 @@ def abstract_params(cfg: SpeakerEncoderConfig) -> dict:
     """Shapes of the parameter tree (``jax.ShapeDtypeStruct`` leaves)."""
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     h = cfg.hidden_size
-    tree = {
-        f"lstm_{k}": {
-            "w_ih": spec(cfg.input_size if k == 0 else h, 4 * h),
-            "w_hh": spec(h, 4 * h),
-            "b_ih": spec(4 * h),
-            "b_hh": spec(4 * h),
-        }
-        for k in range(cfg.num_layers)
-    }
+    tree = {f"lstm_{k}": lstm_shapes(cfg.input_size if k == 0 else h, h) for k in range(cfg.num_layers)}
     tree["linear"] = {"kernel": spec(h, cfg.embedding_size), "bias": spec(cfg.embedding_size)}
     return tree
-
-
-def _lstm_layer(p, inputs):
-    """inputs (T, B, in) -> outputs (T, B, H)."""
-    hidden = p["w_hh"].shape[0]
-    projected = jnp.einsum("tbi,ig->tbg", inputs, p["w_ih"]) + p["b_ih"]  # all steps at once
-
-    def step(carry, x_t):
-        h, c = carry
-        gates = x_t + h @ p["w_hh"] + p["b_hh"]
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return (h, c), h
-
-    batch = inputs.shape[1]
-    zeros = jnp.zeros((batch, hidden), inputs.dtype)
-    _, outputs = jax.lax.scan(step, (zeros, zeros), projected)
-    return outputs
 
 
 @jax.jit
@@ -82,7 +57,7 @@ def embed_partials(params, mels):
     x = jnp.swapaxes(mels.astype(jnp.float32), 0, 1)  # (T, P, mel)
     k = 0
     while f"lstm_{k}" in params:
-        x = _lstm_layer(params[f"lstm_{k}"], x)
+        x = lstm_layer(params[f"lstm_{k}"], x)
         k += 1
     last = x[-1]  # final hidden state of the last layer
     raw = jax.nn.relu(last @ params["linear"]["kernel"] + params["linear"]["bias"])
