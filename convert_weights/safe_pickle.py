@@ -100,6 +100,86 @@ BASE_ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+# --- omegaconf configs (the diffusion checkpoint's per-band ``cfg``) ----------------------
+# The pickled DictConfig/ListConfig/value nodes are rebuilt as inert stand-ins that only
+# record their state; :func:`plain_config` then turns them into dicts, lists and scalars.
+
+
+class _ConfigObject:
+    def __init__(self, *args, **kwargs):
+        self._args = args
+        self._state = None
+
+    def __setstate__(self, state):
+        self._state = state
+
+    def __reduce__(self):  # never re-pickled
+        raise TypeError("stand-in objects cannot be pickled")
+
+
+class _DictConfig(_ConfigObject):
+    pass
+
+
+class _ListConfig(_ConfigObject):
+    pass
+
+
+class _ValueNode(_ConfigObject):
+    pass
+
+
+class _Metadata(_ConfigObject):
+    pass
+
+
+def _defaultdict(*args):
+    return {}
+
+
+_ANY = object()
+
+OMEGACONF_ALLOWED: dict[tuple[str, str], Any] = {
+    ("omegaconf.dictconfig", "DictConfig"): _DictConfig,
+    ("omegaconf.listconfig", "ListConfig"): _ListConfig,
+    ("omegaconf.base", "ContainerMetadata"): _Metadata,
+    ("omegaconf.base", "Metadata"): _Metadata,
+    **{("omegaconf.nodes", n): _ValueNode for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode")},
+    ("typing", "Any"): _ANY,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("collections", "defaultdict"): _defaultdict,
+}
+
+
+def _config_state(obj: _ConfigObject) -> dict:
+    state = obj._state
+    if isinstance(state, tuple):  # (dict state, slot state)
+        merged: dict = {}
+        for part in state:
+            if isinstance(part, dict):
+                merged.update(part)
+        state = merged
+    return state if isinstance(state, dict) else {}
+
+
+def plain_config(obj: Any) -> Any:
+    """Stand-in omegaconf objects (and containers of them) -> plain dicts, lists and scalars."""
+    if isinstance(obj, _DictConfig):
+        content = _config_state(obj).get("_content")
+        return None if content is None else {str(k): plain_config(v) for k, v in content.items()}
+    if isinstance(obj, _ListConfig):
+        content = _config_state(obj).get("_content")
+        return None if content is None else [plain_config(v) for v in content]
+    if isinstance(obj, _ValueNode):
+        return plain_config(_config_state(obj).get("_val"))
+    if isinstance(obj, dict):
+        return {k: plain_config(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_config(v) for v in obj)
+    return obj
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, allowed: Mapping[tuple[str, str], Any], load_storage: Callable, source: str):
         super().__init__(io.BytesIO(data))
