@@ -53,11 +53,23 @@ def _convert_encodec(src: Path, dst: Path) -> dict:
     return {"kind": "encodec", "source": src.name, "params_sha256": tree_digest(params)}
 
 
+def _convert_mbd(src: Path, dst: Path) -> dict:
+    from convert_weights.mbd import convert_mbd_checkpoint
+    from convert_weights.safe_pickle import OMEGACONF_ALLOWED
+
+    config, params = convert_mbd_checkpoint(load_checkpoint(src, OMEGACONF_ALLOWED), source=str(src))
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_tree(dst / "params", params)
+    return {"kind": "mbd", "source": src.name, "params_sha256": tree_digest(params)}
+
+
 # Released file name (a glob) -> (component name in the converted directory, converter).
 CONVERTERS: dict[str, tuple[str, Callable[[Path, Path], dict]]] = {
     **{fname: (name, _convert_gpt) for fname, name in GPT_FILES.items()},
     "speaker_encoder.pt": ("speaker_encoder", _convert_speaker),
     "encodec_24khz*.th": ("encodec", _convert_encodec),
+    "mbd_comp_*.pt": ("mbd", _convert_mbd),
 }
 
 

@@ -116,6 +116,27 @@ def load_encodec(model_dir: str | Path, verify: bool = False):
     return config, params
 
 
+def load_mbd(model_dir: str | Path, verify: bool = False):
+    """(config dict, params) of the multi-band diffusion decoder from a converted directory."""
+    from mvjax.nn.diffusion_unet import UnetConfig
+    from mvjax.nn.diffusion_unet import abstract_params as unet_shapes
+
+    model_dir = Path(model_dir)
+    entry = _component(model_dir, "mbd")
+    config = json.loads((model_dir / "mbd" / "config.json").read_text())
+    abstract = {}
+    for b, band in enumerate(config["bands"]):
+        abstract[f"band_{b}"] = unet_shapes(UnetConfig(**band["unet"]))
+        if band["processor"].get("use"):
+            n = int(band["processor"]["n_bands"])
+            shape = {"counts": (1,), "sum_x": (n,), "sum_x2": (n,), "sum_target_x2": (n,)}
+            abstract[f"processor_{b}"] = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in shape.items()}
+    params = restore_tree(model_dir / "mbd" / "params", abstract)
+    if verify and tree_digest(params) != entry["params_sha256"]:
+        raise ModelDirError(f"{model_dir / 'mbd'}: parameters do not match the digest in {MANIFEST}")
+    return config, params
+
+
 def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> tuple[GPTConfig, dict, Tokenizer]:
     """Load one GPT stage (``first_stage`` or ``second_stage``) from a converted directory."""
     from mvjax.nn.gpt import abstract_params
