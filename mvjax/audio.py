@@ -181,3 +181,25 @@ def mel_power_spectrogram(audio: np.ndarray, rate: int, n_fft: int, hop_length: 
     """librosa.feature.melspectrogram (power 2, not log): float32 (frames, n_mels)."""
     power = stft_power(audio, n_fft, hop_length)
     return (mel_filters(rate, n_fft, n_mels) @ power).astype(np.float32).T
+
+
+# --- Writing -----------------------------------------------------------------------------
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int, subtype: str = "FLOAT") -> None:
+    """Write (channels, samples) or (samples,) audio atomically: a temporary file, then a rename."""
+    import soundfile as sf
+
+    path = Path(path)
+    data = np.asarray(audio, np.float32)
+    data = data.T if data.ndim == 2 else data
+    if not path.parent.is_dir():
+        raise AudioError(f"cannot write {path}: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, data, rate, subtype=subtype, format="WAV")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

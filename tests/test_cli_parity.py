@@ -12,7 +12,7 @@ def _parity(*args):
 
 
 def test_parity_tool_passes_implemented_components(fixtures):
-    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec")
+    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec,mbd")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [l for l in res.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
     assert lines and all(l.startswith("PASS") for l in lines)
@@ -21,16 +21,17 @@ def test_parity_tool_passes_implemented_components(fixtures):
                  ("stage1-decode", "gen0-seq"), ("stage1-decode", "gen0-step-logits"), ("stage1-batch", "batch-out"),
                  ("stage2", "logits"), ("stage2", "greedy"), ("speaker", "wav16"), ("speaker", "mels"),
                  ("speaker", "embedding-cosine"), ("speaker", "short3s-embedding-cosine"),
-                 ("encodec", "recipe-sha256"), ("encodec", "decode"), ("encodec", "encode-codes")]:
+                 ("encodec", "recipe-sha256"), ("encodec", "decode"), ("encodec", "encode-codes"),
+                 ("mbd", "splitbands32"), ("mbd", "unet0-step500"), ("mbd", "wav")]:
         assert need in checks
     for line in lines:
         assert "max_err=" in line and "tol=" in line
 
 
 def test_parity_tool_fails_on_unimplemented_component(fixtures):
-    res = _parity(str(fixtures), "--only", "stage1-forward,mbd")
+    res = _parity(str(fixtures), "--only", "stage1-forward,pipeline")
     assert res.returncode != 0
-    assert any(l.startswith("FAIL mbd") for l in res.stdout.splitlines())
+    assert any(l.startswith("FAIL pipeline") for l in res.stdout.splitlines())
     assert any(l.startswith("PASS stage1-forward") for l in res.stdout.splitlines())
 
 

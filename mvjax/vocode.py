@@ -1,0 +1,101 @@
+"""python -m mvjax.vocode --model CONVERTED --tokens FILE.npz --out OUT.wav
+
+EnCodec codes (``all_codebooks``: (8, frames) or (batch, 8, frames)) to a 24 kHz waveform,
+through multi-band diffusion (default) or the plain codec decoder (``--decoder encodec``,
+fast). ``--noises FILE.npy --raw`` replays a reference run: the diffusion draws come from the
+file (reference call order) and the diffusion + re-EQ output is written as float32, with no
+loudness normalisation or enhancement. Loudness normalisation and DeepFilterNet3 enhancement
+are not built yet: until they are, outputs are written raw and ``--raw``/``--no-enhance``
+must be given so that nobody mistakes the result for the finished product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mvjax.vocode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="converted model directory (with encodec, and mbd for --decoder mbd)")
+    parser.add_argument("--tokens", required=True, help=".npz with all_codebooks (8, frames) or (batch, 8, frames)")
+    parser.add_argument("--out", required=True, help="output WAV (batch inputs write OUT with _0, _1, ... suffixes)")
+    parser.add_argument("--decoder", choices=["mbd", "encodec"], default="mbd")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise")
+    parser.add_argument("--noises", help=".npy of diffusion noises in the reference's call order (replays a reference run)")
+    parser.add_argument("--raw", action="store_true", help="write the decoder output as is (float32, no loudness/enhancement)")
+    parser.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 enhancement")
+    args = parser.parse_args(argv)
+
+    if not (args.raw or args.no_enhance):
+        return _fail("DeepFilterNet3 enhancement and loudness normalisation are not available yet; "
+                     "pass --raw (or --no-enhance) to write the decoder output")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        return _fail(f"output directory {out.parent} does not exist")
+    try:
+        with np.load(args.tokens) as data:
+            if "all_codebooks" not in data:
+                return _fail(f"{args.tokens} has no 'all_codebooks' array (found: {', '.join(data.files) or 'nothing'})")
+            codes = np.asarray(data["all_codebooks"])
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot read {args.tokens}: {exc}")
+    if codes.ndim == 2:
+        codes = codes[None]
+    if codes.ndim != 3 or codes.shape[-1] == 0 or not np.issubdtype(codes.dtype, np.integer):
+        return _fail(f"all_codebooks must be integer codes of shape (n_q, frames) or (batch, n_q, frames), got {codes.shape}")
+
+    import jax
+
+    from mvjax.checkpoint import ModelDirError, load_encodec, load_mbd
+    from mvjax.nn import encodec as codec
+
+    try:
+        cfg, params = load_encodec(args.model)
+    except (ModelDirError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    if codes.shape[1] > cfg.n_q or codes.min() < 0 or codes.max() >= cfg.bins:
+        return _fail(f"codes must use at most {cfg.n_q} codebooks with ids in [0, {cfg.bins}); got {codes.shape[1]} "
+                     f"codebooks, ids {codes.min()}..{codes.max()}")
+    latent = np.asarray(codec.codes_to_latent(params, codes))
+    wav_codec = np.asarray(jax.jit(lambda p, x: codec.decode_latent(cfg, p, x))(params, latent))
+    wav = wav_codec
+    if args.decoder == "mbd":
+        from mvjax.diffusion import MultiBandDiffusion
+
+        try:
+            mbd_config, mbd_params = load_mbd(args.model)
+        except (ModelDirError, OSError, ValueError) as exc:
+            return _fail(str(exc))
+        model = MultiBandDiffusion(mbd_config, mbd_params)
+        noises = None
+        if args.noises:
+            try:
+                noises = np.load(args.noises)
+            except (OSError, ValueError) as exc:
+                return _fail(f"cannot read {args.noises}: {exc}")
+            expected = model.noise_count() * int(np.prod(wav_codec.shape))
+            if noises.size != expected:
+                return _fail(f"{args.noises} holds {noises.size} values; this model and input need "
+                             f"{model.noise_count()} draws of shape {wav_codec.shape}")
+        wav = model.tokens_to_wav(latent, wav_codec, noises=noises, key=jax.random.PRNGKey(args.seed))
+
+    from mvjax.audio import write_wav
+
+    outputs = [out] if wav.shape[0] == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(wav.shape[0])]
+    for path, audio in zip(outputs, wav):
+        write_wav(path, audio, cfg.sample_rate)
+        print(f"wrote {path} ({audio.shape[-1] / cfg.sample_rate:.2f} s at {cfg.sample_rate} Hz)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
