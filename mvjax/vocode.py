@@ -2,11 +2,11 @@
 
 EnCodec codes (``all_codebooks``: (8, frames) or (batch, 8, frames)) to a 24 kHz waveform,
 through multi-band diffusion (default) or the plain codec decoder (``--decoder encodec``,
-fast). ``--noises FILE.npy --raw`` replays a reference run: the diffusion draws come from the
-file (reference call order) and the diffusion + re-EQ output is written as float32, with no
-loudness normalisation or enhancement. Loudness normalisation and DeepFilterNet3 enhancement
-are not built yet: until they are, outputs are written raw and ``--raw``/``--no-enhance``
-must be given so that nobody mistakes the result for the finished product.
+fast). As the reference writes its outputs, the waveform is then normalised to -14 LUFS
+with tanh soft clipping and cleaned by DeepFilterNet3 at 48 kHz (``--no-enhance`` keeps
+24 kHz and skips it). ``--noises FILE.npy --raw`` replays a reference run: the diffusion
+draws come from the file (reference call order) and the diffusion + re-EQ output is written
+as is (float32, 24 kHz, no loudness normalisation or enhancement).
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 enhancement")
     args = parser.parse_args(argv)
 
-    if not (args.raw or args.no_enhance):
-        return _fail("DeepFilterNet3 enhancement and loudness normalisation are not available yet; "
-                     "pass --raw (or --no-enhance) to write the decoder output")
     out = Path(args.out)
     if not out.parent.is_dir():
         return _fail(f"output directory {out.parent} does not exist")
@@ -90,10 +87,30 @@ def main(argv: list[str] | None = None) -> int:
 
     from mvjax.audio import write_wav
 
-    outputs = [out] if wav.shape[0] == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(wav.shape[0])]
-    for path, audio in zip(outputs, wav):
-        write_wav(path, audio, cfg.sample_rate)
-        print(f"wrote {path} ({audio.shape[-1] / cfg.sample_rate:.2f} s at {cfg.sample_rate} Hz)")
+    rate = cfg.sample_rate
+    results = [np.asarray(w) for w in wav]  # each (channels, samples)
+    if not args.raw:
+        from mvjax.loudness import normalize_loudness
+
+        results = [normalize_loudness(w, rate) for w in results]
+        if not args.no_enhance:
+            from mvjax.enhance import DF_SAMPLE_RATE, DeepFilterNet3, EnhancerUnavailable
+
+            try:
+                enhancer = DeepFilterNet3()
+            except EnhancerUnavailable as exc:
+                return _fail(str(exc))
+            try:
+                from mvjax.audio import resample
+
+                results = [np.stack([enhancer.process_48k(resample(ch, rate, DF_SAMPLE_RATE)) for ch in w]) for w in results]
+            finally:
+                enhancer.close()
+            rate = DF_SAMPLE_RATE
+    outputs = [out] if len(results) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(results))]
+    for path, audio in zip(outputs, results):
+        write_wav(path, audio, rate, subtype="FLOAT" if args.raw else "PCM_16")
+        print(f"wrote {path} ({audio.shape[-1] / rate:.2f} s at {rate} Hz)")
     return 0
 
 
