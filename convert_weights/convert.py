@@ -22,35 +22,35 @@ from mvjax.checkpoint import FORMAT_VERSION, MANIFEST, save_tree, tree_digest
 GPT_FILES = {"first_stage.pt": "first_stage", "second_stage.pt": "second_stage"}
 
 
+def _write_component(dst: Path, kind: str, src: Path, config: dict, params, extra: dict | None = None) -> dict:
+    """config.json (+ extra files) and the Orbax tree under ``dst``; returns the manifest entry."""
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name, text in (extra or {}).items():
+        (dst / name).write_text(text)
+    save_tree(dst / "params", params)
+    return {"kind": kind, "source": src.name, "params_sha256": tree_digest(params)}
+
+
 def _convert_gpt(src: Path, dst: Path) -> dict:
     from convert_weights.gpt import convert_gpt_checkpoint
 
     config, params, tokenizer = convert_gpt_checkpoint(load_checkpoint(src), source=str(src))
-    dst.mkdir(parents=True)
-    (dst / "config.json").write_text(config.to_json())
-    (dst / "tokenizer.json").write_text(tokenizer.to_json())
-    save_tree(dst / "params", params)
-    return {"kind": "gpt", "source": src.name, "params_sha256": tree_digest(params)}
+    return _write_component(dst, "gpt", src, config.to_dict(), params, {"tokenizer.json": tokenizer.to_json()})
 
 
 def _convert_speaker(src: Path, dst: Path) -> dict:
     from convert_weights.speaker import convert_speaker_checkpoint
 
     config, params = convert_speaker_checkpoint(load_checkpoint(src), source=str(src))
-    dst.mkdir(parents=True)
-    (dst / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    save_tree(dst / "params", params)
-    return {"kind": "speaker_encoder", "source": src.name, "params_sha256": tree_digest(params)}
+    return _write_component(dst, "speaker_encoder", src, config.to_dict(), params)
 
 
 def _convert_encodec(src: Path, dst: Path) -> dict:
     from convert_weights.encodec import convert_encodec_state
 
     config, params = convert_encodec_state(load_checkpoint(src), source=str(src))
-    dst.mkdir(parents=True)
-    (dst / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    save_tree(dst / "params", params)
-    return {"kind": "encodec", "source": src.name, "params_sha256": tree_digest(params)}
+    return _write_component(dst, "encodec", src, config.to_dict(), params)
 
 
 def _convert_mbd(src: Path, dst: Path) -> dict:
@@ -58,10 +58,7 @@ def _convert_mbd(src: Path, dst: Path) -> dict:
     from convert_weights.safe_pickle import OMEGACONF_ALLOWED
 
     config, params = convert_mbd_checkpoint(load_checkpoint(src, OMEGACONF_ALLOWED), source=str(src))
-    dst.mkdir(parents=True)
-    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_tree(dst / "params", params)
-    return {"kind": "mbd", "source": src.name, "params_sha256": tree_digest(params)}
+    return _write_component(dst, "mbd", src, config, params)
 
 
 # Released file name (a glob) -> (component name in the converted directory, converter).

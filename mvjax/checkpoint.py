@@ -90,16 +90,27 @@ def _component(model_dir: Path, name: str) -> dict:
     return entry
 
 
+def _read_config(model_dir: Path, name: str) -> dict:
+    return json.loads((model_dir / name / "config.json").read_text())
+
+
+def _restore_component(model_dir: Path, name: str, abstract, verify: bool) -> tuple[dict, dict]:
+    """(params, manifest entry) of component ``name``, optionally checked against its digest."""
+    entry = _component(model_dir, name)
+    params = restore_tree(model_dir / name / "params", abstract)
+    if verify and tree_digest(params) != entry["params_sha256"]:
+        raise ModelDirError(f"{model_dir / name}: parameters do not match the digest in {MANIFEST}")
+    return params, entry
+
+
 def load_speaker_encoder(model_dir: str | Path, verify: bool = False):
     """(SpeakerEncoderConfig, params, weights digest) from a converted directory."""
     from mvjax.nn.speaker_encoder import SpeakerEncoderConfig, abstract_params
 
     model_dir = Path(model_dir)
-    entry = _component(model_dir, "speaker_encoder")
-    config = SpeakerEncoderConfig.from_dict(json.loads((model_dir / "speaker_encoder" / "config.json").read_text()))
-    params = restore_tree(model_dir / "speaker_encoder" / "params", abstract_params(config))
-    if verify and tree_digest(params) != entry["params_sha256"]:
-        raise ModelDirError(f"{model_dir / 'speaker_encoder'}: parameters do not match the digest in {MANIFEST}")
+    _component(model_dir, "speaker_encoder")
+    config = SpeakerEncoderConfig.from_dict(_read_config(model_dir, "speaker_encoder"))
+    params, entry = _restore_component(model_dir, "speaker_encoder", abstract_params(config), verify)
     return config, params, entry["params_sha256"]
 
 
@@ -108,11 +119,9 @@ def load_encodec(model_dir: str | Path, verify: bool = False):
     from mvjax.nn.encodec import EncodecConfig, abstract_params
 
     model_dir = Path(model_dir)
-    entry = _component(model_dir, "encodec")
-    config = EncodecConfig.from_dict(json.loads((model_dir / "encodec" / "config.json").read_text()))
-    params = restore_tree(model_dir / "encodec" / "params", abstract_params(config))
-    if verify and tree_digest(params) != entry["params_sha256"]:
-        raise ModelDirError(f"{model_dir / 'encodec'}: parameters do not match the digest in {MANIFEST}")
+    _component(model_dir, "encodec")
+    config = EncodecConfig.from_dict(_read_config(model_dir, "encodec"))
+    params, _ = _restore_component(model_dir, "encodec", abstract_params(config), verify)
     return config, params
 
 
@@ -122,8 +131,8 @@ def load_mbd(model_dir: str | Path, verify: bool = False):
     from mvjax.nn.diffusion_unet import abstract_params as unet_shapes
 
     model_dir = Path(model_dir)
-    entry = _component(model_dir, "mbd")
-    config = json.loads((model_dir / "mbd" / "config.json").read_text())
+    _component(model_dir, "mbd")
+    config = _read_config(model_dir, "mbd")
     abstract = {}
     for b, band in enumerate(config["bands"]):
         abstract[f"band_{b}"] = unet_shapes(UnetConfig(**band["unet"]))
@@ -131,9 +140,7 @@ def load_mbd(model_dir: str | Path, verify: bool = False):
             n = int(band["processor"]["n_bands"])
             shape = {"counts": (1,), "sum_x": (n,), "sum_x2": (n,), "sum_target_x2": (n,)}
             abstract[f"processor_{b}"] = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in shape.items()}
-    params = restore_tree(model_dir / "mbd" / "params", abstract)
-    if verify and tree_digest(params) != entry["params_sha256"]:
-        raise ModelDirError(f"{model_dir / 'mbd'}: parameters do not match the digest in {MANIFEST}")
+    params, _ = _restore_component(model_dir, "mbd", abstract, verify)
     return config, params
 
 
@@ -142,10 +149,8 @@ def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> t
     from mvjax.nn.gpt import abstract_params
 
     model_dir = Path(model_dir)
-    entry = _component(model_dir, stage)
-    config = GPTConfig.from_json_file(model_dir / stage / "config.json")
+    _component(model_dir, stage)
+    config = GPTConfig.from_dict(_read_config(model_dir, stage))
     tokenizer = Tokenizer(TokenizerSpec.from_json_file(model_dir / stage / "tokenizer.json"))
-    params = restore_tree(model_dir / stage / "params", abstract_params(config))
-    if verify and tree_digest(params) != entry["params_sha256"]:
-        raise ModelDirError(f"{model_dir / stage}: parameters do not match the digest in {MANIFEST}")
+    params, _ = _restore_component(model_dir, stage, abstract_params(config), verify)
     return config, params, tokenizer

@@ -8,7 +8,6 @@ conversion time), so fixtures of any size load the same way.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -136,10 +135,3 @@ class GPTConfig:
         if d.get("target_vocab_sizes") is not None:
             d["target_vocab_sizes"] = tuple(d["target_vocab_sizes"])
         return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "GPTConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -106,10 +106,7 @@ class Fixture:
     def __init__(self, root: Path, workdir: Path):
         self.root = root
         self.workdir = workdir
-        self._stages: dict[str, tuple] = {}
-        self._speaker = None
-        self._encodec = None
-        self._mbd = None
+        self._cache: dict[str, object] = {}
         self._npz: dict[str, dict] = {}
 
     def npz(self, rel: str) -> dict:
@@ -121,73 +118,66 @@ class Fixture:
                 self._npz[rel] = {k: data[k] for k in data.files}
         return self._npz[rel]
 
-    def stage(self, name: str):
-        """(config, params, tokenizer) of ``first_stage`` / ``second_stage``, converted by our converter."""
-        if name not in self._stages:
+    def converted(self, sub: str, filename: str, name: str) -> Path:
+        """Convert ``sub/filename`` of the fixture with our converter (once); the model directory."""
+        out = self.workdir / name
+        if not out.exists():
             from convert_weights.convert import convert_directory
-            from mvjax.checkpoint import load_gpt_stage
 
-            sub = {"first_stage": "stage1", "second_stage": "stage2"}[name]
-            src = self.root / sub / f"{name}.pt"
-            if not src.is_file():
-                raise FixtureError(f"missing fixture file {sub}/{name}.pt")
-            out = self.workdir / name
+            if not (self.root / sub / filename).is_file():
+                raise FixtureError(f"missing fixture file {sub}/{filename}")
             convert_directory(self.root / sub, out)
-            self._stages[name] = load_gpt_stage(out, name, verify=True)
-        return self._stages[name]
+        return out
 
+    def cached(self, name: str, build):
+        if name not in self._cache:
+            self._cache[name] = build()
+        return self._cache[name]
+
+    def stage(self, name: str):
+        """(config, params, tokenizer) of ``first_stage`` / ``second_stage``."""
+        from mvjax.checkpoint import load_gpt_stage
+
+        sub = {"first_stage": "stage1", "second_stage": "stage2"}[name]
+        return self.cached(name, lambda: load_gpt_stage(self.converted(sub, f"{name}.pt", name), name, verify=True))
 
     def speaker_encoder(self):
-        if self._speaker is None:
-            from convert_weights.convert import convert_directory
-            from mvjax.speaker import SpeakerEncoder
+        from mvjax.speaker import SpeakerEncoder
 
-            if not (self.root / "speaker" / "speaker_encoder.pt").is_file():
-                raise FixtureError("missing fixture file speaker/speaker_encoder.pt")
-            out = self.workdir / "speaker_encoder"
-            convert_directory(self.root / "speaker", out)
-            self._speaker = SpeakerEncoder.load(out, cache_dir=None)
-        return self._speaker
-
-
-    def encodec(self):
-        """The random codec of the fixture recipe, rebuilt with torch + encodec, then converted by us."""
-        if self._encodec is None:
-            import subprocess
-
-            from convert_weights.convert import convert_directory
-            from mvjax.checkpoint import load_encodec
-
-            recipe = self.root / "make_random_encodec.py"
-            if not recipe.is_file():
-                raise FixtureError("missing fixture file make_random_encodec.py")
-            src = self.workdir / "encodec_src"
-            src.mkdir(exist_ok=True)
-            target = src / "encodec_24khz-d7cc33bc.th"
-            proc = subprocess.run([sys.executable, str(recipe), str(target)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-                raise FixtureError(
-                    "rebuilding the random codec needs torch and the encodec package "
-                    f"(pip install torch && pip install --no-deps encodec einops): {last}"
-                )
-            out = self.workdir / "encodec"
-            convert_directory(src, out)
-            self._encodec = (proc.stdout.strip().splitlines()[-1],) + load_encodec(out, verify=True)
-        return self._encodec
-
+        return self.cached("speaker", lambda: SpeakerEncoder.load(
+            self.converted("speaker", "speaker_encoder.pt", "speaker_encoder"), cache_dir=None))
 
     def mbd(self):
-        if self._mbd is None:
-            from convert_weights.convert import convert_directory
-            from mvjax.checkpoint import load_mbd
+        from mvjax.checkpoint import load_mbd
 
-            if not (self.root / "mbd" / "mbd_comp_8.pt").is_file():
-                raise FixtureError("missing fixture file mbd/mbd_comp_8.pt")
-            out = self.workdir / "mbd"
-            convert_directory(self.root / "mbd", out)
-            self._mbd = load_mbd(out, verify=True)
-        return self._mbd
+        return self.cached("mbd", lambda: load_mbd(self.converted("mbd", "mbd_comp_8.pt", "mbd"), verify=True))
+
+    def encodec(self):
+        """(recipe digest, config, params) of the fixture recipe's random codec, rebuilt with torch + encodec."""
+        return self.cached("encodec", self._build_encodec)
+
+    def _build_encodec(self):
+        import subprocess
+
+        from convert_weights.convert import convert_directory
+        from mvjax.checkpoint import load_encodec
+
+        recipe = self.root / "make_random_encodec.py"
+        if not recipe.is_file():
+            raise FixtureError("missing fixture file make_random_encodec.py")
+        src = self.workdir / "encodec_src"
+        src.mkdir(exist_ok=True)
+        proc = subprocess.run([sys.executable, str(recipe), str(src / "encodec_24khz-d7cc33bc.th")],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise FixtureError(
+                "rebuilding the random codec needs torch and the encodec package "
+                f"(pip install torch && pip install --no-deps encodec einops): {last}"
+            )
+        out = self.workdir / "encodec"
+        convert_directory(src, out)
+        return (proc.stdout.strip().splitlines()[-1],) + load_encodec(out, verify=True)
 
 
 # --- Components -----------------------------------------------------------------------
