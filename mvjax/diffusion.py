@@ -24,6 +24,10 @@ from mvjax.bands import split_bands
 from mvjax.nn.diffusion_unet import UnetConfig, unet_apply
 
 EQ_BANDS = 32
+# XLA:CPU runs a while-loop body far slower than the same ops unrolled (17.7 s against 2.5 s
+# for 3 steps of the realistic 468 M-parameter U-Net), so large bands unroll the reverse
+# process inside the jitted call; small ones keep the rolled loop, whose compile is much faster.
+UNROLL_MIN_PARAMS = 5_000_000
 
 
 def default_steps(num_steps: int = 1000) -> list[int]:
@@ -107,7 +111,8 @@ def sample_band(cfg: UnetConfig, params, plan: StepPlan, condition, initial, ste
 
     xs = (jnp.asarray(plan.steps), jnp.asarray(plan.coef), jnp.asarray(plan.inv_sqrt_alpha), jnp.asarray(plan.noise_std),
           step_noises)
-    out, _ = jax.lax.scan(body, initial * scale, xs)
+    size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+    out, _ = jax.lax.scan(body, initial * scale, xs, unroll=size >= UNROLL_MIN_PARAMS)
     return out
 
 
