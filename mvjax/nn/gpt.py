@@ -83,24 +83,14 @@ class SelfAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, kv_cache=None, write_pos=None):
-        """x: (B, T, D). With ``kv_cache = (k, v)``, each (B, S, H, hd), this step's keys and
-        values are written at ``write_pos`` (B,) per row and attention runs over the whole cache
-        (``mask`` then has shape (B, 1, T, S)). Returns (y, new_cache or None)."""
+    def __call__(self, x, mask):
+        """x: (B, T, D) -> (B, T, D). (Token-by-token decoding uses mvjax.nn.gpt_decode.)"""
         cfg = self.config
         batch, length, width = x.shape
         qkv = _dense(3 * width, cfg.bias, "c_attn", self.dtype)(x)
         qkv = qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        new_cache = None
-        if kv_cache is not None:
-            cache_k, cache_v = kv_cache
-            write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (p, 0, 0)))
-            cache_k, cache_v = write(cache_k, k, write_pos), write(cache_v, v, write_pos)
-            new_cache = (cache_k, cache_v)
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        y = attention(q, k, v, mask)
-        return _dense(width, cfg.bias, "c_proj", self.dtype)(y.reshape(batch, length, width)), new_cache
+        y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
+        return _dense(width, cfg.bias, "c_proj", self.dtype)(y.reshape(batch, length, width))
 
 
 class MLP(nn.Module):
@@ -119,19 +109,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``(x, mask[, kv_cache, write_pos]) -> (x, new_cache or None)``."""
+    """Pre-norm residual block, written as a scan body ``(x, mask) -> (x, None)``."""
 
     config: GPTConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, kv_cache=None, write_pos=None):
+    def __call__(self, x, mask):
         cfg = self.config
-        h = Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_1")(x)
-        h, new_cache = SelfAttention(cfg, self.dtype, name="attn")(h, mask, kv_cache, write_pos)
-        x = x + h
+        x = x + SelfAttention(cfg, self.dtype, name="attn")(Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_1")(x), mask)
         x = x + MLP(cfg, self.dtype, name="mlp")(Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_2")(x))
-        return x, new_cache
+        return x, None
 
 
 class GPT(nn.Module):
@@ -181,10 +169,6 @@ class GPT(nn.Module):
             x = x + spk
         return x.astype(self.dtype)
 
-    def logits(self, x):
-        """Final norm and output heads: (B, T, D) -> one float32 (B, T, V) per head."""
-        return self.heads(self.ln_f(x))
-
     def heads(self, x):
         if self.config.tied_heads:
             return tuple(
@@ -221,45 +205,3 @@ def abstract_params(config: GPTConfig) -> dict:
 
 def forward(config: GPTConfig, params, tokens, speaker_emb=None) -> Sequence[jnp.ndarray]:
     return GPT(config).apply({"params": params}, tokens, speaker_emb)
-
-
-# --- Incremental (KV-cache) application ------------------------------------------------
-
-
-def split_layers(params) -> tuple[dict, list[dict]]:
-    """Split the stacked parameter tree into (shared params, one tree per layer).
-
-    The decoder runs layers as an unrolled loop over separate arrays, so a step reads each
-    weight once instead of slicing a stacked array inside the loop.
-    """
-    shared = {k: v for k, v in params.items() if k != "blocks"}
-    n = jax.tree_util.tree_leaves(params["blocks"])[0].shape[0]
-    layers = [jax.tree_util.tree_map(lambda p, i=i: p[i], params["blocks"]) for i in range(n)]
-    return shared, layers
-
-
-def init_kv_cache(config: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> list[tuple[jnp.ndarray, jnp.ndarray]]:
-    """One (k, v) pair per layer, each (batch, length, heads, head_dim), zero-filled."""
-    shape = (batch, length, config.n_head, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)]
-
-
-def apply_with_cache(config: GPTConfig, shared, layers, tokens, positions, speaker_emb, cache, dtype=jnp.float32):
-    """Run ``tokens`` (B, H, T) at ``positions`` (B, T) against a KV cache.
-
-    Every row writes its keys/values at ``positions[:, 0]`` onwards and attends to cache slots
-    ``<= `` its own position, so rows may sit at different positions. ``speaker_emb`` (B, S)
-    or None; a zero row gives exactly the unconditioned result (the projection has no bias).
-    Returns (float32 logits per head, each (B, T, V); the updated cache).
-    """
-    model = GPT(config, dtype)
-    x = model.apply({"params": shared}, tokens, positions, speaker_emb, method=GPT.embed)
-    cache_len = cache[0][0].shape[1]
-    mask = (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
-    write_pos = positions[:, 0]
-    block = Block(config, dtype)
-    new_cache = []
-    for layer_params, kv in zip(layers, cache):
-        x, kv = block.apply({"params": layer_params}, x, mask, kv, write_pos)
-        new_cache.append(kv)
-    return model.apply({"params": shared}, x, method=GPT.logits), new_cache
