@@ -62,12 +62,12 @@ def strip_prefix(state: Mapping[str, Any], prefix: str = "_orig_mod.") -> dict[s
     return out
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
+            flat.update(flatten_tree(value, path))
         else:
             flat[path] = value
     return flat
@@ -96,7 +96,7 @@ def apply_rules(
     """
     rules = list(rules)
     compiled = [(re.compile(r.source), r) for r in rules]
-    expected_flat = _flatten(expected)
+    expected_flat = flatten_tree(expected)
     plain: dict[str, tuple[str, np.ndarray]] = {}
     stacked: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
     stack_rules: dict[str, Rule] = {}

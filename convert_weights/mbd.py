@@ -13,24 +13,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert_weights.mapping import ConversionError, Rule, apply_rules, strip_prefix
+from convert_weights.mapping import ConversionError, Rule, apply_rules, flatten_tree, strip_prefix
 from convert_weights.safe_pickle import plain_config
 from mvjax.nn.diffusion_unet import UnetConfig, abstract_params
 
 PROCESSOR_KEYS = ("counts", "sum_x", "sum_x2", "sum_target_x2")
 
 
-def _leaf_paths(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaf_paths(value, prefix + (key,))
-        else:
-            yield prefix + (key,)
-
-
 def unet_rules(cfg: UnetConfig) -> list[Rule]:
     """One rule per parameter: the torch key (dotted) -> the same path in our tree."""
-    return [Rule(re.escape(".".join(path)), "/".join(path)) for path in _leaf_paths(abstract_params(cfg))]
+    return [Rule(re.escape(path.replace("/", ".")), path) for path in flatten_tree(abstract_params(cfg))]
 
 
 def _resolve(value, root):

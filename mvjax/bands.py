@@ -16,17 +16,20 @@ import functools
 import numpy as np
 
 
+def torch_linspace_f32(start: float, end: float, count: int) -> np.ndarray:
+    """torch.linspace in float32: start + i * step for the first half, end - (count - 1 - i) * step after."""
+    f32 = np.float32
+    start, end = f32(start), f32(end)
+    step = (end - start) / f32(count - 1)
+    idx = np.arange(count)
+    return np.where(idx < count // 2, start + step * idx.astype(f32), end - step * (count - 1 - idx).astype(f32)).astype(f32)
+
+
 def _mel_cutoffs(n_bands: int, sample_rate: float) -> np.ndarray:
     """julius.core.mel_frequencies(n_bands + 1, 0, sr / 2)[1:-1], in float32 like torch."""
     f32 = np.float32
     to_mel = lambda f: f32(2595) * np.log10(f32(1) + f32(f) / f32(700))
-    low, high = float(to_mel(f32(0.0))), float(to_mel(f32(sample_rate / 2)))
-    count = n_bands + 1
-    # torch.linspace in float32: start + i * step for the first half, end - (count - 1 - i) * step after.
-    step = (f32(high) - f32(low)) / f32(count - 1)
-    idx = np.arange(count)
-    mels = np.where(idx < count // 2, f32(low) + step * idx.astype(f32), f32(high) - step * (count - 1 - idx).astype(f32))
-    mels = mels.astype(f32)
+    mels = torch_linspace_f32(float(to_mel(f32(0.0))), float(to_mel(f32(sample_rate / 2))), n_bands + 1)
     hz = f32(700) * (np.power(f32(10), mels / f32(2595)).astype(f32) - f32(1))
     return hz.astype(f32)[1:-1]
 

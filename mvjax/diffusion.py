@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvjax.bands import split_bands
+from mvjax.bands import split_bands, torch_linspace_f32
 from mvjax.nn.diffusion_unet import UnetConfig, unet_apply
 
 EQ_BANDS = 32
@@ -33,15 +33,6 @@ UNROLL_MIN_PARAMS = 5_000_000
 def default_steps(num_steps: int = 1000) -> list[int]:
     """The reference's default: every 50th step from the top, then 0."""
     return list(range(num_steps))[::-50] + [0]
-
-
-def _torch_linspace_f32(start: float, end: float, count: int) -> np.ndarray:
-    f32 = np.float32
-    start, end = f32(start), f32(end)
-    step = (end - start) / f32(count - 1)
-    idx = np.arange(count)
-    out = np.where(idx < count // 2, start + step * idx.astype(f32), end - step * (count - 1 - idx).astype(f32))
-    return out.astype(f32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +57,7 @@ def plan_steps(schedule: dict, step_list: Optional[Sequence[int]] = None) -> Ste
     if schedule.get("repartition", "power") != "power":
         raise ValueError(f"noise schedule {schedule.get('repartition')!r} is not supported (only 'power')")
     exp = float(schedule["beta_exp"])
-    betas = (_torch_linspace_f32(schedule["beta_t0"] ** (1 / exp), schedule["beta_t1"] ** (1 / exp), n) ** f32(exp)).astype(f32)
+    betas = (torch_linspace_f32(schedule["beta_t0"] ** (1 / exp), schedule["beta_t1"] ** (1 / exp), n) ** f32(exp)).astype(f32)
     step_list = list(default_steps(n) if step_list is None else step_list)
     one_minus = (f32(1) - betas).astype(f32)
     cumprod = np.cumprod(one_minus, dtype=f32)
