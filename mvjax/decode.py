@@ -28,7 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvjax.config import GPTConfig
+from jax.sharding import PartitionSpec as P
+
 from mvjax.nn.gpt_decode import apply_tokens, init_cache, prepare_decode_params
+from mvjax.parallel import DATA_AXIS, pad_rows, padded_size, put_batch, put_replicated
 from mvjax.sampling import guide, sample
 
 DEFAULT_GUIDANCE = 3.0
@@ -193,16 +196,33 @@ class FirstStageDecoder:
     size compiles; new texts, keys and sampling values within a bucket do not).
     """
 
-    def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, cache_dtype=None):
+    def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, cache_dtype=None, mesh=None):
         if not config.causal:
             raise ValueError("the first-stage decoder needs a causal GPT")
         self.config = config
         self.end_of_audio = int(end_of_audio)
         self.dtype = dtype
         self.cache_dtype = cache_dtype or dtype
-        self.params = prepare_decode_params(config, params, dtype)
+        self.mesh = mesh
+        self.params = put_replicated(prepare_decode_params(config, params, dtype), mesh)
         self.compile_count = 0
-        self._jitted = jax.jit(self._run, static_argnames=("plen", "return_logits"))
+        self._jitted = {}
+
+    def _function(self, plen: int, return_logits: bool, with_speaker: bool):
+        """The jitted decode for one prompt bucket; over a mesh, every device runs its own rows'
+        loop (``shard_map``) and stops when they are done."""
+        key = (plen, return_logits, with_speaker)
+        if key not in self._jitted:
+            fn = functools.partial(self._run, plen=plen, return_logits=return_logits)
+            if self.mesh is not None:
+                data = P(DATA_AXIS)
+                fn = jax.shard_map(
+                    fn, mesh=self.mesh,
+                    in_specs=(P(), data, data, data, data if with_speaker else P(), data, P()),
+                    out_specs=data,
+                )
+            self._jitted[key] = jax.jit(fn)
+        return self._jitted[key]
 
     def _run(self, params, prompts, prompt_lengths, limits, speaker_emb, keys, sampling, *, plen, return_logits):
         self.compile_count += 1  # runs only while tracing
@@ -232,10 +252,16 @@ class FirstStageDecoder:
         sampling: SamplingConfig = SamplingConfig(),
         max_new_tokens: Optional[int | Sequence[int]] = None,
         return_logits: bool = False,
+        pad_to: Optional[int] = None,
     ) -> DecodeResult:
-        """Decode a batch of prompts. ``keys``: (B, 2) uint32 PRNG keys, one per utterance."""
+        """Decode a batch of prompts. ``keys``: (B, 2) uint32 PRNG keys, one per utterance.
+
+        ``pad_to``: run at least this many rows (extra rows stop at once), so batches of
+        different sizes can share one compiled function."""
         cfg = self.config
         batch = len(prompts)
+        if batch == 0:
+            raise ValueError("every prompt needs at least one token")
         lens = np.array([len(p) for p in prompts], np.int32)
         if batch == 0 or lens.min() < 1:
             raise ValueError("every prompt needs at least one token")
@@ -252,22 +278,28 @@ class FirstStageDecoder:
         padded = np.zeros((batch, plen), np.int32)
         for i, p in enumerate(prompts):
             padded[i, : len(p)] = p
-        if speaker_emb is not None:
-            speaker_emb = jnp.asarray(speaker_emb, jnp.float32).reshape(batch, -1)
-        keys = jnp.asarray(keys)
+        keys = np.asarray(keys)
         if keys.shape[0] != batch:
             raise ValueError(f"need one PRNG key per prompt: got {keys.shape[0]} for {batch}")
+        # Over several devices the batch is padded with copies of row 0 that stop at once.
+        size = padded_size(max(batch, pad_to or 0), self.mesh)
+        padded, lens_in, keys = pad_rows(padded, size), pad_rows(lens, size), pad_rows(keys, size)
+        limits = np.concatenate([limits, lens_in[batch:]]).astype(np.int32)
+        if speaker_emb is not None:
+            speaker_emb = put_batch(pad_rows(np.asarray(speaker_emb, np.float32).reshape(batch, -1), size), self.mesh)
         sampling_arrays = {
             "guidance": jnp.float32(sampling.guidance),
             "temperature": jnp.float32(sampling.temperature),
             "top_k": jnp.int32(cfg.output_vocab_sizes[0] if sampling.top_k is None else sampling.top_k),
             "top_p": jnp.float32(1.0 if sampling.top_p is None or sampling.top_p <= 0 else sampling.top_p),
         }
-        tokens, lengths, finished, step_logits = self._jitted(
-            self.params, jnp.asarray(padded), jnp.asarray(lens), jnp.asarray(limits),
-            speaker_emb, keys, sampling_arrays, plen=plen, return_logits=return_logits,
+        run = self._function(plen, return_logits, speaker_emb is not None)
+        tokens, lengths, finished, step_logits = run(
+            self.params, put_batch(padded, self.mesh), put_batch(lens_in, self.mesh), put_batch(limits, self.mesh),
+            speaker_emb, put_batch(keys, self.mesh), sampling_arrays,
         )
-        tokens, lengths, finished = np.asarray(tokens), np.asarray(lengths), np.asarray(finished)
+        tokens, lengths = np.asarray(tokens)[:batch], np.asarray(lengths)[:batch]
+        finished = np.asarray(finished)[:batch]
         hit_block_end = (~finished) & (lengths >= cfg.block_size)
         if hit_block_end.any():
             rows = ", ".join(str(i) for i in np.flatnonzero(hit_block_end))
@@ -280,7 +312,7 @@ class FirstStageDecoder:
         seqs = [tokens[i, : lengths[i]].copy() for i in range(batch)]
         logits_out = None
         if return_logits:
-            step_logits = np.asarray(step_logits)
+            step_logits = np.asarray(step_logits)[:batch]
             logits_out = [step_logits[i, : lengths[i] - lens[i]] for i in range(batch)]
         return DecodeResult(seqs, lens, finished, hit_block_end, logits_out)
 
@@ -289,3 +321,58 @@ def utterance_keys(seed: int, count: int) -> jax.Array:
     """One PRNG key per utterance, derived from a seed and the utterance index."""
     base = jax.random.PRNGKey(seed)
     return jnp.stack([jax.random.fold_in(base, i) for i in range(count)])
+
+
+DEFAULT_STAGE2_TOP_K = 200
+
+
+class SecondStageSampler:
+    """The non-causal second stage: one forward pass over whole blocks, sampled per position.
+
+    ``inputs`` (B, 2, block) come from :func:`mvjax.text.build_second_stage_input`; every head
+    (codebooks 3..8) is sampled at every position from ``logits / T`` restricted to the top
+    ``top_k`` (ties kept), or taken greedily when ``temperature == 0``. Row ``i`` draws from
+    its own key, so a batch gives what each row gives alone. Over a mesh the rows are split
+    across devices (parameters replicated).
+    """
+
+    def __init__(self, config: GPTConfig, params, mesh=None):
+        if config.causal:
+            raise ValueError("the second-stage sampler needs a non-causal GPT")
+        self.config = config
+        self.mesh = mesh
+        self.params = put_replicated(params, mesh)
+        self.compile_count = 0
+        self._jitted = jax.jit(self._run, static_argnames=("top_k",))
+
+    def _run(self, params, inputs, speaker_emb, keys, temperature, *, top_k):
+        self.compile_count += 1  # runs only while tracing
+        from mvjax.nn.gpt import forward
+
+        logits = jnp.stack(forward(self.config, params, inputs, speaker_emb), axis=1)  # (B, heads, T, V)
+        greedy = jnp.argmax(logits, axis=-1)
+        scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-5)
+        if top_k is not None and top_k < scaled.shape[-1]:
+            kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+            scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+        drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, scaled)
+        return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+    def sample(self, inputs: np.ndarray, speaker_emb: Optional[np.ndarray], keys, temperature: float = 1.0,
+               top_k: Optional[int] = DEFAULT_STAGE2_TOP_K) -> np.ndarray:
+        """(B, 2, block) inputs -> (B, heads, block) predicted codebooks."""
+        inputs = np.asarray(inputs, np.int32)
+        batch = inputs.shape[0]
+        if inputs.ndim != 3 or inputs.shape[2] != self.config.block_size:
+            raise ValueError(f"second-stage input must be (batch, 2, {self.config.block_size}), got {inputs.shape}")
+        keys = np.asarray(keys)
+        if keys.shape[0] != batch:
+            raise ValueError(f"need one PRNG key per row: got {keys.shape[0]} for {batch}")
+        size = padded_size(batch, self.mesh)
+        spk = None
+        if speaker_emb is not None:
+            spk = put_batch(pad_rows(np.asarray(speaker_emb, np.float32).reshape(batch, -1), size), self.mesh)
+        top_k = None if top_k is None or top_k <= 0 else int(top_k)
+        out = self._jitted(self.params, put_batch(pad_rows(inputs, size), self.mesh), spk,
+                           put_batch(pad_rows(keys, size), self.mesh), jnp.float32(temperature), top_k=top_k)
+        return np.asarray(out)[:batch]

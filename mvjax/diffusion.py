@@ -134,9 +134,12 @@ def re_eq(wav: np.ndarray, ref: np.ndarray, sample_rate: int, n_bands: int = EQ_
 class MultiBandDiffusion:
     """All bands of a converted ``mbd`` component; ``generate`` runs them in one jitted call per band shape."""
 
-    def __init__(self, config: dict, params: dict):
+    def __init__(self, config: dict, params: dict, mesh=None):
+        from mvjax.parallel import put_replicated
+
         self.config = config
-        self.params = params
+        self.mesh = mesh
+        self.params = put_replicated(params, mesh)
         self.sample_rate = int(config["sample_rate"])
         self.bands = [UnetConfig(**b["unet"]) for b in config["bands"]]
         self.plans = [plan_steps(b["schedule"]) for b in config["bands"]]
@@ -159,13 +162,34 @@ class MultiBandDiffusion:
             outputs.append(sample_band(cfg, params[f"band_{b}"], plan, condition, initial, step_noises))
         return jnp.stack(outputs)
 
-    def generate(self, latent, shape: tuple[int, ...], noises: Optional[np.ndarray] = None, key=None) -> np.ndarray:
-        """Sum of the bands' denoised outputs (before re-EQ). latent (B, D, F); shape (B, C, T)."""
-        if noises is None:
+    def row_noises(self, row_keys, shape: tuple[int, ...]) -> jnp.ndarray:
+        """Noise drawn per batch row from its own key: (draws, B, C, T), independent of batch packing."""
+        draws = self.noise_count()
+        per_row = jax.vmap(lambda k: jax.random.normal(k, (draws,) + tuple(shape[1:]), jnp.float32))(jnp.asarray(row_keys))
+        return jnp.moveaxis(per_row, 0, 1)
+
+    def generate(self, latent, shape: tuple[int, ...], noises: Optional[np.ndarray] = None, key=None,
+                 row_keys=None) -> np.ndarray:
+        """Sum of the bands' denoised outputs (before re-EQ). latent (B, D, F); shape (B, C, T).
+
+        Noise: ``noises`` as given, else one key per row (``row_keys`` (B, 2)), else one ``key``
+        for the whole batch. Over a mesh the batch (a multiple of the device count) is split."""
+        from mvjax.parallel import put_batch
+
+        if noises is None and row_keys is not None:
+            noises = self.row_noises(row_keys, shape)
+        elif noises is None:
             key = jax.random.PRNGKey(0) if key is None else key
             noises = jax.random.normal(key, (self.noise_count(),) + tuple(shape), jnp.float32)
         noises = jnp.asarray(noises, jnp.float32).reshape((self.noise_count(),) + tuple(shape))
-        bands = np.asarray(self._jitted(self.params, jnp.asarray(latent, jnp.float32), noises))
+        if self.mesh is not None:
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
+
+            from mvjax.parallel import DATA_AXIS
+
+            noises = jax.device_put(noises, NamedSharding(self.mesh, P(None, DATA_AXIS)))
+        bands = np.asarray(self._jitted(self.params, put_batch(np.asarray(latent, np.float32), self.mesh), noises))
         total = np.zeros(bands.shape[1:], np.float32)
         for b, out in enumerate(bands):
             band_cfg = self.config["bands"][b]

@@ -129,6 +129,20 @@ class Fixture:
             convert_directory(self.root / sub, out)
         return out
 
+    def assembled(self, name: str, files: list[tuple[str, str]]) -> Path:
+        """Several fixture checkpoints ((subdirectory, file name) pairs) converted into one model directory."""
+        from convert_weights.convert import convert_directory
+
+        src = self.workdir / f"{name}-released"
+        src.mkdir()
+        for sub, filename in files:
+            if not (self.root / sub / filename).is_file():
+                raise FixtureError(f"missing fixture file {sub}/{filename}")
+            (src / filename).symlink_to((self.root / sub / filename).absolute())
+        out = self.workdir / name
+        convert_directory(src, out)
+        return out
+
     def cached(self, name: str, build):
         if name not in self._cache:
             self._cache[name] = build()
@@ -378,6 +392,33 @@ def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
     yield _exact("stage1-batch", "batch-out", out, ref)
 
 
+def check_pipeline(fx: Fixture) -> Iterator[Check]:
+    """Speaker embedding from the fixture voice, then both stages through :class:`mvjax.pipeline.TTS`
+    (greedy, the case's guidance / top-p / max_new_tokens, no chunking)."""
+    from mvjax.pipeline import TTS
+
+    p = fx.npz("pipeline_cases.npz")
+    wav_path = fx.root / "speaker" / "reference_speaker.wav"
+    if not wav_path.is_file():
+        raise FixtureError("missing fixture file speaker/reference_speaker.wav")
+    model = fx.cached("pipeline-model", lambda: fx.assembled(
+        "pipeline", [("stage1", "first_stage.pt"), ("stage2", "second_stage.pt"), ("speaker", "speaker_encoder.pt")]))
+    tts = TTS(model, mesh=None, speaker_cache_dir=None)
+    embedding = tts.speaker_embedding(wav_path)
+    yield from _cosine("pipeline", "speaker-embedding", embedding, p["spk_emb"])
+    top_p = float(p["top_p"])
+    speech = tts.tokens(
+        str(p["text"]), embedding, temperature=0.0, guidance_scale=float(p["guidance"]),
+        top_p=top_p if top_p > 0 else None, max_new_tokens=int(p["max_new_tokens"]), long_form=False,
+    )
+    yield _exact("pipeline", "first-stage-tokens", speech.first_stage, p["first_stage_tokens"])
+    margin = float(p.get("stage2_margin", np.inf))
+    check = _exact("pipeline", "all-codebooks", speech.all_codebooks, p["all_codebooks"])
+    if margin < GREEDY_MARGIN:
+        check.note += f"; reference stage-2 margin {margin:.2g} is below {GREEDY_MARGIN:g}"
+    yield check
+
+
 CHECKS: dict[str, Callable[[Fixture], Iterator[Check]]] = {
     "tokenizer": check_tokenizer,
     "stage1-forward": check_stage1_forward,
@@ -387,6 +428,7 @@ CHECKS: dict[str, Callable[[Fixture], Iterator[Check]]] = {
     "speaker": check_speaker,
     "encodec": check_encodec,
     "mbd": check_mbd,
+    "pipeline": check_pipeline,
 }
 
 

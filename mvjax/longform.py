@@ -1,0 +1,121 @@
+"""Long-form text: split into chunks that fit the model's blocks, and join their audio.
+
+The first stage holds prompt + 2 tokens per audio frame in its block (2048 released, about
+13 s of speech) and the second stage holds text + frames + 1 in its own block, so a text
+longer than that is spoken in chunks. Text is split at sentence ends, then (for a sentence
+that alone is too long) at clause punctuation, then between words; chunks are packed
+greedily up to the budget. Nothing is dropped: joining the chunks' words gives the text's
+words back (:func:`plan_chunks` checks this). Each chunk's waveform is joined to the next
+with a short equal-power crossfade.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+# A sentence ends after . ! ? (optionally followed by closing quotes/brackets) and whitespace,
+# unless the word before the dot is a common abbreviation or a single letter (initials).
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+_ABBREVIATIONS = {
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "no", "fig", "approx", "inc",
+    "ltd", "co", "mt", "gen", "col", "lt", "sgt", "capt", "rev", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
+    "sep", "sept", "oct", "nov", "dec",
+}
+_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+(?=-\s)|(?<=\s-)\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` (punctuation kept with its sentence)."""
+    pieces, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        candidate = text[start:match.start()].rstrip()
+        last_word = candidate.split()[-1] if candidate.split() else ""
+        stem = last_word.rstrip(".!?\"')]").lower()
+        if last_word.endswith(".") and (stem in _ABBREVIATIONS or (len(stem) == 1 and stem.isalpha())):
+            continue
+        pieces.append(text[start:match.end()].strip())
+        start = match.end()
+    pieces.append(text[start:].strip())
+    return [p for p in pieces if p]
+
+
+def split_clauses(sentence: str) -> list[str]:
+    """Clauses of a sentence, split after , ; : and around spaced dashes."""
+    return [p.strip() for p in _CLAUSE_END.split(sentence) if p.strip()]
+
+
+def _pack(units: Sequence[str], fits: Callable[[str], bool], refine: Callable[[str], list[str]] | None) -> list[str]:
+    """Greedily join consecutive units into chunks that ``fits``; a unit too long alone is refined."""
+    chunks: list[str] = []
+    current = ""
+    for unit in units:
+        candidate = f"{current} {unit}" if current else unit
+        if fits(candidate):
+            current = candidate
+            continue
+        if current:
+            chunks.append(current)
+            current = ""
+        if fits(unit) or refine is None:
+            current = unit
+        else:
+            parts = refine(unit)
+            chunks.extend(parts[:-1])
+            current = parts[-1]
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def plan_chunks(text: str, fits: Callable[[str], bool]) -> list[str]:
+    """Split normalised ``text`` into chunks each of which ``fits`` (a single word always counts as fitting).
+
+    Sentences are packed together while they fit; a sentence too long alone is split into
+    clauses, a clause too long alone into words.
+    """
+    if fits(text):
+        return [text]
+
+    def by_words(clause: str) -> list[str]:
+        return _pack(clause.split(), fits, None)
+
+    def by_clauses(sentence: str) -> list[str]:
+        return _pack(split_clauses(sentence), fits, by_words)
+
+    chunks = _pack(split_sentences(text), fits, by_clauses)
+    if " ".join(chunks).split() != text.split():  # never drop or reorder a word
+        raise AssertionError("chunking lost words")
+    return chunks
+
+
+def split_in_two(text: str) -> list[str]:
+    """Split a chunk into two halves at the most central sentence, clause or word boundary."""
+    for splitter in (split_sentences, split_clauses, str.split):
+        units = splitter(text)
+        if len(units) > 1:
+            lengths = np.cumsum([len(u) + 1 for u in units])
+            cut = int(np.argmin(np.abs(lengths[:-1] - lengths[-1] / 2))) + 1
+            return [" ".join(units[:cut]), " ".join(units[cut:])]
+    return [text]
+
+
+def crossfade_join(pieces: Sequence[np.ndarray], rate: int, crossfade_s: float = 0.05) -> np.ndarray:
+    """Concatenate waveforms (..., samples) with equal-power crossfades of ``crossfade_s``
+    (shortened to half of the shorter neighbour when needed)."""
+    pieces = [np.asarray(p, np.float32) for p in pieces]
+    if not pieces:
+        raise ValueError("nothing to join")
+    out = pieces[0]
+    for piece in pieces[1:]:
+        n = int(min(round(crossfade_s * rate), out.shape[-1] // 2, piece.shape[-1] // 2))
+        if n <= 0:
+            out = np.concatenate([out, piece], axis=-1)
+            continue
+        t = (np.arange(n, dtype=np.float64) + 0.5) / n
+        fade_out, fade_in = np.cos(t * np.pi / 2), np.sin(t * np.pi / 2)
+        overlap = out[..., -n:] * fade_out + piece[..., :n] * fade_in
+        out = np.concatenate([out[..., :-n], overlap.astype(np.float32), piece[..., n:]], axis=-1)
+    return out

@@ -1,0 +1,126 @@
+"""Finding a model: converted directories, released checkpoint directories, hub repo ids.
+
+:func:`resolve_model` turns what a user passes as ``--model`` into a converted model
+directory:
+
+- a converted directory (it has ``manifest.json``) is used as is;
+- a directory of released checkpoints (``first_stage.pt``, ``second_stage.pt``,
+  ``speaker_encoder.pt``, ``encodec_24khz-*.th``, ``mbd_comp_*.pt``) is converted once into
+  the cache (``$MVJAX_CACHE`` or ``~/.cache/mvjax``, under ``converted/``) and reused while the
+  files are unchanged;
+- a Hugging Face repo id (``metavoiceio/metavoice-1B-v0.1``) is downloaded with
+  ``huggingface_hub`` together with the diffusion decoder (``facebook/multiband-diffusion``,
+  ``mbd_comp_8.pt``) and the EnCodec 24 kHz codec from its published URL, then converted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Optional
+
+from mvjax.checkpoint import MANIFEST, ModelDirError
+
+DEFAULT_REPO = "metavoiceio/metavoice-1B-v0.1"
+METAVOICE_FILES = ("first_stage.pt", "second_stage.pt", "speaker_encoder.pt")
+MBD_REPO, MBD_FILE = "facebook/multiband-diffusion", "mbd_comp_8.pt"
+ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/encodec_24khz-d7cc33bc.th"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root(root: Optional[str | os.PathLike] = None) -> Path:
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("MVJAX_CACHE", Path.home() / ".cache" / "mvjax"))
+
+
+def _fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def convert_cached(source: Path, root: Optional[Path] = None, log_fn: Callable[[str], None] = print) -> Path:
+    """Convert the released checkpoints in ``source`` into the cache once; return the converted directory."""
+    from convert_weights.convert import convert_directory, find_components
+
+    found = find_components(source)
+    if not found:
+        raise ModelDirError(
+            f"{source} is neither a converted model (no {MANIFEST}) nor a directory of released checkpoints "
+            "(first_stage.pt, second_stage.pt, speaker_encoder.pt, encodec_24khz-*.th, mbd_comp_*.pt)"
+        )
+    out = cache_root(root) / "converted" / _fingerprint(list(found.values()))
+    if (out / MANIFEST).is_file():
+        return out
+    log_fn(f"converting {source} into {out} (once)")
+    convert_directory(source, out, log=log_fn)
+    return out
+
+
+def download_released(repo_id: str, root: Optional[Path] = None, log_fn: Callable[[str], None] = print) -> Path:
+    """Fetch the released checkpoints of ``repo_id`` plus the diffusion and codec weights; returns a
+    directory holding (links to) all of them."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ModelDirError(
+            f"{repo_id!r} is not a local directory; downloading it needs huggingface_hub (pip install huggingface_hub)"
+        ) from None
+    target = cache_root(root) / "released" / repo_id.replace("/", "--")
+    target.mkdir(parents=True, exist_ok=True)
+    wanted = [(repo_id, name) for name in METAVOICE_FILES] + [(MBD_REPO, MBD_FILE)]
+    try:
+        for repo, name in wanted:
+            log_fn(f"fetching {repo}/{name}")
+            _link(Path(hf_hub_download(repo_id=repo, filename=name)), target / name)
+    except Exception as exc:  # network, auth, missing repo: one line for the user
+        raise ModelDirError(f"cannot download {repo}/{name} from the Hugging Face hub ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); download the files yourself "
+                            "and pass their directory (see README)") from None
+    codec = target / Path(ENCODEC_URL).name
+    if not codec.is_file():
+        log_fn(f"fetching {ENCODEC_URL}")
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=".encodec-")
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(ENCODEC_URL, timeout=60) as r:
+                while block := r.read(1 << 20):
+                    f.write(block)
+            os.replace(tmp, codec)
+        except (OSError, urllib.error.URLError) as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise ModelDirError(f"cannot download {ENCODEC_URL} ({exc}); download it yourself into a model directory "
+                                "with the other checkpoints (see README)") from None
+    return target
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() or dst.exists():
+        if dst.resolve() == src.resolve():
+            return
+        dst.unlink()
+    dst.symlink_to(src)
+
+
+def resolve_model(model: str | os.PathLike, cache_root: Optional[str | os.PathLike] = None,
+                  log_fn: Callable[[str], None] = print) -> Path:
+    """A converted model directory for ``model`` (converted dir, released dir or hub repo id)."""
+    root = None if cache_root is None else Path(cache_root)
+    path = Path(model)
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            return path
+        return convert_cached(path, root, log_fn)
+    if path.exists():
+        raise ModelDirError(f"--model must be a directory or a hub repo id, got the file {path}")
+    text = str(model)
+    if _REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        return convert_cached(download_released(text, root, log_fn), root, log_fn)
+    raise ModelDirError(f"model directory not found: {path}")
