@@ -148,6 +148,7 @@ OMEGACONF_ALLOWED: dict[tuple[str, str], Any] = {
     ("typing", "Any"): _ANY,
     ("builtins", "dict"): dict,
     ("builtins", "list"): list,
+    ("builtins", "int"): int,  # a ListConfig records its key type
     ("collections", "defaultdict"): _defaultdict,
 }
 

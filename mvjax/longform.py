@@ -24,7 +24,7 @@ _ABBREVIATIONS = {
     "ltd", "co", "mt", "gen", "col", "lt", "sgt", "capt", "rev", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
     "sep", "sept", "oct", "nov", "dec",
 }
-_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+(?=-\s)|(?<=\s-)\s+")
+_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+(?=-\s)")
 
 
 def split_sentences(text: str) -> list[str]:

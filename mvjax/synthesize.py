@@ -32,6 +32,37 @@ class UsageError(ValueError):
     pass
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (so repeated in-process runs share one handler)."""
+
+    def emit(self, record):
+        print(f"mvjax: {record.getMessage()}", file=sys.stderr)
+
+
+def _logger(quiet: bool) -> logging.Logger:
+    """The ``mvjax`` logger only: libraries' INFO chatter stays off."""
+    log = logging.getLogger("mvjax")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    return log
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk (``$MVJAX_CACHE/xla``) so later runs skip most compilation;
+    ``MVJAX_COMPILATION_CACHE=0`` turns it off."""
+    if os.environ.get("MVJAX_COMPILATION_CACHE", "1") == "0":
+        return
+    import jax
+
+    from mvjax.models import cache_root
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
@@ -192,12 +223,8 @@ def run(argv: list[str] | None = None) -> int:
     from mvjax.parallel import process_share
     from mvjax.pipeline import TTS
 
-    log = logging.getLogger("mvjax")  # our own logger only: libraries' INFO chatter stays off
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mvjax: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    log.propagate = False
+    log = _logger(args.quiet)
+    enable_compilation_cache()
     demo_voice = None
     max_new = args.max_new_tokens
     if args.demo:
@@ -207,6 +234,9 @@ def run(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         model = demo_model_dir()
         demo_voice = demo_speaker_audio()
+        from mvjax.speaker import ShortReferenceWarning
+
+        warnings.filterwarnings("ignore", category=ShortReferenceWarning)  # the demo voice is 4 s by design
         if max_new is None:
             max_new = DEMO_MAX_NEW_TOKENS
     else:

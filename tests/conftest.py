@@ -30,3 +30,42 @@ def converted(fixtures, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "model"
     convert_directory(src, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def released_model(fixtures, tmp_path_factory) -> Path:
+    """Every fixture checkpoint plus the recipe's random codec, side by side as in a released model directory."""
+    import subprocess
+    import sys
+
+    src = tmp_path_factory.mktemp("released_full")
+    for sub, name in (("stage1", "first_stage.pt"), ("stage2", "second_stage.pt"),
+                      ("speaker", "speaker_encoder.pt"), ("mbd", "mbd_comp_8.pt")):
+        (src / name).symlink_to(fixtures / sub / name)
+    res = subprocess.run([sys.executable, str(fixtures / "make_random_encodec.py"), str(src / "encodec_24khz-d7cc33bc.th")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return src
+
+
+@pytest.fixture(scope="session")
+def full_model(released_model, tmp_path_factory) -> Path:
+    """The fixtures assembled into one converted model directory (speaker, both stages, codec, diffusion)."""
+    from convert_weights.convert import convert_directory
+
+    out = tmp_path_factory.mktemp("full") / "model"
+    convert_directory(released_model, out)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Conversions, speaker embeddings and compiled programs go to a per-session cache, never ~/.cache."""
+    path = tmp_path_factory.mktemp("mvjax_cache")
+    old = os.environ.get("MVJAX_CACHE")
+    os.environ["MVJAX_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MVJAX_CACHE", None)
+    else:
+        os.environ["MVJAX_CACHE"] = old

@@ -12,7 +12,7 @@ def _parity(*args):
 
 
 def test_parity_tool_passes_implemented_components(fixtures):
-    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec,mbd")
+    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec,mbd,pipeline")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [l for l in res.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
     assert lines and all(l.startswith("PASS") for l in lines)
@@ -22,16 +22,22 @@ def test_parity_tool_passes_implemented_components(fixtures):
                  ("stage2", "logits"), ("stage2", "greedy"), ("speaker", "wav16"), ("speaker", "mels"),
                  ("speaker", "embedding-cosine"), ("speaker", "short3s-embedding-cosine"),
                  ("encodec", "recipe-sha256"), ("encodec", "decode"), ("encodec", "encode-codes"),
-                 ("mbd", "splitbands32"), ("mbd", "unet0-step500"), ("mbd", "wav")]:
+                 ("mbd", "splitbands32"), ("mbd", "unet0-step500"), ("mbd", "wav"),
+                 ("pipeline", "speaker-embedding-cosine"), ("pipeline", "first-stage-tokens"),
+                 ("pipeline", "all-codebooks")]:
         assert need in checks
     for line in lines:
         assert "max_err=" in line and "tol=" in line
 
 
-def test_parity_tool_fails_on_unimplemented_component(fixtures):
-    res = _parity(str(fixtures), "--only", "stage1-forward,pipeline")
+def test_parity_tool_fails_when_a_fixture_file_is_missing(fixtures, tmp_path):
+    """A fixture set without pipeline_cases.npz: the pipeline component fails, the others still run."""
+    for sub in ("stage1", "stage2", "speaker"):
+        (tmp_path / sub).symlink_to(fixtures / sub)
+    (tmp_path / "README.md").symlink_to(fixtures / "README.md")
+    res = _parity(str(tmp_path), "--only", "stage1-forward,pipeline")
     assert res.returncode != 0
-    assert any(l.startswith("FAIL pipeline") for l in res.stdout.splitlines())
+    assert any(l.startswith("FAIL pipeline fixture") and "pipeline_cases.npz" in l for l in res.stdout.splitlines())
     assert any(l.startswith("PASS stage1-forward") for l in res.stdout.splitlines())
 
 
