@@ -46,6 +46,15 @@ def unet_config(kind: str) -> UnetConfig:
                       emb_all_layers=True)
 
 
+def mbd_model(kind: str, sample_rate: int = 24000) -> tuple[dict, dict]:
+    """(config, params) of a four-band diffusion decoder with random weights, converted layout."""
+    ucfg = unet_config(kind)
+    config = {"sample_rate": sample_rate, "n_bands": 4,
+              "bands": [{"unet": ucfg.__dict__, "schedule": SCHEDULE, "processor": {"use": False}} for _ in range(4)]}
+    params = {f"band_{b}": random_tree(unet_shapes(ucfg), 10 + b, 0.02) for b in range(4)}
+    return config, params
+
+
 def timed(fn, repeats: int = 1):
     best = float("inf")
     for _ in range(repeats):
@@ -77,11 +86,7 @@ def main(argv=None) -> int:
     compile_s -= codec_s
     lines = [("encodec", codec_s, compile_s)]
 
-    ucfg = unet_config(args.unet)
-    config = {"sample_rate": cfg.sample_rate, "n_bands": 4,
-              "bands": [{"unet": ucfg.__dict__, "schedule": SCHEDULE, "processor": {"use": False}} for _ in range(4)]}
-    params = {f"band_{b}": random_tree(unet_shapes(ucfg), 10 + b, 0.02) for b in range(4)}
-    model = MultiBandDiffusion(config, params)
+    model = MultiBandDiffusion(*mbd_model(args.unet, cfg.sample_rate))
     latent = np.asarray(encodec.codes_to_latent(codec_params, codes))
     wav_codec = np.asarray(wav_codec)
     first = time.perf_counter()

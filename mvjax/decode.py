@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from mvjax.nn.gpt_decode import apply_tokens, init_cache, prepare_decode_params
 from mvjax.parallel import DATA_AXIS, pad_rows, padded_size, put_batch, put_replicated
-from mvjax.sampling import guide, sample
+from mvjax.sampling import guide, kth_largest, sample, sample_inverse_cdf
 
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_TOP_P = 0.95
@@ -334,12 +334,19 @@ class SecondStageSampler:
     ``top_k`` (ties kept), or taken greedily when ``temperature == 0``. Row ``i`` draws from
     its own key, so a batch gives what each row gives alone. Over a mesh the rows are split
     across devices (parameters replicated).
+
+    ``pad_token`` (the codebook size, 1024 as released): ids at or above it are never chosen.
+    Each head also predicts the pad id; the reference keeps such a draw and its output adapter
+    then drops it, which shifts that codebook against the others, so we exclude it (a trained
+    model gives it almost no mass at audio positions; greedy results are unchanged wherever a
+    real code wins).
     """
 
-    def __init__(self, config: GPTConfig, params, mesh=None):
+    def __init__(self, config: GPTConfig, params, mesh=None, pad_token: Optional[int] = None):
         if config.causal:
             raise ValueError("the second-stage sampler needs a non-causal GPT")
         self.config = config
+        self.pad_token = pad_token
         self.mesh = mesh
         self.params = put_replicated(params, mesh)
         self.compile_count = 0
@@ -350,12 +357,13 @@ class SecondStageSampler:
         from mvjax.nn.gpt import forward
 
         logits = jnp.stack(forward(self.config, params, inputs, speaker_emb), axis=1)  # (B, heads, T, V)
+        if self.pad_token is not None and self.pad_token < logits.shape[-1]:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) >= self.pad_token, -jnp.inf, logits)
         greedy = jnp.argmax(logits, axis=-1)
         scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-5)
         if top_k is not None and top_k < scaled.shape[-1]:
-            kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
-            scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-        drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, scaled)
+            scaled = jnp.where(scaled < kth_largest(scaled, top_k), -jnp.inf, scaled)  # ties kept, as torch does
+        drawn = jax.vmap(sample_inverse_cdf)(keys, scaled)
         return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
     def sample(self, inputs: np.ndarray, speaker_emb: Optional[np.ndarray], keys, temperature: float = 1.0,

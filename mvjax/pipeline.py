@@ -144,6 +144,23 @@ class _Chunk:
     wav: Optional[np.ndarray] = None
 
 
+class _Timer:
+    """Adds the wall time of a ``with`` block to ``timings[name]``."""
+
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        import time
+
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        import time
+
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -158,28 +175,58 @@ def diffusion_frames_bucket(frames: int) -> int:
 class TTS:
     """A loaded MetaVoice model. Build with :meth:`load`; call :meth:`synthesize`."""
 
-    def __init__(self, model_dir: Path, mesh=None, speaker_cache_dir="default", dtype=jnp.float32):
-        from mvjax.checkpoint import load_encodec, load_gpt_stage, read_manifest
+    def __init__(self, model_dir: Path, mesh=None, speaker_cache_dir="default", dtype=jnp.float32, quantize=None):
+        """Load the converted model directory ``model_dir`` (see :meth:`load` for other sources)."""
+        from mvjax.checkpoint import ModelDirError, load_encodec, load_gpt_stage, read_manifest
 
-        self.model_dir = Path(model_dir)
+        model_dir = Path(model_dir)
+        have = set(read_manifest(model_dir).get("components", {}))
+        missing = {"first_stage", "second_stage"} - have
+        if missing:
+            raise ModelDirError(f"{model_dir} lacks {', '.join(sorted(missing))} (has: {', '.join(sorted(have))})")
+        self._setup(
+            load_gpt_stage(model_dir, "first_stage"), load_gpt_stage(model_dir, "second_stage"),
+            load_encodec(model_dir) if "encodec" in have else None,
+            components=have, model_dir=model_dir, mesh=mesh, speaker_cache_dir=speaker_cache_dir, dtype=dtype,
+            quantize=quantize,
+        )
+
+    @classmethod
+    def from_parts(cls, first_stage, second_stage, codec=None, speaker=None, mbd=None, *, mesh=None,
+                   speaker_cache_dir=None, dtype=jnp.float32, quantize=None) -> "TTS":
+        """Build from components already in memory: ``first_stage``/``second_stage`` as
+        (GPTConfig, params, Tokenizer), ``codec`` (EncodecConfig, params), ``speaker``
+        (SpeakerEncoderConfig, params), ``mbd`` (config dict, params); the last three optional."""
+        tts = cls.__new__(cls)
+        have = {"first_stage", "second_stage"} | {name for name, part in
+                                                   (("encodec", codec), ("speaker_encoder", speaker), ("mbd", mbd)) if part}
+        tts._setup(first_stage, second_stage, codec, components=have, model_dir=None, mesh=mesh,
+                   speaker_cache_dir=speaker_cache_dir, dtype=dtype, quantize=quantize)
+        if speaker is not None:
+            from mvjax.speaker import SpeakerEncoder
+
+            tts._speaker = SpeakerEncoder(speaker[0], speaker[1], "", None)
+        if mbd is not None:
+            from mvjax.diffusion import MultiBandDiffusion
+
+            tts._mbd = MultiBandDiffusion(mbd[0], mbd[1], mesh=mesh)
+        return tts
+
+    def _setup(self, first, second, codec, *, components, model_dir, mesh, speaker_cache_dir, dtype, quantize):
+        self.model_dir = model_dir
         self.mesh = mesh
-        manifest = read_manifest(self.model_dir)
-        have = set(manifest.get("components", {}))
-        needed = {"first_stage", "second_stage"}
-        if not needed <= have:
-            from mvjax.checkpoint import ModelDirError
-
-            raise ModelDirError(f"{self.model_dir} lacks {', '.join(sorted(needed - have))} (has: {', '.join(sorted(have))})")
-        self.components = have
-        cfg1, params1, self.tokenizer1 = load_gpt_stage(self.model_dir, "first_stage")
-        cfg2, params2, self.tokenizer2 = load_gpt_stage(self.model_dir, "second_stage")
+        self.components = set(components)
+        cfg1, params1, self.tokenizer1 = first
+        cfg2, params2, self.tokenizer2 = second
         self.config1, self.config2 = cfg1, cfg2
         self.codebook_size = (self.tokenizer1.offset - 1) // 2
         self.stage2_pad = self.tokenizer2.offset - 1
-        self.first_stage = FirstStageDecoder(cfg1, params1, end_of_audio=self.tokenizer1.offset - 1, dtype=dtype, mesh=mesh)
-        self.second_stage = SecondStageSampler(cfg2, params2, mesh=mesh)
-        if "encodec" in have:
-            self.codec_config, codec_params = load_encodec(self.model_dir)
+        self.first_stage = FirstStageDecoder(cfg1, params1, end_of_audio=self.tokenizer1.offset - 1, dtype=dtype,
+                                             mesh=mesh, **({"quantize": quantize} if quantize else {}))
+        del params1  # the decoder keeps its own (re-laid) copy
+        self.second_stage = SecondStageSampler(cfg2, params2, mesh=mesh, pad_token=self.stage2_pad)
+        if codec is not None:
+            self.codec_config, codec_params = codec
         else:  # token generation still works; decoding says what is missing
             from mvjax.nn.encodec import EncodecConfig
 
@@ -193,15 +240,17 @@ class TTS:
         self._mbd = None
         self._enhancer = None
         self.sample_rate = self.codec_config.sample_rate
+        self.last_timings: dict[str, float] = {}
 
     # --- Loading -----------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike, *, devices: Optional[Sequence] = None, mesh="auto",
              speaker_cache_dir="default", cache_root: Optional[str | os.PathLike] = None,
-             log_fn: Callable[[str], None] = log.info) -> "TTS":
+             log_fn: Callable[[str], None] = log.info, quantize: Optional[str] = None) -> "TTS":
         """Load a converted model directory, an unconverted one (converted once into the cache),
         or a Hugging Face repo id (downloaded, then converted). ``mesh``: ``"auto"`` splits batches
-        over every local device (or ``devices``) when there are several, ``None`` uses one device."""
+        over every local device (or ``devices``) when there are several, ``None`` uses one device.
+        ``quantize``: first-stage weights as ``"int8"`` (weight-only, per output channel) or ``"bf16"``."""
         from mvjax.models import resolve_model
 
         model_dir = resolve_model(path, cache_root=cache_root, log_fn=log_fn)
@@ -210,15 +259,15 @@ class TTS:
 
             devs = list(jax.local_devices() if devices is None else devices)
             mesh = local_mesh(devs) if len(devs) > 1 else None
-        return cls(model_dir, mesh=mesh, speaker_cache_dir=speaker_cache_dir)
+        return cls(model_dir, mesh=mesh, speaker_cache_dir=speaker_cache_dir, quantize=quantize)
 
     @property
     def speaker_encoder(self):
         if self._speaker is None:
             from mvjax.speaker import SpeakerEncoder
 
-            if "speaker_encoder" not in self.components:
-                raise SynthesisError(f"{self.model_dir} has no speaker encoder: pass a speaker embedding instead of audio")
+            if "speaker_encoder" not in self.components or self.model_dir is None:
+                raise SynthesisError(f"{self.model_dir or 'this model'} has no speaker encoder: pass a speaker embedding instead of audio")
             self._speaker = SpeakerEncoder.load(self.model_dir, cache_dir=self._speaker_cache_dir)
         return self._speaker
 
@@ -228,8 +277,8 @@ class TTS:
             from mvjax.checkpoint import load_mbd
             from mvjax.diffusion import MultiBandDiffusion
 
-            if "mbd" not in self.components:
-                raise SynthesisError(f"{self.model_dir} has no multi-band diffusion decoder (mbd_comp_*.pt): use decoder='encodec'")
+            if "mbd" not in self.components or self.model_dir is None:
+                raise SynthesisError(f"{self.model_dir or 'this model'} has no multi-band diffusion decoder (mbd_comp_*.pt): use decoder='encodec'")
             config, params = load_mbd(self.model_dir)
             self._mbd = MultiBandDiffusion(config, params, mesh=self.mesh)
         return self._mbd
@@ -296,7 +345,7 @@ class TTS:
         enhance: bool = True,
         normalize: bool = True,
         long_form: bool = True,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: Union[int, dict, str] = DEFAULT_BATCH_SIZE,
         utterance_ids: Optional[Sequence[int]] = None,
         progress: bool = False,
     ) -> Union[Speech, list[Speech]]:
@@ -308,6 +357,8 @@ class TTS:
         ``max_new_tokens`` caps first-stage tokens per chunk (default: until end of audio or
         the block is full). ``decoder``: ``"mbd"`` (multi-band diffusion) or ``"encodec"``.
         ``enhance``: DeepFilterNet3 (output at 48 kHz); ``normalize``: -14 LUFS.
+        ``batch_size``: utterances (chunks) per device per batch, one int for every stage, a dict
+        ``{"stage1", "stage2", "decoder"}``, or ``"auto"`` (largest that fit the free memory).
         ``utterance_ids``: the index of each text for its random key (default 0, 1, ...), so a
         text synthesised within any share of a list gets the same key as in the whole list.
         Returns one :class:`Speech` per text (a single one for a string).
@@ -317,11 +368,12 @@ class TTS:
         if "encodec" not in self.components:
             raise SynthesisError(f"{self.model_dir} has no EnCodec codec (encodec_24khz-*.th): it cannot make audio")
         single = isinstance(text, str)
+        sizes = self._batch_sizes(batch_size, decoder, max_new_tokens)
         normalised, embeddings, chunks = self._tokens(
             text, speaker, seed=seed, temperature=temperature, top_p=top_p, guidance_scale=guidance_scale,
-            stage2_top_k=stage2_top_k, max_new_tokens=max_new_tokens, long_form=long_form, batch_size=batch_size,
+            stage2_top_k=stage2_top_k, max_new_tokens=max_new_tokens, long_form=long_form, batch_size=sizes,
             utterance_ids=utterance_ids, progress=progress)
-        self._decode(chunks, decoder, batch_size, progress)
+        self._decode(chunks, decoder, sizes["decoder"], progress)
         results = []
         for u, t in enumerate(normalised):
             mine = [c for c in chunks if c.utterance == u]
@@ -356,8 +408,8 @@ class TTS:
             raise SynthesisError("top_p must be in (0, 1]")
         if max_new_tokens is not None and max_new_tokens < 2:
             raise SynthesisError("max_new_tokens must be >= 2 (two tokens per audio frame)")
-        if batch_size < 1:
-            raise SynthesisError("batch_size must be >= 1")
+        sizes = batch_size if isinstance(batch_size, dict) else self._batch_sizes(batch_size, None, max_new_tokens)
+        self.last_timings = {}
         normalised = []
         for i, t in enumerate(texts):
             try:
@@ -367,7 +419,8 @@ class TTS:
             if not n:
                 raise SynthesisError(f"text {i + 1} is empty" if len(texts) > 1 else "text is empty")
             normalised.append(n)
-        embeddings = self._speakers(speaker, len(texts))
+        with _Timer(self.last_timings, "speaker"):
+            embeddings = self._speakers(speaker, len(texts))
         ids = list(range(len(texts))) if utterance_ids is None else list(utterance_ids)
         keys = np.asarray(utterance_keys(seed, max(ids) + 1))[ids]
 
@@ -383,7 +436,8 @@ class TTS:
         todo = chunks
         done: list[_Chunk] = []
         for attempt in range(MAX_RESPLITS + 1):
-            self._first_stage(todo, embeddings, sampling, max_new_tokens, batch_size, progress)
+            with _Timer(self.last_timings, "stage1"):
+                self._first_stage(todo, embeddings, sampling, max_new_tokens, sizes["stage1"], progress)
             retry = []
             for c in todo:
                 overflow = c.report.hit_block_end or c.report.stage2_cut
@@ -404,8 +458,27 @@ class TTS:
                 warnings.warn(f"text {c.utterance + 1}: a chunk filled the model's block and its speech is cut short: "
                               f"{c.text[:60]!r}", BlockFullWarning, stacklevel=2)
 
-        self._second_stage(chunks, embeddings, temperature, stage2_top_k, batch_size, progress)
+        with _Timer(self.last_timings, "stage2"):
+            self._second_stage(chunks, embeddings, temperature, stage2_top_k, sizes["stage2"], progress)
         return normalised, embeddings, chunks
+
+    def _batch_sizes(self, batch_size, decoder, max_new_tokens) -> dict:
+        """Per-stage batch sizes (per device) from an int, a dict or ``"auto"`` (see :mod:`mvjax.throughput`)."""
+        if isinstance(batch_size, dict):
+            sizes = dict(batch_size)
+        elif batch_size == "auto":
+            from mvjax.throughput import plan_batch_sizes
+
+            frames = self.config2.block_size if max_new_tokens is None else max(1, max_new_tokens // 2)
+            sizes = plan_batch_sizes(self, frames=frames, decoder=decoder or "encodec")
+            log.info("batch sizes per device (from free memory): %s", sizes)
+        elif isinstance(batch_size, int) and not isinstance(batch_size, bool):
+            sizes = {"stage1": batch_size, "stage2": batch_size, "decoder": batch_size}
+        else:
+            raise SynthesisError(f"batch_size must be a positive integer, a per-stage dict or 'auto', not {batch_size!r}")
+        if set(sizes) != {"stage1", "stage2", "decoder"} or any(not isinstance(v, int) or v < 1 for v in sizes.values()):
+            raise SynthesisError(f"batch sizes must be positive integers for stage1, stage2 and decoder, got {sizes}")
+        return sizes
 
     def _speakers(self, speaker, count: int) -> np.ndarray:
         if speaker is None:
@@ -507,20 +580,22 @@ class TTS:
                               for c in batch])
             rows = padded_size(_next_pow2(len(batch)), self.mesh)
             codes = pad_rows(codes, rows)
-            latent = np.asarray(codec.codes_to_latent(self._codec_params, codes))
-            wav_codec = np.asarray(self._codec_decode(self._codec_params, put_batch(latent, self.mesh)))
-            if decoder == "mbd":
-                keys = pad_rows(np.stack([np.asarray(jax.random.fold_in(c.key, _DIFFUSION)) for c in batch]), rows)
-                diffused = self.diffusion.generate(latent, wav_codec.shape, row_keys=keys)
-            for i, c in enumerate(batch):
-                n = c.all_codebooks.shape[1] * hop
-                ref = wav_codec[i, :, :n]
+            with _Timer(self.last_timings, "codec"):
+                latent = np.asarray(codec.codes_to_latent(self._codec_params, codes))
+                wav_codec = np.asarray(self._codec_decode(self._codec_params, put_batch(latent, self.mesh)))
+            with _Timer(self.last_timings, "diffusion" if decoder == "mbd" else "codec"):
                 if decoder == "mbd":
-                    from mvjax.diffusion import re_eq
+                    keys = pad_rows(np.stack([np.asarray(jax.random.fold_in(c.key, _DIFFUSION)) for c in batch]), rows)
+                    diffused = self.diffusion.generate(latent, wav_codec.shape, row_keys=keys)
+                for i, c in enumerate(batch):
+                    n = c.all_codebooks.shape[1] * hop
+                    ref = wav_codec[i, :, :n]
+                    if decoder == "mbd":
+                        from mvjax.diffusion import re_eq
 
-                    c.wav = re_eq(diffused[i, :, :n], ref, self.sample_rate)
-                else:
-                    c.wav = ref.astype(np.float32)
+                        c.wav = re_eq(diffused[i, :, :n], ref, self.sample_rate)
+                    else:
+                        c.wav = ref.astype(np.float32)
 
     def _finish(self, text, wav, embedding, chunks, normalize, enhance) -> Speech:
         rate = self.sample_rate
@@ -528,15 +603,16 @@ class TTS:
         if wav.shape[-1] > 0 and normalize:
             from mvjax.loudness import normalize_loudness
 
-            wav = normalize_loudness(wav, rate)
+            with _Timer(self.last_timings, "loudness"):
+                wav = normalize_loudness(wav, rate)
         if wav.shape[-1] > 0 and enhance:
+            from mvjax.audio import resample
             from mvjax.enhance import DF_SAMPLE_RATE, DeepFilterNet3
 
-            if self._enhancer is None:
-                self._enhancer = DeepFilterNet3()
-            from mvjax.audio import resample
-
-            wav = np.stack([self._enhancer.process_48k(resample(ch, rate, DF_SAMPLE_RATE)) for ch in wav])
+            with _Timer(self.last_timings, "enhance"):
+                if self._enhancer is None:
+                    self._enhancer = DeepFilterNet3()
+                wav = np.stack([self._enhancer.process_48k(resample(ch, rate, DF_SAMPLE_RATE)) for ch in wav])
             rate = DF_SAMPLE_RATE
         first = np.concatenate([c.first_stage for c in chunks], axis=1)
         codes = np.concatenate([c.all_codebooks for c in chunks], axis=1)

@@ -55,3 +55,37 @@ def sample(key: jax.Array, logits: jnp.ndarray, temperature, top_k=None, top_p=N
     filtered = filter_logits(logits, temperature, top_k, top_p)
     drawn = jax.random.categorical(key, filtered, axis=-1)
     return jnp.where(jnp.asarray(temperature) > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def kth_largest(values: jnp.ndarray, k: int) -> jnp.ndarray:
+    """The k-th largest of each row of float32 ``values`` (..., V), as (..., 1); exact.
+
+    A radix search over the float bits (32 counting passes), which XLA:CPU runs an order of
+    magnitude faster than ``lax.top_k`` or a sort over many rows. NaN is not supported.
+    """
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+    sign = jnp.uint32(0x80000000)
+    # Monotone map: negative floats reverse their order, then everything shifts above the positives' sign bit.
+    keys = jnp.where(bits & sign, ~bits, bits | sign)
+
+    def body(i, answer):
+        candidate = answer | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        enough = jnp.sum(keys >= candidate, axis=-1, keepdims=True) >= k
+        return jnp.where(enough, candidate, answer)
+
+    answer = jax.lax.fori_loop(0, 32, body, jnp.zeros(values.shape[:-1] + (1,), jnp.uint32))
+    back = jnp.where(answer & sign, answer & ~sign, ~answer)
+    return jax.lax.bitcast_convert_type(back, jnp.float32)
+
+
+def sample_inverse_cdf(key: jax.Array, logits: jnp.ndarray) -> jnp.ndarray:
+    """One draw per row of (..., V) logits (-inf = excluded) from one uniform per row: the first
+    index whose cumulative probability reaches it. Same distribution as ``categorical``, with
+    V times fewer random numbers, which dominates the cost when every position of a block samples."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    cumulative = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * cumulative[..., -1:]
+    index = jnp.sum(cumulative <= u, axis=-1)
+    vocab = logits.shape[-1]
+    last = vocab - 1 - jnp.argmax((probs > 0)[..., ::-1], axis=-1)  # never step past the last allowed id
+    return jnp.minimum(index, last)

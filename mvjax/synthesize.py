@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="multi-band diffusion (default) or the plain EnCodec decoder (fast)")
     dec.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 (output stays at 24 kHz)")
     dec.add_argument("--no-long-form", action="store_true", help="do not split long texts into chunks")
-    dec.add_argument("--batch-size", type=int, default=8, help="utterances (chunks) per device per batch")
+    dec.add_argument("--batch-size", default="8", help="utterances (chunks) per device per batch, or 'auto': the "
+                                                       "largest each stage fits in free memory (throughput mode)")
     par = p.add_argument_group("multi-process")
     par.add_argument("--coordinator", help="HOST:PORT of process 0 (jax.distributed)")
     par.add_argument("--num-processes", type=int)
@@ -204,8 +205,13 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError("give --model (or --demo for the random demo model)")
     if args.speaker and args.speaker_embedding:
         raise UsageError("give --speaker or --speaker-embedding, not both")
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            raise UsageError(f"--batch-size must be a positive integer or 'auto', not {args.batch_size!r}") from None
+        if args.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
     jobs = _read_jobs(args)
     _check_outputs(jobs, args)
     for job in jobs:  # cheap text checks before any model loads
@@ -248,6 +254,9 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     speakers = [_speaker_for(job, args, demo_voice) for _, job in share]
     tts = TTS.load(model, log_fn=log.info)
+    import time
+
+    started = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning) if args.quiet else None
@@ -268,6 +277,11 @@ def run(argv: list[str] | None = None) -> int:
         chunks = f", {len(speech.chunks)} chunks" if len(speech.chunks) > 1 else ""
         cut = " (speech cut short: a block filled)" if speech.truncated else ""
         print(f"wrote {job['out']} ({speech.duration:.2f} s at {speech.sample_rate} Hz{chunks}){cut}")
+    if len(share) > 1:
+        elapsed = time.perf_counter() - started
+        audio = sum(s.duration for s in results)
+        log.info("%d utterances in %.1f s: %.1f utterances/min, real-time factor %.2f", len(share), elapsed,
+                 60 * len(share) / elapsed, elapsed / max(audio, 1e-9))
     return 0
 
 

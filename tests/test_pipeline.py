@@ -146,3 +146,31 @@ def test_crossfade_join_lengths_and_continuity():
     # Equal-power fade of two equal constant signals stays within [1, sqrt(2)].
     assert out.min() >= 1.0 - 1e-6 and out.max() <= np.sqrt(2) + 1e-6
     np.testing.assert_array_equal(crossfade_join([a], rate), a)
+
+
+def test_kth_largest_is_exact_with_ties_and_infinities():
+    import jax.numpy as jnp
+
+    from mvjax.sampling import kth_largest
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 300)).astype(np.float32) * 10
+    x[1, :50] = -np.inf
+    x[2, :] = np.round(x[2, :])  # many ties
+    x[3, :] = -np.abs(x[3, :])  # all negative
+    for k in (1, 7, 200, 300):
+        got = np.asarray(kth_largest(jnp.asarray(x), k))[:, 0]
+        np.testing.assert_array_equal(got, -np.sort(-x, axis=-1)[:, k - 1])
+
+
+def test_inverse_cdf_sampling_matches_the_distribution_and_skips_excluded_ids():
+    import jax
+    import jax.numpy as jnp
+
+    from mvjax.sampling import sample_inverse_cdf
+
+    logits = jnp.log(jnp.array([0.1, 0.0, 0.3, 0.6, 0.0]))  # ids 1 and 4 excluded (-inf)
+    draws = np.asarray(jax.vmap(lambda k: sample_inverse_cdf(k, logits))(jax.random.split(jax.random.PRNGKey(0), 20000)))
+    counts = np.bincount(draws, minlength=5) / draws.size
+    assert counts[1] == 0 and counts[4] == 0
+    np.testing.assert_allclose(counts[[0, 2, 3]], [0.1, 0.3, 0.6], atol=0.015)

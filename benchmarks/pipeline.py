@@ -1,0 +1,281 @@
+"""End-to-end speed: real-time factor of the whole pipeline and of each stage, ours vs the reference.
+
+    python benchmarks/pipeline.py --config released --seconds 2 [--decoder encodec|mbd]
+                                  [--reference-src PATH] [--quantize int8] [--throughput 8]
+
+Random weights in the released checkpoint layouts (``--config released``: first stage 1.2B,
+second stage 6 x 384, the 24 kHz EnCodec, the real speaker encoder; ``--unet realistic`` MBD
+bands as in benchmarks/vocode.py) or at the fixtures' small sizes (``--config tiny``). The
+checkpoints are built in memory, converted with our converter, and the same arrays are loaded
+into the reference modules, so both sides run identical weights on identical inputs.
+
+RTF = processing seconds / audio seconds (below 1 is faster than real time). The first
+synthesis compiles; the numbers are from the following runs (best of ``--repeats``), compile
+time is printed apart. Stages: speaker (embedding of a 10 s reference; outside the end-to-end
+time, as in the reference's own RTF), stage1, stage2, codec, diffusion (``--decoder mbd``),
+loudness, enhance. ``--reference-src`` (a metavoice-src checkout) times the reference's
+first stage (its gpt-fast ``generate``), second stage (``GPT._non_causal_sample``) and the
+``encodec`` package's decoder on the same weights and token counts, in the same process, and
+prints the ratios. ``--throughput B`` also synthesises B texts as one batch and reports
+utterances per minute (with the batch sizes :func:`mvjax.throughput.plan_batch_sizes` picks).
+
+Memory: resident set after loading and the process peak (VmRSS / VmHWM).
+Ends with machine-readable lines ``pipeline side=<ours|reference> stage=<s> seconds=<x> rtf=<y>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TEXT = "Speed matters: this sentence is what both implementations speak, token for token."
+
+
+def memory_mb() -> dict:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+# --- Models in the released layouts, random weights ---------------------------------------
+
+
+def released_checkpoints(config: str, seed: int = 0) -> dict:
+    """In-memory checkpoints (numpy) in the released layouts."""
+    from mvjax import demo
+
+    ranks = demo.train_bpe(demo.TRAINING_TEXT)
+    if config == "released":
+        first = demo._model_args(block_size=2048, vocab_sizes=[2562], n_layer=24, n_head=16, n_embd=2048)
+        second = demo._model_args(block_size=1024, vocab_sizes=[1538, 1025], target_vocab_sizes=[1025] * 6,
+                                  n_layer=6, n_head=6, n_embd=384, causal=False, norm_type="layernorm",
+                                  nonlinearity_type="gelu")
+    else:
+        first, second = demo.FIRST_STAGE_ARGS, demo.SECOND_STAGE_ARGS
+    rng = lambda c: demo._rng(seed, c)
+    return {
+        "first_stage": demo._gpt_checkpoint(rng(1), first, demo.FIRST_STAGE_TEXT_OFFSET, ranks, {"causal": True}, ""),
+        "second_stage": demo._gpt_checkpoint(rng(2), second, demo.SECOND_STAGE_TEXT_OFFSET, ranks, {"causal": False}, ""),
+        "speaker_encoder": demo._speaker_checkpoint(rng(3)),
+        "encodec": demo._encodec_state(rng(4)),
+    }
+
+
+def build_ours(ckpts: dict, unet: str, decoder: str, quantize=None):
+    from convert_weights.encodec import convert_encodec_state
+    from convert_weights.gpt import convert_gpt_checkpoint
+    from convert_weights.speaker import convert_speaker_checkpoint
+    from mvjax.pipeline import TTS
+    from mvjax.text import Tokenizer
+
+    def gpt(name):
+        cfg, params, spec = convert_gpt_checkpoint(ckpts[name], source=name)
+        return cfg, params, Tokenizer(spec)
+
+    mbd = None
+    if decoder == "mbd":
+        import vocode as vocode_bench
+
+        mbd = vocode_bench.mbd_model(unet)
+    return TTS.from_parts(first_stage=gpt("first_stage"), second_stage=gpt("second_stage"),
+                          codec=convert_encodec_state(ckpts["encodec"]),
+                          speaker=convert_speaker_checkpoint(ckpts["speaker_encoder"]), mbd=mbd, mesh=None,
+                          quantize=quantize, speaker_cache_dir=None)
+
+
+def reference_voice(seconds: float = 10.0):
+    from mvjax.demo import demo_speaker_audio
+
+    return demo_speaker_audio(seed=1, seconds=seconds)
+
+
+def run_ours(tts, new_tokens: int, decoder: str, repeats: int, seed: int = 0):
+    audio, rate = reference_voice()
+    t = time.perf_counter()
+    emb = tts.speaker_embedding((audio, rate))
+    speaker_first = time.perf_counter() - t
+    t = time.perf_counter()
+    emb = tts.speaker_embedding((audio, rate))
+    speaker_s = time.perf_counter() - t
+    kw = dict(seed=seed, max_new_tokens=new_tokens, decoder=decoder, long_form=False)
+    t = time.perf_counter()
+    speech = tts.synthesize(TEXT, emb, **kw)
+    first_s = time.perf_counter() - t
+    best = None
+    for r in range(repeats):
+        t = time.perf_counter()
+        speech = tts.synthesize(TEXT, emb, **{**kw, "seed": seed + 1 + r})
+        total = time.perf_counter() - t
+        if best is None or total < best[0]:
+            best = (total, dict(tts.last_timings), speech)
+    total, stages, speech = best
+    frames = speech.all_codebooks.shape[1]
+    return {"total": total, "stages": stages, "frames": frames, "compile": max(first_s - total, 0.0),
+            "speaker": speaker_s, "speaker_compile": max(speaker_first - speaker_s, 0.0), "embedding": emb}
+
+
+# --- The reference, same weights -------------------------------------------------------------
+
+
+def run_reference(src: Path, ckpts: dict, tts, new_tokens: int, frames: int, embedding: np.ndarray):
+    """Reference stage 1 (fast path), stage 2 and the encodec decoder on the same weights and sizes."""
+    import torch
+
+    import decode as decode_bench
+
+    torch.set_grad_enabled(False)
+    fiu, fm = decode_bench._import_reference(src)
+    import fam.llm.model as ref_model
+
+    out = {}
+    # Stage 1: the fast path decoder, loaded from the same released-layout arrays.
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpts["first_stage"]["model"].items()}
+    args = ckpts["first_stage"]["model_args"]
+    cfg1 = tts.config1
+    margs = fm.ModelArgs(block_size=args["block_size"], vocab_size=args["vocab_sizes"][0], n_layer=args["n_layer"],
+                         n_head=args["n_head"], dim=args["n_embd"], speaker_emb_dim=embedding.shape[0],
+                         intermediate_size=cfg1.mlp_hidden, norm_eps=args["rmsnorm_eps"])
+    margs.dtype = torch.float32
+    with torch.device("meta"):
+        model = fm.Transformer(margs)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))
+    sd = {"tok_embeddings.weight": t(state["transformer.wtes.0.weight"]), "pos_embeddings.weight": t(state["transformer.wpe.weight"]),
+          "speaker_cond_pos.weight": t(state["speaker_cond_pos.weight"]), "norm.weight": t(state["transformer.ln_f.weight"])}
+    sd["output.weight"] = sd["tok_embeddings.weight"]
+    for i in range(args["n_layer"]):
+        h = f"transformer.h.{i}."
+        sd.update({f"layers.{i}.attention_norm.weight": t(state[h + "ln_1.weight"]),
+                   f"layers.{i}.ffn_norm.weight": t(state[h + "ln_2.weight"]),
+                   f"layers.{i}.attention.wqkv.weight": t(state[h + "attn.c_attn.weight"]),
+                   f"layers.{i}.attention.wo.weight": t(state[h + "attn.c_proj.weight"]),
+                   f"layers.{i}.feed_forward.swiglu.w1.weight": t(state[h + "mlp.swiglu.w1.weight"]),
+                   f"layers.{i}.feed_forward.swiglu.w3.weight": t(state[h + "mlp.swiglu.w3.weight"]),
+                   f"layers.{i}.feed_forward.w2.weight": t(state[h + "mlp.c_proj.weight"])})
+    model.load_state_dict(sd, assign=True)
+    model = model.eval()
+    model.setup_spk_cond_mask()
+    model.setup_caches(max_batch_size=2, max_seq_length=args["block_size"])
+    prompt = torch.tensor(tts.tokenizer1.encode(TEXT), dtype=torch.int)
+    spk = torch.from_numpy(embedding[None].astype(np.float32))
+    kwargs = dict(temperature=torch.tensor(1.0), top_k=None, top_p=torch.tensor(0.95), guidance_scale=torch.tensor(3.0),
+                  end_of_audio_token=args["vocab_sizes"][0] + 1)  # never produced: decode exactly new_tokens
+    fiu.generate(model, prompt, spk, max_new_tokens=4, **kwargs)  # warm-up
+    start = time.perf_counter()
+    fiu.generate(model, prompt, spk, max_new_tokens=new_tokens, **kwargs)
+    out["stage1"] = time.perf_counter() - start
+    del model, sd
+
+    # Stage 2: the reference GPT, non-causal sampling over a full block (top-k 200).
+    ck2 = ckpts["second_stage"]
+    a2 = dict(ck2["model_args"])
+    gcfg = ref_model.GPTConfig(**{k: v for k, v in a2.items() if k in ref_model.GPTConfig.__dataclass_fields__})
+    gpt2 = ref_model.GPT(gcfg, speaker_emb_dim=embedding.shape[0]).eval()
+    gpt2.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ck2["model"].items()})
+    text2 = tts.tokenizer2.encode(TEXT)
+    rng = np.random.default_rng(0)
+    from mvjax.text import build_second_stage_input
+
+    codebooks = rng.integers(0, 1024, (2, frames))
+    x = torch.from_numpy(build_second_stage_input(text2, codebooks, gcfg.block_size, 1024)[None])
+    gpt2._non_causal_sample(idx=x, speaker_embs=spk, temperature=1.0, top_k=200)  # warm-up
+    start = time.perf_counter()
+    gpt2._non_causal_sample(idx=x, speaker_embs=spk, temperature=1.0, top_k=200)
+    out["stage2"] = time.perf_counter() - start
+
+    # Codec: the encodec package's 24 kHz model with the same weights.
+    if "torchaudio" not in sys.modules:
+        sys.modules["torchaudio"] = types.ModuleType("torchaudio")  # encodec imports it for file helpers only
+    from encodec import EncodecModel
+
+    codec = EncodecModel.encodec_model_24khz(pretrained=False)
+    codec.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ckpts["encodec"].items()})
+    codec.eval()
+    codes = torch.from_numpy(rng.integers(0, 1024, (1, 8, frames)))
+
+    def ref_decode():
+        latent = codec.quantizer.decode(codes.transpose(0, 1))
+        return codec.decoder(latent)
+
+    ref_decode()
+    start = time.perf_counter()
+    ref_decode()
+    out["codec"] = time.perf_counter() - start
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=["tiny", "released"], default="released")
+    parser.add_argument("--seconds", type=float, default=2.0, help="nominal audio length (2 first-stage tokens per frame)")
+    parser.add_argument("--decoder", choices=["encodec", "mbd"], default="encodec")
+    parser.add_argument("--unet", choices=["tiny", "realistic"], default="realistic", help="MBD band size (--decoder mbd)")
+    parser.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="first-stage weights")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--reference-src", type=Path, help="metavoice-src checkout: time the reference too")
+    parser.add_argument("--throughput", type=int, default=0, help="also synthesise this many texts as one batch")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    print(f"devices: {jax.devices()}")
+    t = time.perf_counter()
+    ckpts = released_checkpoints(args.config)
+    tts = build_ours(ckpts, args.unet, args.decoder, args.quantize)
+    print(f"built and converted {args.config} models in {time.perf_counter() - t:.1f} s; memory {memory_mb()}")
+    frame_rate = tts.codec_config.frame_rate
+    new_tokens = int(round(args.seconds * frame_rate * 2))
+    ours = run_ours(tts, new_tokens, args.decoder, args.repeats)
+    audio_s = ours["frames"] / frame_rate
+    print(f"\nours ({args.config}, {args.decoder}, {args.quantize or 'float32'}): {new_tokens} first-stage tokens -> "
+          f"{ours['frames']} frames = {audio_s:.2f} s of audio; first run compiled for {ours['compile']:.1f} s")
+    lines = []
+    stages = [(k, v) for k, v in ours["stages"].items() if k != "speaker"]  # the embedding is passed in
+    for stage, seconds in [("speaker", ours["speaker"])] + stages + [("end_to_end", ours["total"])]:
+        lines.append(("ours", stage, seconds, seconds / audio_s))
+    if args.reference_src:
+        ref = run_reference(args.reference_src, ckpts, tts, new_tokens, ours["frames"], ours["embedding"])
+        ref["end_to_end"] = sum(ref[s] for s in ("stage1", "stage2", "codec"))
+        for stage, seconds in ref.items():
+            lines.append(("reference", stage, seconds, seconds / audio_s))
+    print(f"{'side':10s} {'stage':12s} {'seconds':>9s} {'RTF':>8s}")
+    for side, stage, seconds, rtf in lines:
+        print(f"{side:10s} {stage:12s} {seconds:9.3f} {rtf:8.3f}")
+    if args.reference_src:
+        ours_e2e = sum(ours["stages"].get(s, 0.0) for s in ("stage1", "stage2", "codec"))
+        for stage in ("stage1", "stage2", "codec"):
+            print(f"speedup {stage}: {ref[stage] / ours['stages'][stage]:.2f}x")
+        print(f"speedup stage1+stage2+codec: {ref['end_to_end'] / ours_e2e:.2f}x "
+              f"(ours {ours_e2e:.2f} s, reference {ref['end_to_end']:.2f} s, same weights and token counts)")
+    if args.throughput:
+        from mvjax.throughput import plan_batch_sizes
+
+        plan = plan_batch_sizes(tts, frames=ours["frames"], decoder=args.decoder)
+        print(f"\nthroughput: batch sizes {plan}")
+        texts = [f"{TEXT} Number {i}." for i in range(args.throughput)]
+        kw = dict(max_new_tokens=new_tokens, decoder=args.decoder, long_form=False, batch_size=plan["stage1"])
+        tts.synthesize(texts, ours["embedding"], **kw)  # compiles the batch shapes
+        t = time.perf_counter()
+        tts.synthesize(texts, ours["embedding"], **{**kw, "seed": 9})
+        seconds = time.perf_counter() - t
+        print(f"throughput: {len(texts)} utterances in {seconds:.1f} s = {60 * len(texts) / seconds:.1f} utterances/min")
+    mem = memory_mb()
+    print(f"memory: resident {mem.get('VmRSS', 0):.0f} MB, peak {mem.get('VmHWM', 0):.0f} MB")
+    for side, stage, seconds, rtf in lines:
+        print(f"pipeline side={side} stage={stage} seconds={seconds:.4f} rtf={rtf:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
