@@ -33,3 +33,19 @@ def test_decode_benchmark_full_shape_runs():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert re.search(r"^decode config=full batch=1 ", res.stdout, re.M)
+
+
+def test_pipeline_benchmark_smoke():
+    """Tiny shapes, our side only (the reference needs a metavoice-src checkout): every stage reported."""
+    res = subprocess.run(
+        [sys.executable, "benchmarks/pipeline.py", "--config", "tiny", "--seconds", "0.3", "--repeats", "1",
+         "--throughput", "2"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    stages = {}
+    for m in re.finditer(r"^pipeline side=ours stage=(\w+) seconds=([0-9.]+) rtf=([0-9.]+)$", res.stdout, re.M):
+        stages[m.group(1)] = float(m.group(3))
+    assert {"speaker", "stage1", "stage2", "codec", "loudness", "enhance", "end_to_end"} <= set(stages)
+    assert all(v > 0 for v in stages.values())
+    assert re.search(r"utterances/min", res.stdout) and re.search(r"memory: resident \d+ MB, peak \d+ MB", res.stdout)

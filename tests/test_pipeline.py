@@ -174,3 +174,58 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_skips_excluded_ids():
     counts = np.bincount(draws, minlength=5) / draws.size
     assert counts[1] == 0 and counts[4] == 0
     np.testing.assert_allclose(counts[[0, 2, 3]], [0.1, 0.3, 0.6], atol=0.015)
+
+
+ONE_MINUTE = " ".join([
+    "The lighthouse keeper climbed the spiral stairs every evening, counting the steps as his father had taught him.",
+    "At the top he trimmed the wick, polished the great lens, and watched the first ships turn toward the harbour.",
+    "Storms came often in the autumn; the wind rattled the windows, and rain ran in sheets down the white tower.",
+    "Some nights he wrote letters to his sister in the city, describing the seals on the rocks and the gulls.",
+    "She answered with news of trams and theatres, of crowded markets, of friends who asked when he would visit.",
+    "He always meant to go, but the light needed tending, and nobody else on the island knew the old machine.",
+    "When the supply boat finally brought a young apprentice, the keeper felt relief and a strange sadness.",
+    "He showed the boy everything: the oil, the clockwork, the logbook, and the names of the dangerous reefs.",
+    "By spring the apprentice could run the light alone, and the keeper packed a small bag for the mainland.",
+    "On the ferry he looked back once, saw the beam sweep across the water, and smiled at the familiar rhythm.",
+])
+
+
+@pytest.fixture(scope="module")
+def demo_tts(tmp_path_factory):
+    from mvjax.demo import demo_model_dir
+
+    model = TTS(demo_model_dir(tmp_path_factory.mktemp("demo_cache")), mesh=None, speaker_cache_dir=None)
+    yield model
+    model.close()
+
+
+def test_one_minute_paragraph_at_released_block_sizes(demo_tts):
+    """About a minute of speech (~1,100 characters) against the released blocks (2048 / 1024):
+    every chunk fits both stages with the budgeted speaking rate, and the whole text is spoken."""
+    assert (demo_tts.config1.block_size, demo_tts.config2.block_size) == (2048, 1024)
+    chunks = demo_tts.plan(ONE_MINUTE)
+    assert 5 <= len(chunks) <= 12
+    assert " ".join(chunks).split() == ONE_MINUTE.split()
+    for chunk in chunks:
+        estimate, capacity = demo_tts.chunk_capacity(chunk)
+        assert estimate <= capacity
+        assert chunk[-1] in ".;,:"  # cut at sentence or clause ends, never inside a clause
+
+
+def test_auto_batch_sizes_follow_free_memory(demo_tts):
+    from mvjax.throughput import per_utterance_bytes, plan_batch_sizes
+
+    need = per_utterance_bytes(demo_tts, frames=500, decoder="mbd")
+    assert all(v > 0 for v in need.values())
+    assert per_utterance_bytes(demo_tts, frames=1000, decoder="mbd")["decoder"] > need["decoder"]
+    roomy = plan_batch_sizes(demo_tts, frames=500, decoder="mbd", available=10 ** 12)
+    biggest = max(need, key=need.get)
+    tight = plan_batch_sizes(demo_tts, frames=500, decoder="mbd", available=3 * need[biggest] / 0.7)
+    assert roomy == {"stage1": 64, "stage2": 64, "decoder": 64}
+    assert tight[biggest] == 2 and all(v >= 2 for v in tight.values())
+    voice = np.ones(256, np.float32) / 16
+    out = demo_tts.synthesize(["One.", "Two."], voice, max_new_tokens=8, decoder="encodec", enhance=False,
+                              batch_size="auto")
+    assert len(out) == 2 and set(demo_tts.last_timings) >= {"stage1", "stage2", "codec"}
+    with pytest.raises(SynthesisError, match="batch"):
+        demo_tts.synthesize("One.", voice, batch_size=0)
