@@ -125,7 +125,9 @@ def _read_jobs(args) -> list[dict]:
             raise UsageError(f"with --text-file, --out is a directory, not {out_dir}")
         jobs = []
         if path.suffix.lower() == ".csv":
-            reader = csv.DictReader(raw.splitlines())
+            import io
+
+            reader = csv.DictReader(io.StringIO(raw, newline=""))
             if not reader.fieldnames or "text" not in reader.fieldnames:
                 raise UsageError(f"{path}: a .csv text file needs a header with a 'text' column (text,speaker,out)")
             for row in reader:
@@ -298,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv)
     except expected as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except (OSError, RuntimeError) as exc:
-        if os.environ.get("MVJAX_DEBUG"):
-            raise
-        return _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     except KeyboardInterrupt:
         return _fail("interrupted")
+    except Exception as exc:  # anything else: still one line (MVJAX_DEBUG=1 shows the traceback)
+        if os.environ.get("MVJAX_DEBUG"):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _fail(f"{type(exc).__name__}: {detail} (set MVJAX_DEBUG=1 for the traceback)")
 
 
 if __name__ == "__main__":
