@@ -1,4 +1,4 @@
-"""python -m convert_weights --model-dir DIR --out OUT"""
+"""python -m convert_weights --model-dir DIR --out OUT [--quantize int8|bf16]"""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model-dir", required=True, help="directory holding the released .pt files")
     parser.add_argument("--out", required=True, help="output model directory (replaced atomically if it exists)")
+    parser.add_argument("--quantize", choices=["int8", "bf16"],
+                        help="store the first stage quantised for decoding: int8 (per output channel, about a "
+                        "quarter of the float32 size, faster on CPU) or bf16 (for GPU/TPU)")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
 
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
-        manifest = convert_directory(args.model_dir, args.out, log=log)
+        manifest = convert_directory(args.model_dir, args.out, log=log, quantize=args.quantize)
     except (CheckpointError, ConversionError, ConfigError, TextError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ leaves an ``OUT`` that loads.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,11 +33,20 @@ def _write_component(dst: Path, kind: str, src: Path, config: dict, params, extr
     return {"kind": kind, "source": src.name, "params_sha256": tree_digest(params)}
 
 
-def _convert_gpt(src: Path, dst: Path) -> dict:
+def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
+    """``quantize`` (causal first stage only): store the decoder's layout with int8 or bfloat16
+    matrices (:mod:`mvjax.quantize`) instead of the float32 tree; the manifest entry records it."""
     from convert_weights.gpt import convert_gpt_checkpoint
 
     config, params, tokenizer = convert_gpt_checkpoint(load_checkpoint(src), source=str(src))
-    return _write_component(dst, "gpt", src, config.to_dict(), params, {"tokenizer.json": tokenizer.to_json()})
+    stored = {}
+    if quantize is not None:
+        from mvjax.quantize import QUANTIZE_EMBEDDING, prepare_quantized_params
+
+        params = prepare_quantized_params(config, params, quantize)
+        stored = {"quantize": quantize, "quantize_embedding": QUANTIZE_EMBEDDING, "layout": "decode"}
+    entry = _write_component(dst, "gpt", src, config.to_dict(), params, {"tokenizer.json": tokenizer.to_json()})
+    return {**entry, **stored}
 
 
 def _convert_speaker(src: Path, dst: Path) -> dict:
@@ -82,8 +92,13 @@ def find_components(model_dir: Path) -> dict[str, Path]:
     return found
 
 
-def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Convert every known checkpoint in ``model_dir`` into ``out``; returns the manifest."""
+def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str], None] = lambda s: None,
+                      quantize: str | None = None) -> dict:
+    """Convert every known checkpoint in ``model_dir`` into ``out``; returns the manifest.
+    ``quantize`` (``"int8"`` or ``"bf16"``): store the first stage quantised (see :func:`_convert_gpt`)."""
+    from mvjax.quantize import check_mode
+
+    quantize = check_mode(quantize)
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -99,7 +114,11 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
         components = {}
         for fname, path in sorted(found.items()):
             name, converter = CONVERTERS[fname]
-            log(f"converting {path} -> {out / name}")
+            if quantize is not None and name == "first_stage":
+                converter = functools.partial(_convert_gpt, quantize=quantize)
+                log(f"converting {path} -> {out / name} ({quantize} weights)")
+            else:
+                log(f"converting {path} -> {out / name}")
             components[name] = converter(path, staging / name)
         manifest = {"format_version": FORMAT_VERSION, "components": components}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

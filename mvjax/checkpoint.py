@@ -145,12 +145,25 @@ def load_mbd(model_dir: str | Path, verify: bool = False):
 
 
 def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> tuple[GPTConfig, dict, Tokenizer]:
-    """Load one GPT stage (``first_stage`` or ``second_stage``) from a converted directory."""
+    """Load one GPT stage (``first_stage`` or ``second_stage``) from a converted directory.
+
+    A first stage converted with ``--quantize`` (its manifest entry names the mode) comes back
+    as stored: already in the decoder's layout with quantised matrices (:mod:`mvjax.quantize`),
+    which :class:`mvjax.decode.FirstStageDecoder` uses as is; no float32 copy is built."""
     from mvjax.nn.gpt import abstract_params
 
     model_dir = Path(model_dir)
-    _component(model_dir, stage)
+    entry = _component(model_dir, stage)
     config = GPTConfig.from_dict(_read_config(model_dir, stage))
     tokenizer = Tokenizer(TokenizerSpec.from_json_file(model_dir / stage / "tokenizer.json"))
-    params, _ = _restore_component(model_dir, stage, abstract_params(config), verify)
+    if entry.get("quantize"):
+        from mvjax.quantize import MODES, abstract_decode_params
+
+        if entry["quantize"] not in MODES or entry.get("layout") != "decode":
+            raise ModelDirError(f"{model_dir / stage}: unknown quantisation {entry['quantize']!r} "
+                                f"(layout {entry.get('layout')!r}) in {MANIFEST}")
+        abstract = abstract_decode_params(config, entry["quantize"], embedding=bool(entry.get("quantize_embedding")))
+    else:
+        abstract = abstract_params(config)
+    params, _ = _restore_component(model_dir, stage, abstract, verify)
     return config, params, tokenizer

@@ -30,8 +30,9 @@ import numpy as np
 from mvjax.config import GPTConfig
 from jax.sharding import PartitionSpec as P
 
-from mvjax.nn.gpt_decode import apply_tokens, init_cache, prepare_decode_params
+from mvjax.nn.gpt_decode import apply_tokens, init_cache
 from mvjax.parallel import DATA_AXIS, pad_rows, padded_size, put_batch, put_replicated
+from mvjax.quantize import decode_params_mode, decoder_params
 from mvjax.sampling import guide, kth_largest, sample, sample_inverse_cdf
 
 DEFAULT_GUIDANCE = 3.0
@@ -196,7 +197,10 @@ class FirstStageDecoder:
     size compiles; new texts, keys and sampling values within a bucket do not).
     """
 
-    def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, cache_dtype=None, mesh=None):
+    def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, cache_dtype=None, mesh=None,
+                 quantize: Optional[str] = None):
+        """``quantize``: None, ``"int8"`` or ``"bf16"`` weight storage (:mod:`mvjax.quantize`); a
+        tree already quantised (a model directory converted with ``--quantize``) is used as stored."""
         if not config.causal:
             raise ValueError("the first-stage decoder needs a causal GPT")
         self.config = config
@@ -204,7 +208,8 @@ class FirstStageDecoder:
         self.dtype = dtype
         self.cache_dtype = cache_dtype or dtype
         self.mesh = mesh
-        self.params = put_replicated(prepare_decode_params(config, params, dtype), mesh)
+        self.params = put_replicated(decoder_params(config, params, dtype, quantize), mesh)
+        self.quantize = decode_params_mode(self.params)
         self.compile_count = 0
         self._jitted = {}
 

@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="multi-band diffusion (default) or the plain EnCodec decoder (fast)")
     dec.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 (output stays at 24 kHz)")
     dec.add_argument("--no-long-form", action="store_true", help="do not split long texts into chunks")
+    dec.add_argument("--quantize", choices=["int8", "bf16"],
+                     help="first-stage weights: int8 (per output channel; faster on CPU, a quarter of the memory) "
+                     "or bf16 (for GPU/TPU); default: as stored (float32 unless converted with --quantize)")
     dec.add_argument("--batch-size", default="8", help="utterances (chunks) per device per batch, or 'auto': the "
                                                        "largest each stage fits in free memory (throughput mode)")
     par = p.add_argument_group("multi-process")
@@ -255,7 +258,7 @@ def run(argv: list[str] | None = None) -> int:
     if not share:
         return 0
     speakers = [_speaker_for(job, args, demo_voice) for _, job in share]
-    tts = TTS.load(model, log_fn=log.info)
+    tts = TTS.load(model, log_fn=log.info, quantize=args.quantize)
     import time
 
     started = time.perf_counter()

@@ -14,6 +14,9 @@ see benchmarks/RESULTS.md), so this path keeps
 The numerics are those of :class:`mvjax.nn.gpt.GPT` (checked against it and against the
 reference fixtures); as in the reference's fast path, the speaker projection is added at
 every position of a conditioned row.
+
+A weight matrix may also be stored bfloat16, or int8 with a float32 scale per output row
+(``{"q", "scale"}``, :mod:`mvjax.quantize`); :func:`_matmul` and :func:`_rows` take either.
 """
 
 from __future__ import annotations
@@ -26,12 +29,19 @@ import jax.numpy as jnp
 from mvjax.config import GPTConfig
 
 
-def prepare_decode_params(config: GPTConfig, params, dtype=None) -> dict:
-    """Re-lay a converted parameter tree for :func:`apply_tokens` (copies; the input can be dropped)."""
+def prepare_decode_params(config: GPTConfig, params, dtype=None, store=None) -> dict:
+    """Re-lay a converted parameter tree for :func:`apply_tokens` (copies; the input can be dropped).
+
+    ``store(name, matrix)``: how each weight matrix is kept, given its (out, in) float copy
+    (``name`` is ``"wte"`` for the tied embedding/head, ``"speaker_proj"``, or the layer's
+    projection name); default: the copy cast to ``dtype``. :mod:`mvjax.quantize` passes a
+    quantiser; matrices are converted one at a time, so only one extra float copy exists."""
     if len(config.vocab_sizes) != 1 or not config.tied_heads:
         raise ValueError("the KV-cache decoder serves the causal first stage: one input table, tied head")
     cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
-    out_in = lambda k: cast(jnp.asarray(k).T)  # (in, out) -> (out, in)
+    if store is None:
+        store = lambda name, w: cast(w)
+    out_in = lambda k: jnp.asarray(k).T  # (in, out) -> (out, in)
 
     def layer(i):
         take = lambda a: a[i]
@@ -39,20 +49,20 @@ def prepare_decode_params(config: GPTConfig, params, dtype=None) -> dict:
         lay = {"ln_1": blk["ln_1"], "ln_2": blk["ln_2"], "attn": {}, "mlp": {}}
         for group in ("attn", "mlp"):
             for name, dense in blk[group].items():
-                entry = {"w": out_in(dense["kernel"])}
+                entry = {"w": store(name, out_in(dense["kernel"]))}
                 if "bias" in dense:
                     entry["b"] = dense["bias"]
                 lay[group][name] = entry
         return lay
 
     prepared = {
-        "wte": cast(jnp.asarray(params["wte_0"]["embedding"])),
+        "wte": store("wte", jnp.asarray(params["wte_0"]["embedding"])),
         "wpe": cast(jnp.asarray(params["wpe"]["embedding"])),
         "ln_f": params["ln_f"],
         "layers": [layer(i) for i in range(config.n_layer)],
     }
     if "speaker_proj" in params:
-        prepared["speaker_proj"] = out_in(params["speaker_proj"]["kernel"])
+        prepared["speaker_proj"] = store("speaker_proj", out_in(params["speaker_proj"]["kernel"]))
     return prepared
 
 
@@ -76,9 +86,26 @@ def _norm(config: GPTConfig, p, x):
     return y.astype(x.dtype)
 
 
+def _matmul(w, x):
+    """Weight matrix (out, in) @ x (in, N) -> float32 (out, N). ``w`` is an array, or an int8
+    matrix with per-row scales (``{"q", "scale"}``, see :mod:`mvjax.quantize`)."""
+    if isinstance(w, dict):
+        from mvjax.quantize import int8_matmul
+
+        return int8_matmul(w, x)
+    return jnp.dot(w, x.astype(w.dtype), preferred_element_type=jnp.float32)
+
+
+def _rows(table, ids):
+    """Rows ``ids`` of an embedding table (array or int8 with per-row scales), float32."""
+    if isinstance(table, dict):
+        return table["q"][ids].astype(jnp.float32) * table["scale"][ids][:, None]
+    return table[ids].astype(jnp.float32)
+
+
 def _linear(p, x):
     """(out, in) @ (in, N) -> (out, N), plus bias."""
-    y = jnp.dot(p["w"], x.astype(p["w"].dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    y = _matmul(p["w"], x).astype(x.dtype)
     if "b" in p:
         y = y + p["b"].astype(y.dtype)[:, None]
     return y
@@ -105,11 +132,10 @@ def apply_tokens(
     n = rows * length
 
     # Embedding, feature-major (D, N) with n = r * T + t.
-    x = params["wte"][tokens.reshape(n)].astype(jnp.float32) + params["wpe"][positions.reshape(n)].astype(jnp.float32)
+    x = _rows(params["wte"], tokens.reshape(n)) + params["wpe"][positions.reshape(n)].astype(jnp.float32)
     x = x.T
     if speaker_emb is not None:
-        spk = jnp.dot(params["speaker_proj"], speaker_emb.astype(params["speaker_proj"].dtype).T,
-                      preferred_element_type=jnp.float32)  # (D, R)
+        spk = _matmul(params["speaker_proj"], speaker_emb.T)  # (D, R)
         x = x + jnp.repeat(spk, length, axis=1)
     x = x.astype(dtype)
 
@@ -148,5 +174,5 @@ def apply_tokens(
         x = x + _linear(mlp["c_proj"], h)
 
     x = _norm(config, params["ln_f"], x)
-    logits = jnp.dot(params["wte"], x.astype(params["wte"].dtype), preferred_element_type=jnp.float32)  # (V, N)
+    logits = _matmul(params["wte"], x)  # (V, N)
     return logits.T.reshape(rows, length, -1), new_cache
