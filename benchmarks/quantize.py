@@ -10,8 +10,9 @@ N(0, 0.02) float32 weights, hands them to ``FirstStageDecoder(quantize=mode)``, 
 waits for the asynchronous frees, then reads VmRSS ("resident after load"); it then decodes
 (guidance on, so 2 rows per utterance; end of audio outside the vocabulary, so every row runs
 all steps) and reports steady-state tokens/s = batch * (N - 1) / (time(N new) - time(1 new)),
-best and median over ``--repeats`` (on this shared 2-core machine run-to-run spread is large;
-``--rounds 2`` runs the whole mode sequence twice, interleaved). VmHWM of that process is
+from the fastest and from the median of ``--repeats`` runs of each (on this shared 2-core
+machine run-to-run spread is large; ``--rounds 2`` runs the whole mode sequence twice and pools
+the runs). VmHWM of that process is
 dominated by generating the random float32 weights, so unless ``--no-disk`` the benchmark also
 writes the weights as converted model directories (float32 as ``python -m convert_weights``
 writes it, int8 as ``--quantize int8`` writes it) and loads each in a fresh process with
@@ -43,7 +44,7 @@ process, timed alternately, and each run is compared with the float32 run just b
 
 Machine-readable lines:
   quantize-paired config=<c> mode=<m> batch=<b> median_ratio=<x> min=<x> max=<x>
-  quantize-speed config=<c> mode=<m> batch=<b> tokens_per_s=<best> median=<m> speedup=<x>
+  quantize-speed config=<c> mode=<m> batch=<b> tokens_per_s=<fastest> median=<m> speedup=<x> speedup_median=<x>
   quantize-memory config=<c> mode=<m> source=<random|disk> rss_gb=<r> peak_gb=<p> weights_gb=<w>
   quantize-fidelity inputs=<fixture|random|random-T|random-g1> mode=<m> mean_kl=<k> max_kl=<k> greedy_agree=<a>
 """
@@ -109,8 +110,9 @@ def settle_rss(timeout: float = 20.0, quiet: float = 2.0) -> int:
 
 
 # --- speed (worker) ----------------------------------------------------------------------
-def decode_rates(decoder, batch: int, new_tokens: int, prompt_len: int, repeats: int, warm: bool = True) -> list[float]:
-    """Steady-state tokens/s per repeat: batch * (N - 1) / (time(N new) - time(1 new))."""
+def decode_times(decoder, batch: int, new_tokens: int, prompt_len: int, repeats: int,
+                 warm: bool = True) -> dict[str, list[float]]:
+    """Seconds to generate 1 and ``new_tokens`` tokens per row, ``repeats`` times each (alternating)."""
     prompts = prompts_for(batch, prompt_len, decoder.config)
     spk = np.random.default_rng(1).standard_normal((batch, SPEAKER_DIM)).astype(np.float32)
     sampling = SamplingConfig(guidance=3.0, temperature=1.0, top_p=0.95)
@@ -123,11 +125,22 @@ def decode_rates(decoder, batch: int, new_tokens: int, prompt_len: int, repeats:
 
     if warm:
         run(new_tokens)  # compiles every window the timed runs use
-    rates = []
+    times = {"one": [], "many": []}
     for _ in range(repeats):
-        one, many = run(1), run(new_tokens)
-        rates.append(batch * (new_tokens - 1) / max(many - one, 1e-9))
-    return rates
+        times["one"].append(run(1))
+        times["many"].append(run(new_tokens))
+    return times
+
+
+def steady_rates(times: dict, batch: int, new_tokens: int) -> tuple[float, float]:
+    """(best, median) steady-state tokens/s: batch * (N - 1) over the time N tokens take beyond
+    one (prefill + first token), from the fastest runs and from the median runs; NaN when
+    contention made the difference meaningless (not positive)."""
+    def rate(one, many):
+        return batch * (new_tokens - 1) / (many - one) if many > one else float("nan")
+
+    return (rate(min(times["one"]), min(times["many"])),
+            rate(statistics.median(times["one"]), statistics.median(times["many"])))
 
 
 def worker_speed(args) -> dict:
@@ -138,9 +151,9 @@ def worker_speed(args) -> dict:
     del params
     rss = settle_rss()
     out = {"mode": args.mode, "weights": tree_nbytes(decoder.params), "rss_load": rss,
-           "peak_load": proc_status()["VmHWM"], "rates": {}}
+           "peak_load": proc_status()["VmHWM"], "times": {}}
     for batch in args.batch:
-        out["rates"][str(batch)] = decode_rates(decoder, batch, args.tokens, args.prompt_len, args.repeats)
+        out["times"][str(batch)] = decode_times(decoder, batch, args.tokens, args.prompt_len, args.repeats)
     out["rss_decode"] = proc_status()["VmRSS"]
     return out
 
@@ -157,11 +170,12 @@ def worker_paired(args) -> dict:
     out = {}
     for batch in args.paired_batch:
         for dec in decoders.values():
-            decode_rates(dec, batch, args.tokens, args.prompt_len, 0)  # compile
+            decode_times(dec, batch, args.tokens, args.prompt_len, 0)  # compile
         rates = {m: [] for m in decoders}
         for _ in range(args.repeats):
             for m, dec in decoders.items():
-                rates[m] += decode_rates(dec, batch, args.tokens, args.prompt_len, 1, warm=False)
+                t = decode_times(dec, batch, args.tokens, args.prompt_len, 1, warm=False)
+                rates[m].append(steady_rates(t, batch, args.tokens)[0])
         out[str(batch)] = rates
     return out
 
@@ -353,8 +367,8 @@ def _run_worker(args, kind: str, extra: list[str]) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _fmt_rate(rates: list[float]) -> str:
-    return f"{max(rates):.3f} / {statistics.median(rates):.3f}"
+def _fmt_rate(rates: tuple[float, float]) -> str:
+    return f"{rates[0]:.3f} / {rates[1]:.3f}"
 
 
 def main(argv=None) -> int:
@@ -412,38 +426,40 @@ def main(argv=None) -> int:
                 for mode in args.modes:
                     r = _run_worker(args, "speed", ["--mode", mode])
                     print(f"  [{rnd + 1}/{args.rounds}] {mode}: " + ", ".join(
-                        f"batch {b} {_fmt_rate(v)} tok/s" for b, v in r["rates"].items()), flush=True)
-                    if mode in speed:
-                        for b, v in r["rates"].items():
-                            speed[mode]["rates"][b] += v
+                        f"batch {b} {_fmt_rate(steady_rates(t, int(b), args.tokens))} tok/s"
+                        for b, t in r["times"].items()), flush=True)
+                    if mode in speed:  # rounds pool their runs
+                        for b, t in r["times"].items():
+                            for key in t:
+                                speed[mode]["times"][b][key] += t[key]
                         for key in ("rss_load", "peak_load", "rss_decode"):
                             speed[mode][key] = min(speed[mode][key], r[key])
                     else:
                         speed[mode] = r
-            base = speed["float32"]
-            print("\nDecode speed (tokens/s, best / median over repeats), memory (GB):")
+            rates = {m: {b: steady_rates(r["times"][str(b)], b, args.tokens) for b in args.batch} for m, r in speed.items()}
+            base = rates["float32"]
+            print("\nDecode speed (tokens/s from the fastest / the median runs), memory (GB):")
             print("| mode | weights | " + " | ".join(f"batch {b}" for b in args.batch) + " | "
-                  + " | ".join(f"speedup b{b}" for b in args.batch) + " | RSS after load | RSS after decode |")
+                  + " | ".join(f"speedup b{b} (fastest / median)" for b in args.batch)
+                  + " | RSS after load | RSS after decode |")
             print("|---" * (4 + 2 * len(args.batch)) + "|")
             for mode, r in speed.items():
-                rates = [r["rates"][str(b)] for b in args.batch]
-                ups = [max(v) / max(base["rates"][str(b)]) for b, v in zip(args.batch, rates)]
-                print(f"| {mode} | {r['weights'] / GB:.2f} | " + " | ".join(_fmt_rate(v) for v in rates) + " | "
-                      + " | ".join(f"{u:.2f}x" for u in ups) + f" | {r['rss_load'] / GB:.2f} | {r['rss_decode'] / GB:.2f} |")
+                ups = [f"{rates[mode][b][0] / base[b][0]:.2f}x / {rates[mode][b][1] / base[b][1]:.2f}x" for b in args.batch]
+                print(f"| {mode} | {r['weights'] / GB:.2f} | " + " | ".join(_fmt_rate(rates[mode][b]) for b in args.batch)
+                      + " | " + " | ".join(ups) + f" | {r['rss_load'] / GB:.2f} | {r['rss_decode'] / GB:.2f} |")
             for mode, r in speed.items():
                 for b in args.batch:
-                    v = r["rates"][str(b)]
-                    print(f"quantize-speed config={args.config} mode={mode} batch={b} tokens_per_s={max(v):.3f} "
-                          f"median={statistics.median(v):.3f} speedup={max(v) / max(base['rates'][str(b)]):.3f}")
+                    best, med = rates[mode][b]
+                    print(f"quantize-speed config={args.config} mode={mode} batch={b} tokens_per_s={best:.3f} "
+                          f"median={med:.3f} speedup={best / base[b][0]:.3f} speedup_median={med / base[b][1]:.3f}")
                 print(f"quantize-memory config={args.config} mode={mode} source=random rss_gb={r['rss_load'] / GB:.3f} "
                       f"peak_gb={r['peak_load'] / GB:.3f} weights_gb={r['weights'] / GB:.3f}")
             if "int8" in speed:
-                b0 = str(args.batch[0])
-                up = max(speed["int8"]["rates"][b0]) / max(base["rates"][b0])
-                up_med = statistics.median(speed["int8"]["rates"][b0]) / statistics.median(base["rates"][b0])
-                checks.append((f"int8 decode >= 1.7x float32 tokens/s (batch {b0}; best {up:.2f}x, median {up_med:.2f}x)",
-                               up >= 1.7))
-                ratio = speed["int8"]["rss_load"] / base["rss_load"]
+                b0 = args.batch[0]
+                up, up_med = rates["int8"][b0][0] / base[b0][0], rates["int8"][b0][1] / base[b0][1]
+                checks.append((f"int8 decode >= 1.7x float32 tokens/s (batch {b0}; fastest {up:.2f}x, median {up_med:.2f}x)",
+                               min(up, up_med) >= 1.7))
+                ratio = speed["int8"]["rss_load"] / speed["float32"]["rss_load"]
                 checks.append((f"int8 resident memory <= 55 % of float32 (after load: {100 * ratio:.1f} %)", ratio <= 0.55))
 
         if not args.skip_speed and args.paired_batch:
