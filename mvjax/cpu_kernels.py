@@ -57,7 +57,6 @@ namespace {
 
 // int32 lanes stay exact: each lane sums 2 * 4096 / 16 products of |w| <= 127, |x| <= 16383 per block.
 constexpr int64_t kBlockK = 4096;
-constexpr int64_t kMaxCols = 4;
 
 inline int64_t HorizontalSum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -66,44 +65,63 @@ inline int64_t HorizontalSum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// One weight row against C activation columns: streams the row once.
-template <int C>
-void Row(const int8_t* w, const int16_t* x, int64_t k_len, float row_scale, const float* xscale, float* y) {
-  int64_t total[C] = {};
+// An R x C register tile: R weight rows (stride k_len) against C activation columns (stride
+// k_len); every loaded weight vector meets C columns and every activation vector R rows, so
+// the loads per multiply-add fall as the tile grows (R * C + R + 1 <= 16 ymm registers).
+template <int R, int C>
+void Tile(const int8_t* w, const int16_t* x, int64_t k_len, const float* wscale, const float* xscale,
+          float* y, int64_t y_stride) {
+  int64_t total[R][C] = {};
   for (int64_t kb = 0; kb < k_len; kb += kBlockK) {
     const int64_t ke = std::min(k_len, kb + kBlockK);
-    __m256i acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_si256();
+    __m256i acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
     int64_t k = kb;
     for (; k + 16 <= ke; k += 16) {
-      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+      __m256i wv[R];
+      for (int r = 0; r < R; ++r)
+        wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * k_len + k)));
       for (int c = 0; c < C; ++c) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c * k_len + k));
-        acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(wv, xv));
+        for (int r = 0; r < R; ++r) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(wv[r], xv));
       }
     }
-    for (int c = 0; c < C; ++c) {
-      int64_t s = HorizontalSum(acc[c]);
-      for (int64_t j = k; j < ke; ++j) s += int64_t(w[j]) * int64_t(x[c * k_len + j]);
-      total[c] += s;
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) {
+        int64_t s = HorizontalSum(acc[r][c]);
+        for (int64_t j = k; j < ke; ++j) s += int64_t(w[r * k_len + j]) * int64_t(x[c * k_len + j]);
+        total[r][c] += s;
+      }
     }
   }
-  for (int c = 0; c < C; ++c) y[c] = float(total[c]) * row_scale * xscale[c];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * y_stride + c] = float(total[r][c]) * wscale[r] * xscale[c];
 }
 
+// Rows [o0, o1) against columns [c0, c0 + C): the widest row tile that fits the registers,
+// single rows for the remainder.
+template <int R, int C>
+void RowsForColumns(const int8_t* w, const float* wscale, const int16_t* x, const float* xscale, float* y,
+                    int64_t k_len, int64_t n, int64_t o0, int64_t o1, int64_t c0) {
+  int64_t o = o0;
+  for (; o + R <= o1; o += R)
+    Tile<R, C>(w + o * k_len, x + c0 * k_len, k_len, wscale + o, xscale + c0, y + o * n + c0, n);
+  for (; o < o1; ++o)
+    Tile<1, C>(w + o * k_len, x + c0 * k_len, k_len, wscale + o, xscale + c0, y + o * n + c0, n);
+}
+
+// One chunk of rows (sized to stay in L2) against every column, four columns at a time: the
+// chunk comes from memory once and is re-read from cache for each group of columns.
 void Rows(const int8_t* w, const float* wscale, const int16_t* x, const float* xscale, float* y,
           int64_t k_len, int64_t n, int64_t o0, int64_t o1) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const int8_t* wr = w + o * k_len;
-    float* yr = y + o * n;
-    int64_t c = 0;
-    for (; c + kMaxCols <= n; c += kMaxCols) Row<kMaxCols>(wr, x + c * k_len, k_len, wscale[o], xscale + c, yr + c);
-    switch (n - c) {
-      case 3: Row<3>(wr, x + c * k_len, k_len, wscale[o], xscale + c, yr + c); break;
-      case 2: Row<2>(wr, x + c * k_len, k_len, wscale[o], xscale + c, yr + c); break;
-      case 1: Row<1>(wr, x + c * k_len, k_len, wscale[o], xscale + c, yr + c); break;
-      default: break;
-    }
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) RowsForColumns<2, 4>(w, wscale, x, xscale, y, k_len, n, o0, o1, c);
+  switch (n - c) {
+    case 3: RowsForColumns<3, 3>(w, wscale, x, xscale, y, k_len, n, o0, o1, c); break;
+    case 2: RowsForColumns<4, 2>(w, wscale, x, xscale, y, k_len, n, o0, o1, c); break;
+    case 1: RowsForColumns<6, 1>(w, wscale, x, xscale, y, k_len, n, o0, o1, c); break;
+    default: break;
   }
 }
 
@@ -131,7 +149,11 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> w, ffi::Buffer<
   if (out == 0 || n == 0) return ffi::Error::Success();
 
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t chunk = std::max<int64_t>(16, out / (threads * 8));
+  // Chunks of at most ~256 KiB of weights (they stay in L2 while every column group passes),
+  // at least 8 per thread for balance, a multiple of 12 rows (every row tile divides it).
+  const int64_t by_cache = std::max<int64_t>(12, (int64_t(256) << 10) / std::max<int64_t>(k_len, 1));
+  const int64_t by_threads = std::max<int64_t>(12, out / (threads * 8));
+  const int64_t chunk = std::max<int64_t>(12, std::min(by_cache, by_threads) / 12 * 12);
   const int64_t chunks = (out + chunk - 1) / chunk;
   const int64_t helpers = std::min<int64_t>(threads - 1, chunks - 1);
   auto shared = std::make_shared<Shared>();

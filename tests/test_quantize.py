@@ -49,7 +49,7 @@ def test_check_mode():
         Q.check_mode("int4")
 
 
-@pytest.mark.parametrize("out,k,n", [(37, 19, 1), (64, 2048, 2), (130, 300, 5), (48, 4100, 3), (40, 9000, 16)])
+@pytest.mark.parametrize("out,k,n", [(37, 19, 1), (64, 2048, 2), (130, 300, 5), (48, 4100, 3), (40, 9000, 16), (301, 160, 7), (25, 48, 2), (97, 33, 11)])
 def test_int8_matmul_matches_dequantised(out, k, n):
     """The CPU kernel (int8 weights, 15-bit activations, exact int32 sums; K above one 4096 block)
     and the XLA fallback both equal the float64 product of the dequantised weights."""
