@@ -57,6 +57,8 @@ def test_int8_matmul_matches_dequantised(out, k, n):
     entry = Q.quantize_rows(jnp.asarray(rng.standard_normal((out, k)), jnp.float32))
     x = rng.standard_normal((k, n)).astype(np.float32)
     x[0] *= 50  # an outlier feature
+    if n > 2:
+        x[:, 1] = 0.0  # an all-zero column (scale 1, output 0)
     want = np.asarray(Q.dequantize(entry), np.float64) @ x.astype(np.float64)
     assert cpu_kernels.int8_matmul_available(), cpu_kernels._state.get("why")
     got = np.asarray(jax.jit(Q.int8_matmul)(entry, jnp.asarray(x)))
