@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         plan = plan_batch_sizes(tts, frames=ours["frames"], decoder=args.decoder)
         print(f"\nthroughput: batch sizes {plan}")
         texts = [f"{TEXT} Number {i}." for i in range(args.throughput)]
-        kw = dict(max_new_tokens=new_tokens, decoder=args.decoder, long_form=False, batch_size=plan["stage1"])
+        kw = dict(max_new_tokens=new_tokens, decoder=args.decoder, long_form=False, batch_size=plan)
         tts.synthesize(texts, ours["embedding"], **kw)  # compiles the batch shapes
         t = time.perf_counter()
         tts.synthesize(texts, ours["embedding"], **{**kw, "seed": 9})

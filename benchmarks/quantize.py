@@ -211,7 +211,7 @@ def worker_load(args) -> dict:
     from mvjax.checkpoint import load_gpt_stage
 
     config, params, _ = load_gpt_stage(args.model_dir, "first_stage")
-    decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1)
+    decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1, consume_params=True)
     jax.block_until_ready(decoder.params)
     del params
     return {"mode": decoder.quantize or "float32", "weights": tree_nbytes(decoder.params), "rss_load": settle_rss(),

@@ -198,9 +198,11 @@ class FirstStageDecoder:
     """
 
     def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, cache_dtype=None, mesh=None,
-                 quantize: Optional[str] = None):
+                 quantize: Optional[str] = None, consume_params: bool = False):
         """``quantize``: None, ``"int8"`` or ``"bf16"`` weight storage (:mod:`mvjax.quantize`); a
-        tree already quantised (a model directory converted with ``--quantize``) is used as stored."""
+        tree already quantised (a model directory converted with ``--quantize``) is used as stored.
+        ``consume_params``: empty the (freshly loaded) ``params`` tree while re-laying it, so the
+        peak is about one copy of the weights instead of two."""
         if not config.causal:
             raise ValueError("the first-stage decoder needs a causal GPT")
         self.config = config
@@ -208,7 +210,7 @@ class FirstStageDecoder:
         self.dtype = dtype
         self.cache_dtype = cache_dtype or dtype
         self.mesh = mesh
-        self.params = put_replicated(decoder_params(config, params, dtype, quantize), mesh)
+        self.params = put_replicated(decoder_params(config, params, dtype, quantize, consume=consume_params), mesh)
         self.quantize = decode_params_mode(self.params)
         self.compile_count = 0
         self._jitted = {}

@@ -188,7 +188,7 @@ class TTS:
             load_gpt_stage(model_dir, "first_stage"), load_gpt_stage(model_dir, "second_stage"),
             load_encodec(model_dir) if "encodec" in have else None,
             components=have, model_dir=model_dir, mesh=mesh, speaker_cache_dir=speaker_cache_dir, dtype=dtype,
-            quantize=quantize,
+            quantize=quantize, owned=True,
         )
 
     @classmethod
@@ -212,7 +212,9 @@ class TTS:
             tts._mbd = MultiBandDiffusion(mbd[0], mbd[1], mesh=mesh)
         return tts
 
-    def _setup(self, first, second, codec, *, components, model_dir, mesh, speaker_cache_dir, dtype, quantize):
+    def _setup(self, first, second, codec, *, components, model_dir, mesh, speaker_cache_dir, dtype, quantize,
+               owned=False):
+        """``owned``: the first stage's tree was loaded here, so it may be emptied while re-laid."""
         self.model_dir = model_dir
         self.mesh = mesh
         self.components = set(components)
@@ -222,7 +224,8 @@ class TTS:
         self.codebook_size = (self.tokenizer1.offset - 1) // 2
         self.stage2_pad = self.tokenizer2.offset - 1
         self.first_stage = FirstStageDecoder(cfg1, params1, end_of_audio=self.tokenizer1.offset - 1, dtype=dtype,
-                                             mesh=mesh, **({"quantize": quantize} if quantize else {}))
+                                             mesh=mesh, consume_params=owned,
+                                             **({"quantize": quantize} if quantize else {}))
         del params1  # the decoder keeps its own (re-laid) copy
         self.second_stage = SecondStageSampler(cfg2, params2, mesh=mesh, pad_token=self.stage2_pad)
         if codec is not None:

@@ -98,15 +98,16 @@ def _store_fn(mode: str, embedding: bool):
     return store
 
 
-def prepare_quantized_params(config: GPTConfig, params, mode: str, *, embedding: bool = QUANTIZE_EMBEDDING) -> dict:
+def prepare_quantized_params(config: GPTConfig, params, mode: str, *, embedding: bool = QUANTIZE_EMBEDDING,
+                             consume: bool = False) -> dict:
     """A converted parameter tree -> the decode layout with quantised matrices, one matrix at a
-    time (peak: ``params`` plus one layer in float32)."""
+    time (peak: ``params`` plus one layer in float32; ``consume``: see ``prepare_decode_params``)."""
     from mvjax.nn.gpt_decode import prepare_decode_params
 
     mode = check_mode(mode)
     if mode is None:
         raise ValueError("prepare_quantized_params needs a mode: " + ", ".join(MODES))
-    return prepare_decode_params(config, params, store=_store_fn(mode, embedding))
+    return prepare_decode_params(config, params, store=_store_fn(mode, embedding), consume=consume)
 
 
 def quantize_decode_params(prepared: dict, mode: str, *, embedding: bool = QUANTIZE_EMBEDDING) -> dict:
@@ -145,9 +146,11 @@ def decode_params_mode(prepared: dict) -> Optional[str]:
     return "bf16" if jnp.dtype(w.dtype) == jnp.bfloat16 else None
 
 
-def decoder_params(config: GPTConfig, params, dtype=None, quantize: Optional[str] = None) -> dict:
+def decoder_params(config: GPTConfig, params, dtype=None, quantize: Optional[str] = None,
+                   consume: bool = False) -> dict:
     """What :class:`mvjax.decode.FirstStageDecoder` keeps: ``params`` re-laid for decoding, quantised
-    when asked. A tree already in the decode layout (a quantised model directory) is used as is."""
+    when asked. A tree already in the decode layout (a quantised model directory) is used as is.
+    ``consume``: empty ``params`` while re-laying it (lower peak memory; see ``prepare_decode_params``)."""
     from mvjax.nn.gpt_decode import prepare_decode_params
 
     quantize = check_mode(quantize)
@@ -157,8 +160,8 @@ def decoder_params(config: GPTConfig, params, dtype=None, quantize: Optional[str
             raise ValueError(f"the first stage is stored as {stored or 'float32'}; cannot use quantize={quantize!r}")
         return params
     if quantize is None:
-        return prepare_decode_params(config, params, dtype)
-    return prepare_quantized_params(config, params, quantize)
+        return prepare_decode_params(config, params, dtype, consume=consume)
+    return prepare_quantized_params(config, params, quantize, consume=consume)
 
 
 def abstract_decode_params(config: GPTConfig, mode: Optional[str], *, embedding: bool = QUANTIZE_EMBEDDING) -> dict:

@@ -167,6 +167,24 @@ def test_quantize_decode_params_of_a_prepared_tree(stage1):
         Q.quantize_decode_params(direct, "int8")
 
 
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_consuming_relayout_equals_copying_and_empties_the_input(stage1, mode):
+    """``consume=True`` (how TTS.load builds its decoder) gives the same decode tree, leaves the
+    caller's stacked kernels and embedding out of its tree (so they can be freed early), and
+    leaves a tree that was not consumed untouched."""
+    config, params, _ = stage1
+    copy = jax.tree_util.tree_map(lambda a: a, params)  # new dicts, same arrays
+    want = Q.decoder_params(config, params, quantize=mode)
+    got = Q.decoder_params(config, copy, quantize=mode, consume=True)
+    assert tree_digest(got) == tree_digest(want)
+    for group in ("attn", "mlp"):
+        for name, dense in copy["blocks"][group].items():
+            assert "kernel" not in dense, (group, name)
+            assert "kernel" in params["blocks"][group][name]
+    assert "embedding" not in copy["wte_0"] and "kernel" not in copy["speaker_proj"]
+    assert "embedding" in params["wte_0"]
+
+
 # --- conversion ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quantized_dir(fixtures, tmp_path_factory):
