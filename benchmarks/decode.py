@@ -12,9 +12,18 @@ reads every weight once for the whole batch. The benchmark measures the machine'
 read bandwidth itself (a jitted reduction over a 2 GB array, best of several runs) and
 reports ``roofline_frac = steps/s * weight_bytes / bandwidth``. Rates are steady-state
 decoding: the time for N new tokens minus the time for one (prefill + first token); prefill,
-end-to-end and compile times are printed separately. With ``--reference-src`` (a checkout of metavoiceio/metavoice-src) it also times
-the reference gpt-fast style decode (``fam.llm.fast_inference_utils.generate``, eager
-PyTorch, same weights, same precision) and prints the speed ratio.
+end-to-end and compile times are printed separately. With ``--reference-src`` (a checkout of
+metavoiceio/metavoice-src) it also times the reference gpt-fast style decode
+(``fam.llm.fast_inference_utils.generate``, same weights, same precision unless
+``--reference-dtype``) and prints the speed ratio: eager PyTorch on the CPU by default;
+``--reference-device cuda --reference-compile`` runs it as the reference's own GPU setup
+does (``torch.compile(mode="max-autotune", fullgraph=True)`` on its decode step).
+``--dtype bfloat16`` runs our decoder entirely in bfloat16 (weights, activations, KV cache).
+
+On a GPU machine (see benchmarks/RESULTS.md for what to record):
+
+    python benchmarks/decode.py --config full --batch 1 8 --tokens 256 --dtype bfloat16 \
+        --reference-src PATH --reference-device cuda --reference-compile
 
 Each measurement ends with one machine-readable line:
   decode config=<name> batch=<n> dtype=<d> tokens_per_s=<x> GB_per_s=<y> roofline_frac=<z>
@@ -158,18 +167,23 @@ def _import_reference(src: Path):
     return fiu, fm
 
 
-def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prompt_len: int):
+def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prompt_len: int,
+                    device: str = "cpu", dtype: str = "float32", compile: bool = False):
+    """The reference's fast-path ``generate`` on ``decoder``'s weights: on ``device`` in ``dtype``,
+    optionally with its ``decode_one_token`` under ``torch.compile(mode="max-autotune",
+    fullgraph=True)`` as its ``build_model`` does (the setting of its published GPU figures)."""
     import torch
 
     fiu, fm = _import_reference(src)
     torch.set_grad_enabled(False)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     config = decoder.config
     args = fm.ModelArgs(
         block_size=config.block_size, vocab_size=config.vocab_sizes[0], n_layer=config.n_layer,
         n_head=config.n_head, dim=config.n_embd, speaker_emb_dim=SPEAKER_DIM,
         intermediate_size=config.mlp_hidden, norm_eps=config.norm_eps,
     )
-    args.dtype = torch.float32
+    args.dtype = torch_dtype  # its KV cache is made in this dtype
     with torch.device("meta"):
         model = fm.Transformer(args)
     t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32, order="C"))  # a writable copy
@@ -192,25 +206,38 @@ def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prom
             f"layers.{i}.feed_forward.w2.weight": t(b["mlp"]["c_proj"]["w"]),
         })
     model.load_state_dict(state, assign=True)
-    model = model.eval()
-    model.setup_spk_cond_mask()
-    model.setup_caches(max_batch_size=2, max_seq_length=config.block_size)
-    prompt = torch.tensor(prompts_for(1, prompt_len, config)[0], dtype=torch.int)
-    spk = torch.randn(1, SPEAKER_DIM)
+    model = model.eval().to(device=device, dtype=torch_dtype)
+    with torch.device(device):
+        model.setup_spk_cond_mask()
+        model.setup_caches(max_batch_size=2, max_seq_length=config.block_size)
+    if compile:
+        fiu.decode_one_token = torch.compile(fiu.decode_one_token, mode="max-autotune", fullgraph=True)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    prompt = torch.tensor(prompts_for(1, prompt_len, config)[0], dtype=torch.int, device=device)
+    spk = torch.randn(1, SPEAKER_DIM, device=device, dtype=torch_dtype)
+    scalar = lambda v: torch.tensor(v, device=device, dtype=torch_dtype)
     kwargs = dict(
-        temperature=torch.tensor(1.0), top_k=None, top_p=torch.tensor(0.95), guidance_scale=torch.tensor(3.0),
+        temperature=scalar(1.0), top_k=None, top_p=scalar(0.95), guidance_scale=scalar(3.0),
         end_of_audio_token=config.vocab_sizes[0] + 1,
     )
-    fiu.generate(model, prompt, spk, max_new_tokens=4, **kwargs)  # warm-up
-    # Its generate() cannot stop after one token: the baseline is prefill plus one decode step.
-    baseline = _timed(lambda: fiu.generate(model, prompt, spk, max_new_tokens=2, **kwargs), 2)
+
+    def gen(n):
+        out = fiu.generate(model, prompt, spk, max_new_tokens=n, **kwargs)
+        sync()
+        return out
+
     start = time.perf_counter()
-    seq = fiu.generate(model, prompt, spk, max_new_tokens=new_tokens, **kwargs)
+    gen(4)  # warm-up (and compilation)
+    compile_s = time.perf_counter() - start
+    # Its generate() cannot stop after one token: the baseline is prefill plus one decode step.
+    baseline = _timed(lambda: gen(2), 2)
+    start = time.perf_counter()
+    seq = gen(new_tokens)
     total = time.perf_counter() - start
     produced = int(seq.numel()) - prompt_len
     assert produced == new_tokens, produced
     return {"seconds": total - baseline, "tokens": produced - 2, "steps": produced - 2, "prefill_s": baseline,
-            "end_to_end_s": total}
+            "end_to_end_s": total, "compile_s": compile_s}
 
 
 def main(argv=None) -> int:
@@ -223,6 +250,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--reference-src", type=Path, help="metavoice-src checkout to time the reference decode")
     parser.add_argument("--reference-tokens", type=int, default=None, help="new tokens for the reference (default --tokens)")
+    parser.add_argument("--reference-device", default="cpu", help="torch device for the reference (cpu, cuda)")
+    parser.add_argument("--reference-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="reference weights/activations (default: --dtype)")
+    parser.add_argument("--reference-compile", action="store_true",
+                        help="torch.compile the reference's decode step, as its build_model does on GPU")
     args = parser.parse_args(argv)
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -232,7 +264,7 @@ def main(argv=None) -> int:
     params = random_params(config, dtype=dtype)
     weight_bytes = tree_bytes(params)
     # An end-of-audio id outside the vocabulary: every row runs the full number of steps.
-    decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1)
+    decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1, dtype=dtype)
     del params  # the decoder keeps its own re-laid copy
     print(f"config={args.config} params={weight_bytes / dtype(0).dtype.itemsize / 1e9:.3f}B "
           f"weights={weight_bytes / 1e9:.2f} GB  read bandwidth={bandwidth:.1f} GB/s", flush=True)
@@ -254,15 +286,18 @@ def main(argv=None) -> int:
                 print(f"batch {batch} / batch 1 total tokens/s: {tps / ours[1]:.2f}x")
 
     if args.reference_src:
-        if args.dtype != "float32":
-            print("reference timing runs in float32 only", file=sys.stderr)
-            return 2
-        r = bench_reference(args.reference_src, decoder, args.reference_tokens or args.tokens, args.prompt_len)
+        ref_dtype = args.reference_dtype or args.dtype
+        r = bench_reference(args.reference_src, decoder, args.reference_tokens or args.tokens, args.prompt_len,
+                            device=args.reference_device, dtype=ref_dtype, compile=args.reference_compile)
         tps = r["tokens"] / r["seconds"]
-        gbps = r["steps"] / r["seconds"] * weight_bytes / 1e9
-        print(f"  reference batch=1: {r['steps']} decode steps in {r['seconds']:.2f} s; "
-              f"prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s")
-        print(f"decode-reference config={args.config} batch=1 dtype=float32 tokens_per_s={tps:.3f} "
+        ref_bytes = weight_bytes * (2 if ref_dtype == "bfloat16" else 4) / dtype(0).dtype.itemsize
+        gbps = r["steps"] / r["seconds"] * ref_bytes / 1e9
+        print(f"  reference batch=1 ({args.reference_device}, {ref_dtype}, "
+              f"{'torch.compile' if args.reference_compile else 'eager'}): {r['steps']} decode steps in "
+              f"{r['seconds']:.2f} s; prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s, "
+              f"warm-up {r['compile_s']:.1f} s")
+        print(f"decode-reference config={args.config} batch=1 dtype={ref_dtype} device={args.reference_device} "
+              f"compiled={int(args.reference_compile)} tokens_per_s={tps:.3f} "
               f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}")
         if 1 in ours:
             print(f"speedup over reference (batch 1): {ours[1] / tps:.2f}x")
