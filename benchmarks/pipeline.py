@@ -110,6 +110,10 @@ def run_ours(tts, new_tokens: int, decoder: str, repeats: int, seed: int = 0):
     emb = tts.speaker_embedding((audio, rate))
     speaker_s = time.perf_counter() - t
     kw = dict(seed=seed, max_new_tokens=new_tokens, decoder=decoder, long_form=False)
+    # A random first stage could sample end of audio at any step (a 1/2562 chance each), which
+    # would time fewer tokens than asked: move it outside the vocabulary, as the reference side
+    # does, so every run decodes exactly new_tokens (checked below).
+    tts.first_stage.end_of_audio = int(tts.config1.vocab_sizes[0]) + 1
     t = time.perf_counter()
     speech = tts.synthesize(TEXT, emb, **kw)
     first_s = time.perf_counter() - t
@@ -118,6 +122,8 @@ def run_ours(tts, new_tokens: int, decoder: str, repeats: int, seed: int = 0):
         t = time.perf_counter()
         speech = tts.synthesize(TEXT, emb, **{**kw, "seed": seed + 1 + r})
         total = time.perf_counter() - t
+        generated = sum(c.generated_tokens for c in speech.chunks)
+        assert generated == new_tokens, f"decoded {generated} first-stage tokens, not {new_tokens}"
         if best is None or total < best[0]:
             best = (total, dict(tts.last_timings), speech)
     total, stages, speech = best
