@@ -41,12 +41,10 @@ TEXT = "Speed matters: this sentence is what both implementations speak, token f
 
 
 def memory_mb() -> dict:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) / 1024
-    return out
+    """VmRSS and VmHWM of this process in MiB (benchmarks/quantize.py reads them)."""
+    from quantize import proc_status
+
+    return {key: value / 2**20 for key, value in proc_status().items()}
 
 
 # --- Models in the released layouts, random weights ---------------------------------------

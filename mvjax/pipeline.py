@@ -224,8 +224,7 @@ class TTS:
         self.codebook_size = (self.tokenizer1.offset - 1) // 2
         self.stage2_pad = self.tokenizer2.offset - 1
         self.first_stage = FirstStageDecoder(cfg1, params1, end_of_audio=self.tokenizer1.offset - 1, dtype=dtype,
-                                             mesh=mesh, consume_params=owned,
-                                             **({"quantize": quantize} if quantize else {}))
+                                             mesh=mesh, quantize=quantize, consume_params=owned)
         del params1  # the decoder keeps its own (re-laid) copy
         self.second_stage = SecondStageSampler(cfg2, params2, mesh=mesh, pad_token=self.stage2_pad)
         if codec is not None:

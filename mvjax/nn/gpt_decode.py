@@ -157,8 +157,7 @@ def apply_tokens(
         x = x + jnp.repeat(spk, length, axis=1)
     x = x.astype(dtype)
 
-    full_len = cache[0][0].shape[3]
-    cache_len = full_len if attend is None else min(attend, full_len)
+    cache_len = cache[0][0].shape[3] if attend is None else min(attend, cache[0][0].shape[3])
     mask = (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
     if length == 1:  # per-row write positions (rows may sit at different lengths)
         write_rows = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, 0, p)))
@@ -181,11 +180,7 @@ def apply_tokens(
         k, v = split_heads_positions_last(qkv[width:2 * width]), split_heads_positions_last(qkv[2 * width:])
         cache_k, cache_v = write(cache_k, k), write(cache_v, v)
         new_cache.append((cache_k, cache_v))
-        if cache_len < full_len:
-            keys, values = cache_k[..., :cache_len], cache_v[..., :cache_len]
-        else:
-            keys, values = cache_k, cache_v
-        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        keys, values = cache_k[..., :cache_len].astype(q.dtype), cache_v[..., :cache_len].astype(q.dtype)
         scores = jnp.einsum("rhtd,rhds->rhts", q, keys, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
         y = jnp.einsum("rhts,rhds->rhtd", probs.astype(x.dtype), values)
