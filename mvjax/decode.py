@@ -331,6 +331,8 @@ def utterance_keys(seed: int, count: int) -> jax.Array:
 
 
 DEFAULT_STAGE2_TOP_K = 200
+# The reference's synthesis samples the second stage at temperature 1.0 whatever the first stage's.
+DEFAULT_STAGE2_TEMPERATURE = 1.0
 
 
 class SecondStageSampler:

@@ -38,6 +38,8 @@ COMPONENTS = (
 )
 # Margin below which a greedy token is too close to call, per the fixture README.
 GREEDY_MARGIN = 1e-3
+# Fraction of EnCodec encoder codes allowed to differ (near-tie nearest-codeword choices; see check_encodec).
+ENCODE_CODE_TOLERANCE = 0.01
 
 
 @dataclasses.dataclass
@@ -56,7 +58,62 @@ class Check:
 
 
 class FixtureError(RuntimeError):
-    """A fixture file needed by a check is missing."""
+    """A fixture file or array needed by a check is missing."""
+
+
+class FixtureArrays(dict):
+    """The arrays of one fixture ``.npz``; reading an absent key is a :class:`FixtureError` naming it."""
+
+    def __init__(self, rel: str, arrays: dict):
+        super().__init__(arrays)
+        self.rel = rel
+
+    def __missing__(self, key):
+        raise FixtureError(f"{self.rel} lacks {key!r}")
+
+
+# Every array the fixture README documents, per file, as the checks read them. ``{g}``: each
+# decoding case (gen0, gen1, ... at least the two documented), ``{b}``: each stage-2 row,
+# ``{u}``: each diffusion band of the checkpoint. A missing one FAILs the components that use
+# the file, naming it, before anything runs: no check may vanish with its data.
+DOCUMENTED_KEYS = {
+    "stage1/stage1_cases.npz": [
+        "texts", "tok_lengths", "tok_ids", "fwd_idx", "fwd_spk", "fwd_logits_cond", "fwd_logits_uncond",
+        *(f"{{g}}_{k}" for k in ("prompt", "spk", "guidance", "top_p", "max_new_tokens", "seq", "step_logits",
+                                 "margin", "audio_tokens")),
+        "batch_prompt", "batch_lens", "batch_spk", "batch_out",
+    ],
+    "stage2/stage2_cases.npz": [
+        "texts", "input", "spk", "logits", "greedy", "margins",
+        "row{b}_audio2", "row{b}_frames", "row{b}_tilted_audio", "row{b}_tilted_text_ids",
+    ],
+    "speaker/speaker_cases.npz": [
+        "wav16", "trimmed", "mel_slice_starts", "mels", "partial_embeds", "embedding", "short3s_embedding",
+    ],
+    "mbd/mbd_cases.npz": [
+        "tokens", "latent", "wav_encodec", "unet_in", "unet{u}_out_step500", "noises", "wav_diffusion", "wav",
+        "splitbands_in", "splitbands8_out", "splitbands32_out", "encode_in", "encode_codes", "encodec_seed",
+        "encodec_state_sha256",
+    ],
+    "pipeline_cases.npz": [
+        "text", "spk_emb", "stage1_seq", "first_stage_tokens", "stage2_audio_start", "all_codebooks",
+        "stage1_margin", "stage2_margin", "guidance", "top_p", "max_new_tokens",
+    ],
+}
+# The documented decoding cases of stage1_cases.npz; further gen<i>_seq cases are checked too.
+DOCUMENTED_GEN_CASES = ("gen0", "gen1")
+# Which fixture files each component reads.
+COMPONENT_FILES = {
+    "tokenizer": ("stage1/stage1_cases.npz", "stage2/stage2_cases.npz"),
+    "stage1-forward": ("stage1/stage1_cases.npz",),
+    "stage1-decode": ("stage1/stage1_cases.npz",),
+    "stage1-batch": ("stage1/stage1_cases.npz",),
+    "stage2": ("stage2/stage2_cases.npz",),
+    "speaker": ("speaker/speaker_cases.npz",),
+    "encodec": ("mbd/mbd_cases.npz",),
+    "mbd": ("mbd/mbd_cases.npz",),
+    "pipeline": ("pipeline_cases.npz",),
+}
 
 
 def _close(component: str, name: str, got, ref, rel_tol: float) -> Check:
@@ -82,6 +139,8 @@ def _exact(component: str, name: str, got, ref, where=None) -> Check:
     if where is not None:
         diff = diff & where
         compared = int(np.sum(where))
+    if compared == 0:  # a check that compares nothing proves nothing
+        return Check(component, name, False, float("nan"), 0.0, "nothing to compare (every position masked out)")
     wrong = int(diff.sum())
     err = float(np.abs(got.astype(np.int64) - ref.astype(np.int64))[diff].max()) if wrong else 0.0
     return Check(component, name, wrong == 0, err, 0.0, f"{wrong}/{compared} differ" if wrong else f"{compared} compared")
@@ -115,8 +174,34 @@ class Fixture:
             if not path.is_file():
                 raise FixtureError(f"missing fixture file {rel}")
             with np.load(path, allow_pickle=False) as data:
-                self._npz[rel] = {k: data[k] for k in data.files}
+                self._npz[rel] = FixtureArrays(rel, {k: data[k] for k in data.files})
         return self._npz[rel]
+
+    def gen_cases(self) -> list[str]:
+        """The stage-1 decoding cases: the documented gen0, gen1 and any further gen<i> present."""
+        s1 = self.npz("stage1/stage1_cases.npz")
+        extra = {k.split("_")[0] for k in s1 if k.startswith("gen") and k.endswith("_seq")}
+        return sorted(set(DOCUMENTED_GEN_CASES) | extra, key=lambda g: int(g[3:]) if g[3:].isdigit() else 0)
+
+    def missing_keys(self, rel: str) -> list[str]:
+        """Documented arrays of ``rel`` that the file lacks (``{g}``/``{b}``/``{u}`` expanded)."""
+        data = self.npz(rel)
+        names = []
+        for key in DOCUMENTED_KEYS[rel]:
+            if "{g}" in key:
+                names += [key.format(g=g) for g in self.gen_cases()]
+            elif "{b}" in key:
+                rows = data["input"].shape[0] if "input" in data else len(data.get("texts", ()))
+                names += [key.format(b=b) for b in range(rows)]
+            elif "{u}" in key:
+                names += [key.format(u=u) for u in range(self.mbd_band_count())]
+            else:
+                names.append(key)
+        return [k for k in names if k not in data]
+
+    def mbd_band_count(self) -> int:
+        config, _ = self.mbd()
+        return int(config["n_bands"])
 
     def converted(self, sub: str, filename: str, name: str) -> Path:
         """Convert ``sub/filename`` of the fixture with our converter (once); the model directory."""
@@ -214,7 +299,7 @@ def check_tokenizer(fx: Fixture) -> Iterator[Check]:
         yield _exact("tokenizer", f"stage2-ids[{b}]", got[: ref.size], ref)
 
     codebook_size = (tok1.offset - 1) // 2
-    for g in sorted({k.split("_")[0] for k in s1 if k.startswith("gen") and k.endswith("_seq")}):
+    for g in fx.gen_cases():
         _, audio = split_first_stage_tokens(s1[f"{g}_seq"], codebook_size)
         yield _exact("tokenizer", f"stage1-adapter[{g}]", audio, s1[f"{g}_audio_tokens"])
 
@@ -248,6 +333,8 @@ def check_stage2(fx: Fixture) -> Iterator[Check]:
         build_second_stage_input(tok.encode(normalize_text(str(t))), s2[f"row{b}_audio2"], cfg.block_size, pad)
         for b, t in enumerate(s2["texts"])
     ])
+    yield _exact("stage2", "frames", [s2[f"row{b}_audio2"].shape[-1] for b in range(len(s2["texts"]))],
+                 [int(s2[f"row{b}_frames"]) for b in range(len(s2["texts"]))])
     yield _exact("stage2", "input", built, s2["input"])
     spk = s2["spk"] if cfg.speaker_emb_dim is not None else None
     logits = np.stack([np.asarray(x) for x in forward(cfg, params, s2["input"], spk)], axis=1)
@@ -273,9 +360,8 @@ def check_speaker(fx: Fixture) -> Iterator[Check]:
     yield _within("speaker", "mels", utt.mels, sp["mels"], 1e-3 * float(np.abs(sp["mels"]).max()))
     yield from _cosine("speaker", "partial-embeds", utt.partial_embeddings, sp["partial_embeds"])
     yield from _cosine("speaker", "embedding", utt.embedding, sp["embedding"])
-    if "short3s_embedding" in sp:
-        short = encoder.embed_utterance(sp["trimmed"][: 3 * encoder.config.sample_rate])
-        yield from _cosine("speaker", "short3s-embedding", short.embedding, sp["short3s_embedding"])
+    short = encoder.embed_utterance(sp["trimmed"][: 3 * encoder.config.sample_rate])
+    yield from _cosine("speaker", "short3s-embedding", short.embedding, sp["short3s_embedding"])
 
 
 def check_encodec(fx: Fixture) -> Iterator[Check]:
@@ -298,8 +384,14 @@ def check_encodec(fx: Fixture) -> Iterator[Check]:
     if codes.shape != mb["encode_codes"].shape:
         yield Check("encodec", "encode-codes", False, float("inf"), 0.01, f"shape {codes.shape} != {mb['encode_codes'].shape}")
     else:
+        # Encoding ends in nearest-neighbour searches over 1024 codewords per quantizer. Where two
+        # codewords are within float32 rounding of the residual, either choice is a faithful
+        # float32 result, and the flip changes the residual that every later quantizer sees. The
+        # fixture stores no margins to mask such frames, so up to 1 % of codes may differ
+        # (measured: 0 on the shared fixtures); decoding (above) is compared value by value.
         mismatch = float(np.mean(codes != mb["encode_codes"]))
-        yield Check("encodec", "encode-codes", mismatch <= 0.01, mismatch, 0.01, "fraction of codes that differ")
+        yield Check("encodec", "encode-codes", mismatch <= ENCODE_CODE_TOLERANCE, mismatch, ENCODE_CODE_TOLERANCE,
+                    "fraction of codes that differ")
 
 
 def check_splitbands(fx: Fixture) -> Iterator[Check]:
@@ -307,10 +399,9 @@ def check_splitbands(fx: Fixture) -> Iterator[Check]:
     from mvjax.bands import split_bands
 
     mb = fx.npz("mbd/mbd_cases.npz")
-    for key in sorted(k for k in mb if k.startswith("splitbands") and k.endswith("_out")):
-        n = int(key[len("splitbands"):-len("_out")])
+    for n in (8, 32):
         got = split_bands(mb["splitbands_in"], 24000, n)
-        yield _within("mbd", f"splitbands{n}", got, mb[key], 1e-5)
+        yield _within("mbd", f"splitbands{n}", got, mb[f"splitbands{n}_out"], 1e-5)
 
 
 def check_mbd(fx: Fixture) -> Iterator[Check]:
@@ -325,8 +416,6 @@ def check_mbd(fx: Fixture) -> Iterator[Check]:
     config, params = fx.mbd()
     for b, band in enumerate(config["bands"]):
         key = f"unet{b}_out_step500"
-        if key not in mb:
-            continue
         cfg = UnetConfig(**band["unet"])
         out = jax.jit(lambda p, x, c, cfg=cfg: unet_apply(cfg, p, x, 500, c))(params[f"band_{b}"], mb["unet_in"], mb["latent"])
         yield _within("mbd", f"unet{b}-step500", out, mb[key], 1e-4 * float(np.abs(mb[key]).max()))
@@ -354,10 +443,7 @@ def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
 
     s1 = fx.npz("stage1/stage1_cases.npz")
     decoder = _first_stage_decoder(fx)
-    cases = sorted({k.split("_")[0] for k in s1 if k.startswith("gen") and k.endswith("_seq")})
-    if not cases:
-        raise FixtureError("stage1_cases.npz has no gen*_seq cases")
-    for g in cases:
+    for g in fx.gen_cases():
         top_p = float(s1[f"{g}_top_p"])
         sampling = SamplingConfig(
             guidance=float(s1[f"{g}_guidance"]), temperature=0.0, top_p=top_p if top_p > 0 else None
@@ -369,8 +455,11 @@ def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
         yield _exact("stage1-decode", f"{g}-seq", result.sequences[0], s1[f"{g}_seq"])
         ref_logits = s1[f"{g}_step_logits"]
         got = result.step_logits[0]
-        steps = min(len(got), len(ref_logits))
-        yield _close("stage1-decode", f"{g}-step-logits", got[:steps], ref_logits[:steps], 1e-3)
+        check = _close("stage1-decode", f"{g}-step-logits", got, ref_logits, 1e-4)
+        margin = float(s1[f"{g}_margin"])
+        if margin < GREEDY_MARGIN:
+            check.note = f"reference greedy margin {margin:.2g} is below {GREEDY_MARGIN:g}"
+        yield check
 
 
 def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
@@ -395,7 +484,9 @@ def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
 def check_pipeline(fx: Fixture) -> Iterator[Check]:
     """Speaker embedding from the fixture voice, then both stages through :class:`mvjax.pipeline.TTS`
     (greedy, the case's guidance / top-p / max_new_tokens, no chunking)."""
+    from mvjax.decode import SamplingConfig, utterance_keys
     from mvjax.pipeline import TTS
+    from mvjax.text import normalize_text
 
     p = fx.npz("pipeline_cases.npz")
     wav_path = fx.root / "speaker" / "reference_speaker.wav"
@@ -407,12 +498,25 @@ def check_pipeline(fx: Fixture) -> Iterator[Check]:
     embedding = tts.speaker_embedding(wav_path)
     yield from _cosine("pipeline", "speaker-embedding", embedding, p["spk_emb"])
     top_p = float(p["top_p"])
+    top_p = top_p if top_p > 0 else None
     speech = tts.tokens(
-        str(p["text"]), embedding, temperature=0.0, guidance_scale=float(p["guidance"]),
-        top_p=top_p if top_p > 0 else None, max_new_tokens=int(p["max_new_tokens"]), long_form=False,
+        str(p["text"]), embedding, temperature=0.0, stage2_temperature=0.0, guidance_scale=float(p["guidance"]),
+        top_p=top_p, max_new_tokens=int(p["max_new_tokens"]), long_form=False,
     )
+    # The whole first-stage sequence (prompt, then every sampled token) from the same decoder.
+    prompt = tts.tokenizer1.encode(normalize_text(str(p["text"])))
+    result = tts.first_stage.generate(
+        [prompt], embedding[None], utterance_keys(0, 1),
+        SamplingConfig(guidance=float(p["guidance"]), temperature=0.0, top_p=top_p),
+        max_new_tokens=int(p["max_new_tokens"]),
+    )
+    seq = _exact("pipeline", "stage1-seq", result.sequences[0], p["stage1_seq"])
+    if float(p["stage1_margin"]) < GREEDY_MARGIN:
+        seq.note += f"; reference stage-1 margin {float(p['stage1_margin']):.2g} is below {GREEDY_MARGIN:g}"
+    yield seq
     yield _exact("pipeline", "first-stage-tokens", speech.first_stage, p["first_stage_tokens"])
-    margin = float(p.get("stage2_margin", np.inf))
+    yield _exact("pipeline", "stage2-audio-start", [speech.chunks[0].prompt_tokens], [int(p["stage2_audio_start"])])
+    margin = float(p["stage2_margin"])
     check = _exact("pipeline", "all-codebooks", speech.all_codebooks, p["all_codebooks"])
     if margin < GREEDY_MARGIN:
         check.note += f"; reference stage-2 margin {margin:.2g} is below {GREEDY_MARGIN:g}"
@@ -432,31 +536,44 @@ CHECKS: dict[str, Callable[[Fixture], Iterator[Check]]] = {
 }
 
 
-def run(fixture_dir: str | Path, only: list[str] | None = None, emit: Callable[[str], None] = print) -> list[Check]:
-    import jax
+def run(fixture_dir: str | Path, only: list[str] | None = None, emit: Callable[[str], None] = print,
+        matmul_precision: str | None = None) -> list[Check]:
+    """Run the checks of ``only`` (default: every component) at the runtime's matmul policy
+    (:mod:`mvjax.precision`; ``matmul_precision`` overrides it like the CLIs' flag)."""
+    from mvjax.precision import apply as apply_precision
 
-    jax.config.update("jax_default_matmul_precision", "highest")
+    policy = apply_precision(matmul_precision)
+    emit(f"matmul precision: {policy}")
     root = Path(fixture_dir)
     if not root.is_dir():
         raise FixtureError(f"fixture directory not found: {root}")
-    results: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="mvjax-parity-") as tmp:
-        fx = Fixture(root, Path(tmp))
-        for component in only or list(COMPONENTS):
-            fn = CHECKS.get(component)
-            if fn is None:
-                check = Check(component, "all", False, float("nan"), float("nan"), "not implemented yet")
-                results.append(check)
-                emit(check.line())
+        return run_checks(Fixture(root, Path(tmp)), only, emit)
+
+
+def run_checks(fx: Fixture, only: list[str] | None = None, emit: Callable[[str], None] = print) -> list[Check]:
+    """The checks of ``only`` on an open :class:`Fixture`; a component whose fixture files lack a
+    documented array FAILs, naming every missing one, without running."""
+    results: list[Check] = []
+
+    def record(check: Check) -> None:
+        results.append(check)
+        emit(check.line())
+
+    for component in only or list(COMPONENTS):
+        fn = CHECKS.get(component)
+        if fn is None:
+            record(Check(component, "all", False, float("nan"), float("nan"), "not implemented yet"))
+            continue
+        try:
+            missing = [f"{rel} lacks {key!r}" for rel in COMPONENT_FILES[component] for key in fx.missing_keys(rel)]
+            if missing:
+                record(Check(component, "fixture", False, float("nan"), float("nan"), "; ".join(missing)))
                 continue
-            try:
-                for check in fn(fx):
-                    results.append(check)
-                    emit(check.line())
-            except FixtureError as exc:
-                check = Check(component, "fixture", False, float("nan"), float("nan"), str(exc))
-                results.append(check)
-                emit(check.line())
+            for check in fn(fx):
+                record(check)
+        except FixtureError as exc:
+            record(Check(component, "fixture", False, float("nan"), float("nan"), str(exc)))
     return results
 
 
@@ -464,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mvjax.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("fixture_dir", help="fixture directory (layout of shared/fixtures/metavoice_ref)")
     parser.add_argument("--only", help=f"comma-separated components: {','.join(COMPONENTS)}")
+    parser.add_argument("--matmul-precision", choices=["highest", "high", "default"],
+                        help="float32 matmul precision to certify (default: the runtime's, $MVJAX_MATMUL_PRECISION "
+                             "or 'highest')")
     args = parser.parse_args(argv)
     only = None
     if args.only:
@@ -473,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}", file=sys.stderr)
             return 2
     try:
-        results = run(args.fixture_dir, only)
+        results = run(args.fixture_dir, only, matmul_precision=args.matmul_precision)
     except (FixtureError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -38,6 +38,7 @@ import numpy as np
 
 from mvjax.decode import (
     DEFAULT_GUIDANCE,
+    DEFAULT_STAGE2_TEMPERATURE,
     DEFAULT_STAGE2_TOP_K,
     DEFAULT_TOP_P,
     BlockFullWarning,
@@ -175,7 +176,8 @@ def diffusion_frames_bucket(frames: int) -> int:
 class TTS:
     """A loaded MetaVoice model. Build with :meth:`load`; call :meth:`synthesize`."""
 
-    def __init__(self, model_dir: Path, mesh=None, speaker_cache_dir="default", dtype=jnp.float32, quantize=None):
+    def __init__(self, model_dir: Path, mesh=None, speaker_cache_dir="default", dtype=jnp.float32, quantize=None,
+                 matmul_precision: Optional[str] = None):
         """Load the converted model directory ``model_dir`` (see :meth:`load` for other sources)."""
         from mvjax.checkpoint import ModelDirError, load_encodec, load_gpt_stage, read_manifest
 
@@ -188,12 +190,12 @@ class TTS:
             load_gpt_stage(model_dir, "first_stage"), load_gpt_stage(model_dir, "second_stage"),
             load_encodec(model_dir) if "encodec" in have else None,
             components=have, model_dir=model_dir, mesh=mesh, speaker_cache_dir=speaker_cache_dir, dtype=dtype,
-            quantize=quantize, owned=True,
+            quantize=quantize, matmul_precision=matmul_precision, owned=True,
         )
 
     @classmethod
     def from_parts(cls, first_stage, second_stage, codec=None, speaker=None, mbd=None, *, mesh=None,
-                   speaker_cache_dir=None, dtype=jnp.float32, quantize=None) -> "TTS":
+                   speaker_cache_dir=None, dtype=jnp.float32, quantize=None, matmul_precision=None) -> "TTS":
         """Build from components already in memory: ``first_stage``/``second_stage`` as
         (GPTConfig, params, Tokenizer), ``codec`` (EncodecConfig, params), ``speaker``
         (SpeakerEncoderConfig, params), ``mbd`` (config dict, params); the last three optional."""
@@ -201,7 +203,8 @@ class TTS:
         have = {"first_stage", "second_stage"} | {name for name, part in
                                                    (("encodec", codec), ("speaker_encoder", speaker), ("mbd", mbd)) if part}
         tts._setup(first_stage, second_stage, codec, components=have, model_dir=None, mesh=mesh,
-                   speaker_cache_dir=speaker_cache_dir, dtype=dtype, quantize=quantize)
+                   speaker_cache_dir=speaker_cache_dir, dtype=dtype, quantize=quantize,
+                   matmul_precision=matmul_precision)
         if speaker is not None:
             from mvjax.speaker import SpeakerEncoder
 
@@ -213,8 +216,13 @@ class TTS:
         return tts
 
     def _setup(self, first, second, codec, *, components, model_dir, mesh, speaker_cache_dir, dtype, quantize,
-               owned=False):
-        """``owned``: the first stage's tree was loaded here, so it may be emptied while re-laid."""
+               matmul_precision=None, owned=False):
+        """``owned``: the first stage's tree was loaded here, so it may be emptied while re-laid.
+        ``matmul_precision``: the policy of :mod:`mvjax.precision` (default "highest", the one
+        ``python -m mvjax.parity`` certifies); set process-wide before anything is traced."""
+        from mvjax.precision import apply as apply_precision
+
+        self.matmul_precision = apply_precision(matmul_precision)
         self.model_dir = model_dir
         self.mesh = mesh
         self.components = set(components)
@@ -248,12 +256,18 @@ class TTS:
     @classmethod
     def load(cls, path: str | os.PathLike, *, devices: Optional[Sequence] = None, mesh="auto",
              speaker_cache_dir="default", cache_root: Optional[str | os.PathLike] = None,
-             log_fn: Callable[[str], None] = log.info, quantize: Optional[str] = None) -> "TTS":
+             log_fn: Callable[[str], None] = log.info, quantize: Optional[str] = None,
+             matmul_precision: Optional[str] = None) -> "TTS":
         """Load a converted model directory, an unconverted one (converted once into the cache),
         or a Hugging Face repo id (downloaded, then converted). ``mesh``: ``"auto"`` splits batches
         over every local device (or ``devices``) when there are several, ``None`` uses one device.
-        ``quantize``: first-stage weights as ``"int8"`` (weight-only, per output channel) or ``"bf16"``."""
+        ``quantize``: first-stage weights as ``"int8"`` (weight-only, per output channel) or ``"bf16"``.
+        ``matmul_precision``: "highest" (default, what the parity tool certifies), "high" or
+        "default" (see :mod:`mvjax.precision`)."""
         from mvjax.models import resolve_model
+        from mvjax.precision import resolve as resolve_precision
+
+        resolve_precision(matmul_precision)  # a bad policy fails before any download or conversion
 
         model_dir = resolve_model(path, cache_root=cache_root, log_fn=log_fn)
         if mesh == "auto":
@@ -261,7 +275,8 @@ class TTS:
 
             devs = list(jax.local_devices() if devices is None else devices)
             mesh = local_mesh(devs) if len(devs) > 1 else None
-        return cls(model_dir, mesh=mesh, speaker_cache_dir=speaker_cache_dir, quantize=quantize)
+        return cls(model_dir, mesh=mesh, speaker_cache_dir=speaker_cache_dir, quantize=quantize,
+                   matmul_precision=matmul_precision)
 
     @property
     def speaker_encoder(self):
@@ -342,6 +357,7 @@ class TTS:
         top_p: Optional[float] = DEFAULT_TOP_P,
         guidance_scale: float = DEFAULT_GUIDANCE,
         stage2_top_k: Optional[int] = DEFAULT_STAGE2_TOP_K,
+        stage2_temperature: float = DEFAULT_STAGE2_TEMPERATURE,
         max_new_tokens: Optional[int] = None,
         decoder: str = "mbd",
         enhance: bool = True,
@@ -354,8 +370,9 @@ class TTS:
         """Speak ``text`` (one string, or a list for a batch) in the voice of ``speaker``.
 
         ``speaker``: audio path, ``(audio, rate)``, embedding array (or ``.npy`` path); one for
-        all texts or one per text. ``temperature`` applies to both stages (0 = greedy);
-        ``top_p`` and ``guidance_scale`` to the first, ``stage2_top_k`` to the second.
+        all texts or one per text. ``temperature``, ``top_p`` and ``guidance_scale`` shape the
+        first stage; ``stage2_temperature`` (1.0, fixed in the reference's synthesis) and
+        ``stage2_top_k`` the second. A temperature of 0 is greedy.
         ``max_new_tokens`` caps first-stage tokens per chunk (default: until end of audio or
         the block is full). ``decoder``: ``"mbd"`` (multi-band diffusion) or ``"encodec"``.
         ``enhance``: DeepFilterNet3 (output at 48 kHz); ``normalize``: -14 LUFS.
@@ -373,8 +390,8 @@ class TTS:
         sizes = self._batch_sizes(batch_size, decoder, max_new_tokens)
         normalised, embeddings, chunks = self._tokens(
             text, speaker, seed=seed, temperature=temperature, top_p=top_p, guidance_scale=guidance_scale,
-            stage2_top_k=stage2_top_k, max_new_tokens=max_new_tokens, long_form=long_form, batch_size=sizes,
-            utterance_ids=utterance_ids, progress=progress)
+            stage2_top_k=stage2_top_k, stage2_temperature=stage2_temperature, max_new_tokens=max_new_tokens,
+            long_form=long_form, batch_size=sizes, utterance_ids=utterance_ids, progress=progress)
         self._decode(chunks, decoder, sizes["decoder"], progress)
         results = []
         for u, t in enumerate(normalised):
@@ -397,15 +414,17 @@ class TTS:
         return results[0] if single else results
 
     def _tokens(self, text, speaker, *, seed=0, temperature=1.0, top_p=DEFAULT_TOP_P, guidance_scale=DEFAULT_GUIDANCE,
-                stage2_top_k=DEFAULT_STAGE2_TOP_K, max_new_tokens=None, long_form=True, batch_size=DEFAULT_BATCH_SIZE,
-                utterance_ids=None, progress=False):
+                stage2_top_k=DEFAULT_STAGE2_TOP_K, stage2_temperature=DEFAULT_STAGE2_TEMPERATURE, max_new_tokens=None,
+                long_form=True, batch_size=DEFAULT_BATCH_SIZE, utterance_ids=None, progress=False):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise SynthesisError("no text given")
         if utterance_ids is not None and len(utterance_ids) != len(texts):
             raise SynthesisError(f"got {len(utterance_ids)} utterance ids for {len(texts)} texts")
-        if temperature < 0:
+        if not temperature >= 0:
             raise SynthesisError("temperature must be >= 0")
+        if not stage2_temperature >= 0:
+            raise SynthesisError("stage2_temperature must be >= 0")
         if top_p is not None and not (0 < top_p <= 1):
             raise SynthesisError("top_p must be in (0, 1]")
         if max_new_tokens is not None and max_new_tokens < 2:
@@ -461,7 +480,7 @@ class TTS:
                               f"{c.text[:60]!r}", BlockFullWarning, stacklevel=2)
 
         with _Timer(self.last_timings, "stage2"):
-            self._second_stage(chunks, embeddings, temperature, stage2_top_k, sizes["stage2"], progress)
+            self._second_stage(chunks, embeddings, stage2_temperature, stage2_top_k, sizes["stage2"], progress)
         return normalised, embeddings, chunks
 
     def _batch_sizes(self, batch_size, decoder, max_new_tokens) -> dict:

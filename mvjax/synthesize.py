@@ -86,9 +86,11 @@ def _parser() -> argparse.ArgumentParser:
                                            "(a directory for --text-file: one .npz per output)")
     smp = p.add_argument_group("sampling")
     smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--temperature", type=float, default=1.0, help="both stages; 0 = greedy (default 1.0)")
+    smp.add_argument("--temperature", type=float, default=1.0, help="first stage; 0 = greedy (default 1.0)")
     smp.add_argument("--top-p", type=float, default=0.95, help="first stage nucleus (default 0.95)")
     smp.add_argument("--guidance-scale", type=float, default=3.0, help="first stage speaker guidance (default 3.0)")
+    smp.add_argument("--stage2-temperature", type=float, default=1.0,
+                     help="second stage; 0 = greedy (default 1.0, which the reference's synthesis always uses)")
     smp.add_argument("--stage2-top-k", type=int, default=200, help="second stage top-k (default 200; 0 = off)")
     smp.add_argument("--max-new-tokens", type=int, help="first-stage tokens per chunk (default: until end of audio "
                                                           "or the block is full)")
@@ -100,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("--quantize", choices=["int8", "bf16"],
                      help="first-stage weights: int8 (per output channel; faster on CPU, a quarter of the memory) "
                      "or bf16 (for GPU/TPU); default: as stored (float32 unless converted with --quantize)")
+    dec.add_argument("--matmul-precision", choices=["highest", "high", "default"],
+                     help="float32 matmul precision (default: $MVJAX_MATMUL_PRECISION or 'highest', the program "
+                          "python -m mvjax.parity certifies; 'high'/'default' are faster on GPUs and TPUs)")
     dec.add_argument("--batch-size", default="8", help="utterances (chunks) per device per batch, or 'auto': the "
                                                        "largest each stage fits in free memory (throughput mode)")
     par = p.add_argument_group("multi-process")
@@ -217,6 +222,12 @@ def run(argv: list[str] | None = None) -> int:
             raise UsageError(f"--batch-size must be a positive integer or 'auto', not {args.batch_size!r}") from None
         if args.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
+    from mvjax.precision import PrecisionError, resolve
+
+    try:
+        resolve(args.matmul_precision)
+    except PrecisionError as exc:
+        raise UsageError(str(exc)) from None
     jobs = _read_jobs(args)
     _check_outputs(jobs, args)
     for job in jobs:  # cheap text checks before any model loads
@@ -258,7 +269,7 @@ def run(argv: list[str] | None = None) -> int:
     if not share:
         return 0
     speakers = [_speaker_for(job, args, demo_voice) for _, job in share]
-    tts = TTS.load(model, log_fn=log.info, quantize=args.quantize)
+    tts = TTS.load(model, log_fn=log.info, quantize=args.quantize, matmul_precision=args.matmul_precision)
     import time
 
     started = time.perf_counter()
@@ -268,7 +279,8 @@ def run(argv: list[str] | None = None) -> int:
             results = tts.synthesize(
                 [job["text"] for _, job in share], speakers,
                 seed=args.seed, temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
-                stage2_top_k=args.stage2_top_k, max_new_tokens=max_new, decoder=args.decoder,
+                stage2_top_k=args.stage2_top_k, stage2_temperature=args.stage2_temperature, max_new_tokens=max_new,
+                decoder=args.decoder,
                 enhance=not args.no_enhance, long_form=not args.no_long_form, batch_size=args.batch_size,
                 utterance_ids=[i for i, _ in share], progress=not args.quiet and sys.stderr.isatty(),
             )

@@ -33,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noises", help=".npy of diffusion noises in the reference's call order (replays a reference run)")
     parser.add_argument("--raw", action="store_true", help="write the decoder output as is (float32, no loudness/enhancement)")
     parser.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 enhancement")
+    parser.add_argument("--matmul-precision", choices=["highest", "high", "default"],
+                        help="float32 matmul precision (default: $MVJAX_MATMUL_PRECISION or 'highest'; see mvjax.precision)")
     args = parser.parse_args(argv)
+    from mvjax.precision import PrecisionError, apply as apply_precision
+
+    try:
+        apply_precision(args.matmul_precision)
+    except PrecisionError as exc:
+        return _fail(str(exc))
 
     out = Path(args.out)
     if not out.parent.is_dir():

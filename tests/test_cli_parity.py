@@ -1,8 +1,11 @@
 """python -m mvjax.parity on the shared fixtures, and the torch-free runtime."""
 
+import os
 import subprocess
 import sys
 import textwrap
+
+import numpy as np
 
 from tests.conftest import REPO
 
@@ -84,3 +87,56 @@ def test_runtime_never_imports_torch(converted, fixtures):
     assert res.stdout.startswith("OK")
     _, err, tol = res.stdout.split()
     assert float(err) <= float(tol)
+
+
+def _documented_keys(fx):
+    from mvjax.parity import DOCUMENTED_KEYS
+
+    for rel in DOCUMENTED_KEYS:
+        data = fx.npz(rel)
+        assert fx.missing_keys(rel) == [], rel
+        # the documented names as this fixture spells them (each case, row and band)
+        full = dict(data)
+        for key in DOCUMENTED_KEYS[rel]:
+            if "{" not in key:
+                yield rel, key
+        for key in full:
+            if any(key.startswith(p) for p in ("gen0_", "gen1_", "row", "unet")) and key != "unet_in":
+                yield rel, key
+
+
+def test_parity_fails_naming_each_missing_documented_key(fixtures, tmp_path):
+    """Delete each documented fixture array in turn: the components reading that file FAIL naming it."""
+    from mvjax.parity import COMPONENT_FILES, Fixture, FixtureArrays, run_checks
+
+    fx = Fixture(fixtures, tmp_path)
+    pairs = sorted(set(_documented_keys(fx)))
+    assert len(pairs) > 60
+    for rel, key in pairs:
+        original = fx._npz[rel]
+        fx._npz[rel] = FixtureArrays(rel, {k: v for k, v in original.items() if k != key})
+        try:
+            readers = [c for c, files in COMPONENT_FILES.items() if rel in files]
+            results = run_checks(fx, readers, emit=lambda line: None)
+        finally:
+            fx._npz[rel] = original
+        assert {r.component for r in results} == set(readers), (rel, key)
+        for r in results:
+            assert not r.passed and r.name == "fixture" and repr(key) in r.note and rel in r.note, (rel, key, r)
+
+
+def test_a_fully_masked_token_check_fails():
+    from mvjax.parity import _exact
+
+    check = _exact("stage2", "greedy", np.zeros((2, 3)), np.zeros((2, 3)), where=np.zeros((2, 3), bool))
+    assert not check.passed and "nothing to compare" in check.note
+    assert _exact("stage2", "greedy", np.zeros(3), np.zeros(3), where=np.array([True, False, False])).passed
+
+
+def test_parity_reports_its_matmul_policy(fixtures):
+    res = _parity(str(fixtures), "--only", "stage1-forward", "--matmul-precision", "high")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[0] == "matmul precision: high"
+    res = subprocess.run([sys.executable, "-m", "mvjax.parity", str(fixtures), "--only", "stage1-forward"],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "MVJAX_MATMUL_PRECISION": "fast"})
+    assert res.returncode == 1 and "MVJAX_MATMUL_PRECISION must be one of" in res.stderr and "Traceback" not in res.stderr

@@ -33,7 +33,7 @@ def test_tokens_reproduce_pipeline_cases(tts, voice, fixtures):
     p = np.load(fixtures / "pipeline_cases.npz")
     cos = float(voice @ p["spk_emb"] / np.linalg.norm(voice) / np.linalg.norm(p["spk_emb"]))
     assert cos >= 0.9999
-    speech = tts.tokens(str(p["text"]), voice, temperature=0.0, guidance_scale=float(p["guidance"]),
+    speech = tts.tokens(str(p["text"]), voice, temperature=0.0, stage2_temperature=0.0, guidance_scale=float(p["guidance"]),
                         top_p=float(p["top_p"]), max_new_tokens=int(p["max_new_tokens"]), long_form=False)
     np.testing.assert_array_equal(speech.first_stage, p["first_stage_tokens"])
     np.testing.assert_array_equal(speech.all_codebooks, p["all_codebooks"])
@@ -96,7 +96,7 @@ def test_chunk_that_fills_the_block_is_split_again(tts, voice):
     """Without a token cap the random fixture model never ends the audio, so a whole sentence fills
     the block: it is re-split (up to the limit) and a chunk of one word that still overflows is reported."""
     with pytest.warns(UserWarning, match="cut short"):
-        speech = tts.tokens("Two words.", voice, seed=0, temperature=0.0)
+        speech = tts.tokens("Two words.", voice, seed=0, temperature=0.0, stage2_temperature=0.0)
     assert len(speech.chunks) == 2
     assert [c.text for c in speech.chunks] == ["Two", "words."]
     assert all(c.hit_block_end or c.stage2_cut for c in speech.chunks)
@@ -229,3 +229,40 @@ def test_auto_batch_sizes_follow_free_memory(demo_tts):
     assert len(out) == 2 and set(demo_tts.last_timings) >= {"stage1", "stage2", "codec"}
     with pytest.raises(SynthesisError, match="batch"):
         demo_tts.synthesize("One.", voice, batch_size=0)
+
+
+def test_stage2_temperature_is_its_own_option(tts, voice, fixtures):
+    """The first stage's temperature does not reach the second stage (the reference samples it at 1.0)."""
+    p = np.load(fixtures / "pipeline_cases.npz")
+    kw = dict(guidance_scale=float(p["guidance"]), top_p=float(p["top_p"]), max_new_tokens=int(p["max_new_tokens"]),
+              long_form=False, temperature=0.0)
+    default = tts.tokens(str(p["text"]), voice, **kw)
+    greedy = tts.tokens(str(p["text"]), voice, stage2_temperature=0.0, **kw)
+    np.testing.assert_array_equal(default.first_stage, p["first_stage_tokens"])
+    np.testing.assert_array_equal(greedy.all_codebooks, p["all_codebooks"])
+    assert (default.all_codebooks[2:] != p["all_codebooks"][2:]).mean() > 0.05  # sampled at 1.0 (~20 % differ), not greedy
+    with pytest.raises(SynthesisError, match="stage2_temperature"):
+        tts.tokens("Hi.", voice, stage2_temperature=float("nan"))
+
+
+def test_tts_applies_the_matmul_policy(tts, full_model, monkeypatch):
+    """TTS sets the policy the parity tool certifies (highest), or the one asked for."""
+    import jax
+
+    from mvjax.checkpoint import load_gpt_stage
+    from mvjax.precision import DEFAULT_POLICY, PrecisionError, apply, resolve
+
+    assert DEFAULT_POLICY == "highest" and tts.matmul_precision == "highest"
+    assert jax.config.jax_default_matmul_precision == "highest"
+    try:
+        monkeypatch.setenv("MVJAX_MATMUL_PRECISION", "high")
+        assert resolve() == "high" and resolve("default") == "default"
+        model = TTS.from_parts(load_gpt_stage(full_model, "first_stage"), load_gpt_stage(full_model, "second_stage"))
+        assert model.matmul_precision == "high" and jax.config.jax_default_matmul_precision == "high"
+        monkeypatch.setenv("MVJAX_MATMUL_PRECISION", "fastest")
+        with pytest.raises(PrecisionError, match="MVJAX_MATMUL_PRECISION"):
+            resolve()
+    finally:
+        monkeypatch.delenv("MVJAX_MATMUL_PRECISION")
+        apply()
+    assert jax.config.jax_default_matmul_precision == "highest"

@@ -39,7 +39,7 @@ def test_cli_reproduces_pipeline_cases(full_model, fixtures, speaker_wav, tmp_pa
     p = np.load(fixtures / "pipeline_cases.npz")
     out, tokens = tmp_path / "hello.wav", tmp_path / "hello.npz"
     rc = main(["--model", str(full_model), "--text", str(p["text"]), "--speaker", speaker_wav, "--out", str(out),
-               "--temperature", "0", "--max-new-tokens", str(int(p["max_new_tokens"])), "--save-tokens", str(tokens),
+               "--temperature", "0", "--stage2-temperature", "0", "--max-new-tokens", str(int(p["max_new_tokens"])), "--save-tokens", str(tokens),
                "--decoder", "encodec", "--quiet"])
     assert rc == 0
     saved = np.load(tokens)
