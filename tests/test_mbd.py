@@ -81,6 +81,30 @@ def test_schedule_plan():
     assert plan.noisy_steps == 19 and plan.noise_std[-1] == 0 and np.all(plan.noise_std[:-1] > 0)
 
 
+def test_torch_linspace_is_one_fused_rounding():
+    """torch's CPU linspace is ``start + step * i`` (``end - step * (n - 1 - i)`` past halfway) with one
+    rounding (its vector kernels contract to an FMA): every value must be a nearest float32 of the exact
+    rational result. Pure arithmetic, so it holds on any CPU."""
+    from fractions import Fraction
+
+    from mvjax.bands import torch_linspace_f32
+
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    for _ in range(200):
+        count = int(rng.integers(2, 80))
+        start = float(f32(rng.choice([0.0, rng.normal() * 100])))
+        end = float(f32(start + abs(rng.normal()) * 3000 + 1))
+        got = torch_linspace_f32(start, end, count)
+        step = f32((f32(end) - f32(start)) / f32(count - 1))
+        for i, value in enumerate(got):
+            exact = Fraction(start) + Fraction(float(step)) * i if i < count // 2 else \
+                Fraction(end) - Fraction(float(step)) * (count - 1 - i)
+            err = abs(Fraction(float(value)) - exact)
+            for neighbour in (np.nextafter(value, f32(np.inf)), np.nextafter(value, f32(-np.inf))):
+                assert err <= abs(Fraction(float(neighbour)) - exact), (start, end, count, i)
+
+
 def test_split_bands_matches_julius_and_sums_back(cases):
     for n in (8, 32):
         bands = split_bands(cases["splitbands_in"], 24000, n)
