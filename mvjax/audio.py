@@ -23,6 +23,11 @@ class AudioError(ValueError):
     """Audio that cannot be read or used."""
 
 
+# Extensions libsndfile decodes itself; a failure to read one of these is a damaged file, not a
+# missing decoder.
+NATIVE_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+
+
 # --- Reading -----------------------------------------------------------------------------
 
 
@@ -36,7 +41,11 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        data, rate = _load_with_ffmpeg(path, reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if path.suffix.lower() in NATIVE_SUFFIXES and shutil.which("ffmpeg") is None:
+            # a format libsndfile reads itself: the file is damaged, no decoder is missing
+            raise AudioError(f"{path}: not a valid {path.suffix[1:].upper()} file ({reason})") from None
+        data, rate = _load_with_ffmpeg(path, reason=reason)
     data = np.ascontiguousarray(data.T)
     if data.shape[-1] == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
@@ -186,20 +195,51 @@ def mel_power_spectrogram(audio: np.ndarray, rate: int, n_fft: int, hop_length: 
 # --- Writing -----------------------------------------------------------------------------
 
 
+# Output containers by extension: (libsndfile format, subtype for 16-bit output, subtype for float output).
+# FLAC has no float samples, so float output is stored as 24-bit there; Ogg holds Vorbis.
+OUTPUT_FORMATS = {
+    ".wav": ("WAV", "PCM_16", "FLOAT"),
+    ".flac": ("FLAC", "PCM_16", "PCM_24"),
+    ".ogg": ("OGG", "VORBIS", "VORBIS"),
+}
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The container ``path``'s extension names (``WAV``, ``FLAC``, ``OGG``); AudioError for any other."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise AudioError(f"cannot write {path}: the extension must be one of {', '.join(sorted(OUTPUT_FORMATS))}")
+    return OUTPUT_FORMATS[suffix][0]
+
+
 def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int, subtype: str = "FLOAT") -> None:
-    """Write (channels, samples) or (samples,) audio atomically: a temporary file, then a rename."""
+    """Write (channels, samples) or (samples,) audio atomically in the format its extension names.
+
+    ``subtype`` "PCM_16" asks for 16-bit samples, "FLOAT" for float32 where the container has
+    them (WAV; FLAC stores 24-bit, Ogg Vorbis is lossy either way). The file is encoded in
+    memory and written through :mod:`mvjax.atomic`, so a full disk is an ``AudioError`` naming
+    the system error and never leaves a partial file.
+    """
+    import io
+
     import soundfile as sf
 
+    from mvjax.atomic import write_bytes
+
     path = Path(path)
+    container, pcm16, floating = OUTPUT_FORMATS.get(path.suffix.lower(), (None, None, None))
+    if container is None:
+        output_format(path)  # raises the one-line error
     data = np.asarray(audio, np.float32)
     data = data.T if data.ndim == 2 else data
     if not path.parent.is_dir():
         raise AudioError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        sf.write(tmp, data, rate, subtype=subtype, format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        sf.write(buffer, data, rate, subtype=pcm16 if subtype == "PCM_16" else floating, format=container)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise AudioError(f"cannot encode {path} as {container}: {exc}") from None
+    try:
+        write_bytes(path, buffer.getvalue())
+    except OSError as exc:
+        raise AudioError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -65,15 +65,36 @@ def _restore_window_gb(abstract) -> int:
     return max(1, math.ceil(largest / 1e9))
 
 
+# Checkpointers whose restore failed: kept open for the life of the process. tensorstore may still
+# deliver callbacks for reads that were in flight when the error surfaced; had the checkpointer
+# (and its asyncio loop) been closed, each of them prints an "Event loop is closed" traceback.
+_FAILED_CHECKPOINTERS: list = []
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The first line of a tensorstore/orbax error, without the JSON spec it appends."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(" [tensorstore_spec=")[0][:300]
+
+
 def restore_tree(path: Path, abstract: Mapping[str, Any] | None = None) -> dict:
+    """Restore an Orbax tree; a damaged or incomplete checkpoint is a one-line :class:`ModelDirError`."""
     import orbax.checkpoint as ocp
 
+    path = Path(path).absolute()
     if abstract is None:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(Path(path).absolute())
-    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_restore_window_gb(abstract))
-    with ocp.Checkpointer(handler) as ckptr:
-        return ckptr.restore(Path(path).absolute(), args=ocp.args.StandardRestore(abstract))
+        ckptr, kwargs = ocp.StandardCheckpointer(), {}
+    else:
+        handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_restore_window_gb(abstract))
+        ckptr, kwargs = ocp.Checkpointer(handler), {"args": ocp.args.StandardRestore(abstract)}
+    try:
+        tree = ckptr.restore(path, **kwargs)
+    except Exception as exc:
+        _FAILED_CHECKPOINTERS.append(ckptr)
+        raise ModelDirError(f"{path.parent}: its parameters cannot be read ({_short_reason(exc)}); the files are "
+                            "damaged or incomplete: convert the checkpoints again") from None
+    ckptr.close()
+    return tree
 
 
 def read_manifest(model_dir: str | Path) -> dict:

@@ -6,8 +6,10 @@ directory:
 - a converted directory (it has ``manifest.json``) is used as is;
 - a directory of released checkpoints (``first_stage.pt``, ``second_stage.pt``,
   ``speaker_encoder.pt``, ``encodec_24khz-*.th``, ``mbd_comp_*.pt``) is converted once into
-  the cache (``$MVJAX_CACHE`` or ``~/.cache/mvjax``, under ``converted/``) and reused while the
-  files are unchanged;
+  the cache (``$MVJAX_CACHE`` or ``~/.cache/mvjax``, under ``converted/<digest>``), keyed by the
+  files' names and contents: moving, copying or touching them reuses the conversion, editing one
+  makes a new one. Nothing is deleted automatically; ``rm -rf ~/.cache/mvjax/converted`` (or
+  ``$MVJAX_CACHE/converted``) frees the space, and the next run converts again;
 - a Hugging Face repo id (``metavoiceio/metavoice-1B-v0.1``) is downloaded with
   ``huggingface_hub`` together with the diffusion decoder (``facebook/multiband-diffusion``,
   ``mbd_comp_8.pt``) and the EnCodec 24 kHz codec from its published URL, then converted.
@@ -39,11 +41,41 @@ def cache_root(root: Optional[str | os.PathLike] = None) -> Path:
     return Path(os.environ.get("MVJAX_CACHE", Path.home() / ".cache" / "mvjax"))
 
 
-def _fingerprint(files: list[Path]) -> str:
+def _file_digest(path: Path, index: dict) -> str:
+    """sha256 of a file's bytes, remembered in ``index`` under its (real path, size, mtime, inode)
+    so an unchanged file is hashed once (~3 s for the 5 GB of released checkpoints)."""
+    real = path.resolve()
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if key not in index:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        index[key] = h.hexdigest()
+    return index[key]
+
+
+def _fingerprint(files: list[Path], root: Path) -> str:
+    """A key for a set of released checkpoints from their names and contents only: the same files
+    copied, moved or touched map to the same converted model; an edited file to a new one."""
+    import json
+
+    index_path = root / "converted" / "digests.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
     h = hashlib.sha256()
-    for f in sorted(files):
-        st = f.stat()
-        h.update(f"{f.resolve()}\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for f in sorted(files, key=lambda p: p.name):
+        h.update(f"{f.name}\0{_file_digest(f, index)}\n".encode())
+    try:
+        from mvjax.atomic import write_bytes
+
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(index_path, json.dumps(index, indent=0, sort_keys=True).encode())
+    except OSError:  # a read-only cache only costs re-hashing next time
+        pass
     return h.hexdigest()[:20]
 
 
@@ -57,7 +89,8 @@ def convert_cached(source: Path, root: Optional[Path] = None, log_fn: Callable[[
             f"{source} is neither a converted model (no {MANIFEST}) nor a directory of released checkpoints "
             "(first_stage.pt, second_stage.pt, speaker_encoder.pt, encodec_24khz-*.th, mbd_comp_*.pt)"
         )
-    out = cache_root(root) / "converted" / _fingerprint(list(found.values()))
+    base = cache_root(root)
+    out = base / "converted" / _fingerprint(list(found.values()), base)
     if (out / MANIFEST).is_file():
         return out
     log_fn(f"converting {source} into {out} (once)")

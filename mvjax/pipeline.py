@@ -117,17 +117,11 @@ class Speech:
 
 
 def _atomic_npz(path: Path, arrays: dict) -> None:
-    import tempfile
+    from mvjax.atomic import atomic_path
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclasses.dataclass
@@ -171,6 +165,16 @@ def diffusion_frames_bucket(frames: int) -> int:
     if frames <= 256:
         return max(16, _next_pow2(frames))
     return -(-frames // 256) * 256
+
+
+def _counted(batches: list[list], total: int, desc: str):
+    """Yield ``batches`` while a terminal bar counts chunks done of ``total``, with rate and ETA."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="chunk", leave=False, dynamic_ncols=True) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch))
 
 
 class TTS:
@@ -527,11 +531,9 @@ class TTS:
 
         size = max(1, batch_size) * device_count(self.mesh) if self.mesh is not None else batch_size
         batches = [items[i : i + size] for i in range(0, len(items), size)]
-        if progress and len(batches) > 0:
-            from tqdm import tqdm
-
-            return tqdm(batches, desc=desc, unit="batch", leave=False)
-        return batches
+        if not (progress and batches):
+            return batches
+        return _counted(batches, len(items), desc)
 
     def _first_stage(self, chunks, embeddings, sampling, max_new_tokens, batch_size, progress):
         for c in chunks:
@@ -585,38 +587,58 @@ class TTS:
         return codec.decode_latent(self.codec_config, params, latent)
 
     def _decode(self, chunks, decoder, batch_size, progress):
-        from mvjax.nn import encodec as codec
-        from mvjax.parallel import pad_rows, padded_size, put_batch
-
-        hop = self.codec_config.hop_length
         empty = [c for c in chunks if c.all_codebooks.shape[1] == 0]
         for c in empty:
             c.wav = np.zeros((1, 0), np.float32)
         # Similar lengths share a padded size (and a compiled function).
         ordered = sorted((c for c in chunks if c.all_codebooks.shape[1] > 0), key=lambda c: c.all_codebooks.shape[1])
         desc = "diffusion" if decoder == "mbd" else "codec"
-        for batch in self._batches(ordered, batch_size, progress, desc):
-            frames = diffusion_frames_bucket(max(c.all_codebooks.shape[1] for c in batch))
-            codes = np.stack([np.pad(c.all_codebooks, ((0, 0), (0, frames - c.all_codebooks.shape[1])), mode="edge")
-                              for c in batch])
-            rows = padded_size(_next_pow2(len(batch)), self.mesh)
-            codes = pad_rows(codes, rows)
-            with _Timer(self.last_timings, "codec"):
-                latent = np.asarray(codec.codes_to_latent(self._codec_params, codes))
-                wav_codec = np.asarray(self._codec_decode(self._codec_params, put_batch(latent, self.mesh)))
-            with _Timer(self.last_timings, "diffusion" if decoder == "mbd" else "codec"):
-                if decoder == "mbd":
-                    keys = pad_rows(np.stack([np.asarray(jax.random.fold_in(c.key, _DIFFUSION)) for c in batch]), rows)
-                    diffused = self.diffusion.generate(latent, wav_codec.shape, row_keys=keys)
-                for i, c in enumerate(batch):
-                    n = c.all_codebooks.shape[1] * hop
-                    ref = wav_codec[i, :, :n]
-                    if decoder == "mbd":
-                        from mvjax.diffusion import re_eq
+        for group in self._batches(ordered, batch_size, progress, desc):
+            frames = diffusion_frames_bucket(max(c.all_codebooks.shape[1] for c in group))
+            for batch in self._fitting(group, frames, decoder):
+                self._decode_batch(batch, frames, decoder)
 
-                        c.wav = re_eq(diffused[i, :, :n], ref, self.sample_rate)
-                    else:
-                        c.wav = ref.astype(np.float32)
+    def _fitting(self, batch: list, frames: int, decoder: str) -> list[list]:
+        """``batch`` split into pieces whose diffusion working memory (attention included, see
+        :func:`mvjax.throughput.diffusion_bytes_per_row`) fits in the free memory of a device. The
+        padded length ``frames`` is shared by the pieces, so their noise and results do not change."""
+        if decoder != "mbd" or len(batch) == 1:
+            return [batch]
+        from mvjax.parallel import device_count
+        from mvjax.throughput import diffusion_bytes_per_row, rows_that_fit
+
+        per_row = diffusion_bytes_per_row(self.diffusion, frames * self.codec_config.hop_length, frames)
+        fit = rows_that_fit(per_row) * (device_count(self.mesh) if self.mesh is not None else 1)
+        if fit < len(batch):
+            log.info("diffusion: %d chunks of %d frames need ~%.1f GB; decoding %d at a time", len(batch), frames,
+                     len(batch) * per_row / 1e9, fit)
+        return [batch[i : i + fit] for i in range(0, len(batch), fit)]
+
+    def _decode_batch(self, batch: list, frames: int, decoder: str) -> None:
+        from mvjax.nn import encodec as codec
+        from mvjax.parallel import pad_rows, padded_size, put_batch
+
+        hop = self.codec_config.hop_length
+        codes = np.stack([np.pad(c.all_codebooks, ((0, 0), (0, frames - c.all_codebooks.shape[1])), mode="edge")
+                          for c in batch])
+        rows = padded_size(_next_pow2(len(batch)), self.mesh)
+        codes = pad_rows(codes, rows)
+        with _Timer(self.last_timings, "codec"):
+            latent = np.asarray(codec.codes_to_latent(self._codec_params, codes))
+            wav_codec = np.asarray(self._codec_decode(self._codec_params, put_batch(latent, self.mesh)))
+        with _Timer(self.last_timings, "diffusion" if decoder == "mbd" else "codec"):
+            if decoder == "mbd":
+                keys = pad_rows(np.stack([np.asarray(jax.random.fold_in(c.key, _DIFFUSION)) for c in batch]), rows)
+                diffused = self.diffusion.generate(latent, wav_codec.shape, row_keys=keys)
+            for i, c in enumerate(batch):
+                n = c.all_codebooks.shape[1] * hop
+                ref = wav_codec[i, :, :n]
+                if decoder == "mbd":
+                    from mvjax.diffusion import re_eq
+
+                    c.wav = re_eq(diffused[i, :, :n], ref, self.sample_rate)
+                else:
+                    c.wav = ref.astype(np.float32)
 
     def _finish(self, text, wav, embedding, chunks, normalize, enhance) -> Speech:
         rate = self.sample_rate

@@ -148,11 +148,12 @@ def default_cache_dir() -> Path:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
+    from mvjax.atomic import atomic_path
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array)
     except OSError as exc:  # a read-only cache must not break synthesis
         warnings.warn(f"could not write the speaker-embedding cache at {path.parent}: {exc}", stacklevel=3)

@@ -138,24 +138,54 @@ def _read_jobs(args) -> list[dict]:
             reader = csv.DictReader(io.StringIO(raw, newline=""))
             if not reader.fieldnames or "text" not in reader.fieldnames:
                 raise UsageError(f"{path}: a .csv text file needs a header with a 'text' column (text,speaker,out)")
-            for row in reader:
+            for row_number, row in enumerate(reader):
                 jobs.append({"text": row.get("text") or "", "speaker": (row.get("speaker") or "").strip() or None,
-                             "out": (row.get("out") or "").strip() or None})
+                             "out": (row.get("out") or "").strip() or None, "index": row_number,
+                             "where": f"{path} row {row_number + 1}"})
         else:
-            jobs = [{"text": line, "speaker": None, "out": None} for line in raw.splitlines() if line.strip()]
+            # Numbered by line (blank lines keep their number), so OUT_DIR/NNNN.wav is line NNNN + 1.
+            jobs = [{"text": line, "speaker": None, "out": None, "index": n, "where": f"{path} line {n + 1}"}
+                    for n, line in enumerate(raw.splitlines()) if line.strip()]
         if not jobs:
             raise UsageError(f"{path} holds no text")
-        for i, job in enumerate(jobs):
-            job["out"] = Path(job["out"]) if job["out"] else out_dir / f"{i:04d}.wav"
+        for job in jobs:
+            job["out"] = Path(job["out"]) if job["out"] else out_dir / f"{job['index']:04d}.wav"
             if job["speaker"] and not Path(job["speaker"]).is_absolute():
                 job["speaker"] = str(path.parent / job["speaker"]) if (path.parent / job["speaker"]).exists() else job["speaker"]
         return jobs
     text = DEMO_TEXT if args.text is None else args.text
-    return [{"text": text, "speaker": None, "out": Path(args.out)}]
+    return [{"text": text, "speaker": None, "out": Path(args.out), "index": 0, "where": "--text"}]
+
+
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _check_numbers(args) -> None:
+    """Every numeric option finite and in range, before anything loads."""
+    import math
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UsageError(message)
+
+    for name in ("temperature", "stage2_temperature", "guidance_scale"):
+        value = getattr(args, name)
+        need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
+    need(math.isfinite(args.top_p) and 0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}")
+    need(args.stage2_top_k >= 0, f"--stage2-top-k must be >= 0 (0 = off), not {args.stage2_top_k}")
+    need(args.max_new_tokens is None or args.max_new_tokens >= 2,
+         f"--max-new-tokens must be >= 2 (two tokens per audio frame), not {args.max_new_tokens}")
+    need(SEED_RANGE[0] <= args.seed <= SEED_RANGE[1], f"--seed must be in [0, {SEED_RANGE[1]}], not {args.seed}")
+    need(args.num_processes is None or args.num_processes >= 1, "--num-processes must be >= 1")
+    need(args.process_id is None or args.process_id >= 0, "--process-id must be >= 0")
+    need(args.process_id is None or args.num_processes is None or args.process_id < args.num_processes,
+         "--process-id must be below --num-processes")
 
 
 def _check_outputs(jobs: list[dict], args) -> None:
-    speakers = {Path(s).resolve() for s in [args.speaker, args.speaker_embedding] + [j["speaker"] for j in jobs] if s}
+    # Every file the run reads; nothing the run writes may be one of them.
+    speakers = {Path(s).resolve() for s in [args.speaker, args.speaker_embedding, args.text_file]
+                + [j["speaker"] for j in jobs] if s}
     seen = set()
     for job in jobs:
         out = job["out"]
@@ -163,13 +193,14 @@ def _check_outputs(jobs: list[dict], args) -> None:
             raise UsageError(f"output {out} must end in one of {', '.join(sorted(AUDIO_SUFFIXES))}")
         resolved = out.resolve()
         if resolved in speakers:
-            raise UsageError(f"output {out} is a speaker reference; refusing to overwrite it")
+            raise UsageError(f"output {out} is an input (speaker reference or text file); refusing to overwrite it")
         if resolved in seen:
             raise UsageError(f"output {out} is named twice")
         seen.add(resolved)
         parent = out.parent
-        if args.text_file and parent == Path(args.out) and not parent.exists() and parent.parent.is_dir():
-            parent.mkdir(exist_ok=True)  # the batch output directory itself may be new
+        batch_dir = bool(args.text_file) and parent == Path(args.out)
+        if batch_dir and not parent.exists() and parent.parent.is_dir() and os.access(parent.parent, os.W_OK):
+            continue  # the batch output directory itself may be new: created when the first file is written
         if not parent.is_dir():
             raise UsageError(f"output directory {parent} does not exist")
         if not os.access(parent, os.W_OK):
@@ -183,6 +214,21 @@ def _check_outputs(jobs: list[dict], args) -> None:
             raise UsageError(f"with --text-file, --save-tokens must be an existing directory: {where}")
         if not where.is_dir() or not os.access(where, os.W_OK):
             raise UsageError(f"cannot write tokens to {target}: directory missing or not writable")
+        outputs = {job["out"].resolve() for job in jobs}
+        tokens_seen: dict[Path, Path] = {}
+        for job in jobs:
+            job["tokens"] = target / f"{job['out'].stem}.npz" if args.text_file else target
+            if job["tokens"].suffix.lower() != ".npz":
+                raise UsageError(f"--save-tokens {job['tokens']} must end in .npz")
+            resolved = job["tokens"].resolve()
+            if resolved in speakers or resolved in outputs:
+                raise UsageError(f"--save-tokens {job['tokens']} is an input or an audio output; refusing to overwrite it")
+            if resolved in tokens_seen:
+                raise UsageError(f"outputs {tokens_seen[resolved]} and {job['out']} would both save tokens to "
+                                 f"{job['tokens']}; give them different file names")
+            if job["tokens"].is_dir():
+                raise UsageError(f"--save-tokens {job['tokens']} is a directory")
+            tokens_seen[resolved] = job["out"]
 
 
 def _speaker_for(job, args, demo_voice):
@@ -228,13 +274,18 @@ def run(argv: list[str] | None = None) -> int:
         resolve(args.matmul_precision)
     except PrecisionError as exc:
         raise UsageError(str(exc)) from None
+    _check_numbers(args)
     jobs = _read_jobs(args)
     _check_outputs(jobs, args)
-    for job in jobs:  # cheap text checks before any model loads
-        from mvjax.text import normalize_text
+    from mvjax.text import TextError, normalize_text
 
-        if not normalize_text(job["text"]):
-            raise UsageError(f"text {jobs.index(job) + 1} is empty" if len(jobs) > 1 else "text is empty")
+    for job in jobs:  # cheap text checks before any model loads; a bad line is named
+        try:
+            normalized = normalize_text(job["text"])
+        except TextError as exc:
+            raise UsageError(f"{job['where']}: {exc}") from None
+        if not normalized:
+            raise UsageError(f"{job['where']}: the text is empty" if args.text_file else "text is empty")
 
     if args.coordinator or args.num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         from mvjax.parallel import initialize_distributed
@@ -249,11 +300,16 @@ def run(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     demo_voice = None
     max_new = args.max_new_tokens
+    enhance = not args.no_enhance
     if args.demo:
         from mvjax.demo import demo_model_dir, demo_speaker_audio
 
         print("demo: a small model with random weights, built on the fly; the output is noise, not speech",
               file=sys.stderr)
+        if enhance:  # DeepFilterNet3 would remove that noise and leave a near-silent file
+            print("demo: DeepFilterNet3 enhancement skipped (it would filter the random model's noise away); "
+                  "the output stays at 24 kHz", file=sys.stderr)
+            enhance = False
         model = demo_model_dir()
         demo_voice = demo_speaker_audio()
         from mvjax.speaker import ShortReferenceWarning
@@ -281,16 +337,16 @@ def run(argv: list[str] | None = None) -> int:
                 seed=args.seed, temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
                 stage2_top_k=args.stage2_top_k, stage2_temperature=args.stage2_temperature, max_new_tokens=max_new,
                 decoder=args.decoder,
-                enhance=not args.no_enhance, long_form=not args.no_long_form, batch_size=args.batch_size,
-                utterance_ids=[i for i, _ in share], progress=not args.quiet and sys.stderr.isatty(),
+                enhance=enhance, long_form=not args.no_long_form, batch_size=args.batch_size,
+                utterance_ids=[job["index"] for _, job in share], progress=not args.quiet and sys.stderr.isatty(),
             )
     finally:
         tts.close()
     for (i, job), speech in zip(share, results):
+        job["out"].parent.mkdir(exist_ok=True)  # a new batch output directory, made only once there is output
         speech.save(job["out"])
         if args.save_tokens:
-            target = Path(args.save_tokens)
-            speech.save_tokens(target / f"{job['out'].stem}.npz" if args.text_file else target)
+            speech.save_tokens(job["tokens"])
         chunks = f", {len(speech.chunks)} chunks" if len(speech.chunks) > 1 else ""
         cut = " (speech cut short: a block filled)" if speech.truncated else ""
         print(f"wrote {job['out']} ({speech.duration:.2f} s at {speech.sample_rate} Hz{chunks}){cut}")
@@ -324,5 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{type(exc).__name__}: {detail} (set MVJAX_DEBUG=1 for the traceback)")
 
 
+def exit_now(code: int) -> None:
+    """End the process with ``code``. After a failure, skip interpreter teardown: background I/O threads
+    (tensorstore reads behind a damaged checkpoint) would otherwise print tracebacks after our one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        os._exit(code)
+    sys.exit(0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

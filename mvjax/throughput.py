@@ -51,11 +51,59 @@ def per_utterance_bytes(tts, frames: int, decoder: str = "mbd") -> dict[str, int
     codec = 6 * tts.codec_config.n_filters * 2 ** len(tts.codec_config.ratios) * frames * 4 + 8 * samples * 4
     decode = codec
     if decoder == "mbd" and "mbd" in tts.components:
-        bands = tts.diffusion.bands
-        widest = max(b.hidden for b in bands)
-        # Each band's U-Net keeps its skips; the top levels dominate (full and 1/stride rate).
-        decode += len(bands) * 40 * widest * samples * 4 + tts.diffusion.noise_count() * samples * 4
+        decode += diffusion_bytes_per_row(tts.diffusion, samples, frames)
     return {"stage1": int(stage1), "stage2": int(stage2), "decoder": int(decode)}
+
+
+# Live copies of a level's activation while its convolutions, norms and residual blocks run
+# (input, output, normalised, two residual temporaries, the stored skip), on each side of the U-Net.
+_LEVEL_COPIES = 12
+
+
+def unet_bytes_per_row(cfg, samples: int, latent_frames: int) -> int:
+    """Working bytes of one U-Net evaluation on one row of ``samples`` waveform samples.
+
+    Every level's activation (channels x its length, both the encoder and the mirrored
+    decoder side), plus the bottleneck: a transformer holds per layer the attention scores
+    and probabilities of its 8 heads over the bottleneck length squared (and against the
+    latent frames with cross-attention), its projections and its 2048-wide feed-forward. The
+    attention term is quadratic in length: at 256 frames a stride-4, depth-2 U-Net has a
+    5,120-step bottleneck, 0.84 GB of scores per head group per row.
+    """
+    import math
+
+    from mvjax.nn.diffusion_unet import TRANSFORMER_HEADS
+
+    total = cfg.chin * samples * 4 * 4  # input, noise, output, the sampler's running estimate
+    length = samples
+    for _, chout in cfg.channels():
+        length = math.ceil(length / cfg.stride)
+        total += _LEVEL_COPIES * chout * length * 4
+    width = cfg.bottleneck
+    if cfg.transformer:
+        scores = 2 * TRANSFORMER_HEADS * length * length * 4
+        if cfg.cross_attention:
+            scores += 2 * TRANSFORMER_HEADS * length * latent_frames * 4
+        total += scores + 6 * length * width * 4 + 2 * length * 2048 * 4
+    elif cfg.bilstm:
+        total += 12 * length * width * 4
+    return int(total)
+
+
+def diffusion_bytes_per_row(mbd, samples: int, latent_frames: int) -> int:
+    """Working bytes per row of :meth:`MultiBandDiffusion.generate`: the largest band's U-Net (bands
+    run one after another inside one program), every band's output, the noise draws and the
+    per-step noise buffers the sampler stacks."""
+    unet = max(unet_bytes_per_row(cfg, samples, latent_frames) for cfg in mbd.bands)
+    steps = sum(len(plan.steps) for plan in mbd.plans)
+    buffers = (len(mbd.bands) + mbd.noise_count() + steps) * samples * 4
+    return int(unet + buffers)
+
+
+def rows_that_fit(bytes_per_row: int, available: Optional[int] = None, fraction: float = 0.7) -> int:
+    """How many rows of ``bytes_per_row`` fit in ``fraction`` of the free memory (at least 1)."""
+    budget = fraction * (free_bytes() if available is None else available)
+    return max(1, int(budget // max(1, bytes_per_row)))
 
 
 def plan_batch_sizes(tts, frames: int, decoder: str = "mbd", available: Optional[int] = None,

@@ -46,12 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         return _fail(f"output directory {out.parent} does not exist")
+    from mvjax.audio import AudioError, output_format
+
     try:
-        with np.load(args.tokens) as data:
+        output_format(out)
+    except AudioError as exc:
+        return _fail(str(exc))
+    if out.resolve() == Path(args.tokens).resolve():
+        return _fail(f"output {out} is the tokens file; refusing to overwrite it")
+    try:
+        data = np.load(args.tokens, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return _fail(f"cannot read {args.tokens}: {exc}")
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        return _fail(f"{args.tokens} is a single array; give the .npz that --save-tokens writes (with all_codebooks)")
+    try:
+        with data:
             if "all_codebooks" not in data:
                 return _fail(f"{args.tokens} has no 'all_codebooks' array (found: {', '.join(data.files) or 'nothing'})")
             codes = np.asarray(data["all_codebooks"])
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         return _fail(f"cannot read {args.tokens}: {exc}")
     if codes.ndim == 2:
         codes = codes[None]
@@ -117,10 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             rate = DF_SAMPLE_RATE
     outputs = [out] if len(results) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(results))]
     for path, audio in zip(outputs, results):
-        write_wav(path, audio, rate, subtype="FLOAT" if args.raw else "PCM_16")
+        try:
+            write_wav(path, audio, rate, subtype="FLOAT" if args.raw else "PCM_16")
+        except AudioError as exc:
+            return _fail(str(exc))
         print(f"wrote {path} ({audio.shape[-1] / rate:.2f} s at {rate} Hz)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mvjax.synthesize import exit_now
+
+    exit_now(main())
