@@ -57,9 +57,12 @@ def test_demo_runs_on_a_fresh_cache(tmp_path):
     out = tmp_path / "demo.wav"
     res = _cli("--demo", "--out", str(out), env={"MVJAX_CACHE": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "not speech" in res.stderr
+    assert "not speech" in res.stderr and "enhancement skipped" in res.stderr
     audio, rate = sf.read(out)
-    assert rate == 48000 and audio.size > 0 and np.all(np.isfinite(audio))
+    assert rate == 24000 and audio.size > 0 and np.all(np.isfinite(audio))
+    # Audibly something: DeepFilterNet3 is skipped in demo mode, so the loudness-normalised noise stays.
+    rms_db = 20 * np.log10(np.sqrt(np.mean(audio ** 2)) + 1e-12)
+    assert rms_db > -30, rms_db
     # The demo model is written in the released layout and converted by our converter.
     manifest = next((tmp_path / "cache" / "demo").glob("*/manifest.json"))
     assert all(k in manifest.read_text() for k in ("first_stage", "second_stage", "speaker_encoder", "encodec", "mbd"))
