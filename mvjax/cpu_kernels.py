@@ -15,7 +15,9 @@ split over XLA's intra-op thread pool. Needs x86-64 with AVX2 and FMA, Linux, an
 compiler (``$CXX``, else ``c++``/``g++``/``clang++``); the shared library is cached under
 ``$MVJAX_CACHE/kernels`` (default ``~/.cache/mvjax``), keyed by the source, jaxlib version
 and compiler. Where it cannot be built :func:`int8_matmul_available` is False and callers use
-plain XLA. ``MVJAX_CPU_KERNELS=0`` disables it.
+plain XLA (:func:`mvjax.quantize.int8_matmul_xla`). ``MVJAX_CPU_KERNELS=0`` disables it.
+Activation columns holding NaN or inf cannot be rounded to integers; their outputs are
+recomputed in float32 so they propagate as in a float matmul (:func:`int8_matmul`).
 """
 
 from __future__ import annotations
@@ -272,7 +274,9 @@ def int8_matmul_available() -> bool:
 
 
 def quantize_activations(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """x (K, N) float -> (int16 (N, K), float32 scale (N,)): per column, |q| <= ACTIVATION_MAX."""
+    """x (K, N) float -> (int16 (N, K), float32 scale (N,)): per column, |q| <= ACTIVATION_MAX.
+    A column holding NaN or inf has no meaningful scale (its codes are 0 or garbage);
+    :func:`int8_matmul` replaces that column's outputs."""
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=0)
     scale = jnp.where(amax > 0, amax / ACTIVATION_MAX, 1.0)
@@ -280,9 +284,34 @@ def quantize_activations(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return q.T, scale
 
 
+def _float_for_nonfinite_columns(w: jnp.ndarray, wscale: jnp.ndarray, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+    """``y`` with every column whose activations hold NaN or inf replaced by the float32 product.
+
+    Integer codes cannot carry NaN/inf: such a column would come out as finite garbage (NaN:
+    the scale falls back to 1.0) or NaN everywhere (inf: the scale is inf). A float matmul
+    gives NaN for a NaN column and, for an inf column, +-inf or NaN row by row (signs of the
+    weights met, ``0 * inf``), never a finite value. The exact float result costs a float32
+    copy of ``w`` (what the kernel avoids), so it runs under ``lax.cond`` only when some column
+    is non-finite; the usual step pays one ``isfinite`` pass over ``x`` (K x N, tiny next to
+    the O x K weights) and the branch. (Under ``vmap`` with a batched predicate ``cond`` becomes
+    a select that runs both branches; the decoder batches along N instead.)"""
+    bad = jnp.any(~jnp.isfinite(x), axis=0)
+
+    def patch(y):
+        from mvjax.quantize import int8_matmul_xla
+
+        exact = int8_matmul_xla(w, wscale, jnp.where(bad[None, :], x, jnp.zeros((), x.dtype)))
+        return jnp.where(bad[None, :], exact, y)
+
+    return jax.lax.cond(jnp.any(bad), patch, lambda y: y, y)
+
+
 def int8_matmul(w: jnp.ndarray, wscale: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
     """``(w * wscale[:, None]) @ x`` for int8 ``w`` (O, K) and float ``x`` (K, N) -> float32 (O, N),
-    through the CPU kernel (call :func:`int8_matmul_available` first)."""
+    through the CPU kernel (call :func:`int8_matmul_available` first). Columns of ``x`` with
+    NaN/inf give what the float32 product gives (:func:`_float_for_nonfinite_columns`)."""
     xq, xscale = quantize_activations(x)
     out = jax.ShapeDtypeStruct((w.shape[0], x.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(w, wscale.astype(jnp.float32), xq, xscale)
+    wscale = wscale.astype(jnp.float32)
+    y = jax.ffi.ffi_call(TARGET, out)(w, wscale, xq, xscale)
+    return _float_for_nonfinite_columns(w, wscale, x, y)

@@ -74,16 +74,34 @@ def is_quantized(entry) -> bool:
     return isinstance(entry, dict) and "q" in entry and "scale" in entry
 
 
-def int8_matmul(entry: dict, x: jnp.ndarray) -> jnp.ndarray:
-    """``dequantize(entry) @ x`` for x (in, N) -> float32 (out, N), without a float32 weight copy on CPU."""
-    q, scale = entry["q"], entry["scale"]
-    if jax.default_backend() == "cpu":
-        from mvjax.cpu_kernels import int8_matmul as kernel
-        from mvjax.cpu_kernels import int8_matmul_available
+def int8_kernel_used() -> bool:
+    """Whether :func:`int8_matmul` traces to the CPU kernel (:mod:`mvjax.cpu_kernels`) rather
+    than :func:`int8_matmul_xla`: on the CPU backend when the kernel is built. Decided at trace
+    time, so a jitted function keeps the choice it was first traced with."""
+    if jax.default_backend() != "cpu":
+        return False
+    from mvjax.cpu_kernels import int8_matmul_available
 
-        if int8_matmul_available():
-            return kernel(q, scale, x)
+    return int8_matmul_available()
+
+
+def int8_matmul_xla(q: jnp.ndarray, scale: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """The plain-XLA int8 product ``dot(q.astype(f32), x) * scale[:, None]`` -> float32 (out, N):
+    what :func:`int8_matmul` runs off CPU or where the kernel cannot be built. Float arithmetic
+    throughout, so NaN/inf in ``x`` propagate as in a float32 matmul. GPU compilers fuse the
+    conversion into the dot; on CPU XLA materialises the float32 copy of ``q``."""
     return jnp.dot(q.astype(jnp.float32), x.astype(jnp.float32), preferred_element_type=jnp.float32) * scale[:, None]
+
+
+def int8_matmul(entry: dict, x: jnp.ndarray) -> jnp.ndarray:
+    """``dequantize(entry) @ x`` for x (in, N) -> float32 (out, N), without a float32 weight copy on CPU
+    (the decoder's int8 product: :func:`mvjax.nn.gpt_decode._matmul`)."""
+    q, scale = entry["q"], entry["scale"]
+    if int8_kernel_used():
+        from mvjax.cpu_kernels import int8_matmul as kernel
+
+        return kernel(q, scale, x)
+    return int8_matmul_xla(q, scale, x)
 
 
 # --- decode-layout trees ----------------------------------------------------------------

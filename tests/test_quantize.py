@@ -2,6 +2,7 @@
 fixture, quantised conversion, and the command-line options."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -49,37 +50,182 @@ def test_check_mode():
         Q.check_mode("int4")
 
 
+# --- the int8 product: CPU kernel and plain-XLA fallback ---------------------------------------
+KERNEL_CALL = re.compile(r"custom_call\s*@" + re.escape(cpu_kernels.TARGET) + r"\b")
+
+
+def _decoder_matmul():
+    """The decoder's own int8 product (``gpt_decode._matmul`` -> ``Q.int8_matmul``) under a jit of
+    a new function object, so it is traced afresh and its dispatch sees the current
+    ``int8_matmul_available`` (re-jitting a function traced before reuses that trace)."""
+    from mvjax.nn.gpt_decode import _matmul
+
+    return jax.jit(lambda entry, x: _matmul(entry, x))
+
+
+@pytest.fixture(params=["kernel", "fallback"])
+def int8_path(request, monkeypatch):
+    """``kernel``: the C++ kernel (skipped, with the reason, where it cannot be built: the
+    ``fallback`` case of the same test still runs). ``fallback``: the kernel reported
+    unavailable, as on a machine without a compiler or AVX2, so the decoder uses plain XLA."""
+    if request.param == "kernel":
+        if not Q.int8_kernel_used():
+            why = cpu_kernels._state.get("why") or f"backend {jax.default_backend()}"
+            pytest.skip(f"int8 CPU kernel unavailable here ({why}); only the fallback case runs")
+    else:
+        monkeypatch.setattr(cpu_kernels, "int8_matmul_available", lambda: False)
+        assert not Q.int8_kernel_used()
+    return request.param
+
+
+def _int8_product(path, entry, x):
+    """Run the decoder's int8 product, after checking that the lowered program calls the
+    kernel exactly when ``path`` is ``kernel``."""
+    f = _decoder_matmul()
+    calls = KERNEL_CALL.findall(f.lower(entry, jnp.asarray(x)).as_text())
+    assert len(calls) == (1 if path == "kernel" else 0), (path, calls)
+    got = np.asarray(f(entry, jnp.asarray(x)))
+    assert got.shape == (entry["q"].shape[0], x.shape[1]) and got.dtype == np.float32
+    return got
+
+
+def _reference(entry, x):
+    """Float64 product of the dequantised weights, elementwise (IEEE: 0 * inf = NaN, inf - inf = NaN)."""
+    w = np.asarray(Q.dequantize(entry), np.float64)
+    with np.errstate(invalid="ignore"):
+        return (w[:, :, None] * np.asarray(x, np.float64)[None, :, :]).sum(axis=1)
+
+
+def _error_bound(path, entry, x):
+    """Kernel: activation rounding, |error| <= 0.5 / 16383 of each column's largest entry times
+    sum |w| (products and sums are exact). Fallback: float32 dot, well inside 1e-5 of |w| @ |x|."""
+    w = np.abs(np.asarray(Q.dequantize(entry), np.float64))
+    x = np.abs(np.asarray(x, np.float64))
+    if path == "kernel":
+        return w.sum(1)[:, None] * x.max(0)[None, :] * 0.5 / cpu_kernels.ACTIVATION_MAX * 1.01 + 1e-6 * (w @ x)
+    return 1e-5 * (w @ x)
+
+
 @pytest.mark.parametrize("out,k,n", [(37, 19, 1), (64, 2048, 2), (130, 300, 5), (48, 4100, 3), (40, 9000, 16), (301, 160, 7), (25, 48, 2), (97, 33, 11)])
-def test_int8_matmul_matches_dequantised(out, k, n):
-    """The CPU kernel (int8 weights, 15-bit activations, exact int32 sums; K above one 4096 block)
-    and the XLA fallback both equal the float64 product of the dequantised weights."""
+def test_int8_matmul_matches_dequantised(int8_path, out, k, n):
+    """The decoder's int8 product equals the float64 product of the dequantised weights, through
+    the CPU kernel (int8 weights, 15-bit activations, exact int32 sums; K above one 4096 block)
+    and through the plain-XLA fallback."""
     rng = np.random.default_rng(out + k + n)
     entry = Q.quantize_rows(jnp.asarray(rng.standard_normal((out, k)), jnp.float32))
     x = rng.standard_normal((k, n)).astype(np.float32)
     x[0] *= 50  # an outlier feature
     if n > 2:
         x[:, 1] = 0.0  # an all-zero column (scale 1, output 0)
-    want = np.asarray(Q.dequantize(entry), np.float64) @ x.astype(np.float64)
-    assert cpu_kernels.int8_matmul_available(), cpu_kernels._state.get("why")
-    got = np.asarray(jax.jit(Q.int8_matmul)(entry, jnp.asarray(x)))
-    assert got.shape == (out, n) and got.dtype == np.float32
-    # Activation rounding: |error| <= 0.5 / 16383 of each column's largest entry, times sum |w|.
-    bound = (np.abs(np.asarray(Q.dequantize(entry), np.float64)).sum(1)[:, None]
-             * np.abs(x).max(0)[None, :] * 0.5 / cpu_kernels.ACTIVATION_MAX)
-    assert np.all(np.abs(got - want) <= bound * 1.01 + 1e-5 * np.abs(want))
-    fallback = np.asarray(jnp.dot(Q.dequantize(entry), jnp.asarray(x), precision="highest"))
-    np.testing.assert_allclose(fallback, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    got = _int8_product(int8_path, entry, x)
+    want = _reference(entry, x)
+    err = np.abs(got - want)
+    bound = _error_bound(int8_path, entry, x)
+    assert np.all(err <= bound), (err / bound).max()
+    if n > 2:
+        assert not got[:, 1].any()
 
 
-def test_int8_matmul_without_the_kernel(monkeypatch):
-    """Where the kernel cannot be built, XLA dequantises: same result."""
-    rng = np.random.default_rng(1)
-    entry = Q.quantize_rows(jnp.asarray(rng.standard_normal((24, 40)), jnp.float32))
-    x = jnp.asarray(rng.standard_normal((40, 3)), jnp.float32)
-    with_kernel = np.asarray(jax.jit(Q.int8_matmul)(entry, x))
-    monkeypatch.setattr(cpu_kernels, "int8_matmul_available", lambda: False)
-    without = np.asarray(jax.jit(Q.int8_matmul)(entry, x))
-    np.testing.assert_allclose(without, with_kernel, rtol=1e-4, atol=1e-4)
+def _nonfinite_case(n):
+    """Weights with exact zeros and both signs at the non-finite positions; activation columns:
+    NaN, +inf alone, -inf and +inf together, NaN and inf together, then finite ones (n == 1: the
+    mixed-inf column alone)."""
+    rng = np.random.default_rng(n)
+    out, k = 30, 70
+    w = rng.standard_normal((out, k)).astype(np.float32)
+    w[::4, 2] = 0.0  # 0 * inf = NaN in these rows
+    w[1::4, 9] = 0.0
+    w[:10, 9] = np.abs(w[:10, 9])  # rows where +inf at 9 and -inf at 2 ...
+    w[:10, 2] = np.abs(w[:10, 2])  # ... meet opposite signs (NaN)
+    w[10:20, 2] = -np.abs(w[10:20, 2])  # and rows where they agree (+inf)
+    w[10:20, 9] = np.abs(w[10:20, 9])
+    entry = Q.quantize_rows(jnp.asarray(w))
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    patterns = [{2: -np.inf, 9: np.inf}] if n == 1 else [{5: np.nan}, {2: np.inf}, {2: -np.inf, 9: np.inf},
+                                                         {2: np.inf, 30: np.nan}]
+    for c, pattern in enumerate(patterns):
+        for i, v in pattern.items():
+            x[i, c] = v
+    return entry, x, len(patterns)
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_int8_matmul_propagates_nonfinite(int8_path, n):
+    """NaN/inf activations give what float arithmetic gives, on both paths: NaN in every output
+    of a NaN column, +-inf or NaN row by row in an inf column (weight signs, 0 * inf), and the
+    other columns finite and correct (integer codes cannot hold NaN/inf: before the fix the
+    kernel gave finite garbage for NaN and NaN for inf)."""
+    entry, x, n_bad = _nonfinite_case(n)
+    got = _int8_product(int8_path, entry, x)
+    want = _reference(entry, x)
+    # The case really has all three outcomes in its non-finite columns, and only there.
+    assert np.isnan(want[:, :n_bad]).any() and np.isposinf(want).any() and np.isneginf(want).any()
+    assert not np.isfinite(want[:, :n_bad]).any() and np.isfinite(want[:, n_bad:]).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    fin = np.s_[:, n_bad:]
+    assert np.all(np.abs(got[fin] - want[fin]) <= _error_bound(int8_path, entry, x[fin]))
+
+
+@pytest.mark.parametrize("reason", ["no compiler", "disabled"])
+def test_int8_kernel_unavailable_uses_xla(monkeypatch, tmp_path, reason):
+    """The availability check itself, run afresh: without a C++ compiler on PATH (and no CXX),
+    or with MVJAX_CPU_KERNELS=0, it reports the kernel unavailable with the reason, and the
+    decoder's int8 product lowers to no kernel call and is still right."""
+    monkeypatch.setattr(cpu_kernels, "_state", {})  # forget the earlier answer (restored afterwards)
+    if reason == "no compiler":
+        monkeypatch.delenv("CXX", raising=False)
+        monkeypatch.setenv("PATH", str(tmp_path))
+        monkeypatch.setenv("MVJAX_CPU_KERNELS", "1")
+        monkeypatch.setattr(cpu_kernels, "_cpu_has_avx2_fma", lambda: True)  # reach the compiler lookup anywhere
+        assert cpu_kernels._compiler() is None
+    else:
+        monkeypatch.setenv("MVJAX_CPU_KERNELS", "0")
+    assert not cpu_kernels.int8_matmul_available() and not Q.int8_kernel_used()
+    assert cpu_kernels._state["why"] == {"no compiler": "no C++ compiler found (set CXX)",
+                                         "disabled": "disabled by MVJAX_CPU_KERNELS"}[reason]
+    entry, x, n_bad = _nonfinite_case(5)
+    got = _int8_product("fallback", entry, x)
+    want = _reference(entry, x)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    fin = np.s_[:, n_bad:]
+    assert np.all(np.abs(got[fin] - want[fin]) <= _error_bound("fallback", entry, x[fin]))
+
+
+_NO_COMPILER_SCRIPT = """
+import json, numpy as np, jax, jax.numpy as jnp
+from mvjax import cpu_kernels, quantize as Q
+from mvjax.nn.gpt_decode import _matmul
+rng = np.random.default_rng(3)
+entry = Q.quantize_rows(jnp.asarray(rng.standard_normal((50, 300)), jnp.float32))
+x = rng.standard_normal((300, 3)).astype(np.float32)
+f = jax.jit(lambda e, x: _matmul(e, x))
+print(json.dumps({"compiler": cpu_kernels._compiler(), "available": cpu_kernels.int8_matmul_available(),
+                  "why": cpu_kernels._state.get("why"), "hlo": f.lower(entry, x).as_text(),
+                  "got": np.asarray(f(entry, x)).tolist()}))
+"""
+
+
+def test_int8_matmul_on_a_machine_without_a_compiler(tmp_path):
+    """A fresh process with no C++ compiler (empty PATH, no CXX, an empty kernel cache), where the
+    kernel was never registered: the decoder's int8 product runs the XLA fallback and is right."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "MVJAX_CPU_KERNELS")}
+    (tmp_path / "bin").mkdir()
+    env.update(PATH=str(tmp_path / "bin"), MVJAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", _NO_COMPILER_SCRIPT], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["compiler"] is None and out["available"] is False
+    assert out["why"] in ("no C++ compiler found (set CXX)", "needs an x86-64 Linux CPU with AVX2 and FMA")
+    assert not KERNEL_CALL.search(out["hlo"])
+    assert not (tmp_path / "cache").exists()  # nothing was built
+    rng = np.random.default_rng(3)
+    entry = Q.quantize_rows(jnp.asarray(rng.standard_normal((50, 300)), jnp.float32))
+    x = rng.standard_normal((300, 3)).astype(np.float32)
+    got, want = np.asarray(out["got"], np.float32), _reference(entry, x)
+    assert np.all(np.abs(got - want) <= _error_bound("fallback", entry, x))
 
 
 # --- decoding on the fixture --------------------------------------------------------------
