@@ -32,7 +32,6 @@ Each measurement ends with one machine-readable line:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import types
@@ -44,8 +43,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvjax.config import GPTConfig  # noqa: E402
-from mvjax.decode import FirstStageDecoder, SamplingConfig, utterance_keys  # noqa: E402
+from mvjax.inference.decode import FirstStageDecoder, SamplingConfig  # noqa: E402
+from mvjax.inference.keys import utterance_keys  # noqa: E402
+from mvjax.nn.config import GPTConfig  # noqa: E402
 from mvjax.nn.gpt import abstract_params  # noqa: E402
 
 SPEAKER_DIM = 256

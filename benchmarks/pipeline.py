@@ -17,7 +17,7 @@ loudness, enhance. ``--reference-src`` (a metavoice-src checkout) times the refe
 first stage (its gpt-fast ``generate``), second stage (``GPT._non_causal_sample``) and the
 ``encodec`` package's decoder on the same weights and token counts, in the same process, and
 prints the ratios. ``--throughput B`` also synthesises B texts as one batch and reports
-utterances per minute (with the batch sizes :func:`mvjax.throughput.plan_batch_sizes` picks).
+utterances per minute (with the batch sizes :func:`mvjax.inference.throughput.plan_batch_sizes` picks).
 
 Memory: resident set after loading and the process peak (VmRSS / VmHWM).
 Ends with machine-readable lines ``pipeline side=<ours|reference> stage=<s> seconds=<x> rtf=<y>``.
@@ -52,22 +52,22 @@ def memory_mb() -> dict:
 
 def released_checkpoints(config: str, seed: int = 0) -> dict:
     """In-memory checkpoints (numpy) in the released layouts."""
-    from mvjax import demo
+    from convert_weights import random_checkpoints
 
-    ranks = demo.train_bpe(demo.TRAINING_TEXT)
+    ranks = random_checkpoints.train_bpe(random_checkpoints.TRAINING_TEXT)
     if config == "released":
-        first = demo._model_args(block_size=2048, vocab_sizes=[2562], n_layer=24, n_head=16, n_embd=2048)
-        second = demo._model_args(block_size=1024, vocab_sizes=[1538, 1025], target_vocab_sizes=[1025] * 6,
+        first = random_checkpoints.model_args(block_size=2048, vocab_sizes=[2562], n_layer=24, n_head=16, n_embd=2048)
+        second = random_checkpoints.model_args(block_size=1024, vocab_sizes=[1538, 1025], target_vocab_sizes=[1025] * 6,
                                   n_layer=6, n_head=6, n_embd=384, causal=False, norm_type="layernorm",
                                   nonlinearity_type="gelu")
     else:
-        first, second = demo.FIRST_STAGE_ARGS, demo.SECOND_STAGE_ARGS
-    rng = lambda c: demo._rng(seed, c)
+        first, second = random_checkpoints.FIRST_STAGE_ARGS, random_checkpoints.SECOND_STAGE_ARGS
+    rng = lambda c: random_checkpoints.component_rng(seed, c)
     return {
-        "first_stage": demo._gpt_checkpoint(rng(1), first, demo.FIRST_STAGE_TEXT_OFFSET, ranks, {"causal": True}, ""),
-        "second_stage": demo._gpt_checkpoint(rng(2), second, demo.SECOND_STAGE_TEXT_OFFSET, ranks, {"causal": False}, ""),
-        "speaker_encoder": demo._speaker_checkpoint(rng(3)),
-        "encodec": demo._encodec_state(rng(4)),
+        "first_stage": random_checkpoints.gpt_checkpoint(rng(1), first, random_checkpoints.FIRST_STAGE_TEXT_OFFSET, ranks, {"causal": True}, ""),
+        "second_stage": random_checkpoints.gpt_checkpoint(rng(2), second, random_checkpoints.SECOND_STAGE_TEXT_OFFSET, ranks, {"causal": False}, ""),
+        "speaker_encoder": random_checkpoints.speaker_checkpoint(rng(3)),
+        "encodec": random_checkpoints.encodec_state(rng(4)),
     }
 
 
@@ -75,8 +75,9 @@ def build_ours(ckpts: dict, unet: str, decoder: str, quantize=None):
     from convert_weights.encodec import convert_encodec_state
     from convert_weights.gpt import convert_gpt_checkpoint
     from convert_weights.speaker import convert_speaker_checkpoint
-    from mvjax.pipeline import TTS
-    from mvjax.text import Tokenizer
+    from mvjax.inference.pipeline import TTS
+    from mvjax.inference.speaker import SpeakerEncoder
+    from mvjax.text.tokenizer import Tokenizer
 
     def gpt(name):
         cfg, params, spec = convert_gpt_checkpoint(ckpts[name], source=name)
@@ -86,15 +87,16 @@ def build_ours(ckpts: dict, unet: str, decoder: str, quantize=None):
     if decoder == "mbd":
         import vocode as vocode_bench
 
-        mbd = vocode_bench.mbd_model(unet)
-    return TTS.from_parts(first_stage=gpt("first_stage"), second_stage=gpt("second_stage"),
-                          codec=convert_encodec_state(ckpts["encodec"]),
-                          speaker=convert_speaker_checkpoint(ckpts["speaker_encoder"]), mbd=mbd, mesh=None,
-                          quantize=quantize, speaker_cache_dir=None)
+        from mvjax.inference.diffusion import MultiBandDiffusion
+
+        mbd = MultiBandDiffusion(*vocode_bench.mbd_model(unet))
+    return TTS(gpt("first_stage"), gpt("second_stage"), convert_encodec_state(ckpts["encodec"]),
+               speaker_encoder=SpeakerEncoder(*convert_speaker_checkpoint(ckpts["speaker_encoder"]), "", None),
+               diffusion=mbd, mesh=None, quantize=quantize)
 
 
 def reference_voice(seconds: float = 10.0):
-    from mvjax.demo import demo_speaker_audio
+    from mvjax.cli.demo import demo_speaker_audio
 
     return demo_speaker_audio(seed=1, seconds=seconds)
 
@@ -111,7 +113,7 @@ def run_ours(tts, new_tokens: int, decoder: str, repeats: int, seed: int = 0):
     # A random first stage could sample end of audio at any step (a 1/2562 chance each), which
     # would time fewer tokens than asked: move it outside the vocabulary, as the reference side
     # does, so every run decodes exactly new_tokens (checked below).
-    tts.first_stage.end_of_audio = int(tts.config1.vocab_sizes[0]) + 1
+    tts.first_stage_decoder.end_of_audio = int(tts.config1.vocab_sizes[0]) + 1
     t = time.perf_counter()
     speech = tts.synthesize(TEXT, emb, **kw)
     first_s = time.perf_counter() - t
@@ -134,20 +136,21 @@ def time_decoders(tts, frames: int, decoder: str) -> dict:
     """Codec (+ diffusion), loudness and enhancement on ``frames`` of random codes, through the pipeline's own path."""
     import jax
 
-    from mvjax.pipeline import ChunkReport, _Chunk
+    from mvjax.inference import stages
+    from mvjax.inference.speech import ChunkReport
 
     def chunk():
-        c = _Chunk(0, 0, (0,), TEXT, np.asarray(jax.random.PRNGKey(0)))
+        c = stages.Chunk(0, (0,), TEXT, np.asarray(jax.random.PRNGKey(0)))
         c.all_codebooks = np.random.default_rng(0).integers(0, 1024, (8, frames))
-        c.first_stage = c.all_codebooks[:2]
+        c.first_stage_codes = c.all_codebooks[:2]
         c.report = ChunkReport(TEXT, 0, 0, frames, True, False, False)
         return c
 
     for _ in range(2):  # the first compiles
         tts.last_timings = {}
         c = chunk()
-        tts._decode([c], decoder, 1, False)
-        tts._finish(TEXT, c.wav, np.zeros(256, np.float32), [c], True, True)
+        stages.run_decoder(tts.codec, tts.diffusion if decoder == "mbd" else None, [c], 1, stages.Batcher(), tts.last_timings)
+        tts._finish(TEXT, np.zeros(256, np.float32), [c], True, True)
     return dict(tts.last_timings)
 
 
@@ -156,9 +159,8 @@ def time_decoders(tts, frames: int, decoder: str) -> dict:
 
 def run_reference(src: Path, ckpts: dict, tts, new_tokens: int, frames: int, embedding: np.ndarray):
     """Reference stage 1 (fast path), stage 2 and the encodec decoder on the same weights and sizes."""
-    import torch
-
     import decode as decode_bench
+    import torch
 
     torch.set_grad_enabled(False)
     fiu, fm = decode_bench._import_reference(src)
@@ -192,7 +194,7 @@ def run_reference(src: Path, ckpts: dict, tts, new_tokens: int, frames: int, emb
     model = model.eval()
     model.setup_spk_cond_mask()
     model.setup_caches(max_batch_size=2, max_seq_length=args["block_size"])
-    prompt = torch.tensor(tts.tokenizer1.encode(TEXT), dtype=torch.int)
+    prompt = torch.tensor(tts.tokenizers[0].encode(TEXT), dtype=torch.int)
     spk = torch.from_numpy(embedding[None].astype(np.float32))
     kwargs = dict(temperature=torch.tensor(1.0), top_k=None, top_p=torch.tensor(0.95), guidance_scale=torch.tensor(3.0),
                   end_of_audio_token=args["vocab_sizes"][0] + 1)  # never produced: decode exactly new_tokens
@@ -208,9 +210,9 @@ def run_reference(src: Path, ckpts: dict, tts, new_tokens: int, frames: int, emb
     gcfg = ref_model.GPTConfig(**{k: v for k, v in a2.items() if k in ref_model.GPTConfig.__dataclass_fields__})
     gpt2 = ref_model.GPT(gcfg, speaker_emb_dim=embedding.shape[0]).eval()
     gpt2.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ck2["model"].items()})
-    text2 = tts.tokenizer2.encode(TEXT)
+    text2 = tts.tokenizers[1].encode(TEXT)
     rng = np.random.default_rng(0)
-    from mvjax.text import build_second_stage_input
+    from mvjax.text.layout import build_second_stage_input
 
     codebooks = rng.integers(0, 1024, (2, frames))
     x = torch.from_numpy(build_second_stage_input(text2, codebooks, gcfg.block_size, 1024)[None])
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
     ckpts = released_checkpoints(args.config)
     tts = build_ours(ckpts, args.unet, args.decoder, args.quantize)
     print(f"built and converted {args.config} models in {time.perf_counter() - t:.1f} s; memory {memory_mb()}")
-    frame_rate = tts.codec_config.frame_rate
+    frame_rate = tts.codec.config.frame_rate
     new_tokens = int(round(args.seconds * frame_rate * 2))
     ours = run_ours(tts, new_tokens, args.decoder, args.repeats)
     frames = new_tokens // 2
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
         print(f"speedup stage1+stage2+codec: {ref['end_to_end'] / ours_e2e:.2f}x "
               f"(ours {ours_e2e:.2f} s, reference {ref['end_to_end']:.2f} s, same weights and token counts)")
     if args.throughput:
-        from mvjax.throughput import plan_batch_sizes
+        from mvjax.inference.throughput import plan_batch_sizes
 
         plan = plan_batch_sizes(tts, frames=ours["frames"], decoder=args.decoder)
         print(f"\nthroughput: batch sizes {plan}")

@@ -71,8 +71,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import SPEAKER_DIM, make_config, prompts_for, random_params  # noqa: E402
 
-from mvjax.decode import FirstStageDecoder, SamplingConfig, utterance_keys  # noqa: E402
-from mvjax.quantize import compare_logits, decoder_params, guided_logits, tree_nbytes  # noqa: E402
+from mvjax.inference.decode import FirstStageDecoder, SamplingConfig  # noqa: E402
+from mvjax.inference.fidelity import compare_logits, guided_logits
+from mvjax.inference.keys import utterance_keys  # noqa: E402
+from mvjax.io.quantize import decoder_params, tree_nbytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "metavoice_ref"
@@ -184,8 +186,8 @@ def worker_paired(args) -> dict:
 def write_model_dirs(args, root: Path) -> dict:
     """Random first stages written as converted directories: float32 and int8 (as --quantize int8 stores it)."""
     from convert_weights.convert import _write_component
-    from mvjax.checkpoint import FORMAT_VERSION, MANIFEST
-    from mvjax.quantize import QUANTIZE_EMBEDDING, prepare_quantized_params
+    from mvjax.io.checkpoint import FORMAT_VERSION, MANIFEST
+    from mvjax.io.quantize import QUANTIZE_EMBEDDING, prepare_quantized_params
 
     config = make_config(args.config)
     tokenizer = (Path(args.fixture_model) / "first_stage" / "tokenizer.json").read_text()
@@ -208,7 +210,7 @@ def write_model_dirs(args, root: Path) -> dict:
 
 
 def worker_load(args) -> dict:
-    from mvjax.checkpoint import load_gpt_stage
+    from mvjax.io.checkpoint import load_gpt_stage
 
     config, params, _ = load_gpt_stage(args.model_dir, "first_stage")
     decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1, consume_params=True)
@@ -305,7 +307,7 @@ def fixture_cases(fixtures: Path = FIXTURES) -> list[dict]:
 
 def fidelity_fixture(model_dir: Path, modes, new_tokens: int) -> dict:
     """Teacher-forced KL / agreement and free-running greedy match on the fixture prompts."""
-    from mvjax.checkpoint import load_gpt_stage
+    from mvjax.io.checkpoint import load_gpt_stage
 
     config, params, tok = load_gpt_stage(model_dir, "first_stage")
     decoders = {m: FirstStageDecoder(config, params, end_of_audio=tok.offset - 1, quantize=_mode(m)) for m in modes}

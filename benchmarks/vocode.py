@@ -23,9 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvjax.diffusion import MultiBandDiffusion, re_eq  # noqa: E402
+from mvjax.inference.diffusion import MultiBandDiffusion, re_eq  # noqa: E402
 from mvjax.nn import encodec  # noqa: E402
-from mvjax.nn.diffusion_unet import UnetConfig, abstract_params as unet_shapes  # noqa: E402
+from mvjax.nn.diffusion_unet import UnetConfig  # noqa: E402
+from mvjax.nn.diffusion_unet import abstract_params as unet_shapes
 
 SCHEDULE = {"repartition": "power", "beta_t0": 1e-5, "beta_t1": 0.029, "beta_exp": 7.5, "num_steps": 1000,
             "variance": "beta", "clip": 5.0, "rescale": 1.0, "noise_scale": 1.0}
@@ -97,12 +98,12 @@ def main(argv=None) -> int:
     eq_s, _ = timed(lambda: re_eq(diffused, wav_codec, cfg.sample_rate))
     lines.append(("re-eq", eq_s, 0.0))
 
-    from mvjax.loudness import normalize_loudness
+    from mvjax.audio.loudness import normalize_loudness
 
     loud_s, loud = timed(lambda: normalize_loudness(wav_codec[0], cfg.sample_rate))
     lines.append(("loudness", loud_s, 0.0))
     if not args.no_enhance:
-        from mvjax.enhance import enhance
+        from mvjax.audio.enhance import enhance
 
         enh_s, _ = timed(lambda: enhance(loud[0], cfg.sample_rate))
         lines.append(("deepfilternet3", enh_s, 0.0))

@@ -1,0 +1,25 @@
+"""Converting the released PyTorch checkpoints into mvjax's model format (``python -m convert_weights``).
+
+The runtime reaches this package through one entry point, :func:`convert_released`; everything
+else here (the restricted unpickler, the mapping tables, the torch-free ``.pt`` writer, random
+released-layout checkpoints) is for the converter itself, its CLI, the demo and the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+
+def released_components(source: str | Path) -> dict:
+    """The released checkpoints found in ``source``: {component name: file path}."""
+    from convert_weights.convert import find_components
+
+    return find_components(Path(source))
+
+
+def convert_released(source: str | Path, out: str | Path, log: Callable[[str], None] = print) -> None:
+    """Convert every released checkpoint in ``source`` into a model directory ``out`` (atomically)."""
+    from convert_weights.convert import convert_directory
+
+    convert_directory(Path(source), Path(out), log=log)

@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     from convert_weights.convert import convert_directory
     from convert_weights.mapping import ConversionError
     from convert_weights.safe_pickle import CheckpointError
-    from mvjax.config import ConfigError
-    from mvjax.text import TextError
+    from mvjax.nn.config import ConfigError
+    from mvjax.text.tokenizer import TextError
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from convert_weights.safe_pickle import load_checkpoint
-from mvjax.checkpoint import FORMAT_VERSION, MANIFEST, save_tree, tree_digest
+from mvjax.io.checkpoint import FORMAT_VERSION, MANIFEST, save_tree, tree_digest
 
 # Released file name -> component name in the converted directory.
 GPT_FILES = {"first_stage.pt": "first_stage", "second_stage.pt": "second_stage"}
@@ -35,13 +35,13 @@ def _write_component(dst: Path, kind: str, src: Path, config: dict, params, extr
 
 def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
     """``quantize`` (causal first stage only): store the decoder's layout with int8 or bfloat16
-    matrices (:mod:`mvjax.quantize`) instead of the float32 tree; the manifest entry records it."""
+    matrices (:mod:`mvjax.io.quantize`) instead of the float32 tree; the manifest entry records it."""
     from convert_weights.gpt import convert_gpt_checkpoint
 
     config, params, tokenizer = convert_gpt_checkpoint(load_checkpoint(src), source=str(src))
     stored = {}
     if quantize is not None:
-        from mvjax.quantize import QUANTIZE_EMBEDDING, prepare_quantized_params
+        from mvjax.io.quantize import QUANTIZE_EMBEDDING, prepare_quantized_params
 
         params = prepare_quantized_params(config, params, quantize)
         stored = {"quantize": quantize, "quantize_embedding": QUANTIZE_EMBEDDING, "layout": "decode"}
@@ -96,7 +96,7 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
                       quantize: str | None = None) -> dict:
     """Convert every known checkpoint in ``model_dir`` into ``out``; returns the manifest.
     ``quantize`` (``"int8"`` or ``"bf16"``): store the first stage quantised (see :func:`_convert_gpt`)."""
-    from mvjax.quantize import check_mode
+    from mvjax.io.quantize import check_mode
 
     quantize = check_mode(quantize)
     model_dir, out = Path(model_dir), Path(out)

@@ -13,7 +13,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert_weights.mapping import ConversionError, Rule, apply_rules, linear_weight, strip_prefix
+from convert_weights.mapping import (
+    ConversionError,
+    Rule,
+    apply_rules,
+    linear_weight,
+    strip_prefix,
+)
 from mvjax.nn.encodec import EncodecConfig, abstract_params
 
 _CONV = r"(?:conv\.conv|convtr\.convtr)"

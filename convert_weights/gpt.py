@@ -6,9 +6,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert_weights.mapping import ConversionError, Rule, apply_rules, identity, linear_weight, strip_prefix
-from mvjax.config import GPTConfig
-from mvjax.text import TokenizerSpec
+from convert_weights.mapping import (
+    ConversionError,
+    Rule,
+    apply_rules,
+    identity,
+    linear_weight,
+    strip_prefix,
+)
+from mvjax.nn.config import GPTConfig
+from mvjax.text.tokenizer import TokenizerSpec
 
 _LAYER = r"transformer\.h\.(?P<layer>\d+)\."
 

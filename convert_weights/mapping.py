@@ -17,8 +17,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from mvjax.core.errors import MvjaxError
 
-class ConversionError(ValueError):
+
+class ConversionError(MvjaxError, ValueError):
     """The checkpoint does not fit the model that its own config describes."""
 
 

@@ -73,6 +73,8 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from mvjax.core.errors import MvjaxError
+
 MAX_ZIP_ENTRIES = 100_000
 MAX_COMPRESSION_RATIO = 16
 MAX_PICKLE_BYTES = 64 << 20
@@ -88,7 +90,7 @@ _SMALL_ENTRY = 64  # byteorder
 _CHUNK = 1 << 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MvjaxError, ValueError):
     """A checkpoint file that cannot be read as a PyTorch archive."""
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from convert_weights.mapping import ConversionError, Rule, apply_rules, linear_weight, strip_prefix
+from convert_weights.mapping import (
+    ConversionError,
+    Rule,
+    apply_rules,
+    linear_weight,
+    strip_prefix,
+)
 from mvjax.nn.speaker_encoder import SpeakerEncoderConfig, abstract_params
 
 # Trained for the GE2E loss only; not used to embed.

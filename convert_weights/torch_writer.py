@@ -38,8 +38,10 @@ from convert_weights.safe_pickle import STORAGE_DTYPES
 
 __all__ = ["Global", "NewObj", "Reduce", "omegaconf_config", "save_checkpoint", "dumps_checkpoint_pickle", "TorchWriterError"]
 
+from mvjax.core.errors import MvjaxError
 
-class TorchWriterError(TypeError):
+
+class TorchWriterError(MvjaxError, TypeError):
     """An object the writer does not know how to store."""
 
 

@@ -1,10 +1,9 @@
 import os
 from pathlib import Path
 
-import jax
 import pytest
 
-from mvjax.precision import apply as apply_precision  # noqa: E402
+from mvjax.core.precision import apply as apply_precision  # noqa: E402
 
 # The tests run the runtime's own policy (the one the parity tool certifies), not a stricter one.
 apply_precision()

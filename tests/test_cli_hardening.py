@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mvjax.synthesize import main
+from mvjax.cli.synthesize import main
 from tests.conftest import REPO
 
 FAST = ["--decoder", "encodec", "--no-enhance", "--max-new-tokens", "8", "--quiet"]
@@ -126,22 +126,22 @@ def test_failed_batch_leaves_no_output_directory(capsys, full_model, tmp_path):
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
-    import mvjax.atomic
-    from mvjax.audio import AudioError, write_wav
+    import mvjax.core.atomic
+    from mvjax.audio.io import AudioError, write_wav
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     target = tmp_path / "o.wav"
     target.write_bytes(b"previous")
-    monkeypatch.setattr(mvjax.atomic, "open", full, raising=False)
+    monkeypatch.setattr(mvjax.core.atomic, "open", full, raising=False)
     with pytest.raises(AudioError, match="No space left on device"):
         write_wav(target, np.zeros(100, np.float32), 24000)
     assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["o.wav"]
 
 
 def test_corrupt_wav_is_called_corrupt(tmp_path):
-    from mvjax.audio import AudioError, load_audio
+    from mvjax.audio.io import AudioError, load_audio
 
     bad = tmp_path / "voice.wav"
     bad.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00garbage-garbage")
@@ -179,7 +179,7 @@ def test_vocode_refuses_a_plain_npy(tmp_path):
 
 def test_released_directory_cache_is_keyed_by_content(released_model, tmp_path):
     """Moving or touching the released files reuses their conversion; editing one converts anew."""
-    from mvjax.models import resolve_model
+    from mvjax.sources.resolve import resolve_model
 
     first = resolve_model(released_model, cache_root=tmp_path / "cache", log_fn=lambda m: None)
     moved = tmp_path / "moved"
@@ -191,8 +191,8 @@ def test_released_directory_cache_is_keyed_by_content(released_model, tmp_path):
 
 
 def test_diffusion_memory_estimate_grows_with_attention_and_splits_batches():
+    from mvjax.inference.throughput import rows_that_fit, unet_bytes_per_row
     from mvjax.nn.diffusion_unet import UnetConfig
-    from mvjax.throughput import rows_that_fit, unet_bytes_per_row
 
     plain = UnetConfig(hidden=16, depth=2, stride=4, kernel=8, codec_dim=128)
     attn = UnetConfig(hidden=16, depth=2, stride=4, kernel=8, codec_dim=128, transformer=True)

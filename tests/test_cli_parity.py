@@ -67,9 +67,9 @@ def test_runtime_never_imports_torch(converted, fixtures):
                     raise ImportError("torch is blocked in this test")
         sys.meta_path.insert(0, BlockTorch())
         import numpy as np
-        from mvjax.checkpoint import load_gpt_stage
+        from mvjax.io.checkpoint import load_gpt_stage
         from mvjax.nn.gpt import forward
-        from mvjax.text import normalize_text
+        from mvjax.text.tokenizer import normalize_text
         s1 = np.load({str(fixtures / "stage1" / "stage1_cases.npz")!r})
         cfg, params, tok = load_gpt_stage({str(converted)!r}, "first_stage", verify=True)
         ids = tok.encode(normalize_text("Hello world"))
@@ -90,7 +90,7 @@ def test_runtime_never_imports_torch(converted, fixtures):
 
 
 def _documented_keys(fx):
-    from mvjax.parity import DOCUMENTED_KEYS
+    from mvjax.cli.parity import DOCUMENTED_KEYS
 
     for rel in DOCUMENTED_KEYS:
         data = fx.npz(rel)
@@ -107,7 +107,7 @@ def _documented_keys(fx):
 
 def test_parity_fails_naming_each_missing_documented_key(fixtures, tmp_path):
     """Delete each documented fixture array in turn: the components reading that file FAIL naming it."""
-    from mvjax.parity import COMPONENT_FILES, Fixture, FixtureArrays, run_checks
+    from mvjax.cli.parity import COMPONENT_FILES, Fixture, FixtureArrays, run_checks
 
     fx = Fixture(fixtures, tmp_path)
     pairs = sorted(set(_documented_keys(fx)))
@@ -126,7 +126,7 @@ def test_parity_fails_naming_each_missing_documented_key(fixtures, tmp_path):
 
 
 def test_a_fully_masked_token_check_fails():
-    from mvjax.parity import _exact
+    from mvjax.cli.parity import _exact
 
     check = _exact("stage2", "greedy", np.zeros((2, 3)), np.zeros((2, 3)), where=np.zeros((2, 3), bool))
     assert not check.passed and "nothing to compare" in check.note

@@ -14,7 +14,12 @@ from convert_weights.convert import convert_directory
 from convert_weights.gpt import convert_gpt_checkpoint
 from convert_weights.mapping import ConversionError
 from convert_weights.safe_pickle import load_checkpoint
-from mvjax.checkpoint import ModelDirError, load_gpt_stage, read_manifest, tree_digest
+from mvjax.io.checkpoint import (
+    ModelDirError,
+    load_gpt_stage,
+    read_manifest,
+    tree_digest,
+)
 from mvjax.nn.gpt import forward
 from tests.torch_twin import model_args, save_checkpoint
 

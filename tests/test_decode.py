@@ -1,16 +1,26 @@
 """The first-stage decoder: loop logic with fake logits, and the real model on the fixture."""
 
-import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvjax.checkpoint import load_gpt_stage
-from mvjax.decode import BlockFullWarning, FirstStageDecoder, SamplingConfig, decode_loop, utterance_keys
-from mvjax.sampling import filter_logits, guide, sample, top_k_filter, top_p_filter
+from mvjax.inference.decode import (
+    BlockFullWarning,
+    FirstStageDecoder,
+    SamplingConfig,
+    decode_loop,
+)
+from mvjax.inference.keys import utterance_keys
+from mvjax.inference.sampling import (
+    filter_logits,
+    guide,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+from mvjax.io.checkpoint import load_gpt_stage
 
 VOCAB = 50
 EOA = 40

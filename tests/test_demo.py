@@ -1,4 +1,4 @@
-"""The torch-free checkpoint writer and the on-the-fly random demo model (mvjax.demo)."""
+"""The torch-free checkpoint writer and the on-the-fly random demo model (mvjax.cli.demo)."""
 
 import collections
 import json
@@ -9,10 +9,22 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert_weights import torch_writer
-from convert_weights.safe_pickle import OMEGACONF_ALLOWED, UnsafeCheckpointError, load_checkpoint, plain_config
-from convert_weights.torch_writer import Global, NewObj, Reduce, TorchWriterError, omegaconf_config, save_checkpoint
-from mvjax import demo
+from convert_weights import random_checkpoints, torch_writer
+from convert_weights.safe_pickle import (
+    OMEGACONF_ALLOWED,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    plain_config,
+)
+from convert_weights.torch_writer import (
+    Global,
+    NewObj,
+    Reduce,
+    TorchWriterError,
+    omegaconf_config,
+    save_checkpoint,
+)
+from mvjax.cli import demo
 
 ALL_DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.int32, np.bool_,
               np.float64, np.int16, np.int8, np.uint8]
@@ -157,7 +169,7 @@ def test_generic_global_nodes(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
-    return demo.write_demo_checkpoints(tmp_path_factory.mktemp("demo_src"), seed=0)
+    return random_checkpoints.write_random_checkpoints(tmp_path_factory.mktemp("demo_src"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +267,7 @@ def test_mbd_file_has_the_released_structure(demo_files, fixtures):
 
 
 def test_demo_dir_converts_and_loads(demo_dir):
-    from mvjax import checkpoint as C
+    from mvjax.io import checkpoint as C
 
     manifest = json.loads((demo_dir / "manifest.json").read_text())
     assert set(manifest["components"]) == {"first_stage", "second_stage", "speaker_encoder", "encodec", "mbd"}
@@ -295,12 +307,18 @@ def test_demo_build_is_deterministic_in_the_seed(demo_dir, tmp_path):
     assert all(other[name] != digest for name, digest in digests(demo_dir).items())
 
 
-def test_default_cache_root(monkeypatch, tmp_path):
+def test_one_cache_root(monkeypatch, tmp_path):
+    """Every cache (converted models, demo, speaker embeddings, XLA, kernels) hangs off one root."""
+    from mvjax.core.paths import cache_root
+
     monkeypatch.setenv("MVJAX_CACHE", str(tmp_path / "c"))
-    assert demo.default_cache_root() == tmp_path / "c"
+    assert cache_root() == tmp_path / "c"
     monkeypatch.delenv("MVJAX_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert demo.default_cache_root() == tmp_path / "x" / "mvjax"
+    assert cache_root() == tmp_path / "x" / "mvjax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "mvjax"
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
@@ -310,8 +328,8 @@ def test_bad_seed(bad, tmp_path):
 
 
 def test_tokenizer_round_trips_english(demo_dir):
-    from mvjax.checkpoint import load_gpt_stage
-    from mvjax.text import normalize_text
+    from mvjax.io.checkpoint import load_gpt_stage
+    from mvjax.text.tokenizer import normalize_text
 
     _, _, tok = load_gpt_stage(demo_dir, "first_stage")
     texts = [
@@ -330,14 +348,14 @@ def test_tokenizer_round_trips_english(demo_dir):
 
 
 def test_bpe_trainer_is_deterministic():
-    ranks = demo.train_bpe(demo.TRAINING_TEXT)
-    assert ranks == demo.train_bpe(demo.TRAINING_TEXT) and len(ranks) == 512
+    ranks = random_checkpoints.train_bpe(random_checkpoints.TRAINING_TEXT)
+    assert ranks == random_checkpoints.train_bpe(random_checkpoints.TRAINING_TEXT) and len(ranks) == 512
     assert sorted(ranks.values()) == list(range(512))
     assert {b" the", b" and", b"ing"} <= set(ranks)
 
 
 def test_gpt_forward_smoke(demo_dir):
-    from mvjax.checkpoint import load_gpt_stage
+    from mvjax.io.checkpoint import load_gpt_stage
     from mvjax.nn.gpt import forward
 
     spk = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
@@ -358,7 +376,7 @@ def test_gpt_forward_smoke(demo_dir):
 
 
 def test_speaker_audio_and_embedding(demo_dir):
-    from mvjax.speaker import ShortReferenceWarning, SpeakerEncoder
+    from mvjax.inference.speaker import ShortReferenceWarning, SpeakerEncoder
 
     audio, rate = demo.demo_speaker_audio()
     assert rate == 22050 and audio.dtype == np.float32 and audio.ndim == 1

@@ -4,7 +4,6 @@ import subprocess
 import sys
 import types
 
-import jax
 import numpy as np
 import pytest
 
@@ -12,7 +11,7 @@ from convert_weights.convert import convert_directory
 from convert_weights.encodec import convert_encodec_state
 from convert_weights.mapping import ConversionError
 from convert_weights.safe_pickle import load_checkpoint
-from mvjax.checkpoint import load_encodec
+from mvjax.io.checkpoint import load_encodec
 from mvjax.nn import encodec as E
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mvjax.audio import resample
-from mvjax.enhance import DF_SAMPLE_RATE, DeepFilterNet3, enhance
+from mvjax.audio.enhance import DF_SAMPLE_RATE, DeepFilterNet3, enhance
+from mvjax.audio.features import resample
 
 
 def si_sdr(estimate, reference):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from convert_weights.convert import convert_directory
-from mvjax.checkpoint import load_gpt_stage
+from mvjax.io.checkpoint import load_gpt_stage
 from mvjax.nn.gpt import forward
 from tests.torch_twin import model_args, save_checkpoint
 

@@ -5,7 +5,7 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 
-from mvjax.loudness import integrated_loudness, normalize_loudness
+from mvjax.audio.loudness import integrated_loudness, normalize_loudness
 
 
 @pytest.fixture(scope="module")

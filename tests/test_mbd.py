@@ -11,10 +11,19 @@ import pytest
 import soundfile as sf
 
 from convert_weights.convert import convert_directory
-from convert_weights.safe_pickle import OMEGACONF_ALLOWED, UnsafeCheckpointError, load_checkpoint
-from mvjax.bands import split_bands
-from mvjax.checkpoint import load_mbd
-from mvjax.diffusion import MultiBandDiffusion, default_steps, plan_steps, re_eq
+from convert_weights.safe_pickle import (
+    OMEGACONF_ALLOWED,
+    UnsafeCheckpointError,
+    load_checkpoint,
+)
+from mvjax.audio.bands import split_bands
+from mvjax.inference.diffusion import (
+    MultiBandDiffusion,
+    default_steps,
+    plan_steps,
+    re_eq,
+)
+from mvjax.io.checkpoint import load_mbd
 from mvjax.nn.diffusion_unet import UnetConfig, unet_apply
 from tests.conftest import REPO
 
@@ -87,7 +96,7 @@ def test_torch_linspace_is_one_fused_rounding():
     rational result. Pure arithmetic, so it holds on any CPU."""
     from fractions import Fraction
 
-    from mvjax.bands import torch_linspace_f32
+    from mvjax.audio.bands import torch_linspace_f32
 
     rng = np.random.default_rng(0)
     f32 = np.float32

@@ -5,8 +5,14 @@ import logging
 import numpy as np
 import pytest
 
-from mvjax.longform import crossfade_join, plan_chunks, split_clauses, split_in_two, split_sentences
-from mvjax.pipeline import TTS, SynthesisError
+from mvjax.inference.longform import (
+    crossfade_join,
+    plan_chunks,
+    split_clauses,
+    split_in_two,
+    split_sentences,
+)
+from mvjax.inference.pipeline import TTS, SynthesisError
 
 LONG_TEXT = (
     "Long texts are the thing people ask for most. The reference model stops after about thirteen seconds, "
@@ -19,7 +25,7 @@ LONG_TEXT = (
 
 @pytest.fixture(scope="module")
 def tts(full_model):
-    model = TTS(full_model, mesh=None, speaker_cache_dir=None)
+    model = TTS.load(full_model, mesh=None, speaker_cache_dir=None)
     yield model
     model.close()
 
@@ -35,7 +41,7 @@ def test_tokens_reproduce_pipeline_cases(tts, voice, fixtures):
     assert cos >= 0.9999
     speech = tts.tokens(str(p["text"]), voice, temperature=0.0, stage2_temperature=0.0, guidance_scale=float(p["guidance"]),
                         top_p=float(p["top_p"]), max_new_tokens=int(p["max_new_tokens"]), long_form=False)
-    np.testing.assert_array_equal(speech.first_stage, p["first_stage_tokens"])
+    np.testing.assert_array_equal(speech.first_stage_codes, p["first_stage_tokens"])
     np.testing.assert_array_equal(speech.all_codebooks, p["all_codebooks"])
     assert len(speech.chunks) == 1 and speech.chunks[0].prompt_tokens == int(p["stage2_audio_start"])
 
@@ -43,9 +49,9 @@ def test_tokens_reproduce_pipeline_cases(tts, voice, fixtures):
 def test_second_call_in_same_bucket_does_not_recompile(tts, voice):
     kw = dict(seed=1, max_new_tokens=24, decoder="encodec", enhance=False)
     first = tts.synthesize("A first short text.", voice, **kw)
-    counts = (tts.first_stage.compile_count, tts.second_stage.compile_count)
+    counts = (tts.first_stage_decoder.compile_count, tts.second_stage_sampler.compile_count)
     second = tts.synthesize("Another short one!", voice, **kw)
-    assert (tts.first_stage.compile_count, tts.second_stage.compile_count) == counts
+    assert (tts.first_stage_decoder.compile_count, tts.second_stage_sampler.compile_count) == counts
     for speech in (first, second):
         assert speech.sample_rate == 24000 and speech.audio.dtype == np.float32
         assert speech.audio.shape == (speech.all_codebooks.shape[1] * 320,)
@@ -54,7 +60,7 @@ def test_second_call_in_same_bucket_does_not_recompile(tts, voice):
     again = tts.synthesize("A first short text.", voice, **kw)
     np.testing.assert_array_equal(again.all_codebooks, first.all_codebooks)
     other = tts.synthesize("A first short text.", voice, **{**kw, "seed": 2})
-    assert not np.array_equal(other.first_stage, first.first_stage)
+    assert not np.array_equal(other.first_stage_codes, first.first_stage_codes)
 
 
 def test_batch_with_mixed_lengths_and_speakers_equals_single_runs(tts, voice, fixtures):
@@ -65,7 +71,7 @@ def test_batch_with_mixed_lengths_and_speakers_equals_single_runs(tts, voice, fi
     batch = tts.tokens(texts, speakers, **kw)
     for i, (text, spk) in enumerate(zip(texts, speakers)):
         alone = tts.tokens([text], [spk], utterance_ids=[i], **kw)[0]
-        np.testing.assert_array_equal(batch[i].first_stage, alone.first_stage)
+        np.testing.assert_array_equal(batch[i].first_stage_codes, alone.first_stage_codes)
         np.testing.assert_array_equal(batch[i].all_codebooks, alone.all_codebooks)
     assert not np.array_equal(batch[0].speaker_embedding, batch[1].speaker_embedding)
 
@@ -81,9 +87,9 @@ def test_long_form_chunks_cover_the_text(tts, voice, caplog):
     for c in chunks:
         assert not c.hit_block_end and not c.stage2_cut
         assert c.prompt_tokens + c.generated_tokens <= tts.config1.block_size
-        assert len(tts.tokenizer2.encode(c.text)) + c.frames + 1 <= tts.config2.block_size
+        assert len(tts.tokenizers[1].encode(c.text)) + c.frames + 1 <= tts.config2.block_size
         assert c.frames > 0
-    assert sum(c.frames for c in chunks) == speech.all_codebooks.shape[1] == speech.first_stage.shape[1]
+    assert sum(c.frames for c in chunks) == speech.all_codebooks.shape[1] == speech.first_stage_codes.shape[1]
     hop, rate = 320, speech.sample_rate
     fade = int(0.05 * rate)
     expected = sum(c.frames * hop for c in chunks)
@@ -151,7 +157,7 @@ def test_crossfade_join_lengths_and_continuity():
 def test_kth_largest_is_exact_with_ties_and_infinities():
     import jax.numpy as jnp
 
-    from mvjax.sampling import kth_largest
+    from mvjax.inference.sampling import kth_largest
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 300)).astype(np.float32) * 10
@@ -167,7 +173,7 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_skips_excluded_ids():
     import jax
     import jax.numpy as jnp
 
-    from mvjax.sampling import sample_inverse_cdf
+    from mvjax.inference.sampling import sample_inverse_cdf
 
     logits = jnp.log(jnp.array([0.1, 0.0, 0.3, 0.6, 0.0]))  # ids 1 and 4 excluded (-inf)
     draws = np.asarray(jax.vmap(lambda k: sample_inverse_cdf(k, logits))(jax.random.split(jax.random.PRNGKey(0), 20000)))
@@ -192,9 +198,9 @@ ONE_MINUTE = " ".join([
 
 @pytest.fixture(scope="module")
 def demo_tts(tmp_path_factory):
-    from mvjax.demo import demo_model_dir
+    from mvjax.cli.demo import demo_model_dir
 
-    model = TTS(demo_model_dir(tmp_path_factory.mktemp("demo_cache")), mesh=None, speaker_cache_dir=None)
+    model = TTS.load(demo_model_dir(tmp_path_factory.mktemp("demo_cache")), mesh=None, speaker_cache_dir=None)
     yield model
     model.close()
 
@@ -213,7 +219,7 @@ def test_one_minute_paragraph_at_released_block_sizes(demo_tts):
 
 
 def test_auto_batch_sizes_follow_free_memory(demo_tts):
-    from mvjax.throughput import per_utterance_bytes, plan_batch_sizes
+    from mvjax.inference.throughput import per_utterance_bytes, plan_batch_sizes
 
     need = per_utterance_bytes(demo_tts, frames=500, decoder="mbd")
     assert all(v > 0 for v in need.values())
@@ -238,7 +244,7 @@ def test_stage2_temperature_is_its_own_option(tts, voice, fixtures):
               long_form=False, temperature=0.0)
     default = tts.tokens(str(p["text"]), voice, **kw)
     greedy = tts.tokens(str(p["text"]), voice, stage2_temperature=0.0, **kw)
-    np.testing.assert_array_equal(default.first_stage, p["first_stage_tokens"])
+    np.testing.assert_array_equal(default.first_stage_codes, p["first_stage_tokens"])
     np.testing.assert_array_equal(greedy.all_codebooks, p["all_codebooks"])
     assert (default.all_codebooks[2:] != p["all_codebooks"][2:]).mean() > 0.05  # sampled at 1.0 (~20 % differ), not greedy
     with pytest.raises(SynthesisError, match="stage2_temperature"):
@@ -249,8 +255,8 @@ def test_tts_applies_the_matmul_policy(tts, full_model, monkeypatch):
     """TTS sets the policy the parity tool certifies (highest), or the one asked for."""
     import jax
 
-    from mvjax.checkpoint import load_gpt_stage
-    from mvjax.precision import DEFAULT_POLICY, PrecisionError, apply, resolve
+    from mvjax.core.precision import DEFAULT_POLICY, PrecisionError, apply, resolve
+    from mvjax.io.checkpoint import load_gpt_stage
 
     assert DEFAULT_POLICY == "highest" and tts.matmul_precision == "highest"
     assert jax.config.jax_default_matmul_precision == "highest"

@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvjax import cpu_kernels
-from mvjax import quantize as Q
-from mvjax.checkpoint import load_gpt_stage, read_manifest, tree_digest
-from mvjax.decode import FirstStageDecoder, SamplingConfig, utterance_keys
+from mvjax.inference import fidelity as F
+from mvjax.inference.decode import FirstStageDecoder, SamplingConfig
+from mvjax.inference.keys import utterance_keys
+from mvjax.io import quantize as Q
+from mvjax.io.checkpoint import load_gpt_stage, read_manifest, tree_digest
+from mvjax.kernels import cpu_int8 as cpu_kernels
+from mvjax.kernels import int8 as K
 from tests.conftest import REPO
 
 
@@ -35,12 +38,12 @@ def test_quantize_rows_error_bounds():
     assert scale[3] == 1.0 and not q[3].any()
     # Every row's largest magnitude maps to +-127, and no element is off by more than half a step.
     assert np.all(np.abs(q[amax > 0]).max(axis=1) == 127)
-    err = np.abs(np.asarray(Q.dequantize(entry)) - w)
+    err = np.abs(np.asarray(_dequantized(entry)) - w)
     assert np.all(err <= scale[:, None] * (0.5 + 1e-5))
     # Only row 5 pays for its outlier.
     assert np.median(err[5]) > 10 * np.median(err[np.arange(64) != 5])
     # Values on the grid quantise to the same codes again.
-    np.testing.assert_array_equal(np.asarray(Q.quantize_rows(Q.dequantize(entry))["q"]), q)
+    np.testing.assert_array_equal(np.asarray(Q.quantize_rows(_dequantized(entry))["q"]), q)
 
 
 def test_check_mode():
@@ -51,6 +54,11 @@ def test_check_mode():
 
 
 # --- the int8 product: CPU kernel and plain-XLA fallback ---------------------------------------
+def _dequantized(entry):
+    """The float32 matrix an int8 entry stands for."""
+    return jnp.asarray(entry["q"], jnp.float32) * jnp.asarray(entry["scale"])[:, None]
+
+
 KERNEL_CALL = re.compile(r"custom_call\s*@" + re.escape(cpu_kernels.TARGET) + r"\b")
 
 
@@ -69,12 +77,12 @@ def int8_path(request, monkeypatch):
     ``fallback`` case of the same test still runs). ``fallback``: the kernel reported
     unavailable, as on a machine without a compiler or AVX2, so the decoder uses plain XLA."""
     if request.param == "kernel":
-        if not Q.int8_kernel_used():
+        if not K.int8_kernel_used():
             why = cpu_kernels._state.get("why") or f"backend {jax.default_backend()}"
             pytest.skip(f"int8 CPU kernel unavailable here ({why}); only the fallback case runs")
     else:
         monkeypatch.setattr(cpu_kernels, "int8_matmul_available", lambda: False)
-        assert not Q.int8_kernel_used()
+        assert not K.int8_kernel_used()
     return request.param
 
 
@@ -91,7 +99,7 @@ def _int8_product(path, entry, x):
 
 def _reference(entry, x):
     """Float64 product of the dequantised weights, elementwise (IEEE: 0 * inf = NaN, inf - inf = NaN)."""
-    w = np.asarray(Q.dequantize(entry), np.float64)
+    w = np.asarray(_dequantized(entry), np.float64)
     with np.errstate(invalid="ignore"):
         return (w[:, :, None] * np.asarray(x, np.float64)[None, :, :]).sum(axis=1)
 
@@ -99,7 +107,7 @@ def _reference(entry, x):
 def _error_bound(path, entry, x):
     """Kernel: activation rounding, |error| <= 0.5 / 16383 of each column's largest entry times
     sum |w| (products and sums are exact). Fallback: float32 dot, well inside 1e-5 of |w| @ |x|."""
-    w = np.abs(np.asarray(Q.dequantize(entry), np.float64))
+    w = np.abs(np.asarray(_dequantized(entry), np.float64))
     x = np.abs(np.asarray(x, np.float64))
     if path == "kernel":
         return w.sum(1)[:, None] * x.max(0)[None, :] * 0.5 / cpu_kernels.ACTIVATION_MAX * 1.01 + 1e-6 * (w @ x)
@@ -182,7 +190,7 @@ def test_int8_kernel_unavailable_uses_xla(monkeypatch, tmp_path, reason):
         assert cpu_kernels._compiler() is None
     else:
         monkeypatch.setenv("MVJAX_CPU_KERNELS", "0")
-    assert not cpu_kernels.int8_matmul_available() and not Q.int8_kernel_used()
+    assert not cpu_kernels.int8_matmul_available() and not K.int8_kernel_used()
     assert cpu_kernels._state["why"] == {"no compiler": "no C++ compiler found (set CXX)",
                                          "disabled": "disabled by MVJAX_CPU_KERNELS"}[reason]
     entry, x, n_bad = _nonfinite_case(5)
@@ -195,7 +203,10 @@ def test_int8_kernel_unavailable_uses_xla(monkeypatch, tmp_path, reason):
 
 _NO_COMPILER_SCRIPT = """
 import json, numpy as np, jax, jax.numpy as jnp
-from mvjax import cpu_kernels, quantize as Q
+from mvjax.kernels import cpu_int8 as cpu_kernels
+from mvjax.inference import fidelity as F
+from mvjax.io import quantize as Q
+from mvjax.kernels import int8 as K
 from mvjax.nn.gpt_decode import _matmul
 rng = np.random.default_rng(3)
 entry = Q.quantize_rows(jnp.asarray(rng.standard_normal((50, 300)), jnp.float32))
@@ -262,7 +273,7 @@ def _teacher_forced(config, params, continuations):
         padded[i, : len(seq)] = seq
     spk = np.stack([spk for _, spk, _, _ in continuations])
     guidance = np.array([g for _, _, g, _ in continuations], np.float32)
-    logits = np.asarray(Q.guided_logits(config, params, padded, spk, guidance))
+    logits = np.asarray(F.guided_logits(config, params, padded, spk, guidance))
     return [logits[i, len(prompt) - 1: len(seq) - 1] for i, (prompt, _, _, seq) in enumerate(continuations)]
 
 
@@ -275,7 +286,7 @@ def test_quantized_decode_matches_float32(stage1, continuations, mode):
     assert Q.decode_params_mode(q_params) == mode
     ref = np.concatenate(_teacher_forced(config, Q.decoder_params(config, params), continuations))
     got = np.concatenate(_teacher_forced(config, q_params, continuations))
-    cmp = Q.compare_logits(ref, got)
+    cmp = F.compare_logits(ref, got)
     kl, agree = np.asarray(cmp["kl"]), np.asarray(cmp["agree"])
     assert kl.size >= 150
     assert kl.mean() <= 0.01, kl.mean()
@@ -297,20 +308,21 @@ def test_int8_decoder_generates_like_float32(stage1, continuations):
     assert np.mean(got[:n] == want[:n]) >= 0.95
 
 
-def test_quantize_decode_params_of_a_prepared_tree(stage1):
-    """Quantising the re-laid float tree gives what quantising while re-laying gives."""
+def test_quantized_tree_quantises_each_relaid_matrix(stage1):
+    """Quantising while re-laying gives, matrix by matrix, the int8 rows of the re-laid float tree."""
     from mvjax.nn.gpt_decode import prepare_decode_params
 
     config, params, _ = stage1
     direct = Q.prepare_quantized_params(config, params, "int8")
-    later = Q.quantize_decode_params(prepare_decode_params(config, params), "int8")
-    assert tree_digest(direct) == tree_digest(later)
+    floats = prepare_decode_params(config, params)
+    for group in ("attn", "mlp"):
+        for name, p in floats["layers"][0][group].items():
+            want = Q.quantize_rows(p["w"])
+            np.testing.assert_array_equal(np.asarray(direct["layers"][0][group][name]["w"]["q"]), np.asarray(want["q"]))
     assert not Q.is_quantized(direct["wte"]) and Q.is_quantized(direct["speaker_proj"])
     assert Q.is_quantized(Q.prepare_quantized_params(config, params, "int8", embedding=True)["wte"])
     shapes = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), Q.abstract_decode_params(config, "int8"))
     assert shapes == jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), direct)
-    with pytest.raises(ValueError, match="already quantised"):
-        Q.quantize_decode_params(direct, "int8")
 
 
 @pytest.mark.parametrize("mode", [None, "int8"])
@@ -370,17 +382,17 @@ def test_quantized_conversion_round_trips(quantized_dir, converted, stage1):
 
 
 def test_tts_passes_quantize_through(converted, quantized_dir):
-    from mvjax.pipeline import TTS
+    from mvjax.inference.pipeline import TTS
 
-    assert TTS(converted, mesh=None, speaker_cache_dir=None).first_stage.quantize is None
-    assert TTS(converted, mesh=None, speaker_cache_dir=None, quantize="int8").first_stage.quantize == "int8"
-    assert TTS(quantized_dir, mesh=None, speaker_cache_dir=None).first_stage.quantize == "int8"
+    assert TTS.load(converted, mesh=None, speaker_cache_dir=None).first_stage_decoder.quantize is None
+    assert TTS.load(converted, mesh=None, speaker_cache_dir=None, quantize="int8").first_stage_decoder.quantize == "int8"
+    assert TTS.load(quantized_dir, mesh=None, speaker_cache_dir=None).first_stage_decoder.quantize == "int8"
 
 
 # --- command lines -------------------------------------------------------------------------
 def test_cli_flags_parse(tmp_path, converted, monkeypatch):
     from convert_weights.__main__ import main as convert_main
-    from mvjax import synthesize
+    from mvjax.cli import synthesize
 
     args = synthesize._parser().parse_args(["--model", "m", "--text", "hi", "--out", "o.wav", "--quantize", "int8"])
     assert args.quantize == "int8"
@@ -401,7 +413,7 @@ def test_cli_flags_parse(tmp_path, converted, monkeypatch):
         seen.update(kwargs, path=path)
         raise Stop
 
-    monkeypatch.setattr("mvjax.pipeline.TTS.load", fake_load)
+    monkeypatch.setattr("mvjax.inference.pipeline.TTS.load", fake_load)
     monkeypatch.setattr(synthesize, "enable_compilation_cache", lambda *a, **k: None)
     emb = tmp_path / "spk.npy"
     np.save(emb, np.ones(256, np.float32))

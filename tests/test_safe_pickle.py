@@ -1,11 +1,14 @@
-import io
 import pickle
 import zipfile
 
 import numpy as np
 import pytest
 
-from convert_weights.safe_pickle import CheckpointError, UnsafeCheckpointError, load_checkpoint
+from convert_weights.safe_pickle import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+)
 
 
 def _write_archive(path, payload: bytes, storages: dict[str, bytes] | None = None):

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import mvjax.audio as audio_mod
+import mvjax.audio.io as audio_mod
 from convert_weights.convert import convert_directory
 from convert_weights.mapping import ConversionError
 from convert_weights.safe_pickle import load_checkpoint
 from convert_weights.speaker import convert_speaker_checkpoint
-from mvjax.audio import AudioError, load_audio, load_mono, mel_power_spectrogram, trim_silence
-from mvjax.speaker import ShortReferenceWarning, SpeakerEncoder
+from mvjax.audio.features import mel_power_spectrogram, trim_silence
+from mvjax.audio.io import AudioError, load_audio, load_mono
+from mvjax.inference.speaker import ShortReferenceWarning, SpeakerEncoder
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_cache_is_keyed_by_content(tmp_path, voice, encoder_dir, monkeypatch):
     first = enc.embed_file(path)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
 
-    import mvjax.speaker as speaker_mod
+    import mvjax.inference.speaker as speaker_mod
 
     calls = []
     real = speaker_mod.load_audio

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mvjax.synthesize import main
+from mvjax.cli.synthesize import main
 from tests.conftest import REPO
 
 
@@ -72,19 +72,19 @@ def test_six_texts_on_four_devices_match_one_device(full_model, speaker_wav, tmp
     script = textwrap.dedent(f"""
         import jax, numpy as np
         assert jax.local_device_count() == 4, jax.devices()
-        from mvjax.parallel import local_mesh
-        from mvjax.pipeline import TTS
+        from mvjax.core.parallel import local_mesh
+        from mvjax.inference.pipeline import TTS
         texts = ["Hello there.", "A second, rather longer text for the batch.", "Third one!", "Four.",
                  "The fifth text is here, with a clause.", "Six and last."]
         runs, audio = {{}}, {{}}
         for name, mesh in (("one", None), ("four", local_mesh())):
-            tts = TTS({str(full_model)!r}, mesh=mesh, speaker_cache_dir=None)
+            tts = TTS.load({str(full_model)!r}, mesh=mesh, speaker_cache_dir=None)
             voice = tts.speaker_embedding({speaker_wav!r})
             runs[name] = tts.tokens(texts, voice, seed=3, max_new_tokens=40, batch_size=8)
             # Diffusion batched over the devices too (2 texts padded to 4 rows).
             audio[name] = tts.synthesize(texts[:2], voice, seed=3, max_new_tokens=40, decoder="mbd", enhance=False)
         for a, b in zip(runs["one"], runs["four"]):
-            assert np.array_equal(a.first_stage, b.first_stage)
+            assert np.array_equal(a.first_stage_codes, b.first_stage_codes)
             assert np.array_equal(a.all_codebooks, b.all_codebooks)
         for a, b in zip(audio["one"], audio["four"]):
             assert np.array_equal(a.all_codebooks, b.all_codebooks)
@@ -123,9 +123,9 @@ def test_two_processes_split_a_text_file(full_model, speaker_wav, tmp_path):
     assert sorted(written) == sorted(str(out_dir / f"{i:04d}.wav") for i in range(4))  # each exactly once
     assert "process 0 of 2: 2 of 4 texts" in outputs[0][1] and "process 1 of 2: 2 of 4 texts" in outputs[1][1]
     # Same tokens as one process synthesising the whole file.
-    from mvjax.pipeline import TTS
+    from mvjax.inference.pipeline import TTS
 
-    tts = TTS(full_model, mesh=None, speaker_cache_dir=None)
+    tts = TTS.load(full_model, mesh=None, speaker_cache_dir=None)
     alone = tts.tokens(texts, tts.speaker_embedding(speaker_wav), seed=7, max_new_tokens=30)
     for i, speech in enumerate(alone):
         saved = np.load(tok_dir / f"{i:04d}.npz")
@@ -134,9 +134,9 @@ def test_two_processes_split_a_text_file(full_model, speaker_wav, tmp_path):
 
 def test_csv_text_file_with_speakers_and_outputs(full_model, speaker_wav, tmp_path):
     emb = tmp_path / "voice.npy"
-    from mvjax.pipeline import TTS
+    from mvjax.inference.pipeline import TTS
 
-    np.save(emb, TTS(full_model, mesh=None, speaker_cache_dir=None).speaker_embedding(speaker_wav))
+    np.save(emb, TTS.load(full_model, mesh=None, speaker_cache_dir=None).speaker_embedding(speaker_wav))
     csv_file = tmp_path / "jobs.csv"
     csv_file.write_text(f'text,speaker,out\n"Hello, first row.",{speaker_wav},{tmp_path / "a.wav"}\n'
                         f"Second row.,{emb},\n")
@@ -264,7 +264,7 @@ def test_hub_id_offline_is_a_clear_error(capsys, outdir, speaker_wav, tmp_path, 
 
 
 def test_unconverted_directory_is_converted_once_into_the_cache(released_model, speaker_wav, tmp_path, capsys):
-    from mvjax.models import resolve_model
+    from mvjax.sources.resolve import resolve_model
 
     logs = []
     first = resolve_model(released_model, cache_root=tmp_path, log_fn=logs.append)

@@ -3,17 +3,14 @@
 import numpy as np
 import pytest
 
-from mvjax.checkpoint import load_gpt_stage
-from mvjax.text import (
-    TextError,
-    Tokenizer,
-    TokenizerSpec,
+from mvjax.io.checkpoint import load_gpt_stage
+from mvjax.text.layout import (
     build_second_stage_input,
-    normalize_text,
     second_stage_codebooks,
     split_first_stage_tokens,
     tilted_decode,
 )
+from mvjax.text.tokenizer import TextError, TokenizerSpec, normalize_text
 
 
 def test_normalisation_maps_punctuation_and_folds_whitespace():

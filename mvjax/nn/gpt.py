@@ -2,7 +2,7 @@
 
 One implementation serves the causal first stage (RMSNorm, SwiGLU, tied heads) and
 the non-causal second stage (LayerNorm, GELU, several input tables and heads);
-every choice is read from :class:`mvjax.config.GPTConfig`.
+every choice is read from :class:`mvjax.nn.config.GPTConfig`.
 
 Parameter tree (plain nested dicts; layer weights stacked on a leading axis so the
 blocks run under one ``nn.scan``)::
@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvjax.config import GPTConfig
+from mvjax.nn.config import GPTConfig
 
 # The reference's slow-path GPT masks the speaker embedding before this token when
 # ``spk_emb_on_text`` is False (a constant in its source, not a config value).

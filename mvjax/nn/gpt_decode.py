@@ -20,7 +20,7 @@ reference fixtures); as in the reference's fast path, the speaker projection is 
 every position of a conditioned row.
 
 A weight matrix may also be stored bfloat16, or int8 with a float32 scale per output row
-(``{"q", "scale"}``, :mod:`mvjax.quantize`); :func:`_matmul` and :func:`_rows` take either.
+(``{"q", "scale"}``, :mod:`mvjax.io.quantize`); :func:`_matmul` and :func:`_rows` take either.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from mvjax.config import GPTConfig
+from mvjax.kernels.int8 import int8_matmul
+from mvjax.nn.config import GPTConfig
 
 
 def prepare_decode_params(config: GPTConfig, params, dtype=None, store=None, consume: bool = False) -> dict:
@@ -38,7 +39,7 @@ def prepare_decode_params(config: GPTConfig, params, dtype=None, store=None, con
 
     ``store(name, matrix)``: how each weight matrix is kept, given its (out, in) float copy
     (``name`` is ``"wte"`` for the tied embedding/head, ``"speaker_proj"``, or the layer's
-    projection name); default: the copy cast to ``dtype``. :mod:`mvjax.quantize` passes a
+    projection name); default: the copy cast to ``dtype``. :mod:`mvjax.io.quantize` passes a
     quantiser; matrices are converted one at a time, so only one extra float copy exists.
 
     ``consume=True`` empties ``params`` (nested dicts) as it goes: each stacked kernel leaves the
@@ -106,10 +107,8 @@ def _norm(config: GPTConfig, p, x):
 
 def _matmul(w, x):
     """Weight matrix (out, in) @ x (in, N) -> float32 (out, N). ``w`` is an array, or an int8
-    matrix with per-row scales (``{"q", "scale"}``, see :mod:`mvjax.quantize`)."""
+    matrix with per-row scales (``{"q", "scale"}``, see :mod:`mvjax.kernels.int8`)."""
     if isinstance(w, dict):
-        from mvjax.quantize import int8_matmul
-
         return int8_matmul(w, x)
     return jnp.dot(w, x.astype(w.dtype), preferred_element_type=jnp.float32)
 

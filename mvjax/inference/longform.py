@@ -11,8 +11,9 @@ with a short equal-power crossfade.
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -119,3 +120,36 @@ def crossfade_join(pieces: Sequence[np.ndarray], rate: int, crossfade_s: float =
         overlap = out[..., -n:] * fade_out + piece[..., :n] * fade_in
         out = np.concatenate([out[..., :-n], overlap.astype(np.float32), piece[..., n:]], axis=-1)
     return out
+
+
+# Speaking rate used to budget chunks: slow English speech, so real speech rarely runs longer.
+CHARS_PER_SECOND = 12.0
+# How often a chunk that still overflows a block is split in two and spoken again.
+MAX_RESPLITS = 4
+CROSSFADE_SECONDS = 0.05
+
+
+def chunk_capacity(text: str, tokenizers, block_sizes: tuple[int, int], frame_rate: float,
+                   max_new_tokens: Optional[int] = None) -> tuple[int, int]:
+    """(estimated frames, frames both blocks leave room for) for one chunk of normalised text.
+
+    The first stage spends two tokens per frame after its prompt; the second stage one position
+    per frame after its text. The estimate is the speaking-rate budget, or ``max_new_tokens // 2``
+    when that is smaller."""
+    n1, n2 = (len(tok.encode(text)) for tok in tokenizers)
+    capacity = min((block_sizes[0] - n1) // 2 - 1, block_sizes[1] - n2 - 1)
+    estimate = math.ceil(len(text) / CHARS_PER_SECOND * frame_rate)
+    if max_new_tokens is not None:
+        estimate = min(estimate, max_new_tokens // 2)
+    return estimate, capacity
+
+
+def plan_for_model(text: str, tokenizers, block_sizes: tuple[int, int], frame_rate: float,
+                   max_new_tokens: Optional[int] = None) -> list[str]:
+    """Chunks of normalised ``text`` that each fit both stages' blocks (:func:`plan_chunks`)."""
+
+    def fits(chunk: str) -> bool:
+        estimate, capacity = chunk_capacity(chunk, tokenizers, block_sizes, frame_rate, max_new_tokens)
+        return estimate <= capacity
+
+    return plan_chunks(text, fits)

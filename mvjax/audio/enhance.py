@@ -16,12 +16,13 @@ from typing import Optional
 
 import numpy as np
 
-from mvjax.audio import resample
+from mvjax.audio.features import resample
+from mvjax.core.errors import MvjaxError
 
 DF_SAMPLE_RATE = 48000
 
 
-class EnhancerUnavailable(RuntimeError):
+class EnhancerUnavailable(MvjaxError, RuntimeError):
     """The DeepFilterNet runtime cannot be loaded."""
 
 

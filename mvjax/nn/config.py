@@ -11,11 +11,13 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from mvjax.core.errors import MvjaxError
+
 NORM_TYPES = ("rmsnorm", "layernorm")
 NONLINEARITIES = ("swiglu", "gelu")
 
 
-class ConfigError(ValueError):
+class ConfigError(MvjaxError, ValueError):
     """A model configuration that the implementation cannot honour."""
 
 

@@ -22,14 +22,15 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from mvjax.config import GPTConfig
-from mvjax.text import Tokenizer, TokenizerSpec
+from mvjax.core.errors import MvjaxError
+from mvjax.nn.config import GPTConfig
+from mvjax.text.tokenizer import Tokenizer, TokenizerSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class ModelDirError(ValueError):
+class ModelDirError(MvjaxError, ValueError):
     """A converted model directory that is missing, incomplete or corrupt."""
 
 
@@ -116,6 +117,16 @@ def read_manifest(model_dir: str | Path) -> dict:
     return manifest
 
 
+def model_components(model_dir: str | Path, required: tuple[str, ...] = ()) -> set[str]:
+    """The components a converted model directory holds; ModelDirError if any of ``required`` is missing."""
+    model_dir = Path(model_dir)
+    have = set(read_manifest(model_dir).get("components", {}))
+    missing = set(required) - have
+    if missing:
+        raise ModelDirError(f"{model_dir} lacks {', '.join(sorted(missing))} (has: {', '.join(sorted(have))})")
+    return have
+
+
 def _component(model_dir: Path, name: str) -> dict:
     manifest = read_manifest(model_dir)
     entry = manifest.get("components", {}).get(name)
@@ -183,8 +194,8 @@ def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> t
     """Load one GPT stage (``first_stage`` or ``second_stage``) from a converted directory.
 
     A first stage converted with ``--quantize`` (its manifest entry names the mode) comes back
-    as stored: already in the decoder's layout with quantised matrices (:mod:`mvjax.quantize`),
-    which :class:`mvjax.decode.FirstStageDecoder` uses as is; no float32 copy is built."""
+    as stored: already in the decoder's layout with quantised matrices (:mod:`mvjax.io.quantize`),
+    which :class:`mvjax.inference.decode.FirstStageDecoder` uses as is; no float32 copy is built."""
     from mvjax.nn.gpt import abstract_params
 
     model_dir = Path(model_dir)
@@ -192,7 +203,7 @@ def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> t
     config = GPTConfig.from_dict(_read_config(model_dir, stage))
     tokenizer = Tokenizer(TokenizerSpec.from_json_file(model_dir / stage / "tokenizer.json"))
     if entry.get("quantize"):
-        from mvjax.quantize import MODES, abstract_decode_params
+        from mvjax.io.quantize import MODES, abstract_decode_params
 
         if entry["quantize"] not in MODES or entry.get("layout") != "decode":
             raise ModelDirError(f"{model_dir / stage}: unknown quantisation {entry['quantize']!r} "

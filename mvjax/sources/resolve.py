@@ -20,25 +20,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from mvjax.checkpoint import MANIFEST, ModelDirError
+from mvjax.core.atomic import atomic_path, write_bytes
+from mvjax.core.paths import cache_root
+from mvjax.io.checkpoint import MANIFEST, ModelDirError
 
 DEFAULT_REPO = "metavoiceio/metavoice-1B-v0.1"
 METAVOICE_FILES = ("first_stage.pt", "second_stage.pt", "speaker_encoder.pt")
 MBD_REPO, MBD_FILE = "facebook/multiband-diffusion", "mbd_comp_8.pt"
 ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/encodec_24khz-d7cc33bc.th"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_root(root: Optional[str | os.PathLike] = None) -> Path:
-    if root is not None:
-        return Path(root)
-    return Path(os.environ.get("MVJAX_CACHE", Path.home() / ".cache" / "mvjax"))
 
 
 def _file_digest(path: Path, index: dict) -> str:
@@ -70,8 +65,6 @@ def _fingerprint(files: list[Path], root: Path) -> str:
     for f in sorted(files, key=lambda p: p.name):
         h.update(f"{f.name}\0{_file_digest(f, index)}\n".encode())
     try:
-        from mvjax.atomic import write_bytes
-
         index_path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(index_path, json.dumps(index, indent=0, sort_keys=True).encode())
     except OSError:  # a read-only cache only costs re-hashing next time
@@ -81,9 +74,9 @@ def _fingerprint(files: list[Path], root: Path) -> str:
 
 def convert_cached(source: Path, root: Optional[Path] = None, log_fn: Callable[[str], None] = print) -> Path:
     """Convert the released checkpoints in ``source`` into the cache once; return the converted directory."""
-    from convert_weights.convert import convert_directory, find_components
+    from convert_weights import convert_released, released_components
 
-    found = find_components(source)
+    found = released_components(source)
     if not found:
         raise ModelDirError(
             f"{source} is neither a converted model (no {MANIFEST}) nor a directory of released checkpoints "
@@ -94,7 +87,7 @@ def convert_cached(source: Path, root: Optional[Path] = None, log_fn: Callable[[
     if (out / MANIFEST).is_file():
         return out
     log_fn(f"converting {source} into {out} (once)")
-    convert_directory(source, out, log=log_fn)
+    convert_released(source, out, log=log_fn)
     return out
 
 
@@ -121,14 +114,11 @@ def download_released(repo_id: str, root: Optional[Path] = None, log_fn: Callabl
     codec = target / Path(ENCODEC_URL).name
     if not codec.is_file():
         log_fn(f"fetching {ENCODEC_URL}")
-        fd, tmp = tempfile.mkstemp(dir=target, prefix=".encodec-")
         try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(ENCODEC_URL, timeout=60) as r:
+            with atomic_path(codec) as tmp, open(tmp, "wb") as f, urllib.request.urlopen(ENCODEC_URL, timeout=60) as r:
                 while block := r.read(1 << 20):
                     f.write(block)
-            os.replace(tmp, codec)
         except (OSError, urllib.error.URLError) as exc:
-            Path(tmp).unlink(missing_ok=True)
             raise ModelDirError(f"cannot download {ENCODEC_URL} ({exc}); download it yourself into a model directory "
                                 "with the other checkpoints (see README)") from None
     return target

@@ -8,7 +8,7 @@ each layer's attention and MLP kernels in (out, in) layout, the speaker projecti
     Symmetric, per output channel: ``w ~= q * scale[:, None]`` with ``q`` int8 in
     [-127, 127] and ``scale = max|w[o, :]| / 127`` float32 (a quarter of the float32 bytes).
     Stored as ``{"q": int8 (out, in), "scale": float32 (out,)}`` in place of the float matrix.
-    On CPU the matmul runs in :mod:`mvjax.cpu_kernels` (int8 weights, activations rounded to
+    On CPU the matmul runs in :mod:`mvjax.kernels.int8` (int8 weights, activations rounded to
     15 bits per column, exact int32 sums): XLA's CPU backend cannot fuse the dequantisation
     into its dot and would materialise a float32 copy of every matrix each step. Elsewhere
     (GPU/TPU, or when the kernel cannot be built) it is ``dot(q.astype(f32), x) * scale``,
@@ -36,7 +36,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from mvjax.config import GPTConfig
+from mvjax.nn.config import GPTConfig
 
 MODES = ("int8", "bf16")
 QUANTIZE_EMBEDDING = False  # default for wte: see the module docstring
@@ -63,45 +63,8 @@ def quantize_rows(w: jnp.ndarray) -> dict:
     return {"q": q, "scale": scale}
 
 
-def dequantize(entry) -> jnp.ndarray:
-    """The float32 matrix an int8 entry stands for (arrays are returned as float32)."""
-    if is_quantized(entry):
-        return entry["q"].astype(jnp.float32) * entry["scale"][:, None]
-    return jnp.asarray(entry, jnp.float32)
-
-
 def is_quantized(entry) -> bool:
     return isinstance(entry, dict) and "q" in entry and "scale" in entry
-
-
-def int8_kernel_used() -> bool:
-    """Whether :func:`int8_matmul` traces to the CPU kernel (:mod:`mvjax.cpu_kernels`) rather
-    than :func:`int8_matmul_xla`: on the CPU backend when the kernel is built. Decided at trace
-    time, so a jitted function keeps the choice it was first traced with."""
-    if jax.default_backend() != "cpu":
-        return False
-    from mvjax.cpu_kernels import int8_matmul_available
-
-    return int8_matmul_available()
-
-
-def int8_matmul_xla(q: jnp.ndarray, scale: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-    """The plain-XLA int8 product ``dot(q.astype(f32), x) * scale[:, None]`` -> float32 (out, N):
-    what :func:`int8_matmul` runs off CPU or where the kernel cannot be built. Float arithmetic
-    throughout, so NaN/inf in ``x`` propagate as in a float32 matmul. GPU compilers fuse the
-    conversion into the dot; on CPU XLA materialises the float32 copy of ``q``."""
-    return jnp.dot(q.astype(jnp.float32), x.astype(jnp.float32), preferred_element_type=jnp.float32) * scale[:, None]
-
-
-def int8_matmul(entry: dict, x: jnp.ndarray) -> jnp.ndarray:
-    """``dequantize(entry) @ x`` for x (in, N) -> float32 (out, N), without a float32 weight copy on CPU
-    (the decoder's int8 product: :func:`mvjax.nn.gpt_decode._matmul`)."""
-    q, scale = entry["q"], entry["scale"]
-    if int8_kernel_used():
-        from mvjax.cpu_kernels import int8_matmul as kernel
-
-        return kernel(q, scale, x)
-    return int8_matmul_xla(q, scale, x)
 
 
 # --- decode-layout trees ----------------------------------------------------------------
@@ -128,29 +91,6 @@ def prepare_quantized_params(config: GPTConfig, params, mode: str, *, embedding:
     return prepare_decode_params(config, params, store=_store_fn(mode, embedding), consume=consume)
 
 
-def quantize_decode_params(prepared: dict, mode: str, *, embedding: bool = QUANTIZE_EMBEDDING) -> dict:
-    """Quantise an already re-laid float tree (from ``prepare_decode_params``); returns a new tree
-    (drop the float one to free it)."""
-    mode = check_mode(mode)
-    if mode is None:
-        raise ValueError("quantize_decode_params needs a mode: " + ", ".join(MODES))
-    if decode_params_mode(prepared) is not None:
-        raise ValueError(f"these parameters are already quantised ({decode_params_mode(prepared)})")
-    store = _store_fn(mode, embedding)
-    out = {k: v for k, v in prepared.items() if k not in ("wte", "speaker_proj", "layers")}
-    out["wte"] = store("wte", prepared["wte"])
-    if "speaker_proj" in prepared:
-        out["speaker_proj"] = store("speaker_proj", prepared["speaker_proj"])
-    layers = []
-    for lay in prepared["layers"]:
-        new = {k: v for k, v in lay.items() if k not in ("attn", "mlp")}
-        for group in ("attn", "mlp"):
-            new[group] = {name: {**p, "w": store(name, p["w"])} for name, p in lay[group].items()}
-        layers.append(new)
-    out["layers"] = layers
-    return out
-
-
 def is_decode_layout(params) -> bool:
     """A tree already in the decode layout (e.g. restored from a quantised model directory)."""
     return isinstance(params, dict) and "layers" in params and "wte" in params
@@ -166,7 +106,7 @@ def decode_params_mode(prepared: dict) -> Optional[str]:
 
 def decoder_params(config: GPTConfig, params, dtype=None, quantize: Optional[str] = None,
                    consume: bool = False) -> dict:
-    """What :class:`mvjax.decode.FirstStageDecoder` keeps: ``params`` re-laid for decoding, quantised
+    """What :class:`mvjax.inference.decode.FirstStageDecoder` keeps: ``params`` re-laid for decoding, quantised
     when asked. A tree already in the decode layout (a quantised model directory) is used as is.
     ``consume``: empty ``params`` while re-laying it (lower peak memory; see ``prepare_decode_params``)."""
     from mvjax.nn.gpt_decode import prepare_decode_params
@@ -196,40 +136,3 @@ def abstract_decode_params(config: GPTConfig, mode: Optional[str], *, embedding:
 
 def tree_nbytes(tree) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
-
-
-# --- fidelity --------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _guided_logits(config: GPTConfig, params: dict, tokens, spk, guidance):
-    from mvjax.nn.gpt_decode import apply_tokens, init_cache
-    from mvjax.sampling import guide
-
-    batch, length = tokens.shape
-    rows = jnp.concatenate([tokens, tokens], axis=0)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), rows.shape)
-    cache = init_cache(config, 2 * batch, length)
-    logits, _ = apply_tokens(config, params, rows, positions, jnp.concatenate([spk, jnp.zeros_like(spk)]), cache)
-    return guide(logits[:batch], logits[batch:], guidance[:, None, None])
-
-
-def guided_logits(config: GPTConfig, params: dict, tokens, speaker_emb, guidance) -> jnp.ndarray:
-    """Teacher-forced next-token logits of the decoder, as sampled: ``tokens`` (B, T) run through
-    :func:`mvjax.nn.gpt_decode.apply_tokens` in one pass as a conditioned and an unconditioned row
-    each (``speaker_emb`` (B, S)), mixed with ``guidance`` (scalar or (B,)); float32 (B, T, V),
-    position t predicting token t + 1. ``params``: a decode-layout tree (float or quantised)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    batch = tokens.shape[0]
-    spk = jnp.asarray(speaker_emb, jnp.float32).reshape(batch, -1)
-    guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
-    return _guided_logits(config, params, tokens, spk, guidance)
-
-
-def compare_logits(ref, other, temperature: float = 1.0) -> dict:
-    """Per-position agreement of next-token distributions ``softmax(logits / temperature)``:
-    ``kl`` = KL(ref || other) in nats, ``agree`` = same argmax, both (..., ) arrays."""
-    ref = jnp.asarray(ref, jnp.float32) / temperature
-    other = jnp.asarray(other, jnp.float32) / temperature
-    logp, logq = jax.nn.log_softmax(ref, axis=-1), jax.nn.log_softmax(other, axis=-1)
-    kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
-    agree = jnp.argmax(ref, axis=-1) == jnp.argmax(other, axis=-1)
-    return {"kl": jnp.maximum(kl, 0.0), "agree": agree}

@@ -22,11 +22,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 
-from mvjax.audio import AudioError, load_audio, mel_power_spectrogram, resample, to_mono, trim_silence
+from mvjax.audio.features import mel_power_spectrogram, resample, trim_silence
+from mvjax.audio.io import AudioError, load_audio, to_mono
+from mvjax.core.paths import cache_root
+from mvjax.inference.options import SynthesisError
 from mvjax.nn.speaker_encoder import SpeakerEncoderConfig, embed_partials
 
 RECOMMENDED_SECONDS = 30.0
@@ -68,11 +71,11 @@ class SpeakerEncoder:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = "default") -> "SpeakerEncoder":
-        from mvjax.checkpoint import load_speaker_encoder
+        from mvjax.io.checkpoint import load_speaker_encoder
 
         config, params, digest = load_speaker_encoder(model_dir)
         if cache_dir == "default":
-            cache_dir = default_cache_dir()
+            cache_dir = cache_root() / "speaker_embeddings"
         return cls(config, params, digest, None if cache_dir is None else Path(cache_dir))
 
     # --- Signal path --------------------------------------------------------------------
@@ -142,13 +145,8 @@ class SpeakerEncoder:
         return h.hexdigest()
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("MVJAX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mvjax")
-    return Path(root) / "speaker_embeddings"
-
-
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    from mvjax.atomic import atomic_path
+    from mvjax.core.atomic import atomic_path
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,3 +155,54 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
                 np.save(fh, array)
     except OSError as exc:  # a read-only cache must not break synthesis
         warnings.warn(f"could not write the speaker-embedding cache at {path.parent}: {exc}", stacklevel=3)
+
+
+SpeakerSpec = Union[str, os.PathLike, np.ndarray, tuple]
+
+
+def embedding_from_spec(spec: SpeakerSpec, encoder: Callable[[], "SpeakerEncoder"], size: Optional[int]) -> np.ndarray:
+    """An embedding (E,) from an audio path, an ``(audio, rate)`` pair, an embedding array or a
+    ``.npy`` path. ``encoder`` is called only when audio has to be embedded."""
+    if isinstance(spec, tuple):
+        audio, rate = spec
+        emb = encoder().embed_audio(np.asarray(audio, np.float32), int(rate))
+    elif isinstance(spec, np.ndarray):
+        emb = np.asarray(spec, np.float32).reshape(-1)
+    elif isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if path.suffix.lower() == ".npy":
+            try:
+                emb = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
+            except (OSError, ValueError) as exc:
+                raise SynthesisError(f"cannot read speaker embedding {path}: {exc}") from None
+        else:
+            emb = encoder().embed_file(path)
+    else:
+        raise SynthesisError(f"speaker must be an audio path, (audio, rate) or an embedding array, not {type(spec).__name__}")
+    if size is not None and emb.shape != (size,):
+        raise SynthesisError(f"speaker embedding must have shape ({size},), got {emb.shape}")
+    if not np.all(np.isfinite(emb)):
+        raise SynthesisError("speaker embedding holds NaN or infinite values")
+    return emb
+
+
+def embeddings_for(spec, count: int, one: Callable[[SpeakerSpec], np.ndarray]) -> np.ndarray:
+    """(count, E) embeddings: ``spec`` is one speaker for every text, a list of one per text, or a
+    (count, E) array. ``one`` embeds a single spec; repeated paths are embedded once."""
+    if spec is None:
+        raise SynthesisError("a speaker reference (audio file or embedding) is required")
+    if isinstance(spec, list):
+        if len(spec) != count:
+            raise SynthesisError(f"got {len(spec)} speakers for {count} texts")
+        seen: dict = {}
+        for s in spec:
+            k = str(s) if isinstance(s, (str, os.PathLike)) else id(s)
+            if k not in seen:
+                seen[k] = one(s)
+        return np.stack([seen[str(s) if isinstance(s, (str, os.PathLike)) else id(s)] for s in spec])
+    if isinstance(spec, np.ndarray) and spec.ndim == 2:
+        if spec.shape[0] != count:
+            raise SynthesisError(f"got {spec.shape[0]} speaker embeddings for {count} texts")
+        return np.stack([one(s) for s in spec])
+    emb = one(spec)
+    return np.broadcast_to(emb, (count,) + emb.shape).copy()

@@ -18,12 +18,14 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from mvjax.core.errors import MvjaxError
+
 POLICIES = ("highest", "high", "default")
 DEFAULT_POLICY = "highest"
 ENV_VAR = "MVJAX_MATMUL_PRECISION"
 
 
-class PrecisionError(ValueError):
+class PrecisionError(MvjaxError, ValueError):
     """An unknown matmul precision policy."""
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvjax.bands import split_bands, torch_linspace_f32
+from mvjax.audio.bands import split_bands, torch_linspace_f32
 from mvjax.nn.diffusion_unet import UnetConfig, unet_apply
 
 EQ_BANDS = 32
@@ -135,7 +135,7 @@ class MultiBandDiffusion:
     """All bands of a converted ``mbd`` component; ``generate`` runs them in one jitted call per band shape."""
 
     def __init__(self, config: dict, params: dict, mesh=None):
-        from mvjax.parallel import put_replicated
+        from mvjax.core.parallel import put_replicated
 
         self.config = config
         self.mesh = mesh
@@ -174,7 +174,7 @@ class MultiBandDiffusion:
 
         Noise: ``noises`` as given, else one key per row (``row_keys`` (B, 2)), else one ``key``
         for the whole batch. Over a mesh the batch (a multiple of the device count) is split."""
-        from mvjax.parallel import put_batch
+        from mvjax.core.parallel import put_batch
 
         if noises is None and row_keys is not None:
             noises = self.row_noises(row_keys, shape)
@@ -186,7 +186,7 @@ class MultiBandDiffusion:
             from jax.sharding import NamedSharding
             from jax.sharding import PartitionSpec as P
 
-            from mvjax.parallel import DATA_AXIS
+            from mvjax.core.parallel import DATA_AXIS
 
             noises = jax.device_put(noises, NamedSharding(self.mesh, P(None, DATA_AXIS)))
         bands = np.asarray(self._jitted(self.params, put_batch(np.asarray(latent, np.float32), self.mesh), noises))

@@ -26,14 +26,19 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from mvjax.config import GPTConfig
 from jax.sharding import PartitionSpec as P
 
+from mvjax.core.parallel import (
+    DATA_AXIS,
+    pad_rows,
+    padded_size,
+    put_batch,
+    put_replicated,
+)
+from mvjax.inference.sampling import guide, kth_largest, sample, sample_inverse_cdf
+from mvjax.io.quantize import decode_params_mode, decoder_params
+from mvjax.nn.config import GPTConfig
 from mvjax.nn.gpt_decode import apply_tokens, init_cache
-from mvjax.parallel import DATA_AXIS, pad_rows, padded_size, put_batch, put_replicated
-from mvjax.quantize import decode_params_mode, decoder_params
-from mvjax.sampling import guide, kth_largest, sample, sample_inverse_cdf
 
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_TOP_P = 0.95
@@ -199,7 +204,7 @@ class FirstStageDecoder:
 
     def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, cache_dtype=None, mesh=None,
                  quantize: Optional[str] = None, consume_params: bool = False):
-        """``quantize``: None, ``"int8"`` or ``"bf16"`` weight storage (:mod:`mvjax.quantize`); a
+        """``quantize``: None, ``"int8"`` or ``"bf16"`` weight storage (:mod:`mvjax.io.quantize`); a
         tree already quantised (a model directory converted with ``--quantize``) is used as stored.
         ``consume_params``: empty the (freshly loaded) ``params`` tree while re-laying it, so the
         peak is about one copy of the weights instead of two."""
@@ -322,12 +327,6 @@ class FirstStageDecoder:
             step_logits = np.asarray(step_logits)[:batch]
             logits_out = [step_logits[i, : lengths[i] - lens[i]] for i in range(batch)]
         return DecodeResult(seqs, lens, finished, hit_block_end, logits_out)
-
-
-def utterance_keys(seed: int, count: int) -> jax.Array:
-    """One PRNG key per utterance, derived from a seed and the utterance index."""
-    base = jax.random.PRNGKey(seed)
-    return jnp.stack([jax.random.fold_in(base, i) for i in range(count)])
 
 
 DEFAULT_STAGE2_TOP_K = 200

@@ -37,7 +37,7 @@ def free_bytes(device: Optional[jax.Device] = None) -> int:
 def per_utterance_bytes(tts, frames: int, decoder: str = "mbd") -> dict[str, int]:
     """Estimated working bytes per utterance (one chunk) in each stage."""
     c1, c2 = tts.config1, tts.config2
-    cache_item = 4 if tts.first_stage.cache_dtype is None else jax.numpy.dtype(tts.first_stage.cache_dtype).itemsize
+    cache_item = jax.numpy.dtype(tts.first_stage_decoder.cache_dtype).itemsize
     # Stage 1: conditioned + unconditioned rows, keys and values, every layer, the whole block;
     # plus per-step logits and sampling buffers (sorts over the vocabulary).
     stage1 = 2 * 2 * c1.n_layer * c1.block_size * c1.n_embd * cache_item + 2 * 8 * sum(c1.output_vocab_sizes) * 4
@@ -46,11 +46,12 @@ def per_utterance_bytes(tts, frames: int, decoder: str = "mbd") -> dict[str, int
     heads = sum(c2.output_vocab_sizes)
     stage2 = (3 * heads * c2.block_size * 4 + 2 * c2.n_head * c2.block_size ** 2 * 4
               + 12 * c2.block_size * c2.n_embd * 4)
-    samples = frames * tts.codec_config.hop_length
+    codec_config = tts.codec.config
+    samples = frames * codec_config.hop_length
     # Codec decoder: a few activations of its widest layer over the waveform.
-    codec = 6 * tts.codec_config.n_filters * 2 ** len(tts.codec_config.ratios) * frames * 4 + 8 * samples * 4
+    codec = 6 * codec_config.n_filters * 2 ** len(codec_config.ratios) * frames * 4 + 8 * samples * 4
     decode = codec
-    if decoder == "mbd" and "mbd" in tts.components:
+    if decoder == "mbd":
         decode += diffusion_bytes_per_row(tts.diffusion, samples, frames)
     return {"stage1": int(stage1), "stage2": int(stage2), "decoder": int(decode)}
 
@@ -118,3 +119,25 @@ def plan_batch_sizes(tts, frames: int, decoder: str = "mbd", available: Optional
             batch *= 2
         out[stage] = batch
     return out
+
+
+def resolve_batch_sizes(tts, batch_size, decoder: Optional[str], max_new_tokens: Optional[int]) -> dict[str, int]:
+    """Per-stage batch sizes (per device) from an int (every stage), a dict ``{"stage1", "stage2",
+    "decoder"}`` or ``"auto"`` (:func:`plan_batch_sizes` for the longest chunk ``max_new_tokens`` allows)."""
+    import logging
+
+    from mvjax.inference.options import SynthesisError
+
+    if isinstance(batch_size, dict):
+        sizes = dict(batch_size)
+    elif batch_size == "auto":
+        frames = tts.config2.block_size if max_new_tokens is None else max(1, max_new_tokens // 2)
+        sizes = plan_batch_sizes(tts, frames=frames, decoder=decoder or "encodec")
+        logging.getLogger("mvjax").info("batch sizes per device (from free memory): %s", sizes)
+    elif isinstance(batch_size, int) and not isinstance(batch_size, bool):
+        sizes = {"stage1": batch_size, "stage2": batch_size, "decoder": batch_size}
+    else:
+        raise SynthesisError(f"batch_size must be a positive integer, a per-stage dict or 'auto', not {batch_size!r}")
+    if set(sizes) != {"stage1", "stage2", "decoder"} or any(not isinstance(v, int) or v < 1 for v in sizes.values()):
+        raise SynthesisError(f"batch sizes must be positive integers for stage1, stage2 and decoder, got {sizes}")
+    return sizes

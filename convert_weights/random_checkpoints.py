@@ -1,37 +1,26 @@
-"""A small random MetaVoice model for demos, built on the fly in the released checkpoint layouts.
+"""Random checkpoints in the released layouts: the one source of them for the demo, benchmarks and tests.
 
-    from mvjax.demo import demo_model_dir, demo_speaker_audio
-    model_dir = demo_model_dir()              # converted once, then reused from the cache
-    audio, rate = demo_speaker_audio()        # ~4 s synthetic voice-like signal, 22.05 kHz
-
-:func:`write_demo_checkpoints` writes the five files the converter knows
-(``first_stage.pt``, ``second_stage.pt``, ``speaker_encoder.pt``,
-``encodec_24khz-demo.th``, ``mbd_comp_8.pt``) with the key names, nesting and value
-types of the released checkpoints, but tiny GPTs and diffusion U-Nets and random
-weights drawn from ``numpy.random.default_rng`` (seeded, initialised like the PyTorch
-modules so activations stay in range). The speaker encoder and the 24 kHz EnCodec keep
-their real architectures. The BPE tokenizer (256 bytes + 256 merges) is trained at
-run time on a paragraph written in this module, with the released split pattern.
-:func:`demo_model_dir` converts them with ``convert_weights`` into a cached model
-directory. No download, no file shipped, no torch. The model speaks noise: it only
-exercises the whole pipeline.
+:func:`write_random_checkpoints` writes the five files the converter knows (``first_stage.pt``,
+``second_stage.pt``, ``speaker_encoder.pt``, ``encodec_24khz-demo.th``, ``mbd_comp_8.pt``) with
+the key names, nesting and value types of the released checkpoints, but tiny GPTs and
+diffusion U-Nets and random weights drawn from ``numpy.random.default_rng`` (seeded,
+initialised like the PyTorch modules so activations stay in range). The speaker encoder and
+the 24 kHz EnCodec keep their real architectures. The BPE tokenizer (256 bytes + 256 merges) is
+trained at run time on a paragraph written here, with the released split pattern. The pieces
+(:func:`gpt_checkpoint` with :func:`model_args`, :func:`speaker_checkpoint`,
+:func:`encodec_state`, :func:`mbd_checkpoint`) build in-memory checkpoints of any size, e.g.
+the released 1.2B shape for benchmarks. No download, no file shipped, no torch.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from convert_weights.torch_writer import omegaconf_config, save_checkpoint
-
-DEMO_VERSION = "v1"
-SPEAKER_SAMPLE_RATE = 22050
 
 # The released tokenizers' pre-tokenisation pattern (tiktoken syntax).
 PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -132,7 +121,7 @@ def _normal(rng: np.random.Generator, shape, std: float) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
 
-def _rng(seed: int, component: int) -> np.random.Generator:
+def component_rng(seed: int, component: int) -> np.random.Generator:
     """Independent stream per component, so each file depends only on (seed, component)."""
     return np.random.default_rng([int(seed), component])
 
@@ -192,7 +181,7 @@ def _gpt_state(rng: np.random.Generator, args: dict, prefix: str = "") -> collec
     return sd
 
 
-def _model_args(**kw) -> dict:
+def model_args(**kw) -> dict:
     args = {
         "block_size": None, "vocab_sizes": None, "target_vocab_sizes": None, "n_layer": None, "n_head": None,
         "n_embd": None, "dropout": 0.0, "spkemb_dropout": 0.0, "bias": False, "causal": True,
@@ -203,17 +192,17 @@ def _model_args(**kw) -> dict:
     return args
 
 
-FIRST_STAGE_ARGS = _model_args(
+FIRST_STAGE_ARGS = model_args(
     block_size=2048, vocab_sizes=[2 * CODEBOOK + 1 + 512 + 1], n_layer=2, n_head=4, n_embd=64,
     causal=True, norm_type="rmsnorm", nonlinearity_type="swiglu",
 )
-SECOND_STAGE_ARGS = _model_args(
+SECOND_STAGE_ARGS = model_args(
     block_size=1024, vocab_sizes=[CODEBOOK + 1 + 512 + 1, CODEBOOK + 1], target_vocab_sizes=[CODEBOOK + 1] * 6,
     n_layer=2, n_head=2, n_embd=32, causal=False, norm_type="layernorm", nonlinearity_type="gelu",
 )
 
 
-def _gpt_checkpoint(rng, args: dict, offset: int, ranks: dict, config: dict, prefix: str) -> dict:
+def gpt_checkpoint(rng, args: dict, offset: int, ranks: dict, config: dict, prefix: str) -> dict:
     return {
         "model": _gpt_state(rng, args, prefix),
         "model_args": dict(args),
@@ -227,7 +216,7 @@ def _gpt_checkpoint(rng, args: dict, offset: int, ranks: dict, config: dict, pre
 # --- Speaker encoder (real sizes) ---------------------------------------------------------
 
 
-def _speaker_checkpoint(rng, n_mels: int = 40, hidden: int = 256, layers: int = 3, embedding: int = 256) -> dict:
+def speaker_checkpoint(rng, n_mels: int = 40, hidden: int = 256, layers: int = 3, embedding: int = 256) -> dict:
     state: dict = {}
     bound = 1 / np.sqrt(hidden)
     for k in range(layers):
@@ -250,7 +239,7 @@ ENCODEC_24KHZ = dict(channels=1, n_filters=32, dimension=128, ratios=(8, 5, 4, 2
                      residual_kernel=3, compress=2, lstm_layers=2, n_q=32, bins=1024)
 
 
-def _encodec_state(rng, channels=1, n_filters=32, dimension=128, ratios=(8, 5, 4, 2), kernel=7, last_kernel=7,
+def encodec_state(rng, channels=1, n_filters=32, dimension=128, ratios=(8, 5, 4, 2), kernel=7, last_kernel=7,
                    residual_kernel=3, compress=2, lstm_layers=2, n_q=32, bins=1024) -> collections.OrderedDict:
     """The ``encodec`` package's 24 kHz model state dict (SEANet + 32-book RVQ), weight-normed convolutions."""
     sd = collections.OrderedDict()
@@ -394,7 +383,7 @@ def _processor_state(rng, cfg: dict) -> collections.OrderedDict:
     p = cfg["processor"]
     if not p["use"]:
         return collections.OrderedDict()
-    from mvjax.bands import lowpass_filters
+    from mvjax.audio.bands import lowpass_filters
 
     n, count = int(p["n_bands"]), float(p["num_samples"])
     std = (0.02 + 0.08 * rng.random(n)).astype(np.float64)
@@ -411,7 +400,7 @@ def _processor_state(rng, cfg: dict) -> collections.OrderedDict:
     ])
 
 
-def _mbd_checkpoint(rng) -> dict:
+def mbd_checkpoint(rng) -> dict:
     ckpt: dict = {"sample_rate": MBD_SAMPLE_RATE, "n_bands": MBD_BANDS}
     for band in range(MBD_BANDS):
         cfg = _mbd_band_cfg(band)
@@ -425,7 +414,14 @@ def _mbd_checkpoint(rng) -> dict:
 
 # --- Writing and converting ---------------------------------------------------------------
 
-DEMO_FILES = {
+def check_seed(seed) -> int:
+    """A seed as a non-negative int (ValueError otherwise)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+RELEASED_FILES = {
     "first_stage": "first_stage.pt",
     "second_stage": "second_stage.pt",
     "speaker_encoder": "speaker_encoder.pt",
@@ -434,164 +430,27 @@ DEMO_FILES = {
 }
 
 
-def write_demo_checkpoints(directory: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+def write_random_checkpoints(directory: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     """Write the five demo checkpoints (released layouts, random weights) into ``directory``.
 
     Returns {component name: file path}. Same seed, same bytes.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ranks = train_bpe(TRAINING_TEXT)
-    paths = {name: directory / fname for name, fname in DEMO_FILES.items()}
-    save_checkpoint(paths["first_stage"], _gpt_checkpoint(
-        _rng(seed, 1), FIRST_STAGE_ARGS, FIRST_STAGE_TEXT_OFFSET, ranks,
+    paths = {name: directory / fname for name, fname in RELEASED_FILES.items()}
+    save_checkpoint(paths["first_stage"], gpt_checkpoint(
+        component_rng(seed, 1), FIRST_STAGE_ARGS, FIRST_STAGE_TEXT_OFFSET, ranks,
         {"causal": True, "batch_size": 8, "learning_rate": 3e-4, "block_size": FIRST_STAGE_ARGS["block_size"]},
         prefix="_orig_mod.",  # the released first stage was saved from a torch.compile'd module
     ))
-    save_checkpoint(paths["second_stage"], _gpt_checkpoint(
-        _rng(seed, 2), SECOND_STAGE_ARGS, SECOND_STAGE_TEXT_OFFSET, ranks,
+    save_checkpoint(paths["second_stage"], gpt_checkpoint(
+        component_rng(seed, 2), SECOND_STAGE_ARGS, SECOND_STAGE_TEXT_OFFSET, ranks,
         {"causal": False, "batch_size": 16, "learning_rate": 3e-4, "block_size": SECOND_STAGE_ARGS["block_size"]},
         prefix="",
     ))
-    save_checkpoint(paths["speaker_encoder"], _speaker_checkpoint(_rng(seed, 3)))
-    save_checkpoint(paths["encodec"], _encodec_state(_rng(seed, 4), **ENCODEC_24KHZ))
-    save_checkpoint(paths["mbd"], _mbd_checkpoint(_rng(seed, 5)))
+    save_checkpoint(paths["speaker_encoder"], speaker_checkpoint(component_rng(seed, 3)))
+    save_checkpoint(paths["encodec"], encodec_state(component_rng(seed, 4), **ENCODEC_24KHZ))
+    save_checkpoint(paths["mbd"], mbd_checkpoint(component_rng(seed, 5)))
     return paths
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
-def default_cache_root() -> Path:
-    """``$MVJAX_CACHE``, else ``$XDG_CACHE_HOME/mvjax`` (``~/.cache/mvjax``), as the speaker-embedding cache."""
-    root = os.environ.get("MVJAX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "mvjax")
-    return Path(root)
-
-
-def _is_complete(model_dir: Path) -> bool:
-    from mvjax.checkpoint import ModelDirError, read_manifest
-
-    if not (model_dir / "manifest.json").is_file():
-        return False
-    try:
-        components = read_manifest(model_dir).get("components", {})
-    except (ModelDirError, OSError):
-        return False
-    return set(DEMO_FILES) <= set(components) and all((model_dir / name / "config.json").is_file() for name in DEMO_FILES)
-
-
-@contextlib.contextmanager
-def _build_lock(lock_path: Path):
-    """Serialise concurrent builds of one cache entry (POSIX advisory lock; a no-op elsewhere)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def demo_model_dir(cache_root: str | os.PathLike | None = None, seed: int = 0,
-                   log: Callable[[str], None] = lambda s: None) -> Path:
-    """A converted demo model directory: ``<cache_root>/demo/v1-seed<seed>``, built on first use.
-
-    ``cache_root`` defaults to :func:`default_cache_root`. The checkpoints are written to a
-    temporary directory and converted with ``convert_weights.convert.convert_directory``
-    (which moves the result into place only when complete); a finished conversion is reused.
-    """
-    seed = _check_seed(seed)
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
-    out = root / "demo" / f"{DEMO_VERSION}-seed{seed}"
-    if _is_complete(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(out.parent / f".{out.name}.lock"):
-        if _is_complete(out):  # built by another process while we waited
-            return out
-        from convert_weights.convert import convert_directory
-
-        log(f"building the random demo model (seed {seed}) in {out}")
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.src-", dir=out.parent) as tmp:
-            write_demo_checkpoints(tmp, seed)
-            convert_directory(tmp, out, log=log)
-    return out
-
-
-# --- Reference voice ----------------------------------------------------------------------
-
-# (F1, F2, F3) in Hz of a few vowels of an adult voice.
-_VOWELS = [(730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410),
-           (660, 1720, 2410), (440, 1020, 2240), (390, 1990, 2550)]
-_BANDWIDTHS = (80.0, 100.0, 140.0)
-
-
-def _resonator(signal: np.ndarray, freq: float, bandwidth: float, rate: int) -> np.ndarray:
-    """Two-pole resonance at ``freq`` with unit gain at 0 Hz."""
-    from scipy.signal import lfilter
-
-    r = np.exp(-np.pi * bandwidth / rate)
-    a1, a2 = -2 * r * np.cos(2 * np.pi * freq / rate), r * r
-    return lfilter([1 + a1 + a2], [1, a1, a2], signal)
-
-
-def demo_speaker_audio(seed: int = 0, seconds: float = 4.0, rate: int = SPEAKER_SAMPLE_RATE) -> tuple[np.ndarray, int]:
-    """(float32 mono audio, sample rate): a synthetic voice-like reference recording.
-
-    A glottal pulse train with a slowly wandering pitch (plus jitter), shaped by three
-    formant resonances that change vowel every syllable, with short fricative-like noise
-    between syllables, pauses between phrases and faint background noise. Deterministic
-    in ``seed``; peak 0.5.
-    """
-    from scipy.signal import lfilter
-
-    seed = _check_seed(seed)
-    rng = np.random.default_rng([seed, 100])
-    n = int(round(seconds * rate))
-    t = np.arange(n) / rate
-    # Pitch: a base around 120 Hz, slow intonation, a random walk and cycle-to-cycle jitter.
-    base = 105 + 30 * rng.random()
-    walk = np.cumsum(rng.standard_normal(n)) / np.sqrt(rate) * 8
-    f0 = base * (1 + 0.12 * np.sin(2 * np.pi * 0.6 * t + rng.uniform(0, 2 * np.pi))) + walk
-    f0 = np.clip(f0 * (1 + 0.01 * rng.standard_normal(n)), 70, 300)
-    phase = np.cumsum(f0 / rate)
-    pulses = np.zeros(n)
-    pulses[1:][np.diff(np.floor(phase)) > 0] = 1.0
-    # Glottal flow (two leaky integrators) differentiated by lip radiation: about -6 dB/octave.
-    source = lfilter([1.0], [1.0, -0.97], lfilter([1.0], [1.0, -0.97], pulses))
-    source = np.diff(source, prepend=0.0)
-
-    out = np.zeros(n)
-    lead = int(0.25 * rate)
-    pos = lead
-    end = n - lead
-    while pos < end:
-        # A phrase of a few syllables, then a pause.
-        for _ in range(int(rng.integers(3, 7))):
-            length = int(rate * rng.uniform(0.12, 0.28))
-            if pos + length > end:
-                break
-            seg = source[pos : pos + length]
-            for formant, bw in zip(_VOWELS[int(rng.integers(len(_VOWELS)))], _BANDWIDTHS):
-                seg = _resonator(seg, formant * rng.uniform(0.92, 1.08), bw, rate)
-            envelope = np.sin(np.pi * np.linspace(0, 1, length)) ** 0.6
-            out[pos : pos + length] += seg * envelope * rng.uniform(0.6, 1.0)
-            pos += length
-            gap = int(rate * rng.uniform(0.02, 0.07))
-            if rng.random() < 0.5 and pos + gap < end:  # an unvoiced consonant: high-passed noise burst
-                hiss = np.diff(rng.standard_normal(gap + 1)) * 0.05
-                out[pos : pos + gap] += hiss * np.hanning(gap)
-            pos += gap
-        pos += int(rate * rng.uniform(0.2, 0.4))
-    out /= np.max(np.abs(out)) + 1e-12
-    out += 1e-3 * rng.standard_normal(n)  # room noise, far below the voice
-    out *= 0.5 / np.max(np.abs(out))
-    return out.astype(np.float32), rate

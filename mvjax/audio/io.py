@@ -1,0 +1,134 @@
+"""Audio files in and out: reading any format (soundfile, else ffmpeg), writing WAV/FLAC/OGG atomically.
+
+``load_audio`` reads what libsndfile reads (WAV, FLAC, OGG, MP3 ...) through soundfile and
+anything else through ffmpeg when it is installed; ``write_wav`` writes the container the
+extension names through :mod:`mvjax.core.atomic`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mvjax.core.errors import MvjaxError
+
+
+class AudioError(MvjaxError, ValueError):
+    """Audio that cannot be read or used."""
+
+
+# Extensions libsndfile decodes itself; a failure to read one of these is a damaged file, not a
+# missing decoder.
+NATIVE_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+
+
+# --- Reading -----------------------------------------------------------------------------
+
+
+def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read an audio file as float32 ``(channels, samples)`` and its sample rate."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file not found: {path}")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if path.suffix.lower() in NATIVE_SUFFIXES and shutil.which("ffmpeg") is None:
+            # a format libsndfile reads itself: the file is damaged, no decoder is missing
+            raise AudioError(f"{path}: not a valid {path.suffix[1:].upper()} file ({reason})") from None
+        data, rate = _load_with_ffmpeg(path, reason=reason)
+    data = np.ascontiguousarray(data.T)
+    if data.shape[-1] == 0:
+        raise AudioError(f"{path}: the file holds no audio samples")
+    if not np.all(np.isfinite(data)):
+        raise AudioError(f"{path}: the audio holds non-finite samples (NaN or infinity)")
+    return data, int(rate)
+
+
+def _load_with_ffmpeg(path: Path, reason: str) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise AudioError(
+            f"{path}: cannot read this audio ({reason}); formats beyond WAV/FLAC/OGG/MP3 need ffmpeg, "
+            "which is not installed (install it, e.g. apt-get install ffmpeg, or convert the file to WAV)"
+        )
+    with tempfile.TemporaryDirectory(prefix="mvjax-audio-") as tmp:
+        out = Path(tmp) / "decoded.wav"
+        proc = subprocess.run(
+            [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-c:a", "pcm_f32le", str(out)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0 or not out.is_file():
+            detail = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise AudioError(f"{path}: not a readable audio file ({detail})")
+        data, rate = sf.read(str(out), dtype="float32", always_2d=True)
+    return data, rate
+
+
+def to_mono(audio: np.ndarray) -> np.ndarray:
+    """Average the channels of ``(channels, samples)`` (a 1-D input is returned as is)."""
+    audio = np.asarray(audio)
+    return audio if audio.ndim == 1 else np.mean(audio, axis=tuple(range(audio.ndim - 1)))
+
+
+# --- Writing -----------------------------------------------------------------------------
+
+
+# Output containers by extension: (libsndfile format, subtype for 16-bit output, subtype for float output).
+# FLAC has no float samples, so float output is stored as 24-bit there; Ogg holds Vorbis.
+OUTPUT_FORMATS = {
+    ".wav": ("WAV", "PCM_16", "FLOAT"),
+    ".flac": ("FLAC", "PCM_16", "PCM_24"),
+    ".ogg": ("OGG", "VORBIS", "VORBIS"),
+}
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The container ``path``'s extension names (``WAV``, ``FLAC``, ``OGG``); AudioError for any other."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise AudioError(f"cannot write {path}: the extension must be one of {', '.join(sorted(OUTPUT_FORMATS))}")
+    return OUTPUT_FORMATS[suffix][0]
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int, subtype: str = "FLOAT") -> None:
+    """Write (channels, samples) or (samples,) audio atomically in the format its extension names.
+
+    ``subtype`` "PCM_16" asks for 16-bit samples, "FLOAT" for float32 where the container has
+    them (WAV; FLAC stores 24-bit, Ogg Vorbis is lossy either way). The file is encoded in
+    memory and written through :mod:`mvjax.core.atomic`, so a full disk is an ``AudioError`` naming
+    the system error and never leaves a partial file.
+    """
+    import io
+
+    import soundfile as sf
+
+    from mvjax.core.atomic import write_bytes
+
+    path = Path(path)
+    container, pcm16, floating = OUTPUT_FORMATS.get(path.suffix.lower(), (None, None, None))
+    if container is None:
+        output_format(path)  # raises the one-line error
+    data = np.asarray(audio, np.float32)
+    data = data.T if data.ndim == 2 else data
+    if not path.parent.is_dir():
+        raise AudioError(f"cannot write {path}: directory {path.parent} does not exist")
+    buffer = io.BytesIO()
+    try:
+        sf.write(buffer, data, rate, subtype=pcm16 if subtype == "PCM_16" else floating, format=container)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise AudioError(f"cannot encode {path} as {container}: {exc}") from None
+    try:
+        write_bytes(path, buffer.getvalue())
+    except OSError as exc:
+        raise AudioError(f"cannot write {path}: {exc.strerror or exc}") from None

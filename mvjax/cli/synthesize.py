@@ -1,0 +1,396 @@
+"""python -m mvjax.synthesize --model MODEL --text "..." --speaker REF.wav --out OUT.wav
+
+Text + a reference voice -> speech, through the whole MetaVoice-1B pipeline (see
+:mod:`mvjax.inference.pipeline`). ``MODEL`` is a converted directory, a directory of released
+checkpoints (converted once into the cache) or a Hugging Face repo id. Batch runs read
+``--text-file``: one text per line (outputs ``OUT_DIR/0000.wav``, ...) or a ``.csv`` with a
+``text,speaker,out`` header (empty speaker/out cells fall back to ``--speaker`` and
+``OUT_DIR/NNNN.wav``). ``--demo`` builds a small random model (no download) and runs the
+whole pipeline in seconds: its output is noise, not speech.
+
+Several processes (``--num-processes N --process-id I --coordinator HOST:PORT``, or the
+``JAX_*`` environment) each take every N-th line of the text file and write their own
+outputs; inside a process, batches are split over all local devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from mvjax.core.errors import MvjaxError
+
+DEMO_TEXT = "This is the mvjax demo. Its model has random weights, so what you hear is noise, not speech."
+DEMO_MAX_NEW_TOKENS = 150  # the random demo model never ends the audio by itself: about 1 s per chunk
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
+
+
+class UsageError(MvjaxError, ValueError):
+    pass
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (so repeated in-process runs share one handler)."""
+
+    def emit(self, record):
+        print(f"mvjax: {record.getMessage()}", file=sys.stderr)
+
+
+def _logger(quiet: bool) -> logging.Logger:
+    """The ``mvjax`` logger only: libraries' INFO chatter stays off."""
+    log = logging.getLogger("mvjax")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    return log
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk (``$MVJAX_CACHE/xla``) so later runs skip most compilation;
+    ``MVJAX_COMPILATION_CACHE=0`` turns it off."""
+    if os.environ.get("MVJAX_COMPILATION_CACHE", "1") == "0":
+        return
+    import jax
+
+    from mvjax.core.paths import cache_root
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mvjax.synthesize", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model")
+    src.add_argument("--model", help="converted model directory, released-checkpoint directory, or hub repo id "
+                                     "(e.g. metavoiceio/metavoice-1B-v0.1)")
+    src.add_argument("--demo", action="store_true", help="use a small random model built on the fly (output is not speech)")
+    inp = p.add_argument_group("input")
+    inp.add_argument("--text", help="text to speak")
+    inp.add_argument("--text-file", help="batch: one text per line, or a .csv with columns text,speaker,out")
+    inp.add_argument("--speaker", help="reference voice audio (about 30 s; wav, flac, ogg, mp3, ...)")
+    inp.add_argument("--speaker-embedding", help=".npy speaker embedding to use instead of audio")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, help="output audio file (a directory for --text-file)")
+    out.add_argument("--save-tokens", help=".npz with first_stage, all_codebooks, speaker_embedding "
+                                           "(a directory for --text-file: one .npz per output)")
+    smp = p.add_argument_group("sampling")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--temperature", type=float, default=1.0, help="first stage; 0 = greedy (default 1.0)")
+    smp.add_argument("--top-p", type=float, default=0.95, help="first stage nucleus (default 0.95)")
+    smp.add_argument("--guidance-scale", type=float, default=3.0, help="first stage speaker guidance (default 3.0)")
+    smp.add_argument("--stage2-temperature", type=float, default=1.0,
+                     help="second stage; 0 = greedy (default 1.0, which the reference's synthesis always uses)")
+    smp.add_argument("--stage2-top-k", type=int, default=200, help="second stage top-k (default 200; 0 = off)")
+    smp.add_argument("--max-new-tokens", type=int, help="first-stage tokens per chunk (default: until end of audio "
+                                                          "or the block is full)")
+    dec = p.add_argument_group("decoding")
+    dec.add_argument("--decoder", choices=["mbd", "encodec"], default="mbd",
+                     help="multi-band diffusion (default) or the plain EnCodec decoder (fast)")
+    dec.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 (output stays at 24 kHz)")
+    dec.add_argument("--no-long-form", action="store_true", help="do not split long texts into chunks")
+    dec.add_argument("--quantize", choices=["int8", "bf16"],
+                     help="first-stage weights: int8 (per output channel; faster on CPU, a quarter of the memory) "
+                     "or bf16 (for GPU/TPU); default: as stored (float32 unless converted with --quantize)")
+    dec.add_argument("--matmul-precision", choices=["highest", "high", "default"],
+                     help="float32 matmul precision (default: $MVJAX_MATMUL_PRECISION or 'highest', the program "
+                          "python -m mvjax.parity certifies; 'high'/'default' are faster on GPUs and TPUs)")
+    dec.add_argument("--batch-size", default="8", help="utterances (chunks) per device per batch, or 'auto': the "
+                                                       "largest each stage fits in free memory (throughput mode)")
+    par = p.add_argument_group("multi-process")
+    par.add_argument("--coordinator", help="HOST:PORT of process 0 (jax.distributed)")
+    par.add_argument("--num-processes", type=int)
+    par.add_argument("--process-id", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-chunk log lines")
+    return p
+
+
+def _read_jobs(args) -> list[dict]:
+    """[{text, speaker, out, tokens}] from --text or --text-file."""
+    if bool(args.text is not None) == bool(args.text_file):
+        if not args.demo or args.text_file:
+            raise UsageError("give exactly one of --text and --text-file")
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise UsageError(f"text file not found: {path}")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read {path}: {exc}") from None
+        out_dir = Path(args.out)
+        if out_dir.suffix.lower() in AUDIO_SUFFIXES:
+            raise UsageError(f"with --text-file, --out is a directory, not {out_dir}")
+        jobs = []
+        if path.suffix.lower() == ".csv":
+            import io
+
+            reader = csv.DictReader(io.StringIO(raw, newline=""))
+            if not reader.fieldnames or "text" not in reader.fieldnames:
+                raise UsageError(f"{path}: a .csv text file needs a header with a 'text' column (text,speaker,out)")
+            for row_number, row in enumerate(reader):
+                jobs.append({"text": row.get("text") or "", "speaker": (row.get("speaker") or "").strip() or None,
+                             "out": (row.get("out") or "").strip() or None, "index": row_number,
+                             "where": f"{path} row {row_number + 1}"})
+        else:
+            # Numbered by line (blank lines keep their number), so OUT_DIR/NNNN.wav is line NNNN + 1.
+            jobs = [{"text": line, "speaker": None, "out": None, "index": n, "where": f"{path} line {n + 1}"}
+                    for n, line in enumerate(raw.splitlines()) if line.strip()]
+        if not jobs:
+            raise UsageError(f"{path} holds no text")
+        for job in jobs:
+            job["out"] = Path(job["out"]) if job["out"] else out_dir / f"{job['index']:04d}.wav"
+            if job["speaker"] and not Path(job["speaker"]).is_absolute():
+                job["speaker"] = str(path.parent / job["speaker"]) if (path.parent / job["speaker"]).exists() else job["speaker"]
+        return jobs
+    text = DEMO_TEXT if args.text is None else args.text
+    return [{"text": text, "speaker": None, "out": Path(args.out), "index": 0, "where": "--text"}]
+
+
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _check_numbers(args) -> None:
+    """Every numeric option finite and in range, before anything loads."""
+    import math
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UsageError(message)
+
+    for name in ("temperature", "stage2_temperature", "guidance_scale"):
+        value = getattr(args, name)
+        need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
+    need(math.isfinite(args.top_p) and 0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}")
+    need(args.stage2_top_k >= 0, f"--stage2-top-k must be >= 0 (0 = off), not {args.stage2_top_k}")
+    need(args.max_new_tokens is None or args.max_new_tokens >= 2,
+         f"--max-new-tokens must be >= 2 (two tokens per audio frame), not {args.max_new_tokens}")
+    need(SEED_RANGE[0] <= args.seed <= SEED_RANGE[1], f"--seed must be in [0, {SEED_RANGE[1]}], not {args.seed}")
+    need(args.num_processes is None or args.num_processes >= 1, "--num-processes must be >= 1")
+    need(args.process_id is None or args.process_id >= 0, "--process-id must be >= 0")
+    need(args.process_id is None or args.num_processes is None or args.process_id < args.num_processes,
+         "--process-id must be below --num-processes")
+
+
+def _check_outputs(jobs: list[dict], args) -> None:
+    # Every file the run reads; nothing the run writes may be one of them.
+    speakers = {Path(s).resolve() for s in [args.speaker, args.speaker_embedding, args.text_file]
+                + [j["speaker"] for j in jobs] if s}
+    seen = set()
+    for job in jobs:
+        out = job["out"]
+        if out.suffix.lower() not in AUDIO_SUFFIXES:
+            raise UsageError(f"output {out} must end in one of {', '.join(sorted(AUDIO_SUFFIXES))}")
+        resolved = out.resolve()
+        if resolved in speakers:
+            raise UsageError(f"output {out} is an input (speaker reference or text file); refusing to overwrite it")
+        if resolved in seen:
+            raise UsageError(f"output {out} is named twice")
+        seen.add(resolved)
+        parent = out.parent
+        batch_dir = bool(args.text_file) and parent == Path(args.out)
+        if batch_dir and not parent.exists() and parent.parent.is_dir() and os.access(parent.parent, os.W_OK):
+            continue  # the batch output directory itself may be new: created when the first file is written
+        if not parent.is_dir():
+            raise UsageError(f"output directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"output directory {parent} is not writable")
+        if out.is_dir():
+            raise UsageError(f"output {out} is a directory")
+    if args.save_tokens:
+        target = Path(args.save_tokens)
+        where = target if args.text_file else target.parent
+        if args.text_file and not where.is_dir():
+            raise UsageError(f"with --text-file, --save-tokens must be an existing directory: {where}")
+        if not where.is_dir() or not os.access(where, os.W_OK):
+            raise UsageError(f"cannot write tokens to {target}: directory missing or not writable")
+        outputs = {job["out"].resolve() for job in jobs}
+        tokens_seen: dict[Path, Path] = {}
+        for job in jobs:
+            job["tokens"] = target / f"{job['out'].stem}.npz" if args.text_file else target
+            if job["tokens"].suffix.lower() != ".npz":
+                raise UsageError(f"--save-tokens {job['tokens']} must end in .npz")
+            resolved = job["tokens"].resolve()
+            if resolved in speakers or resolved in outputs:
+                raise UsageError(f"--save-tokens {job['tokens']} is an input or an audio output; refusing to overwrite it")
+            if resolved in tokens_seen:
+                raise UsageError(f"outputs {tokens_seen[resolved]} and {job['out']} would both save tokens to "
+                                 f"{job['tokens']}; give them different file names")
+            if job["tokens"].is_dir():
+                raise UsageError(f"--save-tokens {job['tokens']} is a directory")
+            tokens_seen[resolved] = job["out"]
+
+
+def _speaker_for(job, args, demo_voice):
+    import numpy as np
+
+    if job["speaker"]:
+        spk = job["speaker"]
+    elif args.speaker_embedding:
+        spk = args.speaker_embedding
+        if not Path(spk).is_file():
+            raise UsageError(f"speaker embedding not found: {spk}")
+        try:
+            return np.load(spk).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read speaker embedding {spk}: {exc}") from None
+    elif args.speaker:
+        spk = args.speaker
+    elif demo_voice is not None:
+        return demo_voice
+    else:
+        raise UsageError("give --speaker (reference audio) or --speaker-embedding")
+    if not Path(spk).is_file():
+        raise UsageError(f"speaker audio not found: {spk}")
+    return str(spk)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.demo == bool(args.model):
+        raise UsageError("give --model (or --demo for the random demo model)")
+    if args.speaker and args.speaker_embedding:
+        raise UsageError("give --speaker or --speaker-embedding, not both")
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            raise UsageError(f"--batch-size must be a positive integer or 'auto', not {args.batch_size!r}") from None
+        if args.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
+    from mvjax.core.precision import PrecisionError, resolve
+
+    try:
+        resolve(args.matmul_precision)
+    except PrecisionError as exc:
+        raise UsageError(str(exc)) from None
+    _check_numbers(args)
+    jobs = _read_jobs(args)
+    _check_outputs(jobs, args)
+    from mvjax.text.tokenizer import TextError, normalize_text
+
+    for job in jobs:  # cheap text checks before any model loads; a bad line is named
+        try:
+            normalized = normalize_text(job["text"])
+        except TextError as exc:
+            raise UsageError(f"{job['where']}: {exc}") from None
+        if not normalized:
+            raise UsageError(f"{job['where']}: the text is empty" if args.text_file else "text is empty")
+
+    if args.coordinator or args.num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        from mvjax.core.parallel import initialize_distributed
+
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    from mvjax.core.parallel import process_share
+    from mvjax.inference.pipeline import TTS
+
+    log = _logger(args.quiet)
+    enable_compilation_cache()
+    demo_voice = None
+    max_new = args.max_new_tokens
+    enhance = not args.no_enhance
+    if args.demo:
+        from mvjax.cli.demo import demo_model_dir, demo_speaker_audio
+
+        print("demo: a small model with random weights, built on the fly; the output is noise, not speech",
+              file=sys.stderr)
+        if enhance:  # DeepFilterNet3 would remove that noise and leave a near-silent file
+            print("demo: DeepFilterNet3 enhancement skipped (it would filter the random model's noise away); "
+                  "the output stays at 24 kHz", file=sys.stderr)
+            enhance = False
+        model = demo_model_dir()
+        demo_voice = demo_speaker_audio()
+        from mvjax.inference.speaker import ShortReferenceWarning
+
+        warnings.filterwarnings("ignore", category=ShortReferenceWarning)  # the demo voice is 4 s by design
+        if max_new is None:
+            max_new = DEMO_MAX_NEW_TOKENS
+    else:
+        model = args.model
+    share = process_share(jobs)
+    if jax.process_count() > 1:
+        log.info("process %d of %d: %d of %d texts", jax.process_index(), jax.process_count(), len(share), len(jobs))
+    if not share:
+        return 0
+    speakers = [_speaker_for(job, args, demo_voice) for _, job in share]
+    tts = TTS.load(model, log_fn=log.info, quantize=args.quantize, matmul_precision=args.matmul_precision)
+    import time
+
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning) if args.quiet else None
+            results = tts.synthesize(
+                [job["text"] for _, job in share], speakers,
+                seed=args.seed, temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
+                stage2_top_k=args.stage2_top_k, stage2_temperature=args.stage2_temperature, max_new_tokens=max_new,
+                decoder=args.decoder,
+                enhance=enhance, long_form=not args.no_long_form, batch_size=args.batch_size,
+                utterance_ids=[job["index"] for _, job in share], progress=not args.quiet and sys.stderr.isatty(),
+            )
+    finally:
+        tts.close()
+    for (i, job), speech in zip(share, results):
+        job["out"].parent.mkdir(exist_ok=True)  # a new batch output directory, made only once there is output
+        speech.save(job["out"])
+        if args.save_tokens:
+            speech.save_tokens(job["tokens"])
+        chunks = f", {len(speech.chunks)} chunks" if len(speech.chunks) > 1 else ""
+        cut = " (speech cut short: a block filled)" if speech.truncated else ""
+        print(f"wrote {job['out']} ({speech.duration:.2f} s at {speech.sample_rate} Hz{chunks}){cut}")
+    if len(share) > 1:
+        elapsed = time.perf_counter() - started
+        audio = sum(s.duration for s in results)
+        log.info("%d utterances in %.1f s: %.1f utterances/min, real-time factor %.2f", len(share), elapsed,
+                 60 * len(share) / elapsed, elapsed / max(audio, 1e-9))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from convert_weights.mapping import ConversionError
+    from convert_weights.safe_pickle import CheckpointError
+    from mvjax.audio.io import AudioError
+    from mvjax.inference.pipeline import SynthesisError
+    from mvjax.io.checkpoint import ModelDirError
+    from mvjax.text.tokenizer import TextError
+
+    expected = (UsageError, SynthesisError, ModelDirError, TextError, AudioError, CheckpointError, ConversionError)
+    try:
+        return run(argv)
+    except expected as exc:
+        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    except Exception as exc:  # anything else: still one line (MVJAX_DEBUG=1 shows the traceback)
+        if os.environ.get("MVJAX_DEBUG"):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _fail(f"{type(exc).__name__}: {detail} (set MVJAX_DEBUG=1 for the traceback)")
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code``. After a failure, skip interpreter teardown: background I/O threads
+    (tensorstore reads behind a damaged checkpoint) would otherwise print tracebacks after our one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        os._exit(code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    exit_now(main())

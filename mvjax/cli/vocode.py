@@ -1,0 +1,150 @@
+"""python -m mvjax.vocode --model CONVERTED --tokens FILE.npz --out OUT.wav
+
+EnCodec codes (``all_codebooks``: (8, frames) or (batch, 8, frames)) to a 24 kHz waveform,
+through multi-band diffusion (default) or the plain codec decoder (``--decoder encodec``,
+fast). As the reference writes its outputs, the waveform is then normalised to -14 LUFS
+with tanh soft clipping and cleaned by DeepFilterNet3 at 48 kHz (``--no-enhance`` keeps
+24 kHz and skips it). ``--noises FILE.npy --raw`` replays a reference run: the diffusion
+draws come from the file (reference call order) and the diffusion + re-EQ output is written
+as is (float32, 24 kHz, no loudness normalisation or enhancement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mvjax.vocode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="converted model directory (with encodec, and mbd for --decoder mbd)")
+    parser.add_argument("--tokens", required=True, help=".npz with all_codebooks (8, frames) or (batch, 8, frames)")
+    parser.add_argument("--out", required=True, help="output WAV (batch inputs write OUT with _0, _1, ... suffixes)")
+    parser.add_argument("--decoder", choices=["mbd", "encodec"], default="mbd")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise")
+    parser.add_argument("--noises", help=".npy of diffusion noises in the reference's call order (replays a reference run)")
+    parser.add_argument("--raw", action="store_true", help="write the decoder output as is (float32, no loudness/enhancement)")
+    parser.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 enhancement")
+    parser.add_argument("--matmul-precision", choices=["highest", "high", "default"],
+                        help="float32 matmul precision (default: $MVJAX_MATMUL_PRECISION or 'highest'; see mvjax.core.precision)")
+    args = parser.parse_args(argv)
+    from mvjax.core.precision import PrecisionError
+    from mvjax.core.precision import apply as apply_precision
+
+    try:
+        apply_precision(args.matmul_precision)
+    except PrecisionError as exc:
+        return _fail(str(exc))
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        return _fail(f"output directory {out.parent} does not exist")
+    from mvjax.audio.io import AudioError, output_format
+
+    try:
+        output_format(out)
+    except AudioError as exc:
+        return _fail(str(exc))
+    if out.resolve() == Path(args.tokens).resolve():
+        return _fail(f"output {out} is the tokens file; refusing to overwrite it")
+    try:
+        data = np.load(args.tokens, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return _fail(f"cannot read {args.tokens}: {exc}")
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        return _fail(f"{args.tokens} is a single array; give the .npz that --save-tokens writes (with all_codebooks)")
+    try:
+        with data:
+            if "all_codebooks" not in data:
+                return _fail(f"{args.tokens} has no 'all_codebooks' array (found: {', '.join(data.files) or 'nothing'})")
+            codes = np.asarray(data["all_codebooks"])
+    except (OSError, ValueError, EOFError) as exc:
+        return _fail(f"cannot read {args.tokens}: {exc}")
+    if codes.ndim == 2:
+        codes = codes[None]
+    if codes.ndim != 3 or codes.shape[-1] == 0 or not np.issubdtype(codes.dtype, np.integer):
+        return _fail(f"all_codebooks must be integer codes of shape (n_q, frames) or (batch, n_q, frames), got {codes.shape}")
+
+    import jax
+
+    from mvjax.io.checkpoint import ModelDirError, load_encodec, load_mbd
+    from mvjax.nn import encodec as codec
+
+    try:
+        cfg, params = load_encodec(args.model)
+    except (ModelDirError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    if codes.shape[1] > cfg.n_q or codes.min() < 0 or codes.max() >= cfg.bins:
+        return _fail(f"codes must use at most {cfg.n_q} codebooks with ids in [0, {cfg.bins}); got {codes.shape[1]} "
+                     f"codebooks, ids {codes.min()}..{codes.max()}")
+    latent = np.asarray(codec.codes_to_latent(params, codes))
+    wav_codec = np.asarray(jax.jit(lambda p, x: codec.decode_latent(cfg, p, x))(params, latent))
+    wav = wav_codec
+    if args.decoder == "mbd":
+        from mvjax.inference.diffusion import MultiBandDiffusion
+
+        try:
+            mbd_config, mbd_params = load_mbd(args.model)
+        except (ModelDirError, OSError, ValueError) as exc:
+            return _fail(str(exc))
+        model = MultiBandDiffusion(mbd_config, mbd_params)
+        noises = None
+        if args.noises:
+            try:
+                noises = np.load(args.noises)
+            except (OSError, ValueError) as exc:
+                return _fail(f"cannot read {args.noises}: {exc}")
+            expected = model.noise_count() * int(np.prod(wav_codec.shape))
+            if noises.size != expected:
+                return _fail(f"{args.noises} holds {noises.size} values; this model and input need "
+                             f"{model.noise_count()} draws of shape {wav_codec.shape}")
+        wav = model.tokens_to_wav(latent, wav_codec, noises=noises, key=jax.random.PRNGKey(args.seed))
+
+    from mvjax.audio.io import write_wav
+
+    rate = cfg.sample_rate
+    results = [np.asarray(w) for w in wav]  # each (channels, samples)
+    if not args.raw:
+        from mvjax.audio.loudness import normalize_loudness
+
+        results = [normalize_loudness(w, rate) for w in results]
+        if not args.no_enhance:
+            from mvjax.audio.enhance import (
+                DF_SAMPLE_RATE,
+                DeepFilterNet3,
+                EnhancerUnavailable,
+            )
+
+            try:
+                enhancer = DeepFilterNet3()
+            except EnhancerUnavailable as exc:
+                return _fail(str(exc))
+            try:
+                from mvjax.audio.features import resample
+
+                results = [np.stack([enhancer.process_48k(resample(ch, rate, DF_SAMPLE_RATE)) for ch in w]) for w in results]
+            finally:
+                enhancer.close()
+            rate = DF_SAMPLE_RATE
+    outputs = [out] if len(results) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(results))]
+    for path, audio in zip(outputs, results):
+        try:
+            write_wav(path, audio, rate, subtype="FLOAT" if args.raw else "PCM_16")
+        except AudioError as exc:
+            return _fail(str(exc))
+        print(f"wrote {path} ({audio.shape[-1] / rate:.2f} s at {rate} Hz)")
+    return 0
+
+
+if __name__ == "__main__":
+    from mvjax.cli.synthesize import exit_now
+
+    exit_now(main())

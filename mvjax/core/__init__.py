@@ -1,0 +1,4 @@
+"""Foundations every layer may use: errors, the cache root, atomic writes, matmul precision, device meshes.
+
+Imports nothing from mvjax.
+"""

@@ -1,0 +1,55 @@
+"""The options of a synthesis, checked once: sampling of both stages, chunking, batching."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Union
+
+from mvjax.core.errors import MvjaxError
+from mvjax.inference.decode import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STAGE2_TEMPERATURE,
+    DEFAULT_STAGE2_TOP_K,
+    DEFAULT_TOP_P,
+    SamplingConfig,
+)
+
+DEFAULT_BATCH_SIZE = 8
+
+
+class SynthesisError(MvjaxError, ValueError):
+    """Input the pipeline cannot synthesise (text, speaker, options)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisOptions:
+    """Everything :meth:`mvjax.TTS.synthesize` takes besides texts and speakers; invalid values raise
+    :class:`SynthesisError` on construction."""
+
+    seed: int = 0
+    temperature: float = 1.0  # first stage; 0 = greedy
+    top_p: Optional[float] = DEFAULT_TOP_P
+    guidance_scale: float = DEFAULT_GUIDANCE
+    stage2_temperature: float = DEFAULT_STAGE2_TEMPERATURE
+    stage2_top_k: Optional[int] = DEFAULT_STAGE2_TOP_K
+    max_new_tokens: Optional[int] = None  # first-stage tokens per chunk
+    long_form: bool = True
+    batch_size: Union[int, dict, str] = DEFAULT_BATCH_SIZE
+    progress: bool = False
+
+    def __post_init__(self):
+        for name in ("temperature", "stage2_temperature", "guidance_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise SynthesisError(f"{name} must be a finite number >= 0, not {value!r}")
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise SynthesisError("top_p must be in (0, 1]")
+        if self.max_new_tokens is not None and self.max_new_tokens < 2:
+            raise SynthesisError("max_new_tokens must be >= 2 (two tokens per audio frame)")
+        if self.stage2_top_k is not None and self.stage2_top_k < 0:
+            raise SynthesisError("stage2_top_k must be >= 0 (0 = off)")
+
+    @property
+    def first_stage_sampling(self) -> SamplingConfig:
+        return SamplingConfig(guidance=self.guidance_scale, temperature=self.temperature, top_p=self.top_p)

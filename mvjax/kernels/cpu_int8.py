@@ -1,0 +1,151 @@
+"""A CPU kernel for int8 weight-only matmuls, built on first use with the system C++ compiler.
+
+Why: XLA's CPU backend (jaxlib 0.10) cannot dequantise int8 weights inside a dot. For
+``jnp.dot(w_int8.astype(f32), x)`` it materialises the whole float32 copy of ``w`` before
+the dot (every decode step, 2x slower than plain float32); ``dot(int8, int8) -> int32``
+runs in YNNPACK with kernels that vectorise along the (tiny) activation dimension and
+gains little. Measurements: benchmarks/RESULTS.md, "int8 first stage".
+
+The kernel computes ``y (O, N) = wscale[:, None] * (w (O, K) @ xq.T) * xscale[None, :]`` with
+``w`` int8 and ``xq`` (N, K) int16: activations are rounded per column to 15 bits
+(|q| <= 16383, relative error <= 3e-5 of the column's largest value, ~100x below the int8
+weight error), products are accumulated exactly in int32 (AVX2 ``vpmaddwd``) and converted
+to float32 once per output. Each weight row is streamed once for all N columns; rows are
+split over XLA's intra-op thread pool. Needs x86-64 with AVX2 and FMA, Linux, and a C++17
+compiler (``$CXX``, else ``c++``/``g++``/``clang++``); the shared library is cached under
+``$MVJAX_CACHE/kernels`` (default ``~/.cache/mvjax``), keyed by the source, jaxlib version
+and compiler. Where it cannot be built :func:`int8_matmul_available` is False and callers use
+plain XLA (:func:`mvjax.kernels.int8.int8_matmul_xla`). ``MVJAX_CPU_KERNELS=0`` disables it.
+The C++ source is ``int8_matmul.cc`` beside this module (package data), compiled with
+``-Wall -Wextra -Werror``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("mvjax")
+
+TARGET = "mvjax_int8_matmul"
+ACTIVATION_MAX = 16383  # int16 activations: |q| <= 2**14 - 1 keeps every int32 lane exact for 4096-long blocks
+
+# The kernel's C++ source ships as package data beside this module.
+SOURCE_FILE = "int8_matmul.cc"
+
+
+def kernel_source() -> str:
+    from importlib import resources
+
+    return resources.files("mvjax.kernels").joinpath(SOURCE_FILE).read_text()
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return {"avx2", "fma"} <= flags
+    return False
+
+
+def _compiler() -> Optional[str]:
+    for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+_CXXFLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror")
+
+
+def _build(cache: Path, compiler: str) -> Path:
+    import jaxlib
+
+    include = jax.ffi.include_dir()
+    source = kernel_source()
+    key = hashlib.sha256("\0".join([source, jaxlib.__version__, compiler, *_CXXFLAGS]).encode()).hexdigest()[:16]
+    lib = cache / "kernels" / key / "libmvjax_int8.so"
+    if lib.is_file():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        src = Path(tmp) / "int8_matmul.cc"
+        src.write_text(source)
+        out = Path(tmp) / lib.name
+        res = subprocess.run([compiler, *_CXXFLAGS, f"-I{include}", str(src), "-o", str(out)],
+                             capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(out, lib)  # a rename within one directory tree: concurrent builders write the same bytes
+    return lib
+
+
+def int8_matmul_available() -> bool:
+    """Whether the CPU int8 kernel is built and registered (built on the first call)."""
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        ok, why = False, ""
+        if os.environ.get("MVJAX_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+            why = "disabled by MVJAX_CPU_KERNELS"
+        elif not _cpu_has_avx2_fma():
+            why = "needs an x86-64 Linux CPU with AVX2 and FMA"
+        elif (compiler := _compiler()) is None:
+            why = "no C++ compiler found (set CXX)"
+        else:
+            try:
+                from mvjax.core.paths import cache_root
+
+                lib = ctypes.cdll.LoadLibrary(str(_build(cache_root(), compiler)))
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MvjaxInt8Matmul), platform="cpu")
+                _state["lib"] = lib  # keep the handle alive
+                ok = True
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the XLA path
+                why = f"build failed: {exc}"
+        if not ok:
+            log.warning("int8 CPU kernel unavailable (%s); int8 weights are dequantised by XLA instead, "
+                        "which is slower than float32 on CPU", why)
+        _state["ok"], _state["why"] = ok, why
+        return ok
+
+
+def quantize_activations(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """x (K, N) float -> (int16 (N, K), float32 scale (N,)): per column, |q| <= ACTIVATION_MAX.
+    A column holding NaN or inf has no meaningful scale (its codes are 0 or garbage);
+    :func:`mvjax.kernels.int8.int8_matmul` replaces that column's outputs."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=0)
+    scale = jnp.where(amax > 0, amax / ACTIVATION_MAX, 1.0)
+    q = jnp.round(x / scale[None, :]).astype(jnp.int16)
+    return q.T, scale
+
+
+def kernel_int8_matmul(w: jnp.ndarray, wscale: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """``(w * wscale[:, None]) @ x`` for int8 ``w`` (O, K) and finite float ``x`` (K, N) -> float32 (O, N)
+    through the kernel (call :func:`int8_matmul_available` first). Non-finite activations are
+    the caller's business: :func:`mvjax.kernels.int8.int8_matmul` handles them."""
+    xq, xscale = quantize_activations(x)
+    out = jax.ShapeDtypeStruct((w.shape[0], x.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(w, wscale.astype(jnp.float32), xq, xscale)
