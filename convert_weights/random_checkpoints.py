@@ -10,6 +10,10 @@ trained at run time on a paragraph written here, with the released split pattern
 (:func:`gpt_checkpoint` with :func:`model_args`, :func:`speaker_checkpoint`,
 :func:`encodec_state`, :func:`mbd_checkpoint`) build in-memory checkpoints of any size, e.g.
 the released 1.2B shape for benchmarks. No download, no file shipped, no torch.
+
+Long because it writes five checkpoint layouts (two GPTs, the LSTM speaker encoder, the SEANet
+codec, four diffusion U-Nets with their omegaconf configs); each is a short function over the
+shared PyTorch-default initialisers, which splitting by component would scatter.
 """
 
 from __future__ import annotations

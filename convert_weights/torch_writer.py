@@ -26,7 +26,6 @@ import collections
 import os
 import re
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from convert_weights.safe_pickle import STORAGE_DTYPES
 
 __all__ = ["Global", "NewObj", "Reduce", "omegaconf_config", "save_checkpoint", "dumps_checkpoint_pickle", "TorchWriterError"]
 
+from mvjax.core.atomic import atomic_path
 from mvjax.core.errors import MvjaxError
 
 
@@ -353,26 +353,14 @@ def save_checkpoint(path: str | os.PathLike, obj: Any, root: str | None = None) 
     root = root or _archive_root(path)
     payload, storages = dumps_checkpoint_pickle(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                _write_member(zf, fh, f"{root}/data.pkl", payload, align=True)
-                _write_member(zf, fh, f"{root}/.format_version", b"1", align=False)
-                _write_member(zf, fh, f"{root}/.storage_alignment", str(_ALIGNMENT).encode(), align=False)
-                _write_member(zf, fh, f"{root}/byteorder", b"little", align=False)
-                for key, data in storages:
-                    _write_member(zf, fh, f"{root}/data/{key}", data.view(np.uint8).reshape(-1).data if data.size else b"",
-                                  align=True)
-                _write_member(zf, fh, f"{root}/version", b"3\n", align=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            _write_member(zf, fh, f"{root}/data.pkl", payload, align=True)
+            _write_member(zf, fh, f"{root}/.format_version", b"1", align=False)
+            _write_member(zf, fh, f"{root}/.storage_alignment", str(_ALIGNMENT).encode(), align=False)
+            _write_member(zf, fh, f"{root}/byteorder", b"little", align=False)
+            for key, data in storages:
+                _write_member(zf, fh, f"{root}/data/{key}", data.view(np.uint8).reshape(-1).data if data.size else b"",
+                              align=True)
+            _write_member(zf, fh, f"{root}/version", b"3\n", align=False)
     return path

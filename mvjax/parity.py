@@ -3,6 +3,6 @@
 from mvjax.cli.parity import main
 
 if __name__ == "__main__":
-    from mvjax.cli.synthesize import exit_now
+    from mvjax.cli.common import exit_now
 
     exit_now(main())

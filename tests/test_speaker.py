@@ -13,8 +13,8 @@ from convert_weights.convert import convert_directory
 from convert_weights.mapping import ConversionError
 from convert_weights.safe_pickle import load_checkpoint
 from convert_weights.speaker import convert_speaker_checkpoint
-from mvjax.audio.features import mel_power_spectrogram, trim_silence
-from mvjax.audio.io import AudioError, load_audio, load_mono
+from mvjax.audio.features import mel_power_spectrogram, resample, trim_silence
+from mvjax.audio.io import AudioError, load_audio, to_mono
 from mvjax.inference.speaker import ShortReferenceWarning, SpeakerEncoder
 
 
@@ -58,6 +58,12 @@ def test_converter_ignores_similarity_and_refuses_unknown_keys(fixtures):
     del ckpt["model_state"]["lstm.bias_hh_l2"]
     with pytest.raises(ConversionError, match=r"lstm\.bias_hh_l2"):
         convert_speaker_checkpoint(ckpt)
+
+
+def load_mono(path, rate: int) -> np.ndarray:
+    """A file as the speaker encoder reads it: mono, resampled to ``rate``."""
+    audio, orig = load_audio(path)
+    return resample(to_mono(audio), orig, rate)
 
 
 def test_stereo_input_is_mixed_down_like_librosa(tmp_path, voice):

@@ -17,7 +17,6 @@ component is not implemented yet. Every size is read from the fixture files.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -25,263 +24,21 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mvjax.core.errors import MvjaxError
-
-COMPONENTS = (
-    "tokenizer",
-    "stage1-forward",
-    "stage1-decode",
-    "stage1-batch",
-    "stage2",
-    "speaker",
-    "encodec",
-    "mbd",
-    "pipeline",
+from mvjax.cli.common import fail
+from mvjax.cli.parity_fixture import (
+    COMPONENT_FILES,
+    COMPONENTS,
+    ENCODE_CODE_TOLERANCE,
+    GREEDY_MARGIN,
+    Check,
+    Fixture,
+    FixtureError,
+    close_check,
+    cosine_checks,
+    exact_check,
+    within_check,
 )
-# Margin below which a greedy token is too close to call, per the fixture README.
-GREEDY_MARGIN = 1e-3
-# Fraction of EnCodec encoder codes allowed to differ (near-tie nearest-codeword choices; see check_encodec).
-ENCODE_CODE_TOLERANCE = 0.01
-
-
-@dataclasses.dataclass
-class Check:
-    component: str
-    name: str
-    passed: bool
-    max_err: float
-    tol: float
-    note: str = ""
-
-    def line(self) -> str:
-        status = "PASS" if self.passed else "FAIL"
-        text = f"{status} {self.component} {self.name} max_err={self.max_err:.3g} tol={self.tol:.3g}"
-        return f"{text} ({self.note})" if self.note else text
-
-
-class FixtureError(MvjaxError, RuntimeError):
-    """A fixture file or array needed by a check is missing."""
-
-
-class FixtureArrays(dict):
-    """The arrays of one fixture ``.npz``; reading an absent key is a :class:`FixtureError` naming it."""
-
-    def __init__(self, rel: str, arrays: dict):
-        super().__init__(arrays)
-        self.rel = rel
-
-    def __missing__(self, key):
-        raise FixtureError(f"{self.rel} lacks {key!r}")
-
-
-# Every array the fixture README documents, per file, as the checks read them. ``{g}``: each
-# decoding case (gen0, gen1, ... at least the two documented), ``{b}``: each stage-2 row,
-# ``{u}``: each diffusion band of the checkpoint. A missing one FAILs the components that use
-# the file, naming it, before anything runs: no check may vanish with its data.
-DOCUMENTED_KEYS = {
-    "stage1/stage1_cases.npz": [
-        "texts", "tok_lengths", "tok_ids", "fwd_idx", "fwd_spk", "fwd_logits_cond", "fwd_logits_uncond",
-        *(f"{{g}}_{k}" for k in ("prompt", "spk", "guidance", "top_p", "max_new_tokens", "seq", "step_logits",
-                                 "margin", "audio_tokens")),
-        "batch_prompt", "batch_lens", "batch_spk", "batch_out",
-    ],
-    "stage2/stage2_cases.npz": [
-        "texts", "input", "spk", "logits", "greedy", "margins",
-        "row{b}_audio2", "row{b}_frames", "row{b}_tilted_audio", "row{b}_tilted_text_ids",
-    ],
-    "speaker/speaker_cases.npz": [
-        "wav16", "trimmed", "mel_slice_starts", "mels", "partial_embeds", "embedding", "short3s_embedding",
-    ],
-    "mbd/mbd_cases.npz": [
-        "tokens", "latent", "wav_encodec", "unet_in", "unet{u}_out_step500", "noises", "wav_diffusion", "wav",
-        "splitbands_in", "splitbands8_out", "splitbands32_out", "encode_in", "encode_codes", "encodec_seed",
-        "encodec_state_sha256",
-    ],
-    "pipeline_cases.npz": [
-        "text", "spk_emb", "stage1_seq", "first_stage_tokens", "stage2_audio_start", "all_codebooks",
-        "stage1_margin", "stage2_margin", "guidance", "top_p", "max_new_tokens",
-    ],
-}
-# The documented decoding cases of stage1_cases.npz; further gen<i>_seq cases are checked too.
-DOCUMENTED_GEN_CASES = ("gen0", "gen1")
-# Which fixture files each component reads.
-COMPONENT_FILES = {
-    "tokenizer": ("stage1/stage1_cases.npz", "stage2/stage2_cases.npz"),
-    "stage1-forward": ("stage1/stage1_cases.npz",),
-    "stage1-decode": ("stage1/stage1_cases.npz",),
-    "stage1-batch": ("stage1/stage1_cases.npz",),
-    "stage2": ("stage2/stage2_cases.npz",),
-    "speaker": ("speaker/speaker_cases.npz",),
-    "encodec": ("mbd/mbd_cases.npz",),
-    "mbd": ("mbd/mbd_cases.npz",),
-    "pipeline": ("pipeline_cases.npz",),
-}
-
-
-def _close(component: str, name: str, got, ref, rel_tol: float) -> Check:
-    """max|got - ref| <= rel_tol * max(1, max|ref|)."""
-    return _within(component, name, got, ref, rel_tol * max(1.0, float(np.abs(np.asarray(ref)).max())))
-
-
-def _within(component: str, name: str, got, ref, tol: float) -> Check:
-    """max|got - ref| <= tol (absolute)."""
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    if got.shape != ref.shape:
-        return Check(component, name, False, float("inf"), tol, f"shape {got.shape} != {ref.shape}")
-    err = float(np.abs(got - ref).max())
-    return Check(component, name, bool(err <= tol), err, tol)
-
-
-def _exact(component: str, name: str, got, ref, where=None) -> Check:
-    got, ref = np.asarray(got), np.asarray(ref)
-    if got.shape != ref.shape:
-        return Check(component, name, False, float("inf"), 0.0, f"shape {got.shape} != {ref.shape}")
-    diff = got != ref
-    compared = ref.size
-    if where is not None:
-        diff = diff & where
-        compared = int(np.sum(where))
-    if compared == 0:  # a check that compares nothing proves nothing
-        return Check(component, name, False, float("nan"), 0.0, "nothing to compare (every position masked out)")
-    wrong = int(diff.sum())
-    err = float(np.abs(got.astype(np.int64) - ref.astype(np.int64))[diff].max()) if wrong else 0.0
-    return Check(component, name, wrong == 0, err, 0.0, f"{wrong}/{compared} differ" if wrong else f"{compared} compared")
-
-
-def _cosine(component: str, name: str, got, ref, min_cos: float = 0.9999, max_abs: float = 1e-3) -> list[Check]:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    if got.shape != ref.shape:
-        return [Check(component, name, False, float("inf"), max_abs, f"shape {got.shape} != {ref.shape}")]
-    g, r = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    cos = float(np.min(np.sum(g * r, -1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))))
-    err = float(np.abs(got - ref).max())
-    return [
-        Check(component, f"{name}-cosine", cos >= min_cos, 1.0 - cos, 1.0 - min_cos),
-        Check(component, f"{name}-max-abs", err <= max_abs, err, max_abs),
-    ]
-
-
-class Fixture:
-    """Lazily converts and loads what the checks need from one fixture directory."""
-
-    def __init__(self, root: Path, workdir: Path):
-        self.root = root
-        self.workdir = workdir
-        self._cache: dict[str, object] = {}
-        self._npz: dict[str, dict] = {}
-
-    def npz(self, rel: str) -> dict:
-        if rel not in self._npz:
-            path = self.root / rel
-            if not path.is_file():
-                raise FixtureError(f"missing fixture file {rel}")
-            with np.load(path, allow_pickle=False) as data:
-                self._npz[rel] = FixtureArrays(rel, {k: data[k] for k in data.files})
-        return self._npz[rel]
-
-    def gen_cases(self) -> list[str]:
-        """The stage-1 decoding cases: the documented gen0, gen1 and any further gen<i> present."""
-        s1 = self.npz("stage1/stage1_cases.npz")
-        extra = {k.split("_")[0] for k in s1 if k.startswith("gen") and k.endswith("_seq")}
-        return sorted(set(DOCUMENTED_GEN_CASES) | extra, key=lambda g: int(g[3:]) if g[3:].isdigit() else 0)
-
-    def missing_keys(self, rel: str) -> list[str]:
-        """Documented arrays of ``rel`` that the file lacks (``{g}``/``{b}``/``{u}`` expanded)."""
-        data = self.npz(rel)
-        names = []
-        for key in DOCUMENTED_KEYS[rel]:
-            if "{g}" in key:
-                names += [key.format(g=g) for g in self.gen_cases()]
-            elif "{b}" in key:
-                rows = data["input"].shape[0] if "input" in data else len(data.get("texts", ()))
-                names += [key.format(b=b) for b in range(rows)]
-            elif "{u}" in key:
-                names += [key.format(u=u) for u in range(self.mbd_band_count())]
-            else:
-                names.append(key)
-        return [k for k in names if k not in data]
-
-    def mbd_band_count(self) -> int:
-        config, _ = self.mbd()
-        return int(config["n_bands"])
-
-    def converted(self, sub: str, filename: str, name: str) -> Path:
-        """Convert ``sub/filename`` of the fixture with our converter (once); the model directory."""
-        out = self.workdir / name
-        if not out.exists():
-            from convert_weights.convert import convert_directory
-
-            if not (self.root / sub / filename).is_file():
-                raise FixtureError(f"missing fixture file {sub}/{filename}")
-            convert_directory(self.root / sub, out)
-        return out
-
-    def assembled(self, name: str, files: list[tuple[str, str]]) -> Path:
-        """Several fixture checkpoints ((subdirectory, file name) pairs) converted into one model directory."""
-        from convert_weights.convert import convert_directory
-
-        src = self.workdir / f"{name}-released"
-        src.mkdir()
-        for sub, filename in files:
-            if not (self.root / sub / filename).is_file():
-                raise FixtureError(f"missing fixture file {sub}/{filename}")
-            (src / filename).symlink_to((self.root / sub / filename).absolute())
-        out = self.workdir / name
-        convert_directory(src, out)
-        return out
-
-    def cached(self, name: str, build):
-        if name not in self._cache:
-            self._cache[name] = build()
-        return self._cache[name]
-
-    def stage(self, name: str):
-        """(config, params, tokenizer) of ``first_stage`` / ``second_stage``."""
-        from mvjax.io.checkpoint import load_gpt_stage
-
-        sub = {"first_stage": "stage1", "second_stage": "stage2"}[name]
-        return self.cached(name, lambda: load_gpt_stage(self.converted(sub, f"{name}.pt", name), name, verify=True))
-
-    def speaker_encoder(self):
-        from mvjax.inference.speaker import SpeakerEncoder
-
-        return self.cached("speaker", lambda: SpeakerEncoder.load(
-            self.converted("speaker", "speaker_encoder.pt", "speaker_encoder"), cache_dir=None))
-
-    def mbd(self):
-        from mvjax.io.checkpoint import load_mbd
-
-        return self.cached("mbd", lambda: load_mbd(self.converted("mbd", "mbd_comp_8.pt", "mbd"), verify=True))
-
-    def encodec(self):
-        """(recipe digest, config, params) of the fixture recipe's random codec, rebuilt with torch + encodec."""
-        return self.cached("encodec", self._build_encodec)
-
-    def _build_encodec(self):
-        import subprocess
-
-        from convert_weights.convert import convert_directory
-        from mvjax.io.checkpoint import load_encodec
-
-        recipe = self.root / "make_random_encodec.py"
-        if not recipe.is_file():
-            raise FixtureError("missing fixture file make_random_encodec.py")
-        src = self.workdir / "encodec_src"
-        src.mkdir(exist_ok=True)
-        proc = subprocess.run([sys.executable, str(recipe), str(src / "encodec_24khz-d7cc33bc.th")],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-            raise FixtureError(
-                "rebuilding the random codec needs torch and the encodec package "
-                f"(pip install torch && pip install --no-deps encodec einops): {last}"
-            )
-        out = self.workdir / "encodec"
-        convert_directory(src, out)
-        return (proc.stdout.strip().splitlines()[-1],) + load_encodec(out, verify=True)
-
-
-# --- Components -----------------------------------------------------------------------
+from mvjax.core.errors import MvjaxError
 
 
 def check_tokenizer(fx: Fixture) -> Iterator[Check]:
@@ -291,26 +48,26 @@ def check_tokenizer(fx: Fixture) -> Iterator[Check]:
     s1 = fx.npz("stage1/stage1_cases.npz")
     _, _, tok1 = fx.stage("first_stage")
     ids = [tok1.encode(normalize_text(str(t))) for t in s1["texts"]]
-    yield _exact("tokenizer", "stage1-lengths", [len(i) for i in ids], s1["tok_lengths"])
-    yield _exact("tokenizer", "stage1-ids", np.concatenate(ids), s1["tok_ids"])
+    yield exact_check("tokenizer", "stage1-lengths", [len(i) for i in ids], s1["tok_lengths"])
+    yield exact_check("tokenizer", "stage1-ids", np.concatenate(ids), s1["tok_ids"])
 
     s2 = fx.npz("stage2/stage2_cases.npz")
     cfg2, _, tok2 = fx.stage("second_stage")
     for b, text in enumerate(s2["texts"]):
         got = np.asarray(tok2.encode(normalize_text(str(text))))
         ref = s2["input"][b, 0, : min(got.size, s2["input"].shape[-1])]
-        yield _exact("tokenizer", f"stage2-ids[{b}]", got[: ref.size], ref)
+        yield exact_check("tokenizer", f"stage2-ids[{b}]", got[: ref.size], ref)
 
     codebook_size = (tok1.offset - 1) // 2
     for g in fx.gen_cases():
         _, audio = split_first_stage_tokens(s1[f"{g}_seq"], codebook_size)
-        yield _exact("tokenizer", f"stage1-adapter[{g}]", audio, s1[f"{g}_audio_tokens"])
+        yield exact_check("tokenizer", f"stage1-adapter[{g}]", audio, s1[f"{g}_audio_tokens"])
 
     pad = tok2.offset - 1
     for b in range(s2["input"].shape[0]):
         text_ids, audio = tilted_decode(np.concatenate([s2["input"][b], s2["greedy"][b]]), pad)
-        yield _exact("tokenizer", f"stage2-adapter-audio[{b}]", np.asarray(audio), s2[f"row{b}_tilted_audio"])
-        yield _exact("tokenizer", f"stage2-adapter-text[{b}]", np.asarray(text_ids), s2[f"row{b}_tilted_text_ids"])
+        yield exact_check("tokenizer", f"stage2-adapter-audio[{b}]", np.asarray(audio), s2[f"row{b}_tilted_audio"])
+        yield exact_check("tokenizer", f"stage2-adapter-text[{b}]", np.asarray(text_ids), s2[f"row{b}_tilted_text_ids"])
 
 
 def check_stage1_forward(fx: Fixture) -> Iterator[Check]:
@@ -321,8 +78,8 @@ def check_stage1_forward(fx: Fixture) -> Iterator[Check]:
     idx, spk = s1["fwd_idx"], s1["fwd_spk"]
     cond = forward(cfg, params, idx, spk)[0]
     uncond = forward(cfg, params, idx, None)[0]
-    yield _close("stage1-forward", "logits-cond", cond, s1["fwd_logits_cond"], 1e-4)
-    yield _close("stage1-forward", "logits-uncond", uncond, s1["fwd_logits_uncond"], 1e-4)
+    yield close_check("stage1-forward", "logits-cond", cond, s1["fwd_logits_cond"], 1e-4)
+    yield close_check("stage1-forward", "logits-uncond", uncond, s1["fwd_logits_uncond"], 1e-4)
 
 
 def check_stage2(fx: Fixture) -> Iterator[Check]:
@@ -337,13 +94,13 @@ def check_stage2(fx: Fixture) -> Iterator[Check]:
         build_second_stage_input(tok.encode(normalize_text(str(t))), s2[f"row{b}_audio2"], cfg.block_size, pad)
         for b, t in enumerate(s2["texts"])
     ])
-    yield _exact("stage2", "frames", [s2[f"row{b}_audio2"].shape[-1] for b in range(len(s2["texts"]))],
+    yield exact_check("stage2", "frames", [s2[f"row{b}_audio2"].shape[-1] for b in range(len(s2["texts"]))],
                  [int(s2[f"row{b}_frames"]) for b in range(len(s2["texts"]))])
-    yield _exact("stage2", "input", built, s2["input"])
+    yield exact_check("stage2", "input", built, s2["input"])
     spk = s2["spk"] if cfg.speaker_emb_dim is not None else None
     logits = np.stack([np.asarray(x) for x in forward(cfg, params, s2["input"], spk)], axis=1)
-    yield _close("stage2", "logits", logits, s2["logits"], 1e-4)
-    yield _exact("stage2", "greedy", logits.argmax(-1), s2["greedy"], where=s2["margins"] > GREEDY_MARGIN)
+    yield close_check("stage2", "logits", logits, s2["logits"], 1e-4)
+    yield exact_check("stage2", "greedy", logits.argmax(-1), s2["greedy"], where=s2["margins"] > GREEDY_MARGIN)
 
 
 def check_speaker(fx: Fixture) -> Iterator[Check]:
@@ -356,16 +113,16 @@ def check_speaker(fx: Fixture) -> Iterator[Check]:
     encoder = fx.speaker_encoder()
     audio, rate = load_audio(wav_path)
     wav16, trimmed = encoder.preprocess(audio, rate)
-    yield _within("speaker", "wav16", wav16, sp["wav16"], 1e-4)
-    yield _within("speaker", "trimmed", trimmed, sp["trimmed"], 1e-4)
+    yield within_check("speaker", "wav16", wav16, sp["wav16"], 1e-4)
+    yield within_check("speaker", "trimmed", trimmed, sp["trimmed"], 1e-4)
     # Features and embeddings from the reference's trimmed audio, so each stage is judged on its own.
     utt = encoder.embed_utterance(sp["trimmed"])
-    yield _exact("speaker", "slice-starts", np.array([a for a, _ in utt.slices]), sp["mel_slice_starts"])
-    yield _within("speaker", "mels", utt.mels, sp["mels"], 1e-3 * float(np.abs(sp["mels"]).max()))
-    yield from _cosine("speaker", "partial-embeds", utt.partial_embeddings, sp["partial_embeds"])
-    yield from _cosine("speaker", "embedding", utt.embedding, sp["embedding"])
+    yield exact_check("speaker", "slice-starts", np.array([a for a, _ in utt.slices]), sp["mel_slice_starts"])
+    yield within_check("speaker", "mels", utt.mels, sp["mels"], 1e-3 * float(np.abs(sp["mels"]).max()))
+    yield from cosine_checks("speaker", "partial-embeds", utt.partial_embeddings, sp["partial_embeds"])
+    yield from cosine_checks("speaker", "embedding", utt.embedding, sp["embedding"])
     short = encoder.embed_utterance(sp["trimmed"][: 3 * encoder.config.sample_rate])
-    yield from _cosine("speaker", "short3s-embedding", short.embedding, sp["short3s_embedding"])
+    yield from cosine_checks("speaker", "short3s-embedding", short.embedding, sp["short3s_embedding"])
 
 
 def check_encodec(fx: Fixture) -> Iterator[Check]:
@@ -379,9 +136,9 @@ def check_encodec(fx: Fixture) -> Iterator[Check]:
     yield Check("encodec", "recipe-sha256", same, 0.0 if same else 1.0, 0.0,
                 "" if same else "the rebuilt codec differs from the fixture's: recipe or package mismatch, not our bug")
     latent = np.asarray(encodec.codes_to_latent(params, mb["tokens"]))
-    yield _within("encodec", "latent", latent, mb["latent"], 1e-4 * float(np.abs(mb["latent"]).max()))
+    yield within_check("encodec", "latent", latent, mb["latent"], 1e-4 * float(np.abs(mb["latent"]).max()))
     wav = np.asarray(jax.jit(lambda p, x: encodec.decode_latent(cfg, p, x))(params, mb["latent"]))
-    yield _within("encodec", "decode", wav, mb["wav_encodec"], 1e-4 * float(np.abs(mb["wav_encodec"]).max()))
+    yield within_check("encodec", "decode", wav, mb["wav_encodec"], 1e-4 * float(np.abs(mb["wav_encodec"]).max()))
     n_q = mb["encode_codes"].shape[1]
     codes = np.asarray(jax.jit(lambda p, x: encodec.latent_to_codes(p, encodec.encode_latent(cfg, p, x), n_q))(
         params, mb["encode_in"]))
@@ -405,7 +162,7 @@ def check_splitbands(fx: Fixture) -> Iterator[Check]:
     mb = fx.npz("mbd/mbd_cases.npz")
     for n in (8, 32):
         got = split_bands(mb["splitbands_in"], 24000, n)
-        yield _within("mbd", f"splitbands{n}", got, mb[f"splitbands{n}_out"], 1e-5)
+        yield within_check("mbd", f"splitbands{n}", got, mb[f"splitbands{n}_out"], 1e-5)
 
 
 def check_mbd(fx: Fixture) -> Iterator[Check]:
@@ -422,16 +179,16 @@ def check_mbd(fx: Fixture) -> Iterator[Check]:
         key = f"unet{b}_out_step500"
         cfg = UnetConfig(**band["unet"])
         out = jax.jit(lambda p, x, c, cfg=cfg: unet_apply(cfg, p, x, 500, c))(params[f"band_{b}"], mb["unet_in"], mb["latent"])
-        yield _within("mbd", f"unet{b}-step500", out, mb[key], 1e-4 * float(np.abs(mb[key]).max()))
+        yield within_check("mbd", f"unet{b}-step500", out, mb[key], 1e-4 * float(np.abs(mb[key]).max()))
     model = MultiBandDiffusion(config, params)
     if model.noise_count() != mb["noises"].shape[0]:
         yield Check("mbd", "noise-count", False, float("inf"), 0.0,
                     f"sampler draws {model.noise_count()} noises, the fixture holds {mb['noises'].shape[0]}")
         return
     diffused = model.generate(mb["latent"], mb["wav_encodec"].shape, noises=mb["noises"])
-    yield _within("mbd", "wav-diffusion", diffused, mb["wav_diffusion"], 1e-3 * float(np.abs(mb["wav_diffusion"]).max()))
+    yield within_check("mbd", "wav-diffusion", diffused, mb["wav_diffusion"], 1e-3 * float(np.abs(mb["wav_diffusion"]).max()))
     wav = re_eq(diffused, mb["wav_encodec"], model.sample_rate)
-    yield _within("mbd", "wav", wav, mb["wav"], 1e-3 * float(np.abs(mb["wav"]).max()))
+    yield within_check("mbd", "wav", wav, mb["wav"], 1e-3 * float(np.abs(mb["wav"]).max()))
 
 
 def _first_stage_decoder(fx: Fixture):
@@ -457,10 +214,10 @@ def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
             [s1[f"{g}_prompt"].tolist()], s1[f"{g}_spk"], utterance_keys(0, 1), sampling,
             max_new_tokens=int(s1[f"{g}_max_new_tokens"]), return_logits=True,
         )
-        yield _exact("stage1-decode", f"{g}-seq", result.sequences[0], s1[f"{g}_seq"])
+        yield exact_check("stage1-decode", f"{g}-seq", result.sequences[0], s1[f"{g}_seq"])
         ref_logits = s1[f"{g}_step_logits"]
         got = result.step_logits[0]
-        check = _close("stage1-decode", f"{g}-step-logits", got, ref_logits, 1e-4)
+        check = close_check("stage1-decode", f"{g}-step-logits", got, ref_logits, 1e-4)
         margin = float(s1[f"{g}_margin"])
         if margin < GREEDY_MARGIN:
             check.note = f"reference greedy margin {margin:.2g} is below {GREEDY_MARGIN:g}"
@@ -484,7 +241,7 @@ def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
     out = np.full(ref.shape, decoder.end_of_audio, np.int64)  # the reference pads finished rows with end of audio
     for i, seq in enumerate(result.sequences):
         out[i, 0, : len(seq)] = seq[:total]
-    yield _exact("stage1-batch", "batch-out", out, ref)
+    yield exact_check("stage1-batch", "batch-out", out, ref)
 
 
 def check_pipeline(fx: Fixture) -> Iterator[Check]:
@@ -503,7 +260,7 @@ def check_pipeline(fx: Fixture) -> Iterator[Check]:
         "pipeline", [("stage1", "first_stage.pt"), ("stage2", "second_stage.pt"), ("speaker", "speaker_encoder.pt")]))
     tts = TTS.load(model, mesh=None, speaker_cache_dir=None)
     embedding = tts.speaker_embedding(wav_path)
-    yield from _cosine("pipeline", "speaker-embedding", embedding, p["spk_emb"])
+    yield from cosine_checks("pipeline", "speaker-embedding", embedding, p["spk_emb"])
     top_p = float(p["top_p"])
     top_p = top_p if top_p > 0 else None
     speech = tts.tokens(
@@ -517,14 +274,14 @@ def check_pipeline(fx: Fixture) -> Iterator[Check]:
         SamplingConfig(guidance=float(p["guidance"]), temperature=0.0, top_p=top_p),
         max_new_tokens=int(p["max_new_tokens"]),
     )
-    seq = _exact("pipeline", "stage1-seq", result.sequences[0], p["stage1_seq"])
+    seq = exact_check("pipeline", "stage1-seq", result.sequences[0], p["stage1_seq"])
     if float(p["stage1_margin"]) < GREEDY_MARGIN:
         seq.note += f"; reference stage-1 margin {float(p['stage1_margin']):.2g} is below {GREEDY_MARGIN:g}"
     yield seq
-    yield _exact("pipeline", "first-stage-tokens", speech.first_stage_codes, p["first_stage_tokens"])
-    yield _exact("pipeline", "stage2-audio-start", [speech.chunks[0].prompt_tokens], [int(p["stage2_audio_start"])])
+    yield exact_check("pipeline", "first-stage-tokens", speech.first_stage_codes, p["first_stage_tokens"])
+    yield exact_check("pipeline", "stage2-audio-start", [speech.chunks[0].prompt_tokens], [int(p["stage2_audio_start"])])
     margin = float(p["stage2_margin"])
-    check = _exact("pipeline", "all-codebooks", speech.all_codebooks, p["all_codebooks"])
+    check = exact_check("pipeline", "all-codebooks", speech.all_codebooks, p["all_codebooks"])
     if margin < GREEDY_MARGIN:
         check.note += f"; reference stage-2 margin {margin:.2g} is below {GREEDY_MARGIN:g}"
     yield check
@@ -601,9 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         results = run(args.fixture_dir, only, matmul_precision=args.matmul_precision)
-    except (FixtureError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (MvjaxError, OSError) as exc:
+        return fail(str(exc))
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

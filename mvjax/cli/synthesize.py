@@ -23,6 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from mvjax.cli.common import exit_now, guarded
 from mvjax.core.errors import MvjaxError
 
 DEMO_TEXT = "This is the mvjax demo. Its model has random weights, so what you hear is noise, not speech."
@@ -63,11 +64,6 @@ def enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -361,35 +357,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from convert_weights.mapping import ConversionError
-    from convert_weights.safe_pickle import CheckpointError
-    from mvjax.audio.io import AudioError
-    from mvjax.inference.pipeline import SynthesisError
-    from mvjax.io.checkpoint import ModelDirError
-    from mvjax.text.tokenizer import TextError
-
-    expected = (UsageError, SynthesisError, ModelDirError, TextError, AudioError, CheckpointError, ConversionError)
-    try:
-        return run(argv)
-    except expected as exc:
-        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except KeyboardInterrupt:
-        return _fail("interrupted")
-    except Exception as exc:  # anything else: still one line (MVJAX_DEBUG=1 shows the traceback)
-        if os.environ.get("MVJAX_DEBUG"):
-            raise
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return _fail(f"{type(exc).__name__}: {detail} (set MVJAX_DEBUG=1 for the traceback)")
-
-
-def exit_now(code: int) -> None:
-    """End the process with ``code``. After a failure, skip interpreter teardown: background I/O threads
-    (tensorstore reads behind a damaged checkpoint) would otherwise print tracebacks after our one line."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code:
-        os._exit(code)
-    sys.exit(0)
+    return guarded(lambda: run(argv))
 
 
 if __name__ == "__main__":

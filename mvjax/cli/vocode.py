@@ -12,18 +12,19 @@ as is (float32, 24 kHz, no loudness normalisation or enhancement).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
+from mvjax.cli.common import exit_now, guarded
+from mvjax.cli.common import fail as _fail
 
 
 def main(argv: list[str] | None = None) -> int:
+    return guarded(lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mvjax.vocode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="converted model directory (with encodec, and mbd for --decoder mbd)")
     parser.add_argument("--tokens", required=True, help=".npz with all_codebooks (8, frames) or (batch, 8, frames)")
@@ -145,6 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mvjax.cli.synthesize import exit_now
-
     exit_now(main())

@@ -1,0 +1,98 @@
+"""The package layers the README's "Layout" section states: every import (inside functions too)
+goes to the same package or a layer below, and the runtime reaches the converter only through
+``convert_weights``' entry point."""
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+# Lower number = lower layer. A package may import itself and anything strictly below it.
+LAYERS = {
+    "mvjax.core": 0,
+    "mvjax.kernels": 1,
+    "mvjax.text": 1,
+    "mvjax.nn": 2,
+    "mvjax.audio": 2,
+    "mvjax.io": 3,
+    "convert_weights": 4,
+    "mvjax.sources": 5,
+    "mvjax.inference": 6,
+    "mvjax.cli": 7,
+    "mvjax": 8,  # the package face (public API) and the python -m entry points
+}
+ENTRY_POINT = {"convert_released", "released_components"}
+
+
+def _package(module: str) -> str:
+    for name in sorted(LAYERS, key=len, reverse=True):
+        if module == name or module.startswith(name + "."):
+            return name
+    raise AssertionError(f"{module} belongs to no layer")
+
+
+def _modules():
+    for root in ("mvjax", "convert_weights"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            rel = path.relative_to(REPO).with_suffix("")
+            parts = list(rel.parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            yield ".".join(parts), path
+
+
+def _imports(path: Path):
+    """(imported module, names) for every import statement, at any depth."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, ()
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module, tuple(a.name for a in node.names)
+
+
+def test_every_import_goes_down_the_layers():
+    problems = []
+    for module, path in _modules():
+        own = _package(module)
+        for target, names in _imports(path):
+            if not target.startswith(("mvjax", "convert_weights")):
+                continue
+            if target == "mvjax" and names:  # from mvjax import sub: the submodules named
+                targets = [f"mvjax.{n}" for n in names]
+            elif target == "convert_weights" and names and not set(names) <= ENTRY_POINT:
+                targets = [f"convert_weights.{n}" for n in names]
+            else:
+                targets = [target]
+            for t in targets:
+                other = _package(t)
+                if other == own:
+                    continue
+                if LAYERS[other] >= LAYERS[own]:
+                    problems.append(f"{module} imports {t} ({own} may only import layers below it)")
+    assert not problems, "\n".join(problems)
+
+
+def test_runtime_reaches_the_converter_only_through_its_entry_point():
+    problems = []
+    for module, path in _modules():
+        if not module.startswith("mvjax") or _package(module) in ("mvjax.cli", "mvjax"):
+            continue
+        for target, names in _imports(path):
+            if not target.startswith("convert_weights"):
+                continue
+            if _package(module) != "mvjax.sources" or target != "convert_weights" or not set(names) <= ENTRY_POINT:
+                problems.append(f"{module} imports {target} {names}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_module_is_too_long_without_saying_why():
+    """~400 lines at most, unless the module docstring says why it is longer."""
+    long = []
+    for module, path in _modules():
+        lines = path.read_text().count("\n")
+        if lines > 420:
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            if "long because" not in doc.lower():
+                long.append(f"{module}: {lines} lines")
+    assert not long, "\n".join(long)
