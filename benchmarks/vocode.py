@@ -13,6 +13,7 @@ compile time is reported apart. Ends with one line per stage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -47,11 +48,13 @@ def unet_config(kind: str) -> UnetConfig:
                       emb_all_layers=True)
 
 
-def mbd_model(kind: str, sample_rate: int = 24000) -> tuple[dict, dict]:
-    """(config, params) of a four-band diffusion decoder with random weights, converted layout."""
+def mbd_model(kind: str, sample_rate: int = 24000):
+    """(DiffusionConfig, params) of a four-band diffusion decoder with random weights, converted layout."""
+    from mvjax.nn.diffusion_config import DiffusionConfig
+
     ucfg = unet_config(kind)
-    config = {"sample_rate": sample_rate, "n_bands": 4,
-              "bands": [{"unet": ucfg.__dict__, "schedule": SCHEDULE, "processor": {"use": False}} for _ in range(4)]}
+    config = DiffusionConfig.from_dict({"sample_rate": sample_rate, "n_bands": 4, "bands": [
+        {"unet": dataclasses.asdict(ucfg), "schedule": SCHEDULE, "processor": {"use": False}} for _ in range(4)]})
     params = {f"band_{b}": random_tree(unet_shapes(ucfg), 10 + b, 0.02) for b in range(4)}
     return config, params
 

@@ -281,7 +281,7 @@ def test_demo_dir_converts_and_loads(demo_dir):
     codec_cfg, _ = C.load_encodec(demo_dir, verify=True)
     assert codec_cfg.ratios == (8, 5, 4, 2) and codec_cfg.n_q == 32 and codec_cfg.dimension == 128
     mbd_cfg, _ = C.load_mbd(demo_dir, verify=True)
-    assert mbd_cfg["n_bands"] == 4 and len(mbd_cfg["bands"]) == 4
+    assert mbd_cfg.n_bands == 4 and len(mbd_cfg.bands) == 4
 
 
 def test_demo_dir_is_reused(demo_dir, monkeypatch):

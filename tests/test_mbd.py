@@ -24,7 +24,8 @@ from mvjax.inference.diffusion import (
     re_eq,
 )
 from mvjax.io.checkpoint import load_mbd
-from mvjax.nn.diffusion_unet import UnetConfig, unet_apply
+from mvjax.nn.diffusion_config import NoiseScheduleConfig
+from mvjax.nn.diffusion_unet import unet_apply
 from tests.conftest import REPO
 
 
@@ -42,12 +43,12 @@ def mbd(fixtures, tmp_path_factory):
 
 def test_config_comes_from_the_omegaconf_objects(mbd):
     config, params = mbd
-    assert config["n_bands"] == 4 and config["sample_rate"] == 24000
-    kinds = {(b["unet"]["transformer"], b["unet"]["bilstm"], b["unet"]["cross_attention"]) for b in config["bands"]}
+    assert config.n_bands == 4 and config.sample_rate == 24000
+    kinds = {(b.unet.transformer, b.unet.bilstm, b.unet.cross_attention) for b in config.bands}
     assert len(kinds) >= 2  # the fixture's bands differ in architecture
-    for b, band in enumerate(config["bands"]):
-        assert band["schedule"]["num_steps"] == 1000
-        assert (f"processor_{b}" in params) == bool(band["processor"]["use"])
+    for b, band in enumerate(config.bands):
+        assert band.schedule.num_steps == 1000
+        assert (f"processor_{b}" in params) == band.processor.use
 
 
 def test_omegaconf_allow_list_still_refuses_other_globals(tmp_path):
@@ -66,9 +67,9 @@ def test_omegaconf_allow_list_still_refuses_other_globals(tmp_path):
 
 def test_each_band_unet_matches(mbd, cases):
     config, params = mbd
-    for b, band in enumerate(config["bands"]):
+    for b, band in enumerate(config.bands):
         ref = cases[f"unet{b}_out_step500"]
-        out = np.asarray(unet_apply(UnetConfig(**band["unet"]), params[f"band_{b}"], cases["unet_in"], 500, cases["latent"]))
+        out = np.asarray(unet_apply(band.unet, params[f"band_{b}"], cases["unet_in"], 500, cases["latent"]))
         assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), b
 
 
@@ -86,7 +87,8 @@ def test_sampler_and_re_eq_reproduce_the_reference(mbd, cases):
 
 def test_schedule_plan():
     assert default_steps()[:3] == [999, 949, 899] and default_steps()[-2:] == [49, 0] and len(default_steps()) == 21
-    plan = plan_steps({"num_steps": 1000, "beta_t0": 1e-5, "beta_t1": 0.029, "beta_exp": 7.5, "clip": 5.0})
+    plan = plan_steps(NoiseScheduleConfig.from_dict({"num_steps": 1000, "beta_t0": 1e-5, "beta_t1": 0.029,
+                                                     "beta_exp": 7.5, "clip": 5.0}))
     assert plan.noisy_steps == 19 and plan.noise_std[-1] == 0 and np.all(plan.noise_std[:-1] > 0)
 
 

@@ -170,14 +170,14 @@ def check_mbd(fx: Fixture) -> Iterator[Check]:
     import jax
 
     from mvjax.inference.diffusion import MultiBandDiffusion, re_eq
-    from mvjax.nn.diffusion_unet import UnetConfig, unet_apply
+    from mvjax.nn.diffusion_unet import unet_apply
 
     yield from check_splitbands(fx)
     mb = fx.npz("mbd/mbd_cases.npz")
     config, params = fx.mbd()
-    for b, band in enumerate(config["bands"]):
+    for b, band in enumerate(config.bands):
         key = f"unet{b}_out_step500"
-        cfg = UnetConfig(**band["unet"])
+        cfg = band.unet
         out = jax.jit(lambda p, x, c, cfg=cfg: unet_apply(cfg, p, x, 500, c))(params[f"band_{b}"], mb["unet_in"], mb["latent"])
         yield within_check("mbd", f"unet{b}-step500", out, mb[key], 1e-4 * float(np.abs(mb[key]).max()))
     model = MultiBandDiffusion(config, params)

@@ -187,7 +187,7 @@ class Fixture:
 
     def mbd_band_count(self) -> int:
         config, _ = self.mbd()
-        return int(config["n_bands"])
+        return config.n_bands
 
     def converted(self, sub: str, filename: str, name: str) -> Path:
         """Convert ``sub/filename`` of the fixture with our converter (once); the model directory."""

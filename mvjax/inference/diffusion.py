@@ -21,6 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvjax.audio.bands import split_bands, torch_linspace_f32
+from mvjax.nn.diffusion_config import (
+    BandProcessorConfig,
+    DiffusionConfig,
+    NoiseScheduleConfig,
+)
 from mvjax.nn.diffusion_unet import UnetConfig, unet_apply
 
 EQ_BANDS = 32
@@ -51,13 +56,11 @@ class StepPlan:
         return int(np.sum(self.noise_std > 0))
 
 
-def plan_steps(schedule: dict, step_list: Optional[Sequence[int]] = None) -> StepPlan:
+def plan_steps(schedule: NoiseScheduleConfig, step_list: Optional[Sequence[int]] = None) -> StepPlan:
     f32 = np.float32
-    n = int(schedule["num_steps"])
-    if schedule.get("repartition", "power") != "power":
-        raise ValueError(f"noise schedule {schedule.get('repartition')!r} is not supported (only 'power')")
-    exp = float(schedule["beta_exp"])
-    betas = (torch_linspace_f32(schedule["beta_t0"] ** (1 / exp), schedule["beta_t1"] ** (1 / exp), n) ** f32(exp)).astype(f32)
+    n = schedule.num_steps
+    exp = schedule.beta_exp
+    betas = (torch_linspace_f32(schedule.beta_t0 ** (1 / exp), schedule.beta_t1 ** (1 / exp), n) ** f32(exp)).astype(f32)
     step_list = list(default_steps(n) if step_list is None else step_list)
     one_minus = (f32(1) - betas).astype(f32)
     cumprod = np.cumprod(one_minus, dtype=f32)
@@ -82,8 +85,8 @@ def plan_steps(schedule: dict, step_list: Optional[Sequence[int]] = None) -> Ste
         coef=np.asarray(coef, f32),
         inv_sqrt_alpha=np.asarray(inv_sqrt_alpha, f32),
         noise_std=np.asarray(noise_std, f32),
-        noise_scale=float(schedule.get("noise_scale", 1.0)),
-        clip=float(schedule.get("clip", 0.0) or 0.0),
+        noise_scale=schedule.noise_scale,
+        clip=schedule.clip,
     )
 
 
@@ -107,16 +110,17 @@ def sample_band(cfg: UnetConfig, params, plan: StepPlan, condition, initial, ste
     return out
 
 
-def processor_return(processor: dict, pstate: Optional[dict], x: np.ndarray, sample_rate: int) -> np.ndarray:
+def processor_return(processor: BandProcessorConfig, pstate: Optional[dict], x: np.ndarray,
+                     sample_rate: int) -> np.ndarray:
     """The band processor's ``return_sample`` (identity unless the band's processor is in use)."""
-    if not processor.get("use") or pstate is None:
+    if not processor.use or pstate is None:
         return x
     counts = np.asarray(pstate["counts"], np.float64)
     mean = np.asarray(pstate["sum_x"], np.float64) / counts
     std = np.sqrt(np.clip(np.asarray(pstate["sum_x2"], np.float64) / counts - mean**2, 0, None))
     target = np.asarray(pstate["sum_target_x2"], np.float64) / counts
-    rescale = (std / target) ** float(processor.get("power_std", 1.0))
-    bands = split_bands(x, sample_rate, int(processor["n_bands"])).astype(np.float64)
+    rescale = (std / target) ** processor.power_std
+    bands = split_bands(x, sample_rate, processor.n_bands).astype(np.float64)
     shape = (-1,) + (1,) * x.ndim
     return (bands * rescale.reshape(shape) + mean.reshape(shape)).sum(axis=0).astype(np.float32)
 
@@ -134,15 +138,15 @@ def re_eq(wav: np.ndarray, ref: np.ndarray, sample_rate: int, n_bands: int = EQ_
 class MultiBandDiffusion:
     """All bands of a converted ``mbd`` component; ``generate`` runs them in one jitted call per band shape."""
 
-    def __init__(self, config: dict, params: dict, mesh=None):
+    def __init__(self, config: DiffusionConfig, params: dict, mesh=None):
         from mvjax.core.parallel import put_replicated
 
         self.config = config
         self.mesh = mesh
         self.params = put_replicated(params, mesh)
-        self.sample_rate = int(config["sample_rate"])
-        self.bands = [UnetConfig(**b["unet"]) for b in config["bands"]]
-        self.plans = [plan_steps(b["schedule"]) for b in config["bands"]]
+        self.sample_rate = config.sample_rate
+        self.bands = [b.unet for b in config.bands]
+        self.plans = [plan_steps(b.schedule) for b in config.bands]
         self._jitted = jax.jit(self._all_bands)
 
     def noise_count(self) -> int:
@@ -192,8 +196,8 @@ class MultiBandDiffusion:
         bands = np.asarray(self._jitted(self.params, put_batch(np.asarray(latent, np.float32), self.mesh), noises))
         total = np.zeros(bands.shape[1:], np.float32)
         for b, out in enumerate(bands):
-            band_cfg = self.config["bands"][b]
-            total += processor_return(band_cfg["processor"], self.params.get(f"processor_{b}"), out, self.sample_rate)
+            total += processor_return(self.config.bands[b].processor, self.params.get(f"processor_{b}"), out,
+                                      self.sample_rate)
         return total
 
     def tokens_to_wav(self, latent, wav_codec: np.ndarray, noises: Optional[np.ndarray] = None, key=None) -> np.ndarray:

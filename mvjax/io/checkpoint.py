@@ -172,18 +172,18 @@ def load_encodec(model_dir: str | Path, verify: bool = False):
 
 
 def load_mbd(model_dir: str | Path, verify: bool = False):
-    """(config dict, params) of the multi-band diffusion decoder from a converted directory."""
-    from mvjax.nn.diffusion_unet import UnetConfig
+    """(DiffusionConfig, params) of the multi-band diffusion decoder from a converted directory."""
+    from mvjax.nn.diffusion_config import DiffusionConfig
     from mvjax.nn.diffusion_unet import abstract_params as unet_shapes
 
     model_dir = Path(model_dir)
     _component(model_dir, "mbd")
-    config = _read_config(model_dir, "mbd")
+    config = DiffusionConfig.from_dict(_read_config(model_dir, "mbd"))
     abstract = {}
-    for b, band in enumerate(config["bands"]):
-        abstract[f"band_{b}"] = unet_shapes(UnetConfig(**band["unet"]))
-        if band["processor"].get("use"):
-            n = int(band["processor"]["n_bands"])
+    for b, band in enumerate(config.bands):
+        abstract[f"band_{b}"] = unet_shapes(band.unet)
+        if band.processor.use:
+            n = band.processor.n_bands
             shape = {"counts": (1,), "sum_x": (n,), "sum_x2": (n,), "sum_target_x2": (n,)}
             abstract[f"processor_{b}"] = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in shape.items()}
     params, _ = _restore_component(model_dir, "mbd", abstract, verify)
