@@ -241,12 +241,12 @@ class FirstStageDecoder:
         cfg = self.config
         batch = prompts.shape[0]
         if speaker_emb is None:
-            spk2 = None
+            speaker_rows = None
         else:
-            spk2 = jnp.concatenate([speaker_emb, jnp.zeros_like(speaker_emb)], axis=0)
+            speaker_rows = jnp.concatenate([speaker_emb, jnp.zeros_like(speaker_emb)], axis=0)
 
         def logits_fn(cache, tokens, positions, window):
-            return apply_tokens(cfg, params, tokens, positions, spk2, cache, self.dtype, attend=window)
+            return apply_tokens(cfg, params, tokens, positions, speaker_rows, cache, self.dtype, attend=window)
 
         windows = cache_windows(plen, cfg.block_size)
         cache = init_cache(cfg, 2 * batch, cfg.block_size, self.cache_dtype)
@@ -385,10 +385,10 @@ class SecondStageSampler:
         if keys.shape[0] != batch:
             raise ValueError(f"need one PRNG key per row: got {keys.shape[0]} for {batch}")
         size = padded_size(batch, self.mesh)
-        spk = None
+        speaker_rows = None
         if speaker_emb is not None:
-            spk = put_batch(pad_rows(np.asarray(speaker_emb, np.float32).reshape(batch, -1), size), self.mesh)
+            speaker_rows = put_batch(pad_rows(np.asarray(speaker_emb, np.float32).reshape(batch, -1), size), self.mesh)
         top_k = None if top_k is None or top_k <= 0 else int(top_k)
-        out = self._jitted(self.params, put_batch(pad_rows(inputs, size), self.mesh), spk,
+        out = self._jitted(self.params, put_batch(pad_rows(inputs, size), self.mesh), speaker_rows,
                            put_batch(pad_rows(keys, size), self.mesh), jnp.float32(temperature), top_k=top_k)
         return np.asarray(out)[:batch]

@@ -14,12 +14,12 @@ from mvjax.nn.gpt_decode import apply_tokens, init_cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _guided_logits(config: GPTConfig, params: dict, tokens, spk, guidance):
+def _guided_logits(config: GPTConfig, params: dict, tokens, speaker_emb, guidance):
     batch, length = tokens.shape
     rows = jnp.concatenate([tokens, tokens], axis=0)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), rows.shape)
     cache = init_cache(config, 2 * batch, length)
-    logits, _ = apply_tokens(config, params, rows, positions, jnp.concatenate([spk, jnp.zeros_like(spk)]), cache)
+    logits, _ = apply_tokens(config, params, rows, positions, jnp.concatenate([speaker_emb, jnp.zeros_like(speaker_emb)]), cache)
     return guide(logits[:batch], logits[batch:], guidance[:, None, None])
 
 
@@ -30,9 +30,9 @@ def guided_logits(config: GPTConfig, params: dict, tokens, speaker_emb, guidance
     position t predicting token t + 1. ``params``: a decode-layout tree (float or quantised)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     batch = tokens.shape[0]
-    spk = jnp.asarray(speaker_emb, jnp.float32).reshape(batch, -1)
+    speaker_emb = jnp.asarray(speaker_emb, jnp.float32).reshape(batch, -1)
     guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
-    return _guided_logits(config, params, tokens, spk, guidance)
+    return _guided_logits(config, params, tokens, speaker_emb, guidance)
 
 
 def compare_logits(ref, other, temperature: float = 1.0) -> dict:

@@ -162,11 +162,11 @@ class GPT(nn.Module):
         if speaker_emb is not None:
             if cfg.speaker_emb_dim is None:
                 raise ValueError("this stage was trained without speaker conditioning; pass speaker_emb=None")
-            spk = self.speaker_proj(speaker_emb.astype(self.dtype)).astype(jnp.float32)[:, None, :]  # (B, 1, D)
+            speaker_term = self.speaker_proj(speaker_emb.astype(self.dtype)).astype(jnp.float32)[:, None, :]  # (B, 1, D)
             if not cfg.spk_emb_on_text:
                 seen_eot = jnp.cumsum(tokens[:, 0, :] == SPEAKER_MASK_END_OF_TEXT, axis=-1) > 0
-                spk = spk * seen_eot[:, :, None].astype(spk.dtype)
-            x = x + spk
+                speaker_term = speaker_term * seen_eot[:, :, None].astype(speaker_term.dtype)
+            x = x + speaker_term
         return x.astype(self.dtype)
 
     def heads(self, x):
@@ -193,8 +193,8 @@ class GPT(nn.Module):
 def init_params(config: GPTConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
     """Random parameters in the converted layout (for tests and benchmarks)."""
     tokens = jnp.zeros((1, len(config.vocab_sizes), 1), jnp.int32)
-    spk = None if config.speaker_emb_dim is None else jnp.zeros((1, config.speaker_emb_dim), dtype)
-    params = GPT(config).init(rng, tokens, spk)["params"]
+    speaker_emb = None if config.speaker_emb_dim is None else jnp.zeros((1, config.speaker_emb_dim), dtype)
+    params = GPT(config).init(rng, tokens, speaker_emb)["params"]
     return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
 
 

@@ -152,8 +152,8 @@ def apply_tokens(
     x = _rows(params["wte"], tokens.reshape(n)) + params["wpe"][positions.reshape(n)].astype(jnp.float32)
     x = x.T
     if speaker_emb is not None:
-        spk = _matmul(params["speaker_proj"], speaker_emb.T)  # (D, R)
-        x = x + jnp.repeat(spk, length, axis=1)
+        speaker_term = _matmul(params["speaker_proj"], speaker_emb.T)  # (D, R)
+        x = x + jnp.repeat(speaker_term, length, axis=1)
     x = x.astype(dtype)
 
     cache_len = cache[0][0].shape[3] if attend is None else min(attend, cache[0][0].shape[3])
