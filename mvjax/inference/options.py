@@ -14,6 +14,7 @@ from mvjax.inference.decode import (
     DEFAULT_TOP_P,
     SamplingConfig,
 )
+from mvjax.text.tokenizer import TextError, normalize_text
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -53,3 +54,18 @@ class SynthesisOptions:
     @property
     def first_stage_sampling(self) -> SamplingConfig:
         return SamplingConfig(guidance=self.guidance_scale, temperature=self.temperature, top_p=self.top_p)
+
+
+def normalised_texts(texts: list[str]) -> list[str]:
+    """Each text normalised (:func:`mvjax.text.tokenizer.normalize_text`); a SynthesisError names the bad one."""
+    out = []
+    for i, text in enumerate(texts):
+        where = f"text {i + 1}" if len(texts) > 1 else "text"
+        try:
+            normalised = normalize_text(text)
+        except TextError as exc:
+            raise SynthesisError(f"{where}: {exc}" if len(texts) > 1 else str(exc)) from None
+        if not normalised:
+            raise SynthesisError(f"{where} is empty")
+        out.append(normalised)
+    return out

@@ -37,13 +37,19 @@ from mvjax.inference.decode import (
     FirstStageDecoder,
     SecondStageSampler,
 )
-from mvjax.inference.options import SynthesisError, SynthesisOptions
+from mvjax.inference.options import SynthesisError, SynthesisOptions, normalised_texts
 from mvjax.inference.speaker import SpeakerSpec, embedding_from_spec, embeddings_for
 from mvjax.inference.speech import Speech
 from mvjax.text.layout import TokenLayout
-from mvjax.text.tokenizer import TextError, normalize_text
 
 log = logging.getLogger("mvjax")
+
+
+class Lazy:
+    """A component built on first use (loading a speaker encoder or diffusion decoder costs time and memory)."""
+
+    def __init__(self, build: Callable[[], object]):
+        self.build = build
 
 
 class TTS:
@@ -53,9 +59,9 @@ class TTS:
                  dtype=jnp.float32, quantize: Optional[str] = None, matmul_precision: Optional[str] = None,
                  consume_params: bool = False):
         """``first_stage``/``second_stage``: (GPTConfig, params, Tokenizer); ``codec``: (EncodecConfig, params);
-        ``speaker_encoder``: a :class:`~mvjax.inference.speaker.SpeakerEncoder` or a callable making one
-        when first needed; ``diffusion``: a :class:`~mvjax.inference.diffusion.MultiBandDiffusion` or such a
-        callable. ``matmul_precision``: the :mod:`mvjax.core.precision` policy (default "highest", what the
+        ``speaker_encoder``: a :class:`~mvjax.inference.speaker.SpeakerEncoder`, or a :class:`Lazy` making
+        one when first needed; ``diffusion``: a :class:`~mvjax.inference.diffusion.MultiBandDiffusion`, or a
+        :class:`Lazy`. ``matmul_precision``: the :mod:`mvjax.core.precision` policy (default "highest", what the
         parity tool certifies), set process-wide before anything is traced. ``consume_params``: the
         first stage's tree may be emptied while it is re-laid for decoding (it was loaded for us)."""
         from mvjax.core.precision import apply as apply_precision
@@ -102,8 +108,8 @@ class TTS:
         if mesh == "auto":
             devs = list(jax.local_devices() if devices is None else devices)
             mesh = local_mesh(devs) if len(devs) > 1 else None
-        speaker = (lambda: SpeakerEncoder.load(model_dir, cache_dir=speaker_cache_dir)) if "speaker_encoder" in have else None
-        diffusion = (lambda: MultiBandDiffusion(*load_mbd(model_dir), mesh=mesh)) if "mbd" in have else None
+        speaker = Lazy(lambda: SpeakerEncoder.load(model_dir, cache_dir=speaker_cache_dir)) if "speaker_encoder" in have else None
+        diffusion = Lazy(lambda: MultiBandDiffusion(*load_mbd(model_dir), mesh=mesh)) if "mbd" in have else None
         return cls(load_gpt_stage(model_dir, "first_stage"), load_gpt_stage(model_dir, "second_stage"),
                    load_encodec(model_dir) if "encodec" in have else None, speaker_encoder=speaker,
                    diffusion=diffusion, mesh=mesh, quantize=quantize, matmul_precision=matmul_precision,
@@ -111,19 +117,21 @@ class TTS:
 
     @property
     def speaker_encoder(self):
-        if self._speaker_encoder is None:
-            raise SynthesisError("this model has no speaker encoder: pass a speaker embedding instead of audio")
-        if callable(self._speaker_encoder) and not hasattr(self._speaker_encoder, "embed_file"):
-            self._speaker_encoder = self._speaker_encoder()
-        return self._speaker_encoder
+        return self._part("_speaker_encoder", "this model has no speaker encoder: pass a speaker embedding instead of audio")
 
     @property
     def diffusion(self):
-        if self._diffusion is None:
-            raise SynthesisError("this model has no multi-band diffusion decoder (mbd_comp_*.pt): use decoder='encodec'")
-        if callable(self._diffusion) and not hasattr(self._diffusion, "generate"):
-            self._diffusion = self._diffusion()
-        return self._diffusion
+        return self._part("_diffusion", "this model has no multi-band diffusion decoder (mbd_comp_*.pt): use decoder='encodec'")
+
+    def _part(self, attr: str, missing: str):
+        """An optional component, built on first use when it was given as a :class:`Lazy`."""
+        part = getattr(self, attr)
+        if part is None:
+            raise SynthesisError(missing)
+        if isinstance(part, Lazy):
+            part = part.build()
+            setattr(self, attr, part)
+        return part
 
     def speaker_embedding(self, speaker: SpeakerSpec) -> np.ndarray:
         """An embedding (E,) from an audio path, an ``(audio, rate)`` pair or an embedding array."""
@@ -131,19 +139,16 @@ class TTS:
 
     def plan(self, text: str, max_new_tokens: Optional[int] = None) -> list[str]:
         """Chunks of normalised ``text`` that each fit both stages' blocks."""
-        return longform.plan_for_model(text, self.tokenizers, self._blocks, self._frame_rate, max_new_tokens)
+        return longform.plan_for_model(text, *self._plan_args, max_new_tokens)
 
     def chunk_capacity(self, text: str, max_new_tokens: Optional[int] = None) -> tuple[int, int]:
         """(estimated frames, frames both blocks leave room for) for one chunk of normalised text."""
-        return longform.chunk_capacity(text, self.tokenizers, self._blocks, self._frame_rate, max_new_tokens)
+        return longform.chunk_capacity(text, *self._plan_args, max_new_tokens)
 
     @property
-    def _blocks(self) -> tuple[int, int]:
-        return self.config1.block_size, self.config2.block_size
-
-    @property
-    def _frame_rate(self) -> float:
-        return self.codec.config.frame_rate if self.codec is not None else 75.0
+    def _plan_args(self) -> tuple:
+        frame_rate = self.codec.config.frame_rate if self.codec is not None else 75.0
+        return self.tokenizers, (self.config1.block_size, self.config2.block_size), frame_rate
 
     def synthesize(self, text: Union[str, Sequence[str]], speaker=None, *, decoder: str = "mbd", enhance: bool = True,
                    normalize: bool = True, utterance_ids: Optional[Sequence[int]] = None,
@@ -191,7 +196,7 @@ class TTS:
         ids = list(range(len(texts))) if utterance_ids is None else list(utterance_ids)
         if len(ids) != len(texts):
             raise SynthesisError(f"got {len(ids)} utterance ids for {len(texts)} texts")
-        normalised = [_normalised(t, i, len(texts)) for i, t in enumerate(texts)]
+        normalised = normalised_texts(texts)
         self.last_timings = {}
         with stages.Timer(self.last_timings, "speaker"):
             embeddings = embeddings_for(speaker, len(texts), self.speaker_embedding)
@@ -231,21 +236,13 @@ class TTS:
         return normalised, embeddings, chunks
 
     def _finish(self, text, embedding, chunks, normalize, enhance) -> Speech:
-        rate = self.sample_rate
-        wav = longform.crossfade_join([c.wav for c in chunks], rate, longform.CROSSFADE_SECONDS).astype(np.float32)
-        if wav.shape[-1] > 0 and normalize:
-            from mvjax.audio.loudness import normalize_loudness
+        wav = longform.crossfade_join([c.wav for c in chunks], self.sample_rate, longform.CROSSFADE_SECONDS)
+        if enhance and self._enhancer is None:
+            from mvjax.audio.enhance import DeepFilterNet3
 
-            with stages.Timer(self.last_timings, "loudness"):
-                wav = normalize_loudness(wav, rate)
-        if wav.shape[-1] > 0 and enhance:
-            from mvjax.audio.enhance import DF_SAMPLE_RATE, DeepFilterNet3
-            from mvjax.audio.features import resample
-
-            with stages.Timer(self.last_timings, "enhance"):
-                self._enhancer = self._enhancer or DeepFilterNet3()
-                wav = np.stack([self._enhancer.process_48k(resample(ch, rate, DF_SAMPLE_RATE)) for ch in wav])
-            rate = DF_SAMPLE_RATE
+            self._enhancer = DeepFilterNet3()
+        wav, rate = stages.finish_audio(wav, self.sample_rate, normalize, self._enhancer if enhance else None,
+                                        self.last_timings)
         return self._speech(text, wav.reshape(-1), rate, embedding, chunks)
 
     @staticmethod
@@ -259,14 +256,3 @@ class TTS:
             self._enhancer.close()
             self._enhancer = None
 
-
-def _normalised(text: str, index: int, count: int) -> str:
-    """The normalised text, or a SynthesisError naming which text is bad."""
-    where = f"text {index + 1}" if count > 1 else "text"
-    try:
-        out = normalize_text(text)
-    except TextError as exc:
-        raise SynthesisError(f"{where}: {exc}" if count > 1 else str(exc)) from None
-    if not out:
-        raise SynthesisError(f"{where} is empty")
-    return out
