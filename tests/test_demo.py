@@ -290,7 +290,7 @@ def test_demo_dir_is_reused(demo_dir, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("rebuilt a complete demo directory")
 
-    monkeypatch.setattr(demo, "write_demo_checkpoints", boom)
+    monkeypatch.setattr(demo, "write_random_checkpoints", boom)
     assert demo.demo_model_dir(demo_dir.parents[1], seed=0) == demo_dir
     assert (demo_dir / "manifest.json").stat().st_mtime_ns == stamp
 

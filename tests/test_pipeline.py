@@ -263,7 +263,7 @@ def test_tts_applies_the_matmul_policy(tts, full_model, monkeypatch):
     try:
         monkeypatch.setenv("MVJAX_MATMUL_PRECISION", "high")
         assert resolve() == "high" and resolve("default") == "default"
-        model = TTS.from_parts(load_gpt_stage(full_model, "first_stage"), load_gpt_stage(full_model, "second_stage"))
+        model = TTS(load_gpt_stage(full_model, "first_stage"), load_gpt_stage(full_model, "second_stage"))
         assert model.matmul_precision == "high" and jax.config.jax_default_matmul_precision == "high"
         monkeypatch.setenv("MVJAX_MATMUL_PRECISION", "fastest")
         with pytest.raises(PrecisionError, match="MVJAX_MATMUL_PRECISION"):

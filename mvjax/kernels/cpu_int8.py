@@ -94,7 +94,8 @@ def _build(cache: Path, compiler: str) -> Path:
         src = Path(tmp) / "int8_matmul.cc"
         src.write_text(source)
         out = Path(tmp) / lib.name
-        res = subprocess.run([compiler, *_CXXFLAGS, f"-I{include}", str(src), "-o", str(out)],
+        # jaxlib's FFI headers are included as system headers: our warnings flags are for our code.
+        res = subprocess.run([compiler, *_CXXFLAGS, "-isystem", include, str(src), "-o", str(out)],
                              capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-2000:]}")
