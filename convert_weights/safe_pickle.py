@@ -821,7 +821,8 @@ def _check_result(root: Any) -> None:
             if depth >= MAX_NESTING:
                 raise _Malformed(f"containers nested deeper than {MAX_NESTING} levels")
             if id(obj) in on_path:
-                raise _Malformed(f"a {kind.__name__.lstrip('_')} contains itself (cyclic containers)")
+                name = kind.__name__.lstrip("_")
+                raise _Malformed(f"cyclic containers: {'an' if name[0] in 'aeiouAEIOU' else 'a'} {name} contains itself")
             on_path.add(id(obj))
             todo.append((obj, depth, True))
             if kind in (dict, _OrderedDict):
@@ -952,16 +953,16 @@ class _Load:
         cached = self.storages.get(key)
         if cached is not None:
             if cached.dtype != dtype or cached.numel != numel:
-                raise _Malformed(f"storage '{_short(key)}' is declared twice, with different types or sizes")
+                raise _Malformed(f"storage '{_clip(key)}' is declared twice, with different types or sizes")
             return cached
         member = f"{self.root}data/{key}"
         info = self.entries.get(member)
         if info is None:
-            raise _Malformed(f"storage '{_short(key)}' named by the pickle is not in the archive (no entry {_short(member)})")
+            raise _Malformed(f"storage '{_clip(key)}' named by the pickle is not in the archive (no entry {_clip(member)})")
         nbytes = numel * dtype.itemsize
         if info.file_size != nbytes:
             raise _Malformed(
-                f"storage '{_short(key)}' declares {numel} {storage_type.name} elements ({nbytes} bytes) but its "
+                f"storage '{_clip(key)}' declares {numel} {storage_type.name} elements ({nbytes} bytes) but its "
                 f"archive entry holds {info.file_size} bytes"
             )
         array = None
@@ -984,24 +985,24 @@ class _Load:
         return array
 
     def view(self, storage: _Storage, offset: int, shape: tuple, strides: tuple, numel: int):
-        if storage.array is None:
-            return TensorInfo(shape, storage.dtype)
-        flat = storage.array
+        """The tensor (a view of the storage, or a copy if non-contiguous); TensorInfo when not reading."""
+        flat, itemsize = storage.array, storage.dtype.itemsize
         if numel == 0:
-            return np.zeros(shape, flat.dtype)
+            return TensorInfo(shape, storage.dtype) if flat is None else np.zeros(shape, storage.dtype)
         expected, contiguous = 1, True
         for n, s in zip(reversed(shape), reversed(strides)):
             if n != 1 and s != expected:
                 contiguous = False
                 break
             expected *= n
+        if not contiguous:
+            self.copied_bytes += numel * itemsize
+            if self.copied_bytes > 2 * self.storage_bytes + TENSOR_COPY_SLACK:
+                raise _Malformed("non-contiguous tensors copy more than twice the storage bytes")
+        if flat is None:
+            return TensorInfo(shape, storage.dtype)
         if contiguous:
             return flat[offset:offset + numel].reshape(shape)
-        nbytes = numel * flat.dtype.itemsize
-        self.copied_bytes += nbytes
-        if self.copied_bytes > 2 * self.storage_bytes + TENSOR_COPY_SLACK:
-            raise _Malformed("non-contiguous tensors copy more than twice the storage bytes")
-        itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[offset:], shape=shape, strides=tuple(s * itemsize for s in strides), writeable=False
         )
@@ -1041,7 +1042,7 @@ def _load(path: str | Path, extra_allowed: Mapping[tuple[str, str], Any] | None,
         except (_Malformed, Exception) as exc:  # noqa: BLE001 - any other failure is a malformed pickle
             detail = str(exc) if isinstance(exc, _Malformed) else f"{type(exc).__name__}: {_short(str(exc), 200)}"
             raise CheckpointError(
-                f"{path}: malformed checkpoint pickle ({load.pickle_name} byte {machine.pos - 1}): {detail}"
+                f"{path}: malformed checkpoint pickle ({load.pickle_name} byte {max(machine.pos - 1, 0)}): {detail}"
             ) from None
         finally:
             machine.stack = machine.metastack = machine.keep = []
