@@ -39,7 +39,7 @@ def _resolve(value, root, _budget=None, _chain=()):
 
     A self-referencing chain (``a: ${b}``, ``b: ${a}``) or one longer than
     MAX_INTERPOLATION_CHAIN links, and a config that expands past MAX_RESOLVE_STEPS values,
-    are :class:`ConversionError`\ s rather than a RecursionError or a hang."""
+    are ConversionErrors rather than a RecursionError or a hang."""
     budget = [0] if _budget is None else _budget
     budget[0] += 1
     if budget[0] > MAX_RESOLVE_STEPS:

@@ -113,6 +113,7 @@ def write_archive(path: Path, pkl: bytes, storages: dict | None = None, *, byteo
         z.writestr(zipfile.ZipInfo(f"{root}/data.pkl"), pkl, compress_type=pkl_compress)
         if byteorder is not None:
             z.writestr(f"{root}/byteorder", byteorder)
+        z.writestr(f"{root}/version", b"3\n")
         for key, raw in (storages or {}).items():
             z.writestr(f"{root}/data/{key}", raw)
         for name, raw in extra or []:
