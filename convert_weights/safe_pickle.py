@@ -9,7 +9,7 @@ builds numpy arrays or plain Python containers. Any other global (``os.system``,
 ``builtins.eval``, ``subprocess.Popen``...) makes the load fail with
 :class:`UnsafeCheckpointError` naming it, before anything runs.
 
-Tensors come back as C-contiguous ``numpy.ndarray`` (bfloat16 through ``ml_dtypes``):
+Tensors come back as C-contiguous ``numpy.ndarray`` (bfloat16 through ``ml_dtypes``, imported on first use):
 read-only views of their storage when the saved layout is contiguous, copies otherwise.
 
 Every failure is a :class:`CheckpointError` whose message is one line naming the file and
@@ -70,7 +70,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 
 MAX_ZIP_ENTRIES = 100_000
@@ -104,12 +103,10 @@ class _Unsafe(_Malformed):
     pass
 
 
-# Storage class name (as torch pickles it) -> numpy dtype of its elements.
-STORAGE_DTYPES: dict[str, np.dtype] = {
+_PLAIN_DTYPES: dict[str, np.dtype] = {
     "FloatStorage": np.dtype(np.float32),
     "DoubleStorage": np.dtype(np.float64),
     "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
     "LongStorage": np.dtype(np.int64),
     "IntStorage": np.dtype(np.int32),
     "ShortStorage": np.dtype(np.int16),
@@ -117,6 +114,31 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
     "ByteStorage": np.dtype(np.uint8),
     "BoolStorage": np.dtype(np.bool_),
 }
+
+
+class _StorageDtypes(Mapping):
+    """Storage class name (as torch pickles it) -> numpy dtype of its elements. Read-only;
+    ``BFloat16Storage`` imports ``ml_dtypes`` (most of this module's import time) on first use."""
+
+    __slots__ = ()
+    _NAMES = ("FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage", "IntStorage",
+              "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage")
+
+    def __getitem__(self, name: str) -> np.dtype:
+        if name == "BFloat16Storage":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return _PLAIN_DTYPES[name]
+
+    def __iter__(self):
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+
+STORAGE_DTYPES: Mapping[str, np.dtype] = _StorageDtypes()
 
 
 def _short(obj: Any, limit: int = 80) -> str:
@@ -872,13 +894,13 @@ class _Load:
             try:
                 self.byteorder = raw.decode("ascii").strip()
             except UnicodeDecodeError:
-                raise CheckpointError(f"{path}: {order_name} is not ASCII text ({_short(bytes(raw))})") from None
+                raise CheckpointError(f"{path}: {_clip(order_name)} is not ASCII text ({_short(bytes(raw))})") from None
             if self.byteorder not in ("little", "big"):
-                raise CheckpointError(f"{path}: {order_name} says {_short(self.byteorder)}, not 'little' or 'big'")
+                raise CheckpointError(f"{path}: {_clip(order_name)} says {_short(self.byteorder)}, not 'little' or 'big'")
 
     def check_entry(self, info: zipfile.ZipInfo, limit: int | None = None) -> None:
         """Refuse an entry whose declared sizes the file cannot back, before reading anything."""
-        name, size = info.filename, info.file_size
+        name, size = _clip(info.filename), info.file_size
         if info.flag_bits & 0x1:
             raise CheckpointError(f"{self.path}: archive entry {name} is encrypted")
         if limit is not None and size > limit:
@@ -917,7 +939,7 @@ class _Load:
     def read_entry(self, info: zipfile.ZipInfo, limit: int | None = None) -> bytearray:
         """The entry's bytes: exactly its declared size (checked first), read in chunks, CRC checked."""
         self.check_entry(info, limit)
-        size = info.file_size
+        size, name = info.file_size, _clip(info.filename)
         buf = bytearray(size)
         view = memoryview(buf)
         pos = 0
@@ -926,16 +948,16 @@ class _Load:
                 while pos < size:
                     chunk = stream.read(min(_CHUNK, size - pos))
                     if not chunk:
-                        raise CheckpointError(f"{self.path}: archive entry {info.filename} is truncated ({pos} of {size} bytes)")
+                        raise CheckpointError(f"{self.path}: archive entry {name} is truncated ({pos} of {size} bytes)")
                     view[pos:pos + len(chunk)] = chunk
                     pos += len(chunk)
                 if stream.read(1):
-                    raise CheckpointError(f"{self.path}: archive entry {info.filename} holds more than its declared {size} bytes")
+                    raise CheckpointError(f"{self.path}: archive entry {name} holds more than its declared {size} bytes")
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - zipfile/zlib on corrupt data: BadZipFile, zlib.error, EOFError, ...
             raise CheckpointError(
-                f"{self.path}: cannot read archive entry {info.filename}: {type(exc).__name__}: {_short(str(exc), 200)}"
+                f"{self.path}: cannot read archive entry {name}: {type(exc).__name__}: {_clip(str(exc), 200)}"
             ) from None
         finally:
             view.release()
@@ -1022,7 +1044,7 @@ def _load(path: str | Path, extra_allowed: Mapping[tuple[str, str], Any] | None,
     except Exception as exc:  # noqa: BLE001 - zipfile on a corrupt directory raises many types
         raise CheckpointError(
             f"{path}: not a PyTorch zip archive (legacy or corrupt checkpoint format): "
-            f"{type(exc).__name__}: {_short(str(exc), 200)}"
+            f"{type(exc).__name__}: {_clip(str(exc), 200)}"
         ) from None
     with archive:
         load = _Load(path, archive, file_size, read_data)
@@ -1040,9 +1062,9 @@ def _load(path: str | Path, extra_allowed: Mapping[tuple[str, str], Any] | None,
         except _Unsafe as exc:
             raise UnsafeCheckpointError(f"{path}: {exc}") from None
         except (_Malformed, Exception) as exc:  # noqa: BLE001 - any other failure is a malformed pickle
-            detail = str(exc) if isinstance(exc, _Malformed) else f"{type(exc).__name__}: {_short(str(exc), 200)}"
+            detail = str(exc) if isinstance(exc, _Malformed) else f"{type(exc).__name__}: {_clip(str(exc), 200)}"
             raise CheckpointError(
-                f"{path}: malformed checkpoint pickle ({load.pickle_name} byte {max(machine.pos - 1, 0)}): {detail}"
+                f"{path}: malformed checkpoint pickle ({_clip(load.pickle_name)} byte {max(machine.pos - 1, 0)}): {detail}"
             ) from None
         finally:
             machine.stack = machine.metastack = machine.keep = []

@@ -11,7 +11,7 @@ Memory: a genuine conversion of all five fixture checkpoints (JAX included) peak
 470 MB resident and 1.8 GB of virtual address space on the 2-core build machine (JAX reserves
 address space per CPU), so the child's address space is capped only loosely
 (:data:`ADDRESS_SPACE_LIMIT`, a backstop) while a watchdog polls its resident set and kills it
-past :data:`RSS_KILL`; the assertion is on the child's own peak RSS (``wait4`` rusage).
+past :data:`RSS_KILL`; the assertion is on the child's own peak RSS (its VmHWM at exit).
 
 The fuzzer mutates the genuine fixture checkpoints with a fixed seed (zip metadata bytes,
 the pickle re-zipped with valid CRCs, storage sizes, truncation) and loads each in a
@@ -338,6 +338,9 @@ def cases(fixtures) -> list[Case]:
         Case("storage_size_mismatch", fs, lambda p: write_archive(p, MODEL(("w", TENSOR("0", 10**9, 0, (4,), (1,)))), {"0": floats(4)}),
              "archive entry holds 16 bytes"),
         Case("storage_two_types", fs, _storage_two_types, "declared twice"),
+        Case("newline_in_storage_key", fs, lambda p: write_archive(p, MODEL(("w", TENSOR("0\nerror: fake", 10**6, 0, (4,), (1,)))),
+                                                                   {"0\nerror: fake": floats(4)}),
+             "storage '0\\nerror: fake' declares 1000000 FloatStorage elements"),
         Case("storage_type_not_allowed", fs, lambda p: write_archive(p, MODEL(("w", TENSOR("0", 4, 0, (4,), (1,), "ComplexFloatStorage")))),
              "torch.ComplexFloatStorage", unsafe=True),
         Case("persistent_id_not_storage", fs, lambda p: write_archive(p, PKL(D((S("model"), S("x") + b"Q")))),
@@ -414,15 +417,29 @@ class Run:
     returncode: int
     stdout: str
     stderr: str
-    peak_rss: int  # bytes
+    peak_rss: int  # bytes: the child's VmHWM
     seconds: float
     killed_for_memory: bool
 
 
 def _capped(code: str, limit: int) -> list[str]:
-    """``python -c`` that caps its own address space first (no preexec_fn: this process may run
-    JAX threads, and forking a multithreaded process to run Python code can deadlock)."""
-    return [sys.executable, "-c", f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); {code}"]
+    """``python -c`` that caps its own address space first and, at exit, writes its peak resident
+    set (VmHWM) to the file named by ``$MVJAX_TEST_HWM``. No preexec_fn: this process may run JAX
+    threads, and forking a multithreaded process to run Python code can deadlock. (The rusage of
+    a vfork'ed child cannot be used: Linux folds the parent's resident high-water mark into it.)"""
+    boot = f"""
+import atexit, os, resource
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+def _report_hwm():
+    target = os.environ.get("MVJAX_TEST_HWM")
+    if target:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open(target, "w") as f:
+            f.write(str(kb * 1024))
+atexit.register(_report_hwm)
+"""
+    return [sys.executable, "-c", boot + code]
 
 
 # ``python -m convert_weights`` under the address-space backstop.
@@ -441,8 +458,11 @@ def _rss(pid: int) -> int:
 
 
 def run_cli(model_dir: Path, out: Path, *extra: str, on_stdout_line=None) -> Run:
-    """``python -m convert_weights`` with a memory watchdog and a time limit; peak RSS from wait4."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    """``python -m convert_weights`` with a memory watchdog and a time limit; peak RSS from the child."""
+    hwm_file = tempfile.NamedTemporaryFile(prefix="hwm-", delete=False)
+    hwm_file.close()
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", MVJAX_TEST_HWM=hwm_file.name)
+    seen = [0]
     with tempfile.TemporaryFile() as err:
         start = time.monotonic()
         proc = subprocess.Popen([*CLI, "--model-dir", str(model_dir), "--out", str(out), *extra],
@@ -452,8 +472,10 @@ def run_cli(model_dir: Path, out: Path, *extra: str, on_stdout_line=None) -> Run
 
         def watchdog():
             while not done.wait(0.01):
-                if _rss(proc.pid) > RSS_KILL or time.monotonic() - start > CLI_TIMEOUT:
-                    killed.append("memory" if _rss(proc.pid) > RSS_KILL else "time")
+                rss = _rss(proc.pid)
+                seen[0] = max(seen[0], rss)
+                if rss > RSS_KILL or time.monotonic() - start > CLI_TIMEOUT:
+                    killed.append("memory" if rss > RSS_KILL else "time")
                     proc.kill()
                     return
 
@@ -468,17 +490,18 @@ def run_cli(model_dir: Path, out: Path, *extra: str, on_stdout_line=None) -> Run
         threads = [threading.Thread(target=watchdog, daemon=True), threading.Thread(target=reader, daemon=True)]
         for t in threads:
             t.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         done.set()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         threads[1].join(10)
         seconds = time.monotonic() - start
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     if killed == ["time"]:
         pytest.fail(f"convert_weights ran past {CLI_TIMEOUT} s on {model_dir}")
-    return Run(proc.returncode, b"".join(chunks).decode(errors="replace"), stderr, usage.ru_maxrss * 1024, seconds,
-               killed == ["memory"])
+    reported = Path(hwm_file.name).read_text()
+    os.unlink(hwm_file.name)
+    peak = int(reported) if reported else seen[0]  # the child's own VmHWM; else the watchdog's view
+    return Run(proc.returncode, b"".join(chunks).decode(errors="replace"), stderr, peak, seconds, killed == ["memory"])
 
 
 def assert_one_line_failure(run: Run, *fragments: str, code: int = 1):
@@ -706,8 +729,8 @@ def _rezip(entries: list[tuple[zipfile.ZipInfo, bytes]]) -> bytes:
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        for info, data in entries:
-            z.writestr(info.filename, data, compress_type=zipfile.ZIP_STORED)
+        for info, data in entries:  # a fixed timestamp: the same seed gives the same bytes
+            z.writestr(zipfile.ZipInfo(info.filename, date_time=(2024, 1, 1, 0, 0, 0)), data, compress_type=zipfile.ZIP_STORED)
     return buf.getvalue()
 
 
@@ -816,15 +839,15 @@ def test_mutation_fuzzer(fixtures, tmp_path):
     code = ("from tests.test_loader_fuzz import fuzz_worker; "
             f"fuzz_worker({str(fixtures)!r}, {str(tmp_path)!r}, {FUZZ_SEED}, {FUZZ_CASES})")
     start = time.monotonic()
+    hwm = tmp_path / "hwm"
     # No JAX in the worker (numpy and the loader), so a 3 GiB address space is plenty.
     proc = subprocess.Popen(_capped(code, 3 << 30), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
-    timer = threading.Timer(300, proc.kill)
-    timer.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
+                            env=dict(os.environ, PYTHONPATH=str(REPO), MVJAX_TEST_HWM=str(hwm)))
+    try:
+        stdout, stderr = (b.decode() for b in proc.communicate(timeout=300))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the fuzz worker ran past 300 s (a hang)")
     assert proc.returncode == 0, f"fuzz worker died ({proc.returncode}) after {time.monotonic() - start:.0f} s: {stderr[-3000:]}"
     records = [json.loads(line) for line in stdout.splitlines()]
     assert len(records) == FUZZ_CASES
@@ -834,7 +857,7 @@ def test_mutation_fuzzer(fixtures, tmp_path):
     assert all("\n" not in r.get("message", "") for r in records)
     slow = [r for r in records if r["seconds"] > 10]
     assert not slow, slow
-    assert usage.ru_maxrss * 1024 < PEAK_RSS_LIMIT
+    assert int(hwm.read_text()) < PEAK_RSS_LIMIT
     outcomes = collections.Counter(r["outcome"] for r in records)
     assert outcomes["CheckpointError"] > 20 and outcomes["loaded"] > 10, outcomes  # the fuzzer reaches both sides
 
