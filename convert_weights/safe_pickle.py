@@ -37,6 +37,9 @@ no protocol-0 text opcodes, no out-of-band buffers):
   anything is allocated; integers at most :data:`MAX_INT_BYTES` bytes;
 * at most :data:`MAX_PICKLE_OPS` opcodes (which bounds the stack, the memo and every
   container); tuples nest at most :data:`MAX_NESTING` deep as they are built;
+* at most :data:`MAX_COMPOSITE_KEYS` dict keys / set items whose hashes a file could make
+  collide (tuples, frozensets, integers of 2**61 - 1 or more), so inserting keys stays linear;
+  ``OrderedDict``/``dict`` stand-ins take no constructor arguments (items come by ``SETITEMS``);
 * calls to allow-listed globals create at most :data:`MAX_CALL_BYTES` bytes in total;
 * ``REDUCE``/``NEWOBJ`` only call allow-listed globals; ``BUILD`` (``__setstate__``) only
   applies to stand-in objects this load created, and ``APPEND``/``SETITEM``/``ADDITEMS``
@@ -81,6 +84,8 @@ MAX_INT_BYTES = 1024
 MAX_NESTING = 100
 MAX_OBJECT_VISITS = 2_000_000
 MAX_NDIM = 64
+MAX_COMPOSITE_KEYS = 4096
+_HASH_MODULUS = sys.hash_info.modulus  # ints are hashed modulo this (2**61 - 1 on 64-bit builds)
 TENSOR_COPY_SLACK = 32 << 20
 _MAX_LINE = 1024  # GLOBAL's module / name lines
 _SMALL_ENTRY = 64  # byteorder
@@ -263,7 +268,20 @@ def _codecs_encode(text, encoding="latin1"):
 
 class _OrderedDict(dict):
     """Stand-in for ``collections.OrderedDict`` (plain dicts keep order); the attributes torch
-    attaches to state dicts (``_metadata``) arrive through ``BUILD`` and are ignored."""
+    attaches to state dicts (``_metadata``) arrive through ``BUILD`` and are ignored. Built empty
+    (its items arrive through ``SETITEMS``, where keys are checked)."""
+
+    def __init__(self, *args, **kwargs):
+        if args or kwargs:
+            raise _Malformed("OrderedDict called with arguments (its items must come from SETITEMS)")
+        super().__init__()
+
+
+def _builtin_dict(*args, **kwargs):
+    """Stand-in for ``builtins.dict`` (omegaconf records it as a node's object type)."""
+    if args or kwargs:
+        raise _Malformed("builtins.dict called with arguments (its items must come from SETITEMS)")
+    return {}
 
 
 # Allowed globals shared by every layout: (module, name) -> what it resolves to. Read-only.
@@ -333,7 +351,7 @@ OMEGACONF_ALLOWED: Mapping[tuple[str, str], Any] = types.MappingProxyType({
     ("omegaconf.base", "Metadata"): _Metadata,
     **{("omegaconf.nodes", n): _ValueNode for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode")},
     ("typing", "Any"): _ANY,
-    ("builtins", "dict"): dict,
+    ("builtins", "dict"): _builtin_dict,
     ("builtins", "list"): list,
     ("builtins", "int"): int,  # a ListConfig records its key type
     ("collections", "defaultdict"): _defaultdict,
@@ -435,6 +453,7 @@ class _Machine:
         self.nest: dict[int, int] = {}  # id(tuple or frozenset built here) -> nesting depth
         self.keep: list = []  # keeps the objects whose ids are recorded above alive
         self.created: set[int] = set()  # ids of stand-in objects this load built (BUILD targets)
+        self.composite_keys = 0
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, n: int) -> bytes:
@@ -480,9 +499,21 @@ class _Machine:
         return 0
 
     def hashable(self, obj):
-        """``obj`` is about to be hashed: tuples/frozensets built here are depth-checked already."""
-        if type(obj) in (tuple, frozenset) and id(obj) not in self.nest:
-            raise _Malformed(f"unexpected {type(obj).__name__} key not built by this pickle")
+        """``obj`` is about to be hashed as a dict key or set element. Keys whose hashes a file
+        could make collide (tuples and frozensets, whose hash is an unkeyed mix of their items,
+        and integers of 2**61 - 1 or more, hashed modulo that) are limited in number, since n
+        colliding keys cost n**2 to insert; tuples/frozensets built here are depth-checked already."""
+        kind = type(obj)
+        if kind is int and -_HASH_MODULUS < obj < _HASH_MODULUS:
+            return obj
+        if kind in (tuple, frozenset):
+            if id(obj) not in self.nest:
+                raise _Malformed(f"unexpected {kind.__name__} key not built by this pickle")
+        elif kind is not int:
+            return obj  # str/bytes (randomised hashes), float, bool, None, identity-hashed objects
+        self.composite_keys += 1
+        if self.composite_keys > MAX_COMPOSITE_KEYS:
+            raise _Malformed(f"more than {MAX_COMPOSITE_KEYS} tuple, frozenset or huge-integer dict keys / set items")
         return obj
 
     def new_nested(self, obj):
