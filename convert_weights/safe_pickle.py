@@ -225,9 +225,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     shape = _as_dims(size, "size")
     strides = _as_dims(stride, "stride")
     if len(shape) != len(strides):
-        raise _Malformed(f"invalid tensor: size {shape} and stride {strides} differ in length")
+        raise _Malformed(f"invalid tensor: size {_short(shape)} and stride {_short(strides)} differ in length")
     numel = math.prod(shape)
-    where = f"storage '{storage.key}' ({storage.numel} elements)"
+    where = f"storage '{_clip(storage.key)}' ({storage.numel} elements)"
     if numel == 0:
         if offset > storage.numel:
             raise _Malformed(f"invalid tensor: storage offset {offset} lies past the end of {where}")
@@ -242,7 +242,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
             )
         if numel > storage.numel:
             raise _Malformed(
-                f"invalid tensor: shape {_short(shape)} has {numel} elements, more than {where} "
+                f"invalid tensor: shape {_short(shape)} has {_short(numel)} elements, more than {where} "
                 "(overlapping or stride-0 views are not supported)"
             )
     return storage.load.view(storage, offset, shape, strides, numel)
@@ -1015,7 +1015,7 @@ class _Load:
         nbytes = numel * dtype.itemsize
         if info.file_size != nbytes:
             raise _Malformed(
-                f"storage '{_clip(key)}' declares {numel} {storage_type.name} elements ({nbytes} bytes) but its "
+                f"storage '{_clip(key)}' declares {_short(numel)} {storage_type.name} elements ({_short(nbytes)} bytes) but its "
                 f"archive entry holds {info.file_size} bytes"
             )
         array = None
