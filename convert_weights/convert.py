@@ -92,6 +92,7 @@ def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
     ckpt = _expect_mapping(load_checkpoint(src), src, "MetaVoice GPT")
     _check_gpt_meta(ckpt, src)
     config, params, tokenizer = _interpret(src, convert_gpt_checkpoint, ckpt, source=str(src))
+    del ckpt  # the raw storages: free them before the tree is written
     stored = {}
     if quantize is not None:
         from mvjax.quantize import QUANTIZE_EMBEDDING, prepare_quantized_params
@@ -107,6 +108,7 @@ def _convert_speaker(src: Path, dst: Path) -> dict:
 
     ckpt = _expect_mapping(load_checkpoint(src), src, "speaker-encoder")
     config, params = _interpret(src, convert_speaker_checkpoint, ckpt, source=str(src))
+    del ckpt  # the raw storages: free them before the tree is written
     return _write_component(dst, "speaker_encoder", src, config.to_dict(), params)
 
 
@@ -115,6 +117,7 @@ def _convert_encodec(src: Path, dst: Path) -> dict:
 
     ckpt = _expect_mapping(load_checkpoint(src), src, "EnCodec")
     config, params = _interpret(src, convert_encodec_state, ckpt, source=str(src))
+    del ckpt  # the raw storages: free them before the tree is written
     return _write_component(dst, "encodec", src, config.to_dict(), params)
 
 
@@ -123,6 +126,7 @@ def _convert_mbd(src: Path, dst: Path) -> dict:
 
     ckpt = _expect_mapping(load_checkpoint(src, OMEGACONF_ALLOWED), src, "multi-band diffusion")
     config, params = _interpret(src, convert_mbd_checkpoint, ckpt, source=str(src))
+    del ckpt  # the raw storages: free them before the tree is written
     return _write_component(dst, "mbd", src, config, params)
 
 
