@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -43,12 +44,14 @@ class _CtrlC:
         self._hook(unraisable)
 
     def __enter__(self):
-        self._handler = signal.signal(signal.SIGINT, self._on_signal)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._handler = signal.signal(signal.SIGINT, self._on_signal)
         self._hook, sys.unraisablehook = sys.unraisablehook, self._on_unraisable
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._handler)
+        if self._handler is not None:
+            signal.signal(signal.SIGINT, self._handler)
         sys.unraisablehook = self._hook
         return False
 
