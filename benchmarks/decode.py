@@ -10,23 +10,35 @@ Configs (random weights, the released first-stage architecture otherwise):
 Each utterance decodes with guidance (a conditioned and an unconditioned row), so one step
 reads every weight once for the whole batch. The benchmark measures the machine's memory
 read bandwidth itself (a jitted reduction over a 2 GB array, best of several runs) and
-reports ``roofline_frac = steps/s * weight_bytes / bandwidth``. Rates are steady-state
-decoding: the time for N new tokens minus the time for one (prefill + first token); prefill,
-end-to-end and compile times are printed separately. With ``--reference-src`` (a checkout of
-metavoiceio/metavoice-src) it also times the reference gpt-fast style decode
-(``fam.llm.fast_inference_utils.generate``, same weights, same precision unless
-``--reference-dtype``) and prints the speed ratio: eager PyTorch on the CPU by default;
-``--reference-device cuda --reference-compile`` runs it as the reference's own GPU setup
-does (``torch.compile(mode="max-autotune", fullgraph=True)`` on its decode step).
+reports ``roofline_frac = steps/s * weight_bytes / bandwidth``.
+
+Timing (the same rule on both sides, :func:`timed_protocol`): a first call of 2 new tokens
+from cold (compilation included), then ``--repeats`` runs of N and of 2 new tokens, the
+sides interleaved run by run; rates are steady-state decoding, (N - 2) tokens over
+median(N) - median(2); first-call, compile (first call - median(2)), first N-token call
+(compile + median(N)) and prefill times are printed apart. With ``--reference-src`` (a checkout of metavoiceio/metavoice-src) it also
+times the reference gpt-fast style decode (``fam.llm.fast_inference_utils.generate``, batch
+1, same weights, same precision unless ``--reference-dtype``) in the same runs and prints the
+speed ratio: eager PyTorch by default; ``--reference-compile`` sets it up as the reference's
+``build_model(compile=True, compile_prefill=True)`` does (``torch.compile(mode="max-autotune",
+fullgraph=True)`` on its decode step, ``torch.compile(fullgraph=True, dynamic=True)`` on its
+prefill), on the CPU (inductor's C++ backend) or with ``--reference-device cuda``.
 ``--dtype bfloat16`` runs our decoder entirely in bfloat16 (weights, activations, KV cache).
+
+On the CPU, at a realistic length against the compiled reference:
+
+    python benchmarks/decode.py --config full --batch 1 --tokens 512 --repeats 2 \
+        --reference-src PATH --reference-compile
 
 On a GPU machine (see benchmarks/RESULTS.md for what to record):
 
     python benchmarks/decode.py --config full --batch 1 8 --tokens 256 --dtype bfloat16 \
         --reference-src PATH --reference-device cuda --reference-compile
 
-Each measurement ends with one machine-readable line:
+Each measurement ends with machine-readable lines:
   decode config=<name> batch=<n> dtype=<d> tokens_per_s=<x> GB_per_s=<y> roofline_frac=<z>
+  timing side=<ours|reference> batch=<n> new_tokens=<N> repeats=<r> first_call_s=... compile_s=...
+         first_call_n_s=... median_s=... prefill_s=... runs_s=<each run of N>
 """
 
 from __future__ import annotations
@@ -107,35 +119,56 @@ def prompts_for(batch: int, length: int, config: GPTConfig, seed: int = 0) -> li
     return [rng.integers(text_lo, config.vocab_sizes[0], size=length).tolist() for _ in range(batch)]
 
 
-def _timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def _clock(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def bench_ours(decoder, batch: int, new_tokens: int, prompt_len: int, repeats: int):
-    """Steady-state decode rate: time(N new tokens) - time(1 new token) covers N - 1 loop steps."""
+def timed_protocol(sides: dict, repeats: int, log=print) -> dict:
+    """The one timing rule every side follows. ``sides``: name -> (gen, new_tokens), where
+    ``gen(n)`` decodes exactly ``n`` new tokens (prefill, first token, n - 1 decode steps).
+
+    1. First call: ``gen(2)`` from cold (compilation, prefill, one decode step), each side in turn.
+    2. ``repeats`` rounds of ``gen(new_tokens)``, then ``repeats`` rounds of ``gen(2)``, the
+       sides interleaved within each round so load on a shared machine hits them alike.
+    3. Steady state: median(N) - median(2) covers N - 2 decode steps; compile = first call -
+       median(2); a first N-token call costs compile + median(N) (``first_call_n_s``).
+    """
+    first, full, base = {}, {k: [] for k in sides}, {k: [] for k in sides}
+    for name, (gen, n) in sides.items():
+        first[name] = _clock(lambda: gen(2))
+        log(f"  [{name}] first call (2 new tokens, compile included): {first[name]:.2f} s", flush=True)
+    for r in range(repeats):
+        for name, (gen, n) in sides.items():
+            full[name].append(_clock(lambda: gen(n)))
+            log(f"  [{name}] run {r + 1}/{repeats} ({n} new tokens): {full[name][-1]:.2f} s", flush=True)
+    for r in range(repeats):
+        for name, (gen, n) in sides.items():
+            base[name].append(_clock(lambda: gen(2)))
+    out = {}
+    for name, (gen, n) in sides.items():
+        total, prefill = float(np.median(full[name])), float(np.median(base[name]))
+        compile_s = max(first[name] - prefill, 0.0)
+        out[name] = {"seconds": total - prefill, "steps": n - 2, "prefill_s": prefill, "end_to_end_s": total,
+                     "first_call_s": first[name], "compile_s": compile_s, "first_call_n_s": compile_s + total,
+                     "runs_s": full[name], "baseline_runs_s": base[name], "repeats": repeats}
+    return out
+
+
+def ours_generator(decoder, batch: int, prompt_len: int):
+    """``gen(n)``: our decode of ``batch`` utterances (guidance 3, top-p 0.95), exactly ``n`` new tokens each."""
     config = decoder.config
     prompts = prompts_for(batch, prompt_len, config)
     spk = np.random.default_rng(1).standard_normal((batch, SPEAKER_DIM)).astype(np.float32)
     sampling = SamplingConfig(guidance=3.0, temperature=1.0, top_p=0.95)
     keys = utterance_keys(0, batch)
 
-    def run(n):
+    def gen(n):
         result = decoder.generate(prompts, spk, keys, sampling, max_new_tokens=n)
         assert all(len(result.generated(i)) == n for i in range(batch))
 
-    t = time.perf_counter()
-    run(1)  # compiles
-    first = time.perf_counter() - t
-    prefill = _timed(lambda: run(1), repeats)
-    total = _timed(lambda: run(new_tokens), repeats)
-    steps = new_tokens - 1
-    return {"seconds": total - prefill, "tokens": batch * steps, "steps": steps, "prefill_s": prefill,
-            "end_to_end_s": total, "compile_s": max(first - prefill, 0.0)}
+    return gen
 
 
 def _import_reference(src: Path):
@@ -167,11 +200,28 @@ def _import_reference(src: Path):
     return fiu, fm
 
 
-def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prompt_len: int,
-                    device: str = "cpu", dtype: str = "float32", compile: bool = False):
-    """The reference's fast-path ``generate`` on ``decoder``'s weights: on ``device`` in ``dtype``,
-    optionally with its ``decode_one_token`` under ``torch.compile(mode="max-autotune",
-    fullgraph=True)`` as its ``build_model`` does (the setting of its published GPU figures)."""
+def compile_reference(fiu, mode: str = "max-autotune") -> None:
+    """What the reference's ``build_model(compile=True, compile_prefill=True)`` does (the setting
+    of its ``TTS`` class): ``decode_one_token`` under ``torch.compile(mode=mode, fullgraph=True)``
+    and ``prefill`` under ``torch.compile(fullgraph=True, dynamic=True)``. Idempotent."""
+    import torch
+
+    if getattr(fiu, "_mvjax_compiled", None) == mode:
+        return
+    if not hasattr(fiu, "_mvjax_eager"):
+        fiu._mvjax_eager = (fiu.decode_one_token, fiu.prefill)
+    decode_one_token, prefill = fiu._mvjax_eager
+    fiu.decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    fiu.prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
+    fiu._mvjax_compiled = mode
+
+
+def reference_generator(src: Path, decoder: FirstStageDecoder, prompt_len: int, device: str = "cpu",
+                        dtype: str = "float32", compile: bool = False, compile_mode: str = "max-autotune"):
+    """``gen(n)``: the reference's fast-path ``generate`` on ``decoder``'s weights (batch 1, guidance
+    3, top-p 0.95), exactly ``n >= 2`` new tokens, on ``device`` in ``dtype``; eager, or with
+    ``compile`` set up as its ``build_model`` does (:func:`compile_reference`). Float32 on the
+    CPU reads our decoder's weight buffers (no second copy of the weights)."""
     import torch
 
     fiu, fm = _import_reference(src)
@@ -186,7 +236,18 @@ def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prom
     args.dtype = torch_dtype  # its KV cache is made in this dtype
     with torch.device("meta"):
         model = fm.Transformer(args)
-    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32, order="C"))  # a writable copy
+    share = device == "cpu" and dtype == "float32"
+
+    def t(a):
+        a = np.asarray(a)
+        if share and a.dtype == np.float32 and a.flags.c_contiguous:
+            import warnings
+
+            with warnings.catch_warnings():  # a read-only buffer: inference never writes weights
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(a)
+        return torch.from_numpy(np.array(a, dtype=np.float32, order="C"))  # a writable copy
+
     p = decoder.params  # kernels already in torch's (out, in) layout
     state = {
         "tok_embeddings.weight": t(p["wte"]),
@@ -211,42 +272,32 @@ def bench_reference(src: Path, decoder: FirstStageDecoder, new_tokens: int, prom
         model.setup_spk_cond_mask()
         model.setup_caches(max_batch_size=2, max_seq_length=config.block_size)
     if compile:
-        fiu.decode_one_token = torch.compile(fiu.decode_one_token, mode="max-autotune", fullgraph=True)
+        compile_reference(fiu, compile_mode)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     prompt = torch.tensor(prompts_for(1, prompt_len, config)[0], dtype=torch.int, device=device)
     spk = torch.randn(1, SPEAKER_DIM, device=device, dtype=torch_dtype)
     scalar = lambda v: torch.tensor(v, device=device, dtype=torch_dtype)
     kwargs = dict(
         temperature=scalar(1.0), top_k=None, top_p=scalar(0.95), guidance_scale=scalar(3.0),
-        end_of_audio_token=config.vocab_sizes[0] + 1,
+        end_of_audio_token=config.vocab_sizes[0] + 1,  # never sampled: exactly n tokens
     )
 
     def gen(n):
-        out = fiu.generate(model, prompt, spk, max_new_tokens=n, **kwargs)
+        # Its generate() cannot stop after one token (its decode loop would be empty): n >= 2.
+        seq = fiu.generate(model, prompt, spk, max_new_tokens=n, **kwargs)
         sync()
-        return out
+        assert int(seq.numel()) - prompt_len == n, (int(seq.numel()) - prompt_len, n)
 
-    start = time.perf_counter()
-    gen(4)  # warm-up (and compilation)
-    compile_s = time.perf_counter() - start
-    # Its generate() cannot stop after one token: the baseline is prefill plus one decode step.
-    baseline = _timed(lambda: gen(2), 2)
-    start = time.perf_counter()
-    seq = gen(new_tokens)
-    total = time.perf_counter() - start
-    produced = int(seq.numel()) - prompt_len
-    assert produced == new_tokens, produced
-    return {"seconds": total - baseline, "tokens": produced - 2, "steps": produced - 2, "prefill_s": baseline,
-            "end_to_end_s": total, "compile_s": compile_s}
+    return gen
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny", choices=["tiny", "medium", "full"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per utterance")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per utterance (>= 3)")
     parser.add_argument("--prompt-len", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (the median is reported)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--reference-src", type=Path, help="metavoice-src checkout to time the reference decode")
     parser.add_argument("--reference-tokens", type=int, default=None, help="new tokens for the reference (default --tokens)")
@@ -254,8 +305,12 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-dtype", default=None, choices=["float32", "bfloat16"],
                         help="reference weights/activations (default: --dtype)")
     parser.add_argument("--reference-compile", action="store_true",
-                        help="torch.compile the reference's decode step, as its build_model does on GPU")
+                        help="torch.compile the reference's decode step and prefill, as its build_model does")
+    parser.add_argument("--reference-compile-mode", default="max-autotune",
+                        help="torch.compile mode of its decode step (the reference uses max-autotune)")
     args = parser.parse_args(argv)
+    if args.tokens < 3 or (args.reference_tokens is not None and args.reference_tokens < 3):
+        parser.error("--tokens must be >= 3 (the steady state is time(N) - time(2))")
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     config = make_config(args.config)
@@ -269,38 +324,66 @@ def main(argv=None) -> int:
     print(f"config={args.config} params={weight_bytes / dtype(0).dtype.itemsize / 1e9:.3f}B "
           f"weights={weight_bytes / 1e9:.2f} GB  read bandwidth={bandwidth:.1f} GB/s", flush=True)
 
+    ref_dtype = args.reference_dtype or args.dtype
+    ref_mode = (f"torch.compile {args.reference_compile_mode}" if args.reference_compile else "eager")
+    ref_gen = None
+    if args.reference_src:
+        ref_gen = reference_generator(args.reference_src, decoder, args.prompt_len, device=args.reference_device,
+                                      dtype=ref_dtype, compile=args.reference_compile,
+                                      compile_mode=args.reference_compile_mode)
+    print(f"timing rule (both sides): first call of 2 tokens from cold (compile included), then "
+          f"median of {args.repeats} runs of N and of 2 tokens, sides interleaved; "
+          f"steady rate = (N - 2) / (median(N) - median(2)); compile = first call - median(2)", flush=True)
+
+    def timing_line(side, batch, r):
+        runs = ",".join(f"{x:.3f}" for x in r["runs_s"])
+        print(f"timing side={side} batch={batch} new_tokens={r['steps'] + 2} repeats={r['repeats']} "
+              f"first_call_s={r['first_call_s']:.3f} compile_s={r['compile_s']:.3f} "
+              f"first_call_n_s={r['first_call_n_s']:.3f} "
+              f"median_s={r['end_to_end_s']:.3f} prefill_s={r['prefill_s']:.3f} runs_s={runs}")
+
     ours = {}
+    ref = None
     for batch in args.batch:
-        r = bench_ours(decoder, batch, args.tokens, args.prompt_len, args.repeats)
+        sides = {"ours": (ours_generator(decoder, batch, args.prompt_len), args.tokens)}
+        if batch == 1 and ref_gen is not None:
+            sides["reference"] = (ref_gen, args.reference_tokens or args.tokens)
+        results = timed_protocol(sides, args.repeats)
+        r = results["ours"]
+        tokens = batch * r["steps"]
         steps_per_s = r["steps"] / r["seconds"]
-        tps = r["tokens"] / r["seconds"]
+        tps = tokens / r["seconds"]
         gbps = steps_per_s * weight_bytes / 1e9
         ours[batch] = tps
-        print(f"  ours batch={batch}: {r['steps']} decode steps ({r['tokens']} tokens) in {r['seconds']:.2f} s; "
-              f"prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s, compile {r['compile_s']:.1f} s")
+        print(f"  ours batch={batch}: {r['steps']} decode steps ({tokens} tokens) in {r['seconds']:.2f} s; "
+              f"prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s (median of {r['repeats']}), "
+              f"first call (2 tokens) {r['first_call_s']:.2f} s, compile {r['compile_s']:.1f} s, "
+              f"first {r['steps'] + 2}-token call (compile + median) {r['first_call_n_s']:.2f} s")
         print(f"decode config={args.config} batch={batch} dtype={args.dtype} tokens_per_s={tps:.3f} "
               f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}", flush=True)
+        timing_line("ours", batch, r)
+        if "reference" in results:
+            ref = results["reference"]
     if 1 in ours:
         for batch, tps in ours.items():
             if batch != 1:
                 print(f"batch {batch} / batch 1 total tokens/s: {tps / ours[1]:.2f}x")
 
-    if args.reference_src:
-        ref_dtype = args.reference_dtype or args.dtype
-        r = bench_reference(args.reference_src, decoder, args.reference_tokens or args.tokens, args.prompt_len,
-                            device=args.reference_device, dtype=ref_dtype, compile=args.reference_compile)
-        tps = r["tokens"] / r["seconds"]
+    if ref is not None:
+        tps = ref["steps"] / ref["seconds"]
         ref_bytes = weight_bytes * (2 if ref_dtype == "bfloat16" else 4) / dtype(0).dtype.itemsize
-        gbps = r["steps"] / r["seconds"] * ref_bytes / 1e9
-        print(f"  reference batch=1 ({args.reference_device}, {ref_dtype}, "
-              f"{'torch.compile' if args.reference_compile else 'eager'}): {r['steps']} decode steps in "
-              f"{r['seconds']:.2f} s; prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s, "
-              f"warm-up {r['compile_s']:.1f} s")
+        gbps = tps * ref_bytes / 1e9
+        print(f"  reference batch=1 ({args.reference_device}, {ref_dtype}, {ref_mode}): {ref['steps']} decode steps in "
+              f"{ref['seconds']:.2f} s; prefill {ref['prefill_s']:.2f} s, end to end {ref['end_to_end_s']:.2f} s "
+              f"(median of {ref['repeats']}), first call (2 tokens) {ref['first_call_s']:.2f} s, compile "
+              f"{ref['compile_s']:.1f} s, first {ref['steps'] + 2}-token call (compile + median) {ref['first_call_n_s']:.2f} s")
         print(f"decode-reference config={args.config} batch=1 dtype={ref_dtype} device={args.reference_device} "
               f"compiled={int(args.reference_compile)} tokens_per_s={tps:.3f} "
               f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}")
+        timing_line("reference", 1, ref)
         if 1 in ours:
-            print(f"speedup over reference (batch 1): {ours[1] / tps:.2f}x")
+            print(f"speedup over reference (batch 1, {args.dtype} vs {ref_mode} {ref_dtype}): "
+                  f"steady {ours[1] / tps:.2f}x")
     return 0
 
 

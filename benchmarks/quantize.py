@@ -34,7 +34,13 @@ and the fraction of positions whose argmax (greedy token) agrees.
   trained model's range): the same as a larger head scale, and it scales the logit error in
   proportion (greedy agreement does not depend on it). Guidance 3 (the default, as sampled) and
   guidance 1 (the conditioned logits alone) are both reported: guidance mixes the two rows'
-  errors, 3 e_cond - 2 e_uncond.
+  errors, 3 e_cond - 2 e_uncond. ``--head-entropy H [H ...]`` makes the model itself that
+  confident instead: it multiplies the final norm's scale (the input of the lm head, which is
+  tied to the token embedding) by the factor that brings float32's guided entropy to H nats,
+  prepares every mode from the scaled weights, runs them again and reports the entropy float32
+  then has next to KL and agreement. The logits scale exactly with that factor, and int8 rounds
+  activations relative to each column's largest value, so this checks the logit-scaling rows
+  in the model rather than giving the random model a trained model's margin structure.
 
 Targets (issue 7): int8 >= 1.7x float32 tokens/s; mean KL <= 0.01 nats and >= 95 % greedy
 agreement on the fixture prompts; int8 resident memory <= 55 % of float32's.
@@ -47,6 +53,7 @@ Machine-readable lines:
   quantize-speed config=<c> mode=<m> batch=<b> tokens_per_s=<fastest> median=<m> speedup=<x> speedup_median=<x>
   quantize-memory config=<c> mode=<m> source=<random|disk> rss_gb=<r> peak_gb=<p> weights_gb=<w>
   quantize-fidelity inputs=<fixture|random|random-T|random-g1> mode=<m> mean_kl=<k> max_kl=<k> greedy_agree=<a>
+  quantize-fidelity inputs=random-head<H> mode=<m> mean_kl=<k> max_kl=<k> greedy_agree=<a> entropy=<e> factor=<f>
 """
 
 from __future__ import annotations
@@ -270,12 +277,29 @@ def worker_fidelity_random(args) -> dict:
         return float(jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1)))
 
     out = {"natural_entropy": entropy(ref), "cond_entropy": entropy(cond["float32"]), "temperature": temperature,
-           "positions": int(ref.shape[0] * ref.shape[1]), "modes": {}}
+           "positions": int(ref.shape[0] * ref.shape[1]), "modes": {}, "head": {}}
     for mode in args.modes:
         if mode != "float32":
             out["modes"][mode] = {"natural": _summary([compare_logits(ref, logits[mode])]),
                                   "scaled": _summary([compare_logits(ref, logits[mode], temperature)]),
                                   "cond": _summary([compare_logits(cond["float32"], cond[mode])])}
+    # The model itself made confident: the final norm's scale (the lm head's input; the head is tied
+    # to the token embedding, so scaling the head would also scale the inputs) multiplied by the
+    # factor that brings float32's guided entropy to each target, then every mode prepared
+    # (quantised) from the scaled weights and run again.
+    for target in args.head_entropy:
+        factor = 1.0 / entropy_temperature(ref, target)
+        scaled = {**params, "ln_f": {**params["ln_f"], "scale": params["ln_f"]["scale"] * factor}}
+        head = {}
+        for mode in args.modes:
+            prepared = decoder_params(config, scaled, quantize=_mode(mode))
+            head[mode] = np.asarray(guided_logits(config, prepared, tokens, spk, 3.0))[:, prompt - 1:-1]
+            del prepared
+            gc.collect()
+        out["head"][str(target)] = {
+            "factor": factor, "entropy": entropy(head["float32"]),
+            "modes": {m: _summary([compare_logits(head["float32"], head[m])]) for m in args.modes if m != "float32"},
+        }
     return out
 
 
@@ -360,6 +384,7 @@ def _run_worker(args, kind: str, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--config", args.config, "--tokens", str(args.tokens),
            "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats), "--seed", str(args.seed),
            "--fidelity-tokens", str(args.fidelity_tokens), "--target-entropy", str(args.target_entropy),
+           "--head-entropy", *map(str, args.head_entropy),
            "--batch", *map(str, args.batch), "--modes", *args.modes, "--paired-batch", *map(str, args.paired_batch),
            *extra]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -384,6 +409,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="run the mode sequence this many times (interleaved)")
     parser.add_argument("--fidelity-tokens", type=int, default=64, help="generated positions compared per sequence")
     parser.add_argument("--target-entropy", type=float, default=2.0)
+    parser.add_argument("--head-entropy", type=float, nargs="*", default=[],
+                        help="also scale the random model's final-norm scale (the lm head's input) so float32's "
+                             "guided entropy is each of these (nats), quantise the scaled model, compare again")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--paired-batch", type=int, nargs="*", default=[1],
                         help="batch sizes for the alternating same-process comparison (none: skip it)")
@@ -517,6 +545,11 @@ def main(argv=None) -> int:
                     v = s[key]
                     print(f"| {args.config}, {label} | {mode} | {v['positions']} | {v['mean_kl']:.2e} | "
                           f"{v['max_kl']:.2e} | {100 * v['greedy_agree']:.1f} % | - | - |")
+            for target, h in rand.get("head", {}).items():
+                for mode, v in h["modes"].items():
+                    print(f"| {args.config}, random, guidance 3, final-norm scale x{h['factor']:.3f} in the model "
+                          f"(target {float(target):g}, float32 entropy {h['entropy']:.2f}) | {mode} | {v['positions']} | "
+                          f"{v['mean_kl']:.2e} | {v['max_kl']:.2e} | {100 * v['greedy_agree']:.1f} % | - | - |")
             for mode, s in fix.items():
                 print(f"quantize-fidelity inputs=fixture mode={mode} mean_kl={s['mean_kl']:.3e} max_kl={s['max_kl']:.3e} "
                       f"greedy_agree={s['greedy_agree']:.4f} free_running={s['free_running_match']:.4f}")
@@ -525,6 +558,11 @@ def main(argv=None) -> int:
                     v = s[key]
                     print(f"quantize-fidelity inputs={name} mode={mode} mean_kl={v['mean_kl']:.3e} "
                           f"max_kl={v['max_kl']:.3e} greedy_agree={v['greedy_agree']:.4f}")
+            for target, h in rand.get("head", {}).items():
+                for mode, v in h["modes"].items():
+                    print(f"quantize-fidelity inputs=random-head{float(target):g} mode={mode} mean_kl={v['mean_kl']:.3e} "
+                          f"max_kl={v['max_kl']:.3e} greedy_agree={v['greedy_agree']:.4f} "
+                          f"entropy={h['entropy']:.3f} factor={h['factor']:.4f}")
             if "int8" in fix:
                 s = fix["int8"]
                 checks.append((f"fixture mean KL <= 0.01 nats (int8: {s['mean_kl']:.2e})", s["mean_kl"] <= 0.01))

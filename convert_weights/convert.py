@@ -4,6 +4,14 @@ Every component found under its released file name is converted; the output is
 built in a temporary sibling directory, ``manifest.json`` is written last, and the
 directory is moved into place only when complete, so an interrupted run never
 leaves an ``OUT`` that loads.
+
+Before anything is converted or written, every file is vetted with
+:func:`convert_weights.safe_pickle.check_checkpoint` (archive, pickle, tensor layouts; no
+storage bytes read, no JAX imported): one bad file refuses the whole directory quickly, and
+because a load never changes state that outlives it, files converted beside it are
+converted exactly as alone. Whatever a checkpoint's content makes a converter trip over
+becomes a one-line :class:`ConversionError` naming the file; on any failure or interrupt
+the staging directory (and any parent directory this call created) is removed.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
-from convert_weights.safe_pickle import load_checkpoint
-from mvjax.io.checkpoint import FORMAT_VERSION, MANIFEST, save_tree, tree_digest
+from convert_weights.mapping import ConversionError
+from convert_weights.safe_pickle import OMEGACONF_ALLOWED, CheckpointError, check_checkpoint, load_checkpoint
+from mvjax.nn.config import ConfigError
+from mvjax.text.tokenizer import TextError
 
 # Released file name -> component name in the converted directory.
 GPT_FILES = {"first_stage.pt": "first_stage", "second_stage.pt": "second_stage"}
@@ -25,6 +35,8 @@ GPT_FILES = {"first_stage.pt": "first_stage", "second_stage.pt": "second_stage"}
 
 def _write_component(dst: Path, kind: str, src: Path, config: dict, params, extra: dict | None = None) -> dict:
     """config.json (+ extra files) and the Orbax tree under ``dst``; returns the manifest entry."""
+    from mvjax.io.checkpoint import save_tree, tree_digest
+
     dst.mkdir(parents=True)
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name, text in (extra or {}).items():
@@ -33,12 +45,54 @@ def _write_component(dst: Path, kind: str, src: Path, config: dict, params, extr
     return {"kind": kind, "source": src.name, "params_sha256": tree_digest(params)}
 
 
+# Exceptions a converter may raise on content it does not expect (a string where a number
+# belongs, a list where a mapping does...): reported as a ConversionError naming the file.
+_CONTENT_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,
+                   ZeroDivisionError)
+
+
+def _interpret(src: Path, convert: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run a checkpoint -> (config, params) converter; every failure is one line naming ``src``."""
+    try:
+        return convert(*args, **kwargs)
+    except CheckpointError:
+        raise
+    except (ConversionError, ConfigError, TextError) as exc:
+        if str(src) in str(exc):
+            raise
+        raise type(exc)(f"{src}: {exc}") from None
+    except _CONTENT_ERRORS as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise ConversionError(f"{src}: unexpected checkpoint content ({type(exc).__name__}: {detail})") from None
+
+
+def _expect_mapping(ckpt: Any, src: Path, what: str) -> Mapping:
+    if not isinstance(ckpt, Mapping):
+        raise ConversionError(f"{src}: the checkpoint holds {type(ckpt).__name__}, not a dict; not a {what} checkpoint")
+    return ckpt
+
+
+def _check_gpt_meta(ckpt: Mapping, src: Path) -> None:
+    """Tokenizer ranks are keyed by bytes; another key type (``bytes(10**12)``...) is refused here."""
+    meta = ckpt.get("meta")
+    tokenizer = meta.get("tokenizer") if isinstance(meta, Mapping) else None
+    ranks = tokenizer.get("mergeable_ranks") if isinstance(tokenizer, Mapping) else None
+    if ranks is not None and not isinstance(ranks, Mapping):
+        raise ConversionError(f"{src}: meta.tokenizer.mergeable_ranks is {type(ranks).__name__}, not a mapping")
+    for key in ranks or ():
+        if type(key) is not bytes:
+            raise ConversionError(f"{src}: meta.tokenizer.mergeable_ranks has a key of type {type(key).__name__}; expected bytes")
+
+
 def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
     """``quantize`` (causal first stage only): store the decoder's layout with int8 or bfloat16
     matrices (:mod:`mvjax.io.quantize`) instead of the float32 tree; the manifest entry records it."""
     from convert_weights.gpt import convert_gpt_checkpoint
 
-    config, params, tokenizer = convert_gpt_checkpoint(load_checkpoint(src), source=str(src))
+    ckpt = _expect_mapping(load_checkpoint(src), src, "MetaVoice GPT")
+    _check_gpt_meta(ckpt, src)
+    config, params, tokenizer = _interpret(src, convert_gpt_checkpoint, ckpt, source=str(src))
+    del ckpt  # the raw storages: free them before the tree is written
     stored = {}
     if quantize is not None:
         from mvjax.io.quantize import QUANTIZE_EMBEDDING, prepare_quantized_params
@@ -52,22 +106,27 @@ def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
 def _convert_speaker(src: Path, dst: Path) -> dict:
     from convert_weights.speaker import convert_speaker_checkpoint
 
-    config, params = convert_speaker_checkpoint(load_checkpoint(src), source=str(src))
+    ckpt = _expect_mapping(load_checkpoint(src), src, "speaker-encoder")
+    config, params = _interpret(src, convert_speaker_checkpoint, ckpt, source=str(src))
+    del ckpt  # the raw storages: free them before the tree is written
     return _write_component(dst, "speaker_encoder", src, config.to_dict(), params)
 
 
 def _convert_encodec(src: Path, dst: Path) -> dict:
     from convert_weights.encodec import convert_encodec_state
 
-    config, params = convert_encodec_state(load_checkpoint(src), source=str(src))
+    ckpt = _expect_mapping(load_checkpoint(src), src, "EnCodec")
+    config, params = _interpret(src, convert_encodec_state, ckpt, source=str(src))
+    del ckpt  # the raw storages: free them before the tree is written
     return _write_component(dst, "encodec", src, config.to_dict(), params)
 
 
 def _convert_mbd(src: Path, dst: Path) -> dict:
     from convert_weights.mbd import convert_mbd_checkpoint
-    from convert_weights.safe_pickle import OMEGACONF_ALLOWED
 
-    config, params = convert_mbd_checkpoint(load_checkpoint(src, OMEGACONF_ALLOWED), source=str(src))
+    ckpt = _expect_mapping(load_checkpoint(src, OMEGACONF_ALLOWED), src, "multi-band diffusion")
+    config, params = _interpret(src, convert_mbd_checkpoint, ckpt, source=str(src))
+    del ckpt  # the raw storages: free them before the tree is written
     return _write_component(dst, "mbd", src, config, params)
 
 
@@ -78,6 +137,8 @@ CONVERTERS: dict[str, tuple[str, Callable[[Path, Path], dict]]] = {
     "encodec_24khz*.th": ("encodec", _convert_encodec),
     "mbd_comp_*.pt": ("mbd", _convert_mbd),
 }
+# Released file name (a glob) -> the globals its pickle may reference beyond the base allow-list.
+EXTRA_ALLOWED: dict[str, Mapping] = {"mbd_comp_*.pt": OMEGACONF_ALLOWED}
 
 
 def find_components(model_dir: Path) -> dict[str, Path]:
@@ -92,27 +153,55 @@ def find_components(model_dir: Path) -> dict[str, Path]:
     return found
 
 
-def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str], None] = lambda s: None,
-                      quantize: str | None = None) -> dict:
-    """Convert every known checkpoint in ``model_dir`` into ``out``; returns the manifest.
-    ``quantize`` (``"int8"`` or ``"bf16"``): store the first stage quantised (see :func:`_convert_gpt`)."""
-    from mvjax.io.quantize import check_mode
+def vet_components(found: Mapping[str, Path]) -> None:
+    """Check every found checkpoint (archive, pickle, tensor layouts, a dict at the top) before
+    converting any: :func:`check_checkpoint` reads no storage bytes and imports no JAX."""
+    for pattern, path in sorted(found.items()):
+        skeleton = check_checkpoint(path, EXTRA_ALLOWED.get(pattern))
+        if not isinstance(skeleton, Mapping):
+            raise ConversionError(f"{path}: the checkpoint holds {type(skeleton).__name__}, not a dict")
 
-    quantize = check_mode(quantize)
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; refusing to replace it")
+
+
+def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str], None] = lambda s: None,
+                      quantize: str | None = None, stop_requested: Callable[[], bool] | None = None) -> dict:
+    """Convert every known checkpoint in ``model_dir`` into ``out``; returns the manifest.
+    ``quantize`` (``"int8"`` or ``"bf16"``): store the first stage quantised (see :func:`_convert_gpt`).
+    ``stop_requested``: polled before each component and before ``out`` is replaced; when it
+    returns True the conversion stops with KeyboardInterrupt (and leaves nothing behind). The CLI
+    uses it so that a Ctrl-C that a library swallowed (one landing in a gc callback) still stops."""
+    def check_stop() -> None:
+        if stop_requested is not None and stop_requested():
+            raise KeyboardInterrupt
+
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     found = find_components(model_dir)
     if not found:
         raise FileNotFoundError(f"{model_dir} contains none of: {', '.join(CONVERTERS)}")
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+    _check_out(out)
+    vet_components(found)
+
+    from mvjax.io.checkpoint import FORMAT_VERSION, MANIFEST
+    from mvjax.io.quantize import check_mode
+
+    quantize = check_mode(quantize)
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a converted model directory; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)
+    created = _missing_parents(out.parent)
+    staging = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        staging.chmod(0o755)
         components = {}
         for fname, path in sorted(found.items()):
+            check_stop()
             name, converter = CONVERTERS[fname]
             if quantize is not None and name == "first_stage":
                 converter = functools.partial(_convert_gpt, quantize=quantize)
@@ -122,11 +211,28 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
             components[name] = converter(path, staging / name)
         manifest = {"format_version": FORMAT_VERSION, "components": components}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        check_stop()
         _replace_dir(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # deepest first; only if still empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
     return manifest
+
+
+def _missing_parents(directory: Path) -> list[Path]:
+    """The directories ``mkdir -p directory`` would create, deepest first."""
+    missing = []
+    probe = directory.absolute()
+    while not probe.exists() and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    return missing
 
 
 def _replace_dir(new: Path, out: Path) -> None:
@@ -137,5 +243,9 @@ def _replace_dir(new: Path, out: Path) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.rmdir(old)
     os.replace(out, old)
-    os.replace(new, out)
+    try:
+        os.replace(new, out)
+    except BaseException:  # put the previous conversion back before giving up
+        os.replace(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)

@@ -9,7 +9,11 @@ builds numpy arrays or plain Python containers. Any other global (``os.system``,
 ``builtins.eval``, ``subprocess.Popen``...) makes the load fail with
 :class:`UnsafeCheckpointError` naming it, before anything runs.
 
-Tensors come back as C-contiguous ``numpy.ndarray`` (bfloat16 through ``ml_dtypes``):
+Long because it is a complete, bounded pickle interpreter plus the zip and tensor checks that
+sit between an untrusted file and any allocation; split up, every limit would have to be
+re-checked at each seam. Its sections: archive, opcodes, allow-listed stand-ins, tensors.
+
+Tensors come back as C-contiguous ``numpy.ndarray`` (bfloat16 through ``ml_dtypes``, imported on first use):
 read-only views of their storage when the saved layout is contiguous, copies otherwise.
 
 Every failure is a :class:`CheckpointError` whose message is one line naming the file and
@@ -37,6 +41,9 @@ no protocol-0 text opcodes, no out-of-band buffers):
   anything is allocated; integers at most :data:`MAX_INT_BYTES` bytes;
 * at most :data:`MAX_PICKLE_OPS` opcodes (which bounds the stack, the memo and every
   container); tuples nest at most :data:`MAX_NESTING` deep as they are built;
+* at most :data:`MAX_COMPOSITE_KEYS` dict keys / set items whose hashes a file could make
+  collide (tuples, frozensets, integers of 2**61 - 1 or more), so inserting keys stays linear;
+  ``OrderedDict``/``dict`` stand-ins take no constructor arguments (items come by ``SETITEMS``);
 * calls to allow-listed globals create at most :data:`MAX_CALL_BYTES` bytes in total;
 * ``REDUCE``/``NEWOBJ`` only call allow-listed globals; ``BUILD`` (``__setstate__``) only
   applies to stand-in objects this load created, and ``APPEND``/``SETITEM``/``ADDITEMS``
@@ -70,7 +77,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 
 from mvjax.core.errors import MvjaxError
@@ -84,6 +90,8 @@ MAX_INT_BYTES = 1024
 MAX_NESTING = 100
 MAX_OBJECT_VISITS = 2_000_000
 MAX_NDIM = 64
+MAX_COMPOSITE_KEYS = 4096
+_HASH_MODULUS = sys.hash_info.modulus  # ints are hashed modulo this (2**61 - 1 on 64-bit builds)
 TENSOR_COPY_SLACK = 32 << 20
 _MAX_LINE = 1024  # GLOBAL's module / name lines
 _SMALL_ENTRY = 64  # byteorder
@@ -106,12 +114,10 @@ class _Unsafe(_Malformed):
     pass
 
 
-# Storage class name (as torch pickles it) -> numpy dtype of its elements.
-STORAGE_DTYPES: dict[str, np.dtype] = {
+_PLAIN_DTYPES: dict[str, np.dtype] = {
     "FloatStorage": np.dtype(np.float32),
     "DoubleStorage": np.dtype(np.float64),
     "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
     "LongStorage": np.dtype(np.int64),
     "IntStorage": np.dtype(np.int32),
     "ShortStorage": np.dtype(np.int16),
@@ -119,6 +125,31 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
     "ByteStorage": np.dtype(np.uint8),
     "BoolStorage": np.dtype(np.bool_),
 }
+
+
+class _StorageDtypes(Mapping):
+    """Storage class name (as torch pickles it) -> numpy dtype of its elements. Read-only;
+    ``BFloat16Storage`` imports ``ml_dtypes`` (most of this module's import time) on first use."""
+
+    __slots__ = ()
+    _NAMES = ("FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage", "IntStorage",
+              "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage")
+
+    def __getitem__(self, name: str) -> np.dtype:
+        if name == "BFloat16Storage":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return _PLAIN_DTYPES[name]
+
+    def __iter__(self):
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+
+STORAGE_DTYPES: Mapping[str, np.dtype] = _StorageDtypes()
 
 
 def _short(obj: Any, limit: int = 80) -> str:
@@ -200,9 +231,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     shape = _as_dims(size, "size")
     strides = _as_dims(stride, "stride")
     if len(shape) != len(strides):
-        raise _Malformed(f"invalid tensor: size {shape} and stride {strides} differ in length")
+        raise _Malformed(f"invalid tensor: size {_short(shape)} and stride {_short(strides)} differ in length")
     numel = math.prod(shape)
-    where = f"storage '{storage.key}' ({storage.numel} elements)"
+    where = f"storage '{_clip(storage.key)}' ({storage.numel} elements)"
     if numel == 0:
         if offset > storage.numel:
             raise _Malformed(f"invalid tensor: storage offset {offset} lies past the end of {where}")
@@ -217,7 +248,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
             )
         if numel > storage.numel:
             raise _Malformed(
-                f"invalid tensor: shape {_short(shape)} has {numel} elements, more than {where} "
+                f"invalid tensor: shape {_short(shape)} has {_short(numel)} elements, more than {where} "
                 "(overlapping or stride-0 views are not supported)"
             )
     return storage.load.view(storage, offset, shape, strides, numel)
@@ -243,7 +274,20 @@ def _codecs_encode(text, encoding="latin1"):
 
 class _OrderedDict(dict):
     """Stand-in for ``collections.OrderedDict`` (plain dicts keep order); the attributes torch
-    attaches to state dicts (``_metadata``) arrive through ``BUILD`` and are ignored."""
+    attaches to state dicts (``_metadata``) arrive through ``BUILD`` and are ignored. Built empty
+    (its items arrive through ``SETITEMS``, where keys are checked)."""
+
+    def __init__(self, *args, **kwargs):
+        if args or kwargs:
+            raise _Malformed("OrderedDict called with arguments (its items must come from SETITEMS)")
+        super().__init__()
+
+
+def _builtin_dict(*args, **kwargs):
+    """Stand-in for ``builtins.dict`` (omegaconf records it as a node's object type)."""
+    if args or kwargs:
+        raise _Malformed("builtins.dict called with arguments (its items must come from SETITEMS)")
+    return {}
 
 
 # Allowed globals shared by every layout: (module, name) -> what it resolves to. Read-only.
@@ -313,7 +357,7 @@ OMEGACONF_ALLOWED: Mapping[tuple[str, str], Any] = types.MappingProxyType({
     ("omegaconf.base", "Metadata"): _Metadata,
     **{("omegaconf.nodes", n): _ValueNode for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode")},
     ("typing", "Any"): _ANY,
-    ("builtins", "dict"): dict,
+    ("builtins", "dict"): _builtin_dict,
     ("builtins", "list"): list,
     ("builtins", "int"): int,  # a ListConfig records its key type
     ("collections", "defaultdict"): _defaultdict,
@@ -415,6 +459,7 @@ class _Machine:
         self.nest: dict[int, int] = {}  # id(tuple or frozenset built here) -> nesting depth
         self.keep: list = []  # keeps the objects whose ids are recorded above alive
         self.created: set[int] = set()  # ids of stand-in objects this load built (BUILD targets)
+        self.composite_keys = 0
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, n: int) -> bytes:
@@ -460,9 +505,21 @@ class _Machine:
         return 0
 
     def hashable(self, obj):
-        """``obj`` is about to be hashed: tuples/frozensets built here are depth-checked already."""
-        if type(obj) in (tuple, frozenset) and id(obj) not in self.nest:
-            raise _Malformed(f"unexpected {type(obj).__name__} key not built by this pickle")
+        """``obj`` is about to be hashed as a dict key or set element. Keys whose hashes a file
+        could make collide (tuples and frozensets, whose hash is an unkeyed mix of their items,
+        and integers of 2**61 - 1 or more, hashed modulo that) are limited in number, since n
+        colliding keys cost n**2 to insert; tuples/frozensets built here are depth-checked already."""
+        kind = type(obj)
+        if kind is int and -_HASH_MODULUS < obj < _HASH_MODULUS:
+            return obj
+        if kind in (tuple, frozenset):
+            if id(obj) not in self.nest:
+                raise _Malformed(f"unexpected {kind.__name__} key not built by this pickle")
+        elif kind is not int:
+            return obj  # str/bytes (randomised hashes), float, bool, None, identity-hashed objects
+        self.composite_keys += 1
+        if self.composite_keys > MAX_COMPOSITE_KEYS:
+            raise _Malformed(f"more than {MAX_COMPOSITE_KEYS} tuple, frozenset or huge-integer dict keys / set items")
         return obj
 
     def new_nested(self, obj):
@@ -823,7 +880,8 @@ def _check_result(root: Any) -> None:
             if depth >= MAX_NESTING:
                 raise _Malformed(f"containers nested deeper than {MAX_NESTING} levels")
             if id(obj) in on_path:
-                raise _Malformed(f"a {kind.__name__.lstrip('_')} contains itself (cyclic containers)")
+                name = kind.__name__.lstrip("_")
+                raise _Malformed(f"cyclic containers: {'an' if name[0] in 'aeiouAEIOU' else 'a'} {name} contains itself")
             on_path.add(id(obj))
             todo.append((obj, depth, True))
             if kind in (dict, _OrderedDict):
@@ -873,13 +931,13 @@ class _Load:
             try:
                 self.byteorder = raw.decode("ascii").strip()
             except UnicodeDecodeError:
-                raise CheckpointError(f"{path}: {order_name} is not ASCII text ({_short(bytes(raw))})") from None
+                raise CheckpointError(f"{path}: {_clip(order_name)} is not ASCII text ({_short(bytes(raw))})") from None
             if self.byteorder not in ("little", "big"):
-                raise CheckpointError(f"{path}: {order_name} says {_short(self.byteorder)}, not 'little' or 'big'")
+                raise CheckpointError(f"{path}: {_clip(order_name)} says {_short(self.byteorder)}, not 'little' or 'big'")
 
     def check_entry(self, info: zipfile.ZipInfo, limit: int | None = None) -> None:
         """Refuse an entry whose declared sizes the file cannot back, before reading anything."""
-        name, size = info.filename, info.file_size
+        name, size = _clip(info.filename), info.file_size
         if info.flag_bits & 0x1:
             raise CheckpointError(f"{self.path}: archive entry {name} is encrypted")
         if limit is not None and size > limit:
@@ -918,7 +976,7 @@ class _Load:
     def read_entry(self, info: zipfile.ZipInfo, limit: int | None = None) -> bytearray:
         """The entry's bytes: exactly its declared size (checked first), read in chunks, CRC checked."""
         self.check_entry(info, limit)
-        size = info.file_size
+        size, name = info.file_size, _clip(info.filename)
         buf = bytearray(size)
         view = memoryview(buf)
         pos = 0
@@ -927,16 +985,16 @@ class _Load:
                 while pos < size:
                     chunk = stream.read(min(_CHUNK, size - pos))
                     if not chunk:
-                        raise CheckpointError(f"{self.path}: archive entry {info.filename} is truncated ({pos} of {size} bytes)")
+                        raise CheckpointError(f"{self.path}: archive entry {name} is truncated ({pos} of {size} bytes)")
                     view[pos:pos + len(chunk)] = chunk
                     pos += len(chunk)
                 if stream.read(1):
-                    raise CheckpointError(f"{self.path}: archive entry {info.filename} holds more than its declared {size} bytes")
+                    raise CheckpointError(f"{self.path}: archive entry {name} holds more than its declared {size} bytes")
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - zipfile/zlib on corrupt data: BadZipFile, zlib.error, EOFError, ...
             raise CheckpointError(
-                f"{self.path}: cannot read archive entry {info.filename}: {type(exc).__name__}: {_short(str(exc), 200)}"
+                f"{self.path}: cannot read archive entry {name}: {type(exc).__name__}: {_clip(str(exc), 200)}"
             ) from None
         finally:
             view.release()
@@ -954,16 +1012,16 @@ class _Load:
         cached = self.storages.get(key)
         if cached is not None:
             if cached.dtype != dtype or cached.numel != numel:
-                raise _Malformed(f"storage '{_short(key)}' is declared twice, with different types or sizes")
+                raise _Malformed(f"storage '{_clip(key)}' is declared twice, with different types or sizes")
             return cached
         member = f"{self.root}data/{key}"
         info = self.entries.get(member)
         if info is None:
-            raise _Malformed(f"storage '{_short(key)}' named by the pickle is not in the archive (no entry {_short(member)})")
+            raise _Malformed(f"storage '{_clip(key)}' named by the pickle is not in the archive (no entry {_clip(member)})")
         nbytes = numel * dtype.itemsize
         if info.file_size != nbytes:
             raise _Malformed(
-                f"storage '{_short(key)}' declares {numel} {storage_type.name} elements ({nbytes} bytes) but its "
+                f"storage '{_clip(key)}' declares {_short(numel)} {storage_type.name} elements ({_short(nbytes)} bytes) but its "
                 f"archive entry holds {info.file_size} bytes"
             )
         array = None
@@ -986,24 +1044,24 @@ class _Load:
         return array
 
     def view(self, storage: _Storage, offset: int, shape: tuple, strides: tuple, numel: int):
-        if storage.array is None:
-            return TensorInfo(shape, storage.dtype)
-        flat = storage.array
+        """The tensor (a view of the storage, or a copy if non-contiguous); TensorInfo when not reading."""
+        flat, itemsize = storage.array, storage.dtype.itemsize
         if numel == 0:
-            return np.zeros(shape, flat.dtype)
+            return TensorInfo(shape, storage.dtype) if flat is None else np.zeros(shape, storage.dtype)
         expected, contiguous = 1, True
         for n, s in zip(reversed(shape), reversed(strides)):
             if n != 1 and s != expected:
                 contiguous = False
                 break
             expected *= n
+        if not contiguous:
+            self.copied_bytes += numel * itemsize
+            if self.copied_bytes > 2 * self.storage_bytes + TENSOR_COPY_SLACK:
+                raise _Malformed("non-contiguous tensors copy more than twice the storage bytes")
+        if flat is None:
+            return TensorInfo(shape, storage.dtype)
         if contiguous:
             return flat[offset:offset + numel].reshape(shape)
-        nbytes = numel * flat.dtype.itemsize
-        self.copied_bytes += nbytes
-        if self.copied_bytes > 2 * self.storage_bytes + TENSOR_COPY_SLACK:
-            raise _Malformed("non-contiguous tensors copy more than twice the storage bytes")
-        itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[offset:], shape=shape, strides=tuple(s * itemsize for s in strides), writeable=False
         )
@@ -1023,7 +1081,7 @@ def _load(path: str | Path, extra_allowed: Mapping[tuple[str, str], Any] | None,
     except Exception as exc:  # noqa: BLE001 - zipfile on a corrupt directory raises many types
         raise CheckpointError(
             f"{path}: not a PyTorch zip archive (legacy or corrupt checkpoint format): "
-            f"{type(exc).__name__}: {_short(str(exc), 200)}"
+            f"{type(exc).__name__}: {_clip(str(exc), 200)}"
         ) from None
     with archive:
         load = _Load(path, archive, file_size, read_data)
@@ -1041,9 +1099,9 @@ def _load(path: str | Path, extra_allowed: Mapping[tuple[str, str], Any] | None,
         except _Unsafe as exc:
             raise UnsafeCheckpointError(f"{path}: {exc}") from None
         except (_Malformed, Exception) as exc:  # noqa: BLE001 - any other failure is a malformed pickle
-            detail = str(exc) if isinstance(exc, _Malformed) else f"{type(exc).__name__}: {_short(str(exc), 200)}"
+            detail = str(exc) if isinstance(exc, _Malformed) else f"{type(exc).__name__}: {_clip(str(exc), 200)}"
             raise CheckpointError(
-                f"{path}: malformed checkpoint pickle ({load.pickle_name} byte {machine.pos - 1}): {detail}"
+                f"{path}: malformed checkpoint pickle ({_clip(load.pickle_name)} byte {max(machine.pos - 1, 0)}): {detail}"
             ) from None
         finally:
             machine.stack = machine.metastack = machine.keep = []

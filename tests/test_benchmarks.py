@@ -1,12 +1,25 @@
 """The decode benchmark runs and reports in its documented format (no timing assertions here)."""
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+
+# A metavoice-src checkout (its fam/ package) for the reference side; those tests skip without one.
+REFERENCE_SRC = os.environ.get("MVJAX_REFERENCE_SRC", "")
+needs_reference = pytest.mark.skipif(
+    not (REFERENCE_SRC and (Path(REFERENCE_SRC) / "fam" / "llm" / "fast_inference_utils.py").is_file()),
+    reason="set MVJAX_REFERENCE_SRC to a metavoice-src checkout",
+)
+TIMING = re.compile(
+    r"^timing side=(ours|reference) batch=1 new_tokens=(\d+) repeats=(\d+) first_call_s=([0-9.]+) "
+    r"compile_s=([0-9.]+) first_call_n_s=[0-9.]+ median_s=([0-9.]+) prefill_s=([0-9.]+) runs_s=([0-9.,]+)$", re.M
+)
 
 LINE = re.compile(
     r"^decode config=tiny batch=(\d+) dtype=float32 tokens_per_s=([0-9.]+) GB_per_s=([0-9.]+) roofline_frac=([0-9.]+)$"
@@ -22,6 +35,34 @@ def test_decode_benchmark_smoke():
     lines = [m for m in (LINE.match(l) for l in res.stdout.splitlines()) if m]
     assert [m.group(1) for m in lines] == ["1", "2"]
     assert all(float(m.group(2)) > 0 for m in lines)
+    timings = TIMING.findall(res.stdout)
+    assert [t[0] for t in timings] == ["ours"]  # batch 1 only; the batch-2 line has batch=2
+    assert timings[0][1:3] == ("6", "1") and len(timings[0][7].split(",")) == 1
+
+
+def test_decode_benchmark_rejects_too_few_tokens():
+    res = subprocess.run([sys.executable, "benchmarks/decode.py", "--tokens", "2"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert res.returncode != 0 and "--tokens must be >= 3" in res.stderr
+
+
+@needs_reference
+def test_decode_benchmark_compiled_reference_same_rule():
+    """--reference-compile at the tiny size: inductor compiles the reference on the CPU and both
+    sides report the same timing rule (first call apart, median of the same number of runs)."""
+    res = subprocess.run(
+        [sys.executable, "benchmarks/decode.py", "--config", "tiny", "--tokens", "8", "--repeats", "2",
+         "--reference-src", REFERENCE_SRC, "--reference-compile", "--reference-compile-mode", "default"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    timings = {t[0]: t for t in TIMING.findall(res.stdout)}
+    assert set(timings) == {"ours", "reference"}
+    for side, new_tokens, repeats, first, compile_s, median, prefill, runs in timings.values():
+        assert (new_tokens, repeats) == ("8", "2") and len(runs.split(",")) == 2
+        assert float(first) >= float(compile_s) and float(median) > 0
+    assert re.search(r"^decode-reference config=tiny batch=1 dtype=float32 device=cpu compiled=1 ", res.stdout, re.M)
+    assert "torch.compile default" in res.stdout
 
 
 @pytest.mark.slow
@@ -49,3 +90,36 @@ def test_pipeline_benchmark_smoke():
     assert {"speaker", "stage1", "stage2", "codec", "loudness", "enhance", "end_to_end"} <= set(stages)
     assert all(v > 0 for v in stages.values())
     assert re.search(r"utterances/min", res.stdout) and re.search(r"memory: resident \d+ MB, peak \d+ MB", res.stdout)
+    assert re.search(r"^pipeline side=ours stage=first_call seconds=[0-9.]+$", res.stdout, re.M)
+
+
+@needs_reference
+def test_pipeline_benchmark_compiled_reference():
+    """--tokens and --reference-compile at the tiny size: both sides' stages, first calls and ratios."""
+    res = subprocess.run(
+        [sys.executable, "benchmarks/pipeline.py", "--config", "tiny", "--tokens", "12", "--repeats", "1",
+         "--reference-src", REFERENCE_SRC, "--reference-compile"],
+        capture_output=True, text=True, cwd=REPO, timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "12 first-stage tokens" in res.stdout
+    for side in ("ours", "reference"):
+        for stage in ("stage1", "stage2", "codec", "end_to_end", "first_call"):
+            assert re.search(rf"^pipeline side={side} stage={stage} seconds=[0-9.]+", res.stdout, re.M), (side, stage)
+    assert re.search(r"speedup stage1\+stage2\+codec \(float32 vs reference torch.compile", res.stdout)
+
+
+def test_quantize_benchmark_head_entropy():
+    """benchmarks/quantize.py --head-entropy at the tiny size: the scaled model reaches the asked
+    float32 entropy and its int8 KL / agreement are reported next to it."""
+    res = subprocess.run(
+        [sys.executable, "benchmarks/quantize.py", "--quick", "--skip-speed", "--modes", "float32", "int8",
+         "--head-entropy", "2"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = re.search(r"^quantize-fidelity inputs=random-head2 mode=int8 mean_kl=(\S+) max_kl=\S+ greedy_agree=(\S+) "
+                  r"entropy=(\S+) factor=(\S+)$", res.stdout, re.M)
+    assert m, res.stdout[-2000:]
+    assert abs(float(m.group(3)) - 2.0) < 0.05 and float(m.group(4)) > 0
+    assert 0.0 <= float(m.group(2)) <= 1.0 and float(m.group(1)) >= 0.0
