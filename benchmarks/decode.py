@@ -1,6 +1,6 @@
 """First-stage decode throughput: tokens/s, weight bandwidth and roofline fraction.
 
-    python benchmarks/decode.py --config full --batch 1 8 [--tokens 64] [--reference-src PATH]
+    python -m benchmarks.decode --config full --batch 1 8 [--tokens 64] [--reference-src PATH]
 
 Configs (random weights, the released first-stage architecture otherwise):
   tiny    the shared fixture's size (2 layers x 64, block 256)
@@ -27,12 +27,12 @@ prefill), on the CPU (inductor's C++ backend) or with ``--reference-device cuda`
 
 On the CPU, at a realistic length against the compiled reference:
 
-    python benchmarks/decode.py --config full --batch 1 --tokens 512 --repeats 2 \
+    python -m benchmarks.decode --config full --batch 1 --tokens 512 --repeats 2 \
         --reference-src PATH --reference-compile
 
 On a GPU machine (see benchmarks/RESULTS.md for what to record):
 
-    python benchmarks/decode.py --config full --batch 1 8 --tokens 256 --dtype bfloat16 \
+    python -m benchmarks.decode --config full --batch 1 8 --tokens 256 --dtype bfloat16 \
         --reference-src PATH --reference-device cuda --reference-compile
 
 Each measurement ends with machine-readable lines:
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -53,10 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.common import best_of, clock
 from mvjax.inference.decode import FirstStageDecoder, SamplingConfig  # noqa: E402
 from mvjax.inference.keys import utterance_keys  # noqa: E402
+from mvjax.io.quantize import tree_nbytes  # noqa: E402
 from mvjax.nn.config import GPTConfig  # noqa: E402
 from mvjax.nn.gpt import abstract_params  # noqa: E402
 
@@ -94,22 +93,13 @@ def random_params(config: GPTConfig, seed: int = 0, dtype=jnp.float32) -> dict:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def tree_bytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
-
-
 def measure_bandwidth(gigabytes: float = 2.0, repeats: int = 5) -> float:
     """Memory read bandwidth in GB/s: a jitted sum over a large float32 array, best of ``repeats``."""
     n = int(gigabytes * 1e9) // 4
     x = jnp.ones((n,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    del x
+    best, _ = best_of(lambda: total(x), repeats)
     return n * 4 / best / 1e9
 
 
@@ -120,9 +110,7 @@ def prompts_for(batch: int, length: int, config: GPTConfig, seed: int = 0) -> li
 
 
 def _clock(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    return clock(fn)[0]
 
 
 def timed_protocol(sides: dict, repeats: int, log=print) -> dict:
@@ -317,7 +305,7 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}", flush=True)
     bandwidth = measure_bandwidth()
     params = random_params(config, dtype=dtype)
-    weight_bytes = tree_bytes(params)
+    weight_bytes = tree_nbytes(params)
     # An end-of-audio id outside the vocabulary: every row runs the full number of steps.
     decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1, dtype=dtype)
     del params  # the decoder keeps its own re-laid copy

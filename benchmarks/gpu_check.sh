@@ -18,11 +18,11 @@ export PYTHONUNBUFFERED=1
 python3 -c 'import jax; print(jax.devices())' | tee "$out/devices.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/devices.txt" || true
 if [[ $what == decode || $what == all ]]; then
-  python3 benchmarks/decode.py --config full --batch 1 8 --tokens 256 --repeats 2 --dtype bfloat16 \
+  python3 -m benchmarks.decode --config full --batch 1 8 --tokens 256 --repeats 2 --dtype bfloat16 \
     --reference-src "$ref" --reference-device cuda --reference-compile --reference-tokens 256 \
     2>&1 | tee "$out/decode_gpu.txt"
 fi
 if [[ $what == pipeline || $what == all ]]; then
-  python3 benchmarks/pipeline.py --config released --seconds 4 --repeats 2 --quantize bf16 \
+  python3 -m benchmarks.pipeline --config released --seconds 4 --repeats 2 --quantize bf16 \
     2>&1 | tee "$out/pipeline_gpu.txt"
 fi

@@ -1,6 +1,6 @@
 """End-to-end speed: real-time factor of the whole pipeline and of each stage, ours vs the reference.
 
-    python benchmarks/pipeline.py --config released --seconds 2 [--tokens N] [--decoder encodec|mbd]
+    python -m benchmarks.pipeline --config released --seconds 2 [--tokens N] [--decoder encodec|mbd]
                                   [--reference-src PATH [--reference-compile]] [--quantize int8]
                                   [--throughput 8]
 
@@ -42,18 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.common import memory_mb
 
 TEXT = "Speed matters: this sentence is what both implementations speak, token for token."
-
-
-def memory_mb() -> dict:
-    """VmRSS and VmHWM of this process in MiB (benchmarks/quantize.py reads them)."""
-    from quantize import proc_status
-
-    return {key: value / 2**20 for key, value in proc_status().items()}
 
 
 # --- Models in the released layouts, random weights ---------------------------------------
@@ -94,8 +85,7 @@ def build_ours(ckpts: dict, unet: str, decoder: str, quantize=None):
 
     mbd = None
     if decoder == "mbd":
-        import vocode as vocode_bench
-
+        from benchmarks import vocode as vocode_bench
         from mvjax.inference.diffusion import MultiBandDiffusion
 
         mbd = MultiBandDiffusion(*vocode_bench.mbd_model(unet))
@@ -184,7 +174,7 @@ def reference_stages(src: Path, ckpts: dict, tts, new_tokens: int, frames: int, 
     and codec run eagerly there too (``compile=False``), so they do here."""
     import torch
 
-    import decode as decode_bench
+    from benchmarks import decode as decode_bench
 
     torch.set_grad_enabled(False)
     fiu, fm = decode_bench._import_reference(src)

@@ -1,8 +1,8 @@
 """First-stage weight quantisation (int8 / bf16) against float32: decode speed, memory, fidelity.
 
-    python benchmarks/quantize.py --config full --batch 1 8 [--modes float32 int8 bf16] [--tokens 33]
+    python -m benchmarks.quantize --config full --batch 1 8 [--modes float32 int8 bf16] [--tokens 33]
                                   [--repeats 3] [--rounds 2] [--no-disk]
-    python benchmarks/quantize.py --quick       # smoke run at the fixture's size (about a minute)
+    python -m benchmarks.quantize --quick       # smoke run at the fixture's size (about a minute)
 
 Speed and memory: every mode runs in a fresh subprocess on random weights of the named shape
 (``full`` = the released 1.2B first stage; helpers shared with benchmarks/decode.py). It builds
@@ -73,11 +73,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from decode import SPEAKER_DIM, make_config, prompts_for, random_params  # noqa: E402
-
+from benchmarks.common import clock, proc_status  # noqa: E402
+from benchmarks.decode import SPEAKER_DIM, make_config, prompts_for, random_params  # noqa: E402
 from mvjax.inference.decode import FirstStageDecoder, SamplingConfig  # noqa: E402
 from mvjax.inference.fidelity import compare_logits, guided_logits
 from mvjax.inference.keys import utterance_keys  # noqa: E402
@@ -94,16 +91,6 @@ def _mode(name: str):
 
 
 # --- memory ------------------------------------------------------------------------------
-def proc_status() -> dict:
-    """VmRSS and VmHWM of this process, bytes."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def settle_rss(timeout: float = 20.0, quiet: float = 2.0) -> int:
     """VmRSS once freed buffers are returned (XLA's CPU client frees them asynchronously): polls
     until it has not fallen by more than 8 MB for ``quiet`` seconds."""
@@ -128,9 +115,7 @@ def decode_times(decoder, batch: int, new_tokens: int, prompt_len: int, repeats:
     keys = utterance_keys(0, batch)
 
     def run(n):
-        t = time.perf_counter()
-        decoder.generate(prompts, spk, keys, sampling, max_new_tokens=n)
-        return time.perf_counter() - t
+        return clock(lambda: decoder.generate(prompts, spk, keys, sampling, max_new_tokens=n))[0]
 
     if warm:
         run(new_tokens)  # compiles every window the timed runs use
@@ -381,7 +366,7 @@ def fidelity_fixture(model_dir: Path, modes, new_tokens: int) -> dict:
 
 # --- orchestration -----------------------------------------------------------------------
 def _run_worker(args, kind: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--config", args.config, "--tokens", str(args.tokens),
+    cmd = [sys.executable, "-m", "benchmarks.quantize", "--worker", kind, "--config", args.config, "--tokens", str(args.tokens),
            "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats), "--seed", str(args.seed),
            "--fidelity-tokens", str(args.fidelity_tokens), "--target-entropy", str(args.target_entropy),
            "--head-entropy", *map(str, args.head_entropy),

@@ -1,6 +1,6 @@
 """Tokens-to-audio speed: real-time factor of each decoder and of the post-processing.
 
-    python benchmarks/vocode.py [--seconds 2] [--unet realistic|tiny] [--steps 20]
+    python -m benchmarks.vocode [--seconds 2] [--unet realistic|tiny] [--steps 20]
 
 Random weights in the released shapes: the 24 kHz EnCodec (SEANet, 32 codebooks, 8 used)
 and four diffusion U-Nets of audiocraft's default score-model size (hidden 48, depth 4,
@@ -16,14 +16,12 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.common import best_of
 from mvjax.inference.diffusion import MultiBandDiffusion, re_eq  # noqa: E402
 from mvjax.nn import encodec  # noqa: E402
 from mvjax.nn.diffusion_unet import UnetConfig  # noqa: E402
@@ -59,16 +57,6 @@ def mbd_model(kind: str, sample_rate: int = 24000):
     return config, params
 
 
-def timed(fn, repeats: int = 1):
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(out)
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="audio length")
@@ -86,7 +74,7 @@ def main(argv=None) -> int:
     first = time.perf_counter()
     jax.block_until_ready(decode(codec_params, codes))
     compile_s = time.perf_counter() - first
-    codec_s, wav_codec = timed(lambda: decode(codec_params, codes), 2)
+    codec_s, wav_codec = best_of(lambda: decode(codec_params, codes), 2)
     compile_s -= codec_s
     lines = [("encodec", codec_s, compile_s)]
 
@@ -96,19 +84,19 @@ def main(argv=None) -> int:
     first = time.perf_counter()
     model.generate(latent, wav_codec.shape, key=jax.random.PRNGKey(0))
     total_first = time.perf_counter() - first
-    mbd_s, diffused = timed(lambda: model.generate(latent, wav_codec.shape, key=jax.random.PRNGKey(1)))
+    mbd_s, diffused = best_of(lambda: model.generate(latent, wav_codec.shape, key=jax.random.PRNGKey(1)))
     lines.append((f"mbd-{args.unet}", mbd_s, max(total_first - mbd_s, 0.0)))
-    eq_s, _ = timed(lambda: re_eq(diffused, wav_codec, cfg.sample_rate))
+    eq_s, _ = best_of(lambda: re_eq(diffused, wav_codec, cfg.sample_rate))
     lines.append(("re-eq", eq_s, 0.0))
 
     from mvjax.audio.loudness import normalize_loudness
 
-    loud_s, loud = timed(lambda: normalize_loudness(wav_codec[0], cfg.sample_rate))
+    loud_s, loud = best_of(lambda: normalize_loudness(wav_codec[0], cfg.sample_rate))
     lines.append(("loudness", loud_s, 0.0))
     if not args.no_enhance:
         from mvjax.audio.enhance import enhance
 
-        enh_s, _ = timed(lambda: enhance(loud[0], cfg.sample_rate))
+        enh_s, _ = best_of(lambda: enhance(loud[0], cfg.sample_rate))
         lines.append(("deepfilternet3", enh_s, 0.0))
 
     for name, s, c in lines:

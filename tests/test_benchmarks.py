@@ -28,7 +28,7 @@ LINE = re.compile(
 
 def test_decode_benchmark_smoke():
     res = subprocess.run(
-        [sys.executable, "benchmarks/decode.py", "--config", "tiny", "--batch", "1", "2", "--tokens", "6", "--repeats", "1"],
+        [sys.executable, "-m", "benchmarks.decode", "--config", "tiny", "--batch", "1", "2", "--tokens", "6", "--repeats", "1"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -41,7 +41,7 @@ def test_decode_benchmark_smoke():
 
 
 def test_decode_benchmark_rejects_too_few_tokens():
-    res = subprocess.run([sys.executable, "benchmarks/decode.py", "--tokens", "2"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "benchmarks.decode", "--tokens", "2"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert res.returncode != 0 and "--tokens must be >= 3" in res.stderr
 
@@ -51,7 +51,7 @@ def test_decode_benchmark_compiled_reference_same_rule():
     """--reference-compile at the tiny size: inductor compiles the reference on the CPU and both
     sides report the same timing rule (first call apart, median of the same number of runs)."""
     res = subprocess.run(
-        [sys.executable, "benchmarks/decode.py", "--config", "tiny", "--tokens", "8", "--repeats", "2",
+        [sys.executable, "-m", "benchmarks.decode", "--config", "tiny", "--tokens", "8", "--repeats", "2",
          "--reference-src", REFERENCE_SRC, "--reference-compile", "--reference-compile-mode", "default"],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )
@@ -69,7 +69,7 @@ def test_decode_benchmark_compiled_reference_same_rule():
 def test_decode_benchmark_full_shape_runs():
     """The released 1.2B shape (random weights): minutes on two CPU cores; run with -m slow."""
     res = subprocess.run(
-        [sys.executable, "benchmarks/decode.py", "--config", "full", "--batch", "1", "--tokens", "9", "--repeats", "1"],
+        [sys.executable, "-m", "benchmarks.decode", "--config", "full", "--batch", "1", "--tokens", "9", "--repeats", "1"],
         capture_output=True, text=True, cwd=REPO, timeout=3000,
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -79,7 +79,7 @@ def test_decode_benchmark_full_shape_runs():
 def test_pipeline_benchmark_smoke():
     """Tiny shapes, our side only (the reference needs a metavoice-src checkout): every stage reported."""
     res = subprocess.run(
-        [sys.executable, "benchmarks/pipeline.py", "--config", "tiny", "--seconds", "0.3", "--repeats", "1",
+        [sys.executable, "-m", "benchmarks.pipeline", "--config", "tiny", "--seconds", "0.3", "--repeats", "1",
          "--throughput", "2"],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )
@@ -97,7 +97,7 @@ def test_pipeline_benchmark_smoke():
 def test_pipeline_benchmark_compiled_reference():
     """--tokens and --reference-compile at the tiny size: both sides' stages, first calls and ratios."""
     res = subprocess.run(
-        [sys.executable, "benchmarks/pipeline.py", "--config", "tiny", "--tokens", "12", "--repeats", "1",
+        [sys.executable, "-m", "benchmarks.pipeline", "--config", "tiny", "--tokens", "12", "--repeats", "1",
          "--reference-src", REFERENCE_SRC, "--reference-compile"],
         capture_output=True, text=True, cwd=REPO, timeout=1200,
     )
@@ -113,7 +113,7 @@ def test_quantize_benchmark_head_entropy():
     """benchmarks/quantize.py --head-entropy at the tiny size: the scaled model reaches the asked
     float32 entropy and its int8 KL / agreement are reported next to it."""
     res = subprocess.run(
-        [sys.executable, "benchmarks/quantize.py", "--quick", "--skip-speed", "--modes", "float32", "int8",
+        [sys.executable, "-m", "benchmarks.quantize", "--quick", "--skip-speed", "--modes", "float32", "int8",
          "--head-entropy", "2"],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )

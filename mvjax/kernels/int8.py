@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mvjax.kernels.cpu_int8 import int8_matmul_available, kernel_int8_matmul
+from mvjax.kernels import cpu_int8
 
 
 def int8_kernel_used() -> bool:
@@ -19,7 +19,7 @@ def int8_kernel_used() -> bool:
     time, so a jitted function keeps the choice it was first traced with."""
     if jax.default_backend() != "cpu":
         return False
-    return int8_matmul_available()
+    return cpu_int8.int8_matmul_available()
 
 
 def int8_matmul_xla(q: jnp.ndarray, scale: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
@@ -35,7 +35,7 @@ def int8_matmul(entry: dict, x: jnp.ndarray) -> jnp.ndarray:
     (the decoder's int8 product: :func:`mvjax.nn.gpt_decode._matmul`)."""
     q, scale = entry["q"], entry["scale"]
     if int8_kernel_used():
-        return _float_for_nonfinite_columns(q, scale, x, kernel_int8_matmul(q, scale, x))
+        return _float_for_nonfinite_columns(q, scale, x, cpu_int8.kernel_int8_matmul(q, scale, x))
     return int8_matmul_xla(q, scale, x)
 
 
