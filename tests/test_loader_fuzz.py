@@ -613,13 +613,8 @@ def _global_state() -> dict:
 
 
 def _summary(obj):
-    if isinstance(obj, dict):
-        return {k: _summary(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_summary(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return ("array", obj.dtype.str, obj.shape, obj.tobytes())
-    return obj
+    """Everything a load returned, tensor bytes included."""
+    return _structure(obj, values=True)
 
 
 def test_poisoned_file_changes_nothing_for_later_loads(fixtures, adversarial):
@@ -802,14 +797,14 @@ def fuzz_inputs(fixtures: Path, seed: int = FUZZ_SEED, count: int = FUZZ_CASES):
         yield f"{i}:{rel}:{kind}", Path(rel).name, data, same
 
 
-def _structure(obj):
-    """Containers, keys, scalars, configs, and each tensor's dtype and shape (not its values)."""
+def _structure(obj, values: bool = False):
+    """Containers, keys, scalars, configs, and each tensor's dtype and shape (its bytes too with ``values``)."""
     if isinstance(obj, dict):
-        return {k: _structure(v) for k, v in obj.items()}
+        return {k: _structure(v, values) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_structure(v) for v in obj]
+        return [_structure(v, values) for v in obj]
     if isinstance(obj, np.ndarray):
-        return ("array", str(obj.dtype), obj.shape)
+        return ("array", str(obj.dtype), obj.shape) + ((obj.tobytes(),) if values else ())
     if isinstance(obj, safe_pickle._ConfigObject):
         return ("config", json.dumps(safe_pickle.plain_config(obj), sort_keys=True, default=str))
     return obj
