@@ -83,15 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(args: argparse.Namespace, log, ctrl_c: _CtrlC) -> int:
     from convert_weights.convert import convert_directory
-    from convert_weights.mapping import ConversionError
-    from convert_weights.safe_pickle import CheckpointError
-    from mvjax.nn.config import ConfigError
-    from mvjax.text.tokenizer import TextError
+    from mvjax.core.errors import MvjaxError
 
     try:
         manifest = convert_directory(args.model_dir, args.out, log=log, quantize=args.quantize,
                                      stop_requested=lambda: ctrl_c.requested)
-    except (CheckpointError, ConversionError, ConfigError, TextError) as exc:
+    except MvjaxError as exc:  # every converter, loader and config error derives from it
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:

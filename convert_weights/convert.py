@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from convert_weights.mapping import ConversionError
-from convert_weights.safe_pickle import OMEGACONF_ALLOWED, CheckpointError, check_checkpoint, load_checkpoint
+from convert_weights.safe_pickle import (
+    OMEGACONF_ALLOWED,
+    CheckpointError,
+    check_checkpoint,
+    load_checkpoint,
+)
 from mvjax.nn.config import ConfigError
 from mvjax.text.tokenizer import TextError
 

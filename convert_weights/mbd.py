@@ -13,7 +13,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert_weights.mapping import ConversionError, Rule, apply_rules, flatten_tree, strip_prefix
+from convert_weights.mapping import (
+    ConversionError,
+    Rule,
+    apply_rules,
+    flatten_tree,
+    strip_prefix,
+)
 from convert_weights.safe_pickle import CheckpointError, plain_config
 from mvjax.nn.diffusion_unet import UnetConfig, abstract_params
 

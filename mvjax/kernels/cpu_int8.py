@@ -37,6 +37,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from mvjax.core.atomic import atomic_path
+
 log = logging.getLogger("mvjax")
 
 TARGET = "mvjax_int8_matmul"
@@ -90,16 +92,15 @@ def _build(cache: Path, compiler: str) -> Path:
     if lib.is_file():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+    # Concurrent builders write the same bytes; each renames its own complete file into place.
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp, atomic_path(lib, suffix=".so") as out:
         src = Path(tmp) / "int8_matmul.cc"
         src.write_text(source)
-        out = Path(tmp) / lib.name
         # jaxlib's FFI headers are included as system headers: our warnings flags are for our code.
         res = subprocess.run([compiler, *_CXXFLAGS, "-isystem", include, str(src), "-o", str(out)],
                              capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-2000:]}")
-        os.replace(out, lib)  # a rename within one directory tree: concurrent builders write the same bytes
     return lib
 
 
