@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional, Union
 
 from mvjax.core.errors import MvjaxError
@@ -42,7 +43,7 @@ class SynthesisOptions:
     def __post_init__(self):
         for name in ("temperature", "stage2_temperature", "guidance_scale"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
                 raise SynthesisError(f"{name} must be a finite number >= 0, not {value!r}")
         if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise SynthesisError("top_p must be in (0, 1]")
