@@ -23,12 +23,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from mvjax.audio.io import OUTPUT_FORMATS
 from mvjax.cli.common import exit_now, guarded
 from mvjax.core.errors import MvjaxError
 
 DEMO_TEXT = "This is the mvjax demo. Its model has random weights, so what you hear is noise, not speech."
 DEMO_MAX_NEW_TOKENS = 150  # the random demo model never ends the audio by itself: about 1 s per chunk
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
 
 
 class UsageError(MvjaxError, ValueError):
@@ -127,7 +127,7 @@ def _read_jobs(args) -> list[dict]:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read {path}: {exc}") from None
         out_dir = Path(args.out)
-        if out_dir.suffix.lower() in AUDIO_SUFFIXES:
+        if out_dir.suffix.lower() in OUTPUT_FORMATS:
             raise UsageError(f"with --text-file, --out is a directory, not {out_dir}")
         jobs = []
         if path.suffix.lower() == ".csv":
@@ -159,20 +159,22 @@ SEED_RANGE = (0, 2**32 - 1)
 
 
 def _check_numbers(args) -> None:
-    """Every numeric option finite and in range, before anything loads."""
-    import math
+    """Every numeric option finite and in range, before anything loads: the sampling options through
+    :class:`~mvjax.inference.options.SynthesisOptions` (the one check the library applies too), the
+    seed and process options here."""
+    from mvjax.inference.options import SynthesisError, SynthesisOptions
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UsageError(message)
 
-    for name in ("temperature", "stage2_temperature", "guidance_scale"):
-        value = getattr(args, name)
-        need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
-    need(math.isfinite(args.top_p) and 0 < args.top_p <= 1, f"--top-p must be in (0, 1], not {args.top_p}")
-    need(args.stage2_top_k >= 0, f"--stage2-top-k must be >= 0 (0 = off), not {args.stage2_top_k}")
-    need(args.max_new_tokens is None or args.max_new_tokens >= 2,
-         f"--max-new-tokens must be >= 2 (two tokens per audio frame), not {args.max_new_tokens}")
+    try:
+        SynthesisOptions(temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
+                         stage2_temperature=args.stage2_temperature, stage2_top_k=args.stage2_top_k,
+                         max_new_tokens=args.max_new_tokens)
+    except SynthesisError as exc:  # name the flag, not the field
+        flag = f"--{exc.option.replace('_', '-')}" if exc.option else ""
+        raise UsageError(flag + str(exc)[len(exc.option or ""):]) from None
     need(SEED_RANGE[0] <= args.seed <= SEED_RANGE[1], f"--seed must be in [0, {SEED_RANGE[1]}], not {args.seed}")
     need(args.num_processes is None or args.num_processes >= 1, "--num-processes must be >= 1")
     need(args.process_id is None or args.process_id >= 0, "--process-id must be >= 0")
@@ -187,8 +189,8 @@ def _check_outputs(jobs: list[dict], args) -> None:
     seen = set()
     for job in jobs:
         out = job["out"]
-        if out.suffix.lower() not in AUDIO_SUFFIXES:
-            raise UsageError(f"output {out} must end in one of {', '.join(sorted(AUDIO_SUFFIXES))}")
+        if out.suffix.lower() not in OUTPUT_FORMATS:
+            raise UsageError(f"output {out} must end in one of {', '.join(sorted(OUTPUT_FORMATS))}")
         resolved = out.resolve()
         if resolved in speakers:
             raise UsageError(f"output {out} is an input (speaker reference or text file); refusing to overwrite it")

@@ -48,12 +48,9 @@ def _run(argv: list[str] | None) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         return _fail(f"output directory {out.parent} does not exist")
-    from mvjax.audio.io import AudioError, output_format
+    from mvjax.audio.io import output_format
 
-    try:
-        output_format(out)
-    except AudioError as exc:
-        return _fail(str(exc))
+    output_format(out)  # an extension we cannot write: refused before any work
     if out.resolve() == Path(args.tokens).resolve():
         return _fail(f"output {out} is the tokens file; refusing to overwrite it")
     try:
@@ -76,27 +73,19 @@ def _run(argv: list[str] | None) -> int:
 
     import jax
 
-    from mvjax.io.checkpoint import ModelDirError, load_encodec, load_mbd
-    from mvjax.nn import encodec as codec
+    from mvjax.inference.stages import Codec, finish_audio
+    from mvjax.io.checkpoint import load_encodec, load_mbd
 
-    try:
-        cfg, params = load_encodec(args.model)
-    except (ModelDirError, OSError, ValueError) as exc:
-        return _fail(str(exc))
+    cfg, params = load_encodec(args.model)  # a missing or damaged model: a one-line MvjaxError
     if codes.shape[1] > cfg.n_q or codes.min() < 0 or codes.max() >= cfg.bins:
         return _fail(f"codes must use at most {cfg.n_q} codebooks with ids in [0, {cfg.bins}); got {codes.shape[1]} "
                      f"codebooks, ids {codes.min()}..{codes.max()}")
-    latent = np.asarray(codec.codes_to_latent(params, codes))
-    wav_codec = np.asarray(jax.jit(lambda p, x: codec.decode_latent(cfg, p, x))(params, latent))
+    latent, wav_codec = Codec(cfg, params).decode(codes)
     wav = wav_codec
     if args.decoder == "mbd":
         from mvjax.inference.diffusion import MultiBandDiffusion
 
-        try:
-            mbd_config, mbd_params = load_mbd(args.model)
-        except (ModelDirError, OSError, ValueError) as exc:
-            return _fail(str(exc))
-        model = MultiBandDiffusion(mbd_config, mbd_params)
+        model = MultiBandDiffusion(*load_mbd(args.model))
         noises = None
         if args.noises:
             try:
@@ -114,33 +103,20 @@ def _run(argv: list[str] | None) -> int:
     rate = cfg.sample_rate
     results = [np.asarray(w) for w in wav]  # each (channels, samples)
     if not args.raw:
-        from mvjax.audio.loudness import normalize_loudness
-
-        results = [normalize_loudness(w, rate) for w in results]
+        enhancer = None
         if not args.no_enhance:
-            from mvjax.audio.enhance import (
-                DF_SAMPLE_RATE,
-                DeepFilterNet3,
-                EnhancerUnavailable,
-            )
+            from mvjax.audio.enhance import DeepFilterNet3
 
-            try:
-                enhancer = DeepFilterNet3()
-            except EnhancerUnavailable as exc:
-                return _fail(str(exc))
-            try:
-                from mvjax.audio.features import resample
-
-                results = [np.stack([enhancer.process_48k(resample(ch, rate, DF_SAMPLE_RATE)) for ch in w]) for w in results]
-            finally:
+            enhancer = DeepFilterNet3()
+        try:
+            finished = [finish_audio(w, cfg.sample_rate, True, enhancer, {}) for w in results]
+        finally:
+            if enhancer is not None:
                 enhancer.close()
-            rate = DF_SAMPLE_RATE
+        results, rate = [w for w, _ in finished], finished[0][1]
     outputs = [out] if len(results) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(results))]
     for path, audio in zip(outputs, results):
-        try:
-            write_wav(path, audio, rate, subtype="FLOAT" if args.raw else "PCM_16")
-        except AudioError as exc:
-            return _fail(str(exc))
+        write_wav(path, audio, rate, subtype="FLOAT" if args.raw else "PCM_16")
         print(f"wrote {path} ({audio.shape[-1] / rate:.2f} s at {rate} Hz)")
     return 0
 

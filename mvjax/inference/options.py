@@ -21,7 +21,12 @@ DEFAULT_BATCH_SIZE = 8
 
 
 class SynthesisError(MvjaxError, ValueError):
-    """Input the pipeline cannot synthesise (text, speaker, options)."""
+    """Input the pipeline cannot synthesise (text, speaker, options). ``option``: the
+    :class:`SynthesisOptions` field at fault, when one is (its message then starts with the name)."""
+
+    def __init__(self, message: str, option: Optional[str] = None):
+        super().__init__(message)
+        self.option = option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +49,14 @@ class SynthesisOptions:
         for name in ("temperature", "stage2_temperature", "guidance_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-                raise SynthesisError(f"{name} must be a finite number >= 0, not {value!r}")
+                raise SynthesisError(f"{name} must be a finite number >= 0, not {value!r}", name)
         if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise SynthesisError("top_p must be in (0, 1]")
+            raise SynthesisError(f"top_p must be in (0, 1], not {self.top_p!r}", "top_p")
         if self.max_new_tokens is not None and self.max_new_tokens < 2:
-            raise SynthesisError("max_new_tokens must be >= 2 (two tokens per audio frame)")
+            raise SynthesisError(f"max_new_tokens must be >= 2 (two tokens per audio frame), not {self.max_new_tokens!r}",
+                                 "max_new_tokens")
         if self.stage2_top_k is not None and self.stage2_top_k < 0:
-            raise SynthesisError("stage2_top_k must be >= 0 (0 = off)")
+            raise SynthesisError(f"stage2_top_k must be >= 0 (0 = off), not {self.stage2_top_k!r}", "stage2_top_k")
 
     @property
     def first_stage_sampling(self) -> SamplingConfig:

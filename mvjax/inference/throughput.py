@@ -111,13 +111,11 @@ def plan_batch_sizes(tts, frames: int, decoder: str = "mbd", available: Optional
                      fraction: float = 0.7, max_batch: int = MAX_BATCH) -> dict[str, int]:
     """Per-stage batch sizes (per device): the largest power of two whose estimated working memory
     fits in ``fraction`` of the free memory (``available`` bytes, measured when not given)."""
-    budget = fraction * (free_bytes() if available is None else available)
+    available = free_bytes() if available is None else available
     out = {}
     for stage, need in per_utterance_bytes(tts, frames, decoder).items():
-        batch = 1
-        while batch * 2 <= max_batch and batch * 2 * need <= budget:
-            batch *= 2
-        out[stage] = batch
+        fit = min(max_batch, rows_that_fit(need, available, fraction))
+        out[stage] = 1 << (fit.bit_length() - 1)  # the largest power of two <= fit
     return out
 
 

@@ -15,8 +15,8 @@ conversion never produces one). Nothing here imports torch.
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
