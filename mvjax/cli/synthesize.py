@@ -184,7 +184,7 @@ def _check_numbers(args) -> None:
 
 def _check_outputs(jobs: list[dict], args) -> None:
     # Every file the run reads; nothing the run writes may be one of them.
-    speakers = {Path(s).resolve() for s in [args.speaker, args.speaker_embedding, args.text_file]
+    inputs = {Path(s).resolve() for s in [args.speaker, args.speaker_embedding, args.text_file]
                 + [j["speaker"] for j in jobs] if s}
     seen = set()
     for job in jobs:
@@ -192,7 +192,7 @@ def _check_outputs(jobs: list[dict], args) -> None:
         if out.suffix.lower() not in OUTPUT_FORMATS:
             raise UsageError(f"output {out} must end in one of {', '.join(sorted(OUTPUT_FORMATS))}")
         resolved = out.resolve()
-        if resolved in speakers:
+        if resolved in inputs:
             raise UsageError(f"output {out} is an input (speaker reference or text file); refusing to overwrite it")
         if resolved in seen:
             raise UsageError(f"output {out} is named twice")
@@ -221,7 +221,7 @@ def _check_outputs(jobs: list[dict], args) -> None:
             if job["tokens"].suffix.lower() != ".npz":
                 raise UsageError(f"--save-tokens {job['tokens']} must end in .npz")
             resolved = job["tokens"].resolve()
-            if resolved in speakers or resolved in outputs:
+            if resolved in inputs or resolved in outputs:
                 raise UsageError(f"--save-tokens {job['tokens']} is an input or an audio output; refusing to overwrite it")
             if resolved in tokens_seen:
                 raise UsageError(f"outputs {tokens_seen[resolved]} and {job['out']} would both save tokens to "
