@@ -18,8 +18,9 @@ LAYERS = {
     "convert_weights": 4,
     "mvjax.sources": 5,
     "mvjax.inference": 6,
-    "mvjax.cli": 7,
-    "mvjax": 8,  # the package face (public API) and the python -m entry points
+    "mvjax.train": 7,
+    "mvjax.cli": 8,
+    "mvjax": 9,  # the package face (public API) and the python -m entry points
 }
 ENTRY_POINT = {"convert_released", "released_components"}
 
