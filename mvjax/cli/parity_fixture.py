@@ -21,6 +21,7 @@ COMPONENTS = (
     "encodec",
     "mbd",
     "pipeline",
+    "finetune",
 )
 # Margin below which a greedy token is too close to call, per the fixture README.
 GREEDY_MARGIN = 1e-3
@@ -60,7 +61,8 @@ class FixtureArrays(dict):
 
 # Every array the fixture README documents, per file, as the checks read them. ``{g}``: each
 # decoding case (gen0, gen1, ... at least the two documented), ``{b}``: each stage-2 row,
-# ``{u}``: each diffusion band of the checkpoint. A missing one FAILs the components that use
+# ``{u}``: each diffusion band of the checkpoint, ``{r}``: each fine-tuning row, ``{name}``: each
+# trainable parameter the fine-tuning case lists. A missing one FAILs the components that use
 # the file, naming it, before anything runs: no check may vanish with its data.
 DOCUMENTED_KEYS = {
     "stage1/stage1_cases.npz": [
@@ -85,6 +87,12 @@ DOCUMENTED_KEYS = {
         "text", "spk_emb", "stage1_seq", "first_stage_tokens", "stage2_audio_start", "all_codebooks",
         "stage1_margin", "stage2_margin", "guidance", "top_p", "max_new_tokens",
     ],
+    "finetune/finetune_cases.npz": [
+        "texts", "codes_{r}", "spk", "tokens", "order", "val_rows", "ctx_window", "pad_token",
+        "num_max_audio_tokens_timesteps", "last_n_blocks", "learning_rate", "weight_decay", "betas", "grad_clip",
+        "batch_size", "steps", "trainable_names", "train_losses", "grad_norms", "step0_token_losses",
+        "val_loss_before", "val_loss_after", "param/{name}",
+    ],
 }
 # The documented decoding cases of stage1_cases.npz; further gen<i>_seq cases are checked too.
 DOCUMENTED_GEN_CASES = ("gen0", "gen1")
@@ -99,6 +107,7 @@ COMPONENT_FILES = {
     "encodec": ("mbd/mbd_cases.npz",),
     "mbd": ("mbd/mbd_cases.npz",),
     "pipeline": ("pipeline_cases.npz",),
+    "finetune": ("finetune/finetune_cases.npz",),
 }
 
 
@@ -181,6 +190,10 @@ class Fixture:
                 names += [key.format(b=b) for b in range(rows)]
             elif "{u}" in key:
                 names += [key.format(u=u) for u in range(self.mbd_band_count())]
+            elif "{r}" in key:
+                names += [key.format(r=r) for r in range(len(data.get("texts", ())))]
+            elif "{name}" in key:
+                names += [key.format(name=n) for n in data.get("trainable_names", ())]
             else:
                 names.append(key)
         return [k for k in names if k not in data]

@@ -58,67 +58,111 @@ class Norm(nn.Module):
         return y.astype(x.dtype)
 
 
-def _dense(features: int, use_bias: bool, name: str, dtype) -> nn.Dense:
-    return nn.Dense(
+class Dense(nn.Dense):
+    """``nn.Dense`` plus an optional low-rank adapter (LoRA) read from the ``lora`` collection.
+
+    Without a ``lora`` collection (inference, full fine-tuning) this is exactly ``nn.Dense``. When
+    the collection holds ``a`` (in, r) and ``b`` (r, out) for this layer, the output gains
+    ``lora_scale * (x @ a) @ b`` (computed unmerged, so training never forms the full-size update).
+    """
+
+    lora_scale: float = 1.0
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        if self.has_variable("lora", "a"):
+            a = self.get_variable("lora", "a").astype(y.dtype)
+            b = self.get_variable("lora", "b").astype(y.dtype)
+            y = y + (x.astype(y.dtype) @ a @ b) * jnp.asarray(self.lora_scale, y.dtype)
+        return y
+
+
+def _dense(features: int, use_bias: bool, name: str, dtype, lora_scale: float = 1.0) -> Dense:
+    return Dense(
         features,
         use_bias=use_bias,
         name=name,
         dtype=dtype,
         kernel_init=nn.initializers.normal(0.02),
+        lora_scale=lora_scale,
     )
 
 
-def attention(q, k, v, mask):
-    """Scaled dot-product attention. q: (B, Tq, H, hd); k, v: (B, Tk, H, hd); mask: bool, broadcast to (B, H, Tq, Tk)."""
+def attention(q, k, v, mask, probs_dropout=None):
+    """Scaled dot-product attention. q: (B, Tq, H, hd); k, v: (B, Tk, H, hd); mask: bool, broadcast to (B, H, Tq, Tk).
+    ``probs_dropout`` (training only) is applied to the attention weights, as torch's SDPA ``dropout_p`` does."""
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if probs_dropout is not None:
+        probs = probs_dropout(probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _dropout(rate: float):
+    """A training-time dropout (needs the ``dropout`` rng), or None when ``rate`` is 0 (inference)."""
+    if not rate:
+        return None
+    return lambda y: nn.Dropout(rate, deterministic=False)(y)
 
 
 class SelfAttention(nn.Module):
     config: GPTConfig
     dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0  # training only: on the attention weights and after c_proj, as the reference
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, mask):
         """x: (B, T, D) -> (B, T, D). (Token-by-token decoding uses mvjax.nn.gpt_decode.)"""
         cfg = self.config
         batch, length, width = x.shape
-        qkv = _dense(3 * width, cfg.bias, "c_attn", self.dtype)(x)
+        qkv = _dense(3 * width, cfg.bias, "c_attn", self.dtype, self.lora_scale)(x)
         qkv = qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim)
-        y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
-        return _dense(width, cfg.bias, "c_proj", self.dtype)(y.reshape(batch, length, width))
+        y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, _dropout(self.dropout_rate))
+        y = _dense(width, cfg.bias, "c_proj", self.dtype, self.lora_scale)(y.reshape(batch, length, width))
+        drop = _dropout(self.dropout_rate)
+        return y if drop is None else drop(y)
 
 
 class MLP(nn.Module):
     config: GPTConfig
     dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0  # training only: after c_proj, as the reference
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         hidden = cfg.mlp_hidden
+        s = self.lora_scale
         if cfg.nonlinearity_type == "swiglu":
-            h = nn.silu(_dense(hidden, cfg.bias, "w1", self.dtype)(x)) * _dense(hidden, cfg.bias, "w3", self.dtype)(x)
+            h = nn.silu(_dense(hidden, cfg.bias, "w1", self.dtype, s)(x)) * _dense(hidden, cfg.bias, "w3", self.dtype, s)(x)
         else:
-            h = nn.gelu(_dense(hidden, cfg.bias, "c_fc", self.dtype)(x), approximate=False)  # torch.nn.GELU(): erf form
-        return _dense(cfg.n_embd, cfg.bias, "c_proj", self.dtype)(h)
+            h = nn.gelu(_dense(hidden, cfg.bias, "c_fc", self.dtype, s)(x), approximate=False)  # torch.nn.GELU(): erf form
+        y = _dense(cfg.n_embd, cfg.bias, "c_proj", self.dtype, s)(h)
+        drop = _dropout(self.dropout_rate)
+        return y if drop is None else drop(y)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block, written as a scan body ``(x, mask) -> (x, None)``."""
+    """Pre-norm residual block, written as a scan body ``(x, mask) -> (x, None)``.
+
+    ``dropout_rate`` and ``lora_scale`` only matter in training (:mod:`mvjax.train.model`)."""
 
     config: GPTConfig
     dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, mask):
         cfg = self.config
-        x = x + SelfAttention(cfg, self.dtype, name="attn")(Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_1")(x), mask)
-        x = x + MLP(cfg, self.dtype, name="mlp")(Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_2")(x))
+        rate, s = self.dropout_rate, self.lora_scale
+        x = x + SelfAttention(cfg, self.dtype, rate, s, name="attn")(Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_1")(x), mask)
+        x = x + MLP(cfg, self.dtype, rate, s, name="mlp")(Norm(cfg.norm_type, cfg.norm_eps, cfg.bias, name="ln_2")(x))
         return x, None
 
 

@@ -1,0 +1,202 @@
+"""The training loop: data -> jitted steps -> evaluation, checkpoints, metrics; fresh or resumed."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from mvjax.train.model import TrainSpec
+from mvjax.train.optim import OptimConfig
+from mvjax.train.run import (
+    LoopConfig,
+    MetricsLog,
+    RunError,
+    batch_rows,
+    checkpoint_manager,
+    read_run_file,
+    restore_checkpoint,
+    run_configs,
+    save_checkpoint,
+    write_run_file,
+)
+
+
+def _model_digest(model_dir: Path) -> str:
+    from mvjax.io.checkpoint import read_manifest
+
+    return read_manifest(model_dir)["components"]["first_stage"]["params_sha256"]
+
+
+def _check_data(data_manifest: dict, cfg, tok) -> None:
+    pad = tok.offset - 1
+    problems = []
+    if int(data_manifest.get("pad_token", -1)) != pad:
+        problems.append(f"pad token {data_manifest.get('pad_token')} (model: {pad})")
+    ctx = int(data_manifest.get("ctx_window", 0))
+    if not 0 < ctx <= cfg.block_size:
+        problems.append(f"context window {ctx} (model block: {cfg.block_size})")
+    if cfg.speaker_emb_dim is not None and int(data_manifest.get("speaker_emb_dim", -1)) != cfg.speaker_emb_dim:
+        problems.append(f"speaker embedding size {data_manifest.get('speaker_emb_dim')} (model: {cfg.speaker_emb_dim})")
+    if problems:
+        raise RunError("the data was prepared for another model: " + "; ".join(problems))
+
+
+def open_run(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], spec: TrainSpec, optim: OptimConfig,
+             loop: LoopConfig, resume: bool, changed: dict) -> dict:
+    """Create ``run.json`` for a fresh run, or check a resumed run's request against it. ``changed``:
+    settings given explicitly on the command line (name -> value), compared on resume."""
+    if (run_dir / "run.json").exists():
+        if not resume:
+            raise RunError(f"{run_dir} already holds a training run; pass --resume to continue it, or another --out")
+        settings = read_run_file(run_dir)
+        old_spec, old_optim, old_loop = run_configs(settings)
+        current = {**old_spec.to_dict(), **old_optim.to_dict(), **vars(old_loop),
+                   "model": settings["model"], "data": settings["data"]}
+        clash = [k for k, v in changed.items()
+                 if k not in ("steps", "model", "data") and k in current and _differs(current[k], v)]
+        if clash:
+            raise RunError(f"--resume continues the run as it was set up; it cannot change {', '.join(sorted(clash))}")
+        if "steps" in changed and changed["steps"] != old_loop.steps:
+            if old_optim.schedule != "constant":
+                raise RunError("the learning-rate schedule depends on --steps: a cosine run cannot change it on resume")
+            settings["loop"]["steps"] = int(changed["steps"])
+            settings["optim"]["total_steps"] = int(changed["steps"])
+            write_run_file(run_dir, {k: v for k, v in settings.items() if k not in ("format", "version")})
+        return settings
+    if resume:
+        raise RunError(f"nothing to resume: {run_dir} holds no run.json")
+    if model_dir is None or data_dir is None:
+        raise RunError("a new run needs --model and --data")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"{run_dir} exists and is not empty; choose a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"model": str(Path(model_dir).absolute()), "model_first_stage_sha256": _model_digest(Path(model_dir)),
+                "data": str(Path(data_dir).absolute()), "spec": spec.to_dict(), "optim": optim.to_dict(),
+                "loop": dict(vars(loop))}
+    write_run_file(run_dir, settings)
+    return {"format": "", **settings}
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a or []) != list(b or [])
+    if isinstance(a, float) or isinstance(b, float):
+        return not math.isclose(float(a), float(b), rel_tol=1e-12)
+    return a != b
+
+
+def load_run_model(settings: dict):
+    """(config, params, tokenizer) of the run's base first stage, checked against the recorded digest."""
+    from mvjax.io.checkpoint import load_gpt_stage
+
+    model_dir = Path(settings["model"])
+    if _model_digest(model_dir) != settings.get("model_first_stage_sha256"):
+        raise RunError(f"the base model {model_dir} changed since the run started (first-stage digest differs)")
+    return load_gpt_stage(model_dir, "first_stage")
+
+
+def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], spec: TrainSpec, optim: OptimConfig,
+          loop: LoopConfig, resume: bool = False, changed: Optional[dict] = None,
+          log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Train (or resume) a run; returns a summary (final step, last losses, best validation loss)."""
+    import jax
+
+    from mvjax.core.parallel import local_mesh
+    from mvjax.train.data import load_split
+    from mvjax.train.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    settings = open_run(run_dir, model_dir, data_dir, spec, optim, loop, resume, changed or {})
+    spec, optim, loop = run_configs(settings)
+    cfg, params, tok = load_run_model(settings)
+    train_split = load_split(Path(settings["data"]), "train")
+    _check_data(train_split.manifest, cfg, tok)
+    try:
+        val_split = load_split(Path(settings["data"]), "val")
+    except FileNotFoundError:
+        val_split = None
+    mesh = local_mesh() if jax.local_device_count() > 1 else None
+    if mesh is not None and loop.batch_size % jax.local_device_count():
+        raise RunError(f"--batch-size {loop.batch_size} does not split over {jax.local_device_count()} devices")
+    trainer = Trainer(cfg, params, spec, optim, tok.offset - 1, mesh=mesh, lora_seed=loop.seed)
+    del params
+    manager = checkpoint_manager(run_dir, loop.keep)
+    state, start = trainer.init_state(loop.seed), 0
+    if resume and manager.latest_step() is not None:
+        start = int(manager.latest_step())
+        state, meta = restore_checkpoint(manager, start, trainer.abstract_state())
+        state = trainer.place(state)
+        if int(meta.get("rows_seen", -1)) != start * loop.rows_per_step:
+            raise RunError(f"checkpoint {start} records a data position that does not match its step")
+        log(f"resuming at step {start} (data row {start * loop.rows_per_step})")
+    metrics = MetricsLog(run_dir, start, log)
+    n_train, ctx = len(train_split.tokens), train_split.tokens.shape[-1] - 1
+    log(f"training {n_train} rows ({0 if val_split is None else len(val_split.tokens)} validation), "
+        f"{loop.rows_per_step} rows x {ctx} tokens per step, steps {start}..{loop.steps}")
+
+    def evaluate(step: int) -> Optional[float]:
+        if val_split is None or not len(val_split.tokens):
+            return None
+        rows = val_split.tokens if not loop.eval_rows else val_split.tokens[: loop.eval_rows]
+        spk = val_split.spk[: len(rows)]
+        value = trainer.evaluate(state["trainable"], rows, spk, loop.batch_size)
+        metrics.write("eval", step, {"val_loss": value})
+        return value
+
+    best = None
+    if start == 0:
+        best = evaluate(0)
+        if best is not None:
+            log(f"step 0: validation loss {best:.4f}")
+    bar = _progress(loop.steps, start, progress)
+    last = {}
+    try:
+        for step in range(start, loop.steps):
+            idx = batch_rows(n_train, step * loop.rows_per_step, loop.rows_per_step, loop.seed)
+            rows = train_split.tokens[idx].reshape(loop.grad_accum, loop.batch_size, *train_split.tokens.shape[1:])
+            spk = train_split.spk[idx].reshape(loop.grad_accum, loop.batch_size, -1)
+            t0 = time.perf_counter()
+            state, m = trainer.step(state, rows, spk)
+            last = {k: float(v) for k, v in m.items()}
+            seconds = time.perf_counter() - t0
+            last.update(step_time_s=seconds, tokens_per_s=loop.rows_per_step * ctx / seconds)
+            done = step + 1
+            metrics.write("train", done, last)
+            val = None
+            if done % loop.eval_every == 0 or done == loop.steps:
+                val = evaluate(done)
+                if val is not None:
+                    best = val if best is None else min(best, val)
+                    log(f"step {done}: loss {last['loss']:.4f}, validation loss {val:.4f}")
+            if done % loop.save_interval == 0 or done == loop.steps:
+                save_checkpoint(manager, state, {"step": done, "rows_seen": done * loop.rows_per_step,
+                                                 "loss": last["loss"], "val_loss": val}, val)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        metrics.close()
+    return {"step": loop.steps, "last": last, "best_val_loss": best}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", file=sys.stderr,
+                disable=not sys.stderr.isatty())
+
+
+def training_order(n_rows: int, steps: int, rows_per_step: int, seed: int) -> np.ndarray:
+    """The row indices every step reads (steps, rows_per_step): for inspection and tests."""
+    return np.stack([batch_rows(n_rows, s * rows_per_step, rows_per_step, seed) for s in range(steps)])

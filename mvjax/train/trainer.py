@@ -1,0 +1,164 @@
+"""One jitted training step (gradient accumulation inside it), evaluation, data parallel over devices.
+
+The state is a plain dict, so Orbax saves it as it is::
+
+    {"step": int32 (), "rng": uint32 (2,), "trainable": {...}, "opt_state": optax state}
+
+A step takes ``rows`` of shape (accumulation, batch, hierarchies, T + 1) and the matching speaker
+embeddings (accumulation, batch, S). With a mesh, the batch axis is split over its ``data`` axis and
+the parameters are replicated; XLA averages the gradients across devices, so the loss and the
+update are those of one device on the whole batch. Dropout keys are ``fold_in(rng, step)``, so a
+resumed run draws the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mvjax.core.parallel import DATA_AXIS, device_count
+from mvjax.nn.config import GPTConfig
+from mvjax.train.model import (
+    TrainSpec,
+    TrainSpecError,
+    loss_sums,
+    loss_weights,
+    mean_loss,
+    split_params,
+)
+from mvjax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
+
+
+class Trainer:
+    """Holds the frozen weights and the compiled step; the trainable state travels in and out."""
+
+    def __init__(self, config: GPTConfig, params: dict, spec: TrainSpec, optim: OptimConfig, pad_token: int,
+                 mesh: Optional[Mesh] = None, lora_seed: int = 0):
+        self.config, self.spec, self.optim, self.pad_token, self.mesh = config, spec, optim, int(pad_token), mesh
+        self.frozen, self.initial_trainable = split_params(config, spec, params, jax.random.PRNGKey(lora_seed))
+        self.tx = make_optimizer(optim, self.initial_trainable)
+        self.schedule = learning_rate_schedule(optim)
+        if mesh is not None:
+            self.frozen = jax.device_put(self.frozen, NamedSharding(mesh, P()))
+        self._step = jax.jit(self._step_impl, donate_argnums=(0,))
+        self._eval = jax.jit(self._eval_impl)
+        self._losses = jax.jit(self._token_losses_impl)
+
+    # State ---------------------------------------------------------------------------------
+    def init_state(self, seed: int = 0) -> dict:
+        trainable = jax.tree_util.tree_map(jnp.asarray, self.initial_trainable)
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jnp.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), jnp.uint32),
+            "trainable": trainable,
+            "opt_state": self.tx.init(trainable),
+        }
+        return self.place(state)
+
+    def place(self, state: dict) -> dict:
+        """Replicate a state over the mesh (no-op without one)."""
+        if self.mesh is None:
+            return state
+        return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+    def abstract_state(self) -> dict:
+        return jax.eval_shape(lambda: self.init_state(0))
+
+    # Batches -------------------------------------------------------------------------------
+    def _put(self, array, batch_axis: int):
+        array = jnp.asarray(array)
+        if self.mesh is None:
+            return array
+        n = device_count(self.mesh)
+        if array.shape[batch_axis] % n:
+            raise TrainSpecError(f"batch of {array.shape[batch_axis]} rows does not split over {n} devices")
+        spec = [None] * array.ndim
+        spec[batch_axis] = DATA_AXIS
+        return jax.device_put(array, NamedSharding(self.mesh, P(*spec)))
+
+    # Step ----------------------------------------------------------------------------------
+    def _grads(self, trainable, rows, spk, key):
+        def loss_fn(t):
+            loss, _ = mean_loss(self.config, self.spec, self.frozen, t, rows, spk, key, self.pad_token,
+                                deterministic=not self.spec.dropout)
+            return loss
+
+        return jax.value_and_grad(loss_fn)(trainable)
+
+    def _step_impl(self, state, rows, spk):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl="threefry2x32"), state["step"])
+        trainable = state["trainable"]
+        accumulation = rows.shape[0]
+        if accumulation == 1:
+            loss, grads = self._grads(trainable, rows[0], spk[0], jax.random.fold_in(step_key, 0))
+        else:
+            def micro(carry, inputs):
+                loss_sum, grad_sum = carry
+                r, s, i = inputs
+                loss, grads = self._grads(trainable, r, s, jax.random.fold_in(step_key, i))
+                return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+            (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
+                                            (rows, spk, jnp.arange(accumulation)))
+            loss = loss / accumulation
+            grads = jax.tree_util.tree_map(lambda g: g / accumulation, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], trainable)
+        new_state = {
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "trainable": optax.apply_updates(trainable, updates),
+            "opt_state": opt_state,
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
+        return new_state, metrics
+
+    def step(self, state: dict, rows: np.ndarray, spk: np.ndarray) -> tuple[dict, dict]:
+        """One optimiser update. rows: (accumulation, batch, H, T+1) int; spk: (accumulation, batch, S)."""
+        rows = np.asarray(rows, np.int32)
+        spk = np.asarray(spk, np.float32)
+        if rows.ndim == 3:
+            rows, spk = rows[None], spk[None]
+        return self._step(state, self._put(rows, 1), self._put(spk, 1))
+
+    # Evaluation ----------------------------------------------------------------------------
+    def _eval_impl(self, trainable, rows, spk, row_weight):
+        _, _, losses = loss_sums(self.config, self.spec, self.frozen, trainable, rows, spk,
+                                 jax.random.PRNGKey(0), self.pad_token, deterministic=True)
+        w = loss_weights(rows[..., 1:], self.pad_token, self.spec.loss_mask) * row_weight[:, None, None]
+        return jnp.sum(losses * w, axis=(0, 2)), jnp.sum(w, axis=(0, 2))
+
+    def evaluate(self, trainable: dict, rows: np.ndarray, spk: np.ndarray, batch_size: int) -> float:
+        """Mean loss over every counted position of ``rows`` (N, H, T+1): per head, then over heads.
+        The last partial batch is padded with copies that carry no weight, so one program serves all."""
+        rows = np.asarray(rows, np.int32)
+        spk = np.asarray(spk, np.float32)
+        n = rows.shape[0]
+        if n == 0:
+            return float("nan")
+        total = weight = 0.0
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, start + batch_size)
+            real = (idx < n).astype(np.float32)
+            idx = np.minimum(idx, n - 1)
+            t, w = self._eval(trainable, self._put(rows[idx], 0), self._put(spk[idx], 0), self._put(real, 0))
+            total = total + np.asarray(t, np.float64)
+            weight = weight + np.asarray(w, np.float64)
+        return float(np.mean(total / np.maximum(weight, 1.0)))
+
+    def _token_losses_impl(self, trainable, rows, spk):
+        _, losses = mean_loss(self.config, self.spec, self.frozen, trainable, rows, spk, jax.random.PRNGKey(0),
+                              self.pad_token, deterministic=True)
+        return losses
+
+    def token_losses(self, trainable: dict, rows: np.ndarray, spk: np.ndarray) -> np.ndarray:
+        """Per-position losses (B, H, T) without dropout."""
+        return np.asarray(self._losses(trainable, jnp.asarray(rows, jnp.int32), jnp.asarray(spk, jnp.float32)))
+
