@@ -1,6 +1,7 @@
 """Converting the released PyTorch checkpoints into mvjax's model format (``python -m convert_weights``).
 
-The runtime reaches this package through one entry point, :func:`convert_released`; everything
+The runtime reaches this package only through its entry points: :func:`convert_released` and
+:func:`released_components` (model sources), :func:`write_released_gpt` (fine-tuning export); everything
 else here (the restricted unpickler, the mapping tables, the torch-free ``.pt`` writer, random
 released-layout checkpoints) is for the converter itself, its CLI, the demo and the tests.
 """
@@ -23,3 +24,12 @@ def convert_released(source: str | Path, out: str | Path, log: Callable[[str], N
     from convert_weights.convert import convert_directory
 
     convert_directory(Path(source), Path(out), log=log)
+
+
+def write_released_gpt(path: str | Path, config, params, tokenizer_spec, extra_config: dict | None = None,
+                       **kwargs) -> Path:
+    """Write a GPT parameter tree (float, converted layout) as a released-layout checkpoint at ``path``
+    (``first_stage.pt`` that the reference code loads), atomically; see :mod:`convert_weights.export`."""
+    from convert_weights.export import write_released_gpt as write
+
+    return write(path, config, params, tokenizer_spec, extra_config, **kwargs)
