@@ -96,8 +96,8 @@ def validate(cfg: GPTConfig, spec: TrainSpec) -> None:
         bad = [b for b in (spec.lora_blocks or ()) if not 0 <= b < cfg.n_layer]
         if bad:
             raise TrainSpecError(f"LoRA block(s) {bad} outside [0, {cfg.n_layer - 1}]")
-        both = set(lora_layers(cfg, spec)) & set(range(cfg.n_layer - spec.last_n_blocks, cfg.n_layer))
-        if spec.lora_blocks is not None and both:
+        both = set(spec.lora_blocks or ()) & set(range(cfg.n_layer - spec.last_n_blocks, cfg.n_layer))
+        if both:
             raise TrainSpecError(f"block(s) {sorted(both)} both train in full and carry LoRA; choose one")
         if not lora_layers(cfg, spec):
             raise TrainSpecError("LoRA is on but every block trains in full; lower last_n_blocks")

@@ -89,7 +89,7 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
 
     def update(updates, state, params=None):
         del params
-        norm = optax.global_norm(updates)
+        norm = optax.tree.norm(updates)
         coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
         return jax.tree_util.tree_map(lambda g: g * coef.astype(g.dtype), updates), state
 

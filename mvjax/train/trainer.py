@@ -109,7 +109,7 @@ class Trainer:
                                             (rows, spk, jnp.arange(accumulation)))
             loss = loss / accumulation
             grads = jax.tree_util.tree_map(lambda g: g / accumulation, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], trainable)
         new_state = {
             "step": state["step"] + 1,
