@@ -1,0 +1,143 @@
+"""``python -m mvjax.finetune prepare``: encode clips, embed speakers and build token rows once.
+
+    python -m mvjax.finetune prepare --model MODEL --train train.csv [--val val.csv] --out DATA
+
+Listings are the reference's ``audio_files|captions`` CSV or JSONL (``{"audio": ..., "text": ...}``
+per line); see :mod:`mvjax.train.prepare`. ``DATA`` is built beside itself and renamed into place
+when complete, so an interrupted run leaves the old directory (or none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from mvjax.core.errors import MvjaxError
+
+
+class UsageError(MvjaxError, ValueError):
+    """Arguments that cannot work together."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mvjax.train.prepare import SKIP_REASONS
+
+    parser.epilog = ("A clip that cannot be used is skipped, named with its reason, and counted in the summary and "
+                     "DATA/manifest.json: " + "; ".join(f"{k}: {v}" for k, v in SKIP_REASONS.items()) + ".")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--model", help="converted model directory, released checkpoints directory or hub repo id "
+                                     "(needs first_stage, encodec and speaker_encoder)")
+    src.add_argument("--demo", action="store_true", help="use the small random demo model (for trying the tools)")
+    parser.add_argument("--train", required=True, type=Path,
+                        help="training listing: .csv (audio_files|captions, '|'-separated) or .jsonl "
+                             "({\"audio\": ..., \"text\": ...} per line); relative paths are read from its folder; "
+                             "a caption that is one word ending in .txt is read from that file")
+    parser.add_argument("--val", type=Path, help="validation listing, same formats (optional)")
+    parser.add_argument("--out", required=True, type=Path, help="data directory to write (DATA)")
+    parser.add_argument("--ctx-window", type=int, default=None,
+                        help="tokens per training row minus one (even; default and maximum: the first stage's block size)")
+    parser.add_argument("--truncate-long", action="store_true",
+                        help="keep clips whose text + audio tokens do not fit the window, cut at the window as the "
+                             "reference does (their audio then has no end, which teaches the model never to stop); "
+                             "by default they are skipped")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    parser.add_argument("--quiet", action="store_true", help="print only skips, the summary and errors")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
+    """Refuse an output that is a file, holds an input, or is a non-empty directory (without ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    for path in inputs:
+        if _inside(path, out):
+            raise UsageError(f"--out {out} would overwrite an input ({path}); choose another directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, replacing what is there (kept until the rename succeeded)."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mvjax.train.data import read_listing
+    from mvjax.train.prepare import prepare_data
+
+    if not args.demo and not args.model:
+        raise UsageError("give --model (or --demo for the random demo model)")
+    listings = {"train": read_listing(args.train)}
+    if args.val is not None:
+        listings["val"] = read_listing(args.val)
+    out = Path(args.out)
+    inputs = [args.train] + ([args.val] if args.val is not None else [])
+    for entries in listings.values():
+        inputs += [p for e in entries for p in (e.audio, e.caption_file) if p is not None]
+    if args.model and Path(args.model).exists():
+        inputs.append(Path(args.model))
+    check_output(out, inputs, args.overwrite)
+
+    def log(message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+    def info(message: str) -> None:
+        if not args.quiet:
+            log(message)
+
+    if args.demo:
+        from mvjax.cli.demo import demo_model_dir
+
+        info("demo: a small model with random weights; prepared data from it only exercises the tools")
+        model = demo_model_dir(log=info)
+    else:
+        from mvjax.sources.resolve import resolve_model
+
+        model = resolve_model(args.model, log_fn=info)
+    if _inside(model, out):
+        raise UsageError(f"--out {out} would overwrite an input (the model {model}); choose another directory")
+    from mvjax.cli.synthesize import enable_compilation_cache
+    from mvjax.core.atomic import current_umask
+    from mvjax.core.precision import apply as apply_precision
+
+    apply_precision()
+    enable_compilation_cache()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # what a plain mkdir would give, not mkdtemp's 0o700
+        manifest = prepare_data(model, listings, tmp, ctx_window=args.ctx_window, truncate_long=args.truncate_long,
+                                log=info, warn=log)
+        check_output(out, [], args.overwrite)  # nothing appeared there meanwhile
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = ", ".join(f"{name} {entry['rows']}" for name, entry in manifest["splits"].items())
+    info(f"wrote {out} ({rows} rows, ctx_window {manifest['ctx_window']})")
+    return 0

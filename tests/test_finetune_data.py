@@ -1,0 +1,328 @@
+"""Fine-tuning data: row building (against the reference fixture), listings, the data format, and
+``python -m mvjax.finetune prepare`` end to end on the random demo model (bad rows, cache reuse,
+argument errors)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mvjax.cli.finetune import main
+from mvjax.text.tokenizer import normalize_text
+from mvjax.train import data as ftdata
+from mvjax.train.data import (
+    DataError,
+    ListingError,
+    MissingSplitError,
+    build_row,
+    fits,
+    load_split,
+    read_listing,
+)
+
+sf = pytest.importorskip("soundfile")
+
+
+# --- Rows ---------------------------------------------------------------------------------
+
+
+def test_fixture_rows_rebuild_exactly(fixtures, converted):
+    from mvjax.io.checkpoint import load_gpt_stage
+
+    _, _, tok = load_gpt_stage(converted, "first_stage")
+    cases = np.load(fixtures / "finetune" / "finetune_cases.npz")
+    ctx, pad = int(cases["ctx_window"]), int(cases["pad_token"])
+    assert pad == tok.offset - 1
+    cut = 0
+    for i, text in enumerate(cases["texts"]):
+        ids = tok.encode(normalize_text(str(text)))
+        row = build_row(ids, cases[f"codes_{i}"], ctx, pad, (tok.offset - 1) // 2)
+        assert row.shape == (1, ctx + 1) and row.dtype == np.int32
+        np.testing.assert_array_equal(row, cases["tokens"][i])
+        cut += not fits(len(ids), cases[f"codes_{i}"].shape[1], ctx)
+    assert cut >= 1  # the fixture holds a row the reference truncates
+
+
+def test_build_row_layout_padding_and_truncation():
+    codes = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    row = build_row([20, 21], codes, ctx_window=10, pad_token=16, codebook_size=8)
+    assert row.tolist() == [[20, 21, 1, 12, 2, 13, 3, 14, 16, 16, 16]]
+    assert build_row([20, 21], codes, ctx_window=4, pad_token=16, codebook_size=8).tolist() == [[20, 21, 1, 12, 2]]
+    assert fits(2, 3, 8) and not fits(2, 3, 7)  # 2 + 6 + end of audio must fit in ctx + 1
+    for bad in (np.array([[8], [0]]), np.array([[0], [-1]]), np.zeros((1, 3), int), np.zeros((2, 2), float)):
+        with pytest.raises(DataError):
+            build_row([20], bad, ctx_window=10, pad_token=16, codebook_size=8)
+
+
+# --- Listings -----------------------------------------------------------------------------
+
+
+def test_csv_listing_paths_captions_and_malformed_rows(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "cap.txt").write_text("  From a file.\n")
+    (tmp_path / "sub" / "a.wav").write_bytes(b"")
+    (tmp_path / "list.csv").write_text(
+        'audio_files|captions\nsub/a.wav|sub/cap.txt\nsub/a.wav|"Quoted | with a bar"\n\n'
+        "sub/a.wav|notes.txt\nsub/a.wav|Read notes.txt aloud.\nsub/a.wav\nnope.wav|Hi.\n"
+    )
+    entries = read_listing(tmp_path / "list.csv")
+    assert [e.where for e in entries] == [f"list.csv line {n}" for n in (2, 3, 5, 6, 7, 8)]
+    first, quoted, missing_txt, sentence, short, no_audio = entries
+    assert first.text == "From a file." and first.caption_file == tmp_path / "sub" / "cap.txt"
+    assert first.audio == tmp_path / "sub" / "a.wav" and first.problem is None
+    assert quoted.text == "Quoted | with a bar" and quoted.caption_file is None
+    assert missing_txt.problem[0] == "missing caption file"
+    assert sentence.text == "Read notes.txt aloud." and sentence.problem is None
+    assert short.problem[0] == "malformed row" and no_audio.problem[0] == "missing audio"
+
+
+def test_jsonl_listing(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"")
+    lines = [json.dumps({"audio": "a.wav", "text": "One."}), "{broken", "[1, 2]", json.dumps({"audio": "a.wav"}), ""]
+    (tmp_path / "l.jsonl").write_text("\n".join(lines))
+    entries = read_listing(tmp_path / "l.jsonl")
+    assert entries[0].text == "One." and entries[0].problem is None
+    assert [e.problem[0] for e in entries[1:]] == ["malformed row"] * 3
+
+
+def test_listing_errors(tmp_path):
+    with pytest.raises(ListingError, match="not found"):
+        read_listing(tmp_path / "none.csv")
+    (tmp_path / "x.tsv").write_text("a")
+    with pytest.raises(ListingError, match=".csv or a .jsonl"):
+        read_listing(tmp_path / "x.tsv")
+    (tmp_path / "h.csv").write_text("audio,text\na.wav,Hi\n")
+    with pytest.raises(ListingError, match="header"):
+        read_listing(tmp_path / "h.csv")
+
+
+# --- End to end on the demo model ---------------------------------------------------------
+
+
+def _voice(n: int, rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    t = np.arange(n) / rate
+    rng = np.random.default_rng(seed)
+    x = 0.3 * np.sin(2 * np.pi * 190 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(n)
+    return np.stack([x * (1 - 0.3 * c) for c in range(channels)], axis=1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Listings with good and bad rows, clips at several rates and channel counts."""
+    root = tmp_path_factory.mktemp("dataset")
+    clips = root / "clips"
+    clips.mkdir()
+    sf.write(clips / "stereo.wav", _voice(11025, 22050, channels=2), 22050)  # resampled, then mono
+    sf.write(clips / "b.flac", _voice(6400, 16000, seed=1), 16000)
+    sf.write(clips / "c.wav", _voice(12000, 24000, seed=2), 24000)
+    sf.write(clips / "silent.wav", np.zeros(8000, np.float32), 16000)
+    sf.write(clips / "long.wav", _voice(36000, 24000, seed=3), 24000)  # 113 frames: too long for ctx 128
+    (clips / "garbage.wav").write_bytes(b"RIFF0000WAVEnot really audio" * 10)
+    (clips / "b.txt").write_text("A caption read from a file.\n")
+    (root / "train.csv").write_text(
+        "audio_files|captions\n"
+        "clips/stereo.wav|Hello there, a stereo clip.\n"
+        "clips/b.flac|clips/b.txt\n"
+        "clips/missing.wav|Gone.\n"
+        "clips/c.wav|   \n"
+        "clips/silent.wav|Quiet please.\n"
+        "clips/long.wav|This one is too long.\n"
+        "clips/c.wav|clips/nope.txt\n"
+        "clips/garbage.wav|Broken file.\n"
+    )
+    (root / "val.jsonl").write_text(json.dumps({"audio": "clips/c.wav", "text": "Validation clip."}) + "\n{bad\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    from mvjax.cli.demo import demo_model_dir
+
+    return demo_model_dir(tmp_path_factory.mktemp("demo_cache"))
+
+
+@pytest.fixture(scope="module")
+def finetune_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ft_cache")
+
+
+def _prepare(model, dataset, out, cache, monkeypatch, *extra):
+    monkeypatch.setenv("MVJAX_CACHE", str(cache))
+    return main(["prepare", "--model", str(model), "--train", str(dataset / "train.csv"),
+                 "--val", str(dataset / "val.jsonl"), "--out", str(out), "--ctx-window", "128", *extra])
+
+
+@pytest.fixture(scope="module")
+def prepared(demo_model, dataset, finetune_cache, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    out = tmp_path_factory.mktemp("prepared") / "DATA"
+    try:
+        assert _prepare(demo_model, dataset, out, finetune_cache, mp) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def test_prepare_writes_the_documented_format(prepared, demo_model, dataset):
+    from mvjax.io.checkpoint import load_gpt_stage, read_manifest
+
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    comps = read_manifest(demo_model)["components"]
+    _, _, tok = load_gpt_stage(demo_model, "first_stage")
+    assert manifest["format"] == "mvjax-finetune-data" and manifest["version"] == 1
+    assert manifest["model"] == str(demo_model.absolute())
+    for name in ("first_stage", "encodec", "speaker_encoder"):
+        assert manifest[f"{name}_sha256"] == comps[name]["params_sha256"]
+    assert (manifest["ctx_window"], manifest["pad_token"], manifest["codebook_size"], manifest["speaker_emb_dim"]) == (
+        128, tok.offset - 1, (tok.offset - 1) // 2, 256)
+    assert manifest["splits"] == {
+        "train": {"rows": 2, "skipped": {"empty text": 1, "missing audio": 1, "missing caption file": 1,
+                                         "silent": 1, "too long": 1, "unreadable audio": 1}},
+        "val": {"rows": 1, "skipped": {"malformed row": 1}},
+    }
+    train = load_split(prepared, "train")
+    assert train.tokens.shape == (2, 1, 129) and train.tokens.dtype == np.int32
+    assert train.spk.shape == (2, 256) and train.spk.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(train.spk, axis=1), 1.0, atol=1e-5)
+    assert train.texts.tolist() == ["Hello there, a stereo clip.", "A caption read from a file."]
+    assert train.audio.tolist() == [str(dataset / "clips" / "stereo.wav"), str(dataset / "clips" / "b.flac")]
+    assert train.frames.tolist() == [38, 30]  # ceil(12000 / 320), ceil(9600 / 320) at 24 kHz
+    for row, text, frames in zip(train.tokens[:, 0], train.texts, train.frames):
+        ids = tok.encode(normalize_text(str(text)))
+        assert row[: len(ids)].tolist() == ids
+        audio = row[len(ids): len(ids) + 2 * frames]
+        assert (audio[0::2] < 1024).all() and ((audio[1::2] >= 1024) & (audio[1::2] < 2048)).all()
+        assert (row[len(ids) + 2 * frames:] == 2048).all()
+    from mvjax.core.atomic import current_umask
+
+    assert prepared.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's 0o700
+
+
+def test_prepare_codes_match_the_codec_on_a_24khz_clip(prepared, demo_model, dataset):
+    import jax
+
+    from mvjax.io.checkpoint import load_encodec
+    from mvjax.nn.encodec import encode_wav
+
+    val = load_split(prepared, "val")
+    cfg, params = load_encodec(demo_model)
+    wav, _ = sf.read(dataset / "clips" / "c.wav", dtype="float32")
+    codes = np.asarray(jax.jit(lambda p, w: encode_wav(cfg, p, w, 6.0))(params, wav[None, None]))[0]
+    expected = build_row(_text_ids(demo_model, "Validation clip."), codes, 128, 2048, 1024)
+    np.testing.assert_array_equal(val.tokens[0], expected)
+
+
+def _text_ids(model, text):
+    from mvjax.io.checkpoint import load_gpt_stage
+
+    return load_gpt_stage(model, "first_stage")[2].encode(normalize_text(text))
+
+
+def test_prepare_again_reuses_the_cache(prepared, demo_model, dataset, finetune_cache, tmp_path, monkeypatch, capsys):
+    from mvjax.inference.speaker import SpeakerEncoder
+    from mvjax.nn import encodec
+
+    cached = sorted((finetune_cache / "finetune").rglob("*.npy"))
+    assert len(cached) == 6  # codes and embeddings of stereo.wav, b.flac and c.wav, once each
+    mtimes = [p.stat().st_mtime_ns for p in cached]
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(encodec, "encode_wav", boom)
+    monkeypatch.setattr(SpeakerEncoder, "embed_audio", boom)
+    out = tmp_path / "again"
+    assert _prepare(demo_model, dataset, out, finetune_cache, monkeypatch) == 0
+    assert "EnCodec: 0 clip(s) encoded, 3 from the cache" in capsys.readouterr().err
+    assert sorted((finetune_cache / "finetune").rglob("*.npy")) == cached
+    assert [p.stat().st_mtime_ns for p in cached] == mtimes
+    for split in ("train", "val"):
+        a, b = load_split(prepared, split), load_split(out, split)
+        for name in ftdata.ARRAYS:
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_truncate_long_keeps_long_clips_cut(demo_model, dataset, finetune_cache, tmp_path, monkeypatch):
+    out = tmp_path / "cut"
+    assert _prepare(demo_model, dataset, out, finetune_cache, monkeypatch, "--truncate-long", "--quiet") == 0
+    train = load_split(out, "train")
+    assert train.manifest["splits"]["train"]["rows"] == 3 and train.manifest["splits"]["train"]["truncated"] == 1
+    assert "too long" not in train.manifest["splits"]["train"]["skipped"]
+    assert train.frames[2] == 113 and (train.tokens[2, 0] != 2048).all()  # cut: no end of audio
+
+
+def _one_line(capsys, rc):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def test_argument_errors(demo_model, dataset, finetune_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MVJAX_CACHE", str(finetune_cache))
+    base = ["prepare", "--model", str(demo_model), "--out", str(tmp_path / "o")]
+    assert "not found" in _one_line(capsys, main(base + ["--train", str(tmp_path / "none.csv")]))
+    (tmp_path / "bad.csv").write_text("audio|text\n")
+    assert "header" in _one_line(capsys, main(base + ["--train", str(tmp_path / "bad.csv")]))
+    train = ["--train", str(dataset / "train.csv")]
+    assert "even" in _one_line(capsys, main(base + train + ["--ctx-window", "127"]))
+    assert "block size" in _one_line(capsys, main(base + train + ["--ctx-window", "4096"]))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    assert "--overwrite" in _one_line(capsys, main(["prepare", "--model", str(demo_model), "--out", str(busy)] + train))
+    assert (busy / "keep.txt").read_text() == "x"
+    rc = main(["prepare", "--model", str(demo_model), "--out", str(dataset), "--overwrite"] + train)
+    assert "overwrite an input" in _one_line(capsys, rc)
+    (tmp_path / "none.csv").write_text("audio_files|captions\nmissing.wav|Hi.\n")
+    rc = main(["prepare", "--model", str(demo_model), "--out", str(tmp_path / "empty"),
+               "--train", str(tmp_path / "none.csv")])
+    assert "no usable clips" in _one_line(capsys, rc)
+    assert not (tmp_path / "empty").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".empty")]
+
+
+# --- Reading damaged data -----------------------------------------------------------------
+
+
+def _copy(prepared, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    return out
+
+
+def test_load_split_refuses_damaged_files(prepared, tmp_path):
+    out = _copy(prepared, tmp_path)
+    with pytest.raises(MissingSplitError) as info:
+        load_split(out, "test")
+    assert isinstance(info.value, FileNotFoundError)
+    (out / "val.npz").unlink()
+    with pytest.raises(FileNotFoundError):
+        load_split(out, "val")
+    good = (out / "train.npz").read_bytes()
+    (out / "train.npz").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="npz"):
+        load_split(out, "train")
+    split = load_split(prepared, "train")
+    arrays = {n: getattr(split, n) for n in ftdata.ARRAYS}
+    for change, message in (
+        ({"tokens": arrays["tokens"].astype(np.int64)}, "tokens"),
+        ({"spk": arrays["spk"][:, :10]}, "spk"),
+        ({"frames": arrays["frames"].astype(np.float32)}, "frames"),
+        ({"extra": np.zeros(1)}, "unexpected"),
+    ):
+        np.savez(out / "train.npz", **{**arrays, **change})
+        with pytest.raises(DataError, match=message):
+            load_split(out, "train")
+    # A member far larger than the manifest's row count allows is refused before it is read.
+    np.savez(out / "train.npz", **{**arrays, "tokens": np.zeros((200, 1, 129), np.int32)})
+    with pytest.raises(DataError, match="more than 2 rows can hold"):
+        load_split(out, "train")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    with pytest.raises(DataError, match="version"):
+        load_split(out, "train")
+    os.remove(out / "manifest.json")
+    with pytest.raises(DataError, match="manifest"):
+        load_split(out, "train")
