@@ -50,6 +50,7 @@ OPTIONS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model: converted dir, released-checkpoint dir or hub id (new runs)")
+    parser.add_argument("--demo", action="store_true", help="base model: the small random demo model (for trying the tools)")
     parser.add_argument("--data", help="DATA directory written by `prepare` (new runs)")
     parser.add_argument("--out", required=True, help="RUN directory (created; must be new unless --resume)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -161,14 +162,19 @@ def run(args) -> int:
     model_dir = data_dir = None
     n_rows = 1
     if not args.resume:
-        if not args.model or not args.data:
-            raise TrainUsageError("a new run needs --model and --data (or --resume to continue --out)")
+        if bool(args.model) == bool(args.demo) or not args.data:
+            raise TrainUsageError("a new run needs --data and one of --model / --demo (or --resume to continue --out)")
         from mvjax.sources.resolve import resolve_model
         from mvjax.train.data import load_split
 
         data_dir = Path(args.data)
         n_rows = len(load_split(data_dir, "train").tokens)
-        model_dir = resolve_model(args.model)
+        if args.demo:
+            from mvjax.cli.demo import demo_model_dir
+
+            model_dir = demo_model_dir()
+        else:
+            model_dir = resolve_model(args.model)
     spec, optim, loop = build_configs(values, n_rows)
     if model_dir is not None:  # settings checked against the model's shape before any weight loads
         validate(GPTConfig.from_dict(json.loads((model_dir / "first_stage" / "config.json").read_text())), spec)
