@@ -34,6 +34,27 @@ def _clip(path: Path, seconds: float, rate: int, channels: int, seed: int) -> No
     sf.write(path, audio.astype(np.float32), rate)
 
 
+def _tensorboard_scalars(run: Path) -> dict:
+    """{tag: {step: value}} from the run's TensorBoard event files (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict = {}
+    files = sorted((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert files, "no TensorBoard event file"
+    for path in files:
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out
+
+
 def _losses(run: Path) -> dict:
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -105,6 +126,11 @@ def test_train_kill_resume_export_synthesize(dataset, tmp_path):
     res = _cmd("mvjax.finetune", "train", "--resume", "--out", str(killed), "--no-progress")
     assert f"resuming at step {max(steps_before)}" in res.stdout + res.stderr
     a, b = _losses(whole), _losses(killed)
+    board = _tensorboard_scalars(whole)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
+            "eval/val_loss"} <= set(board)
+    assert sorted(board["train/loss"]) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([board["train/loss"][s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=1e-6)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bit for bit: same program, same inputs
     evals = [json.loads(line)["val_loss"] for line in (killed / "metrics.jsonl").read_text().splitlines()
