@@ -15,7 +15,7 @@ def _parity(*args):
 
 
 def test_parity_tool_passes_implemented_components(fixtures):
-    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec,mbd,pipeline")
+    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec,mbd,pipeline,finetune")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [l for l in res.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
     assert lines and all(l.startswith("PASS") for l in lines)
@@ -27,7 +27,9 @@ def test_parity_tool_passes_implemented_components(fixtures):
                  ("encodec", "recipe-sha256"), ("encodec", "decode"), ("encodec", "encode-codes"),
                  ("mbd", "splitbands32"), ("mbd", "unet0-step500"), ("mbd", "wav"),
                  ("pipeline", "speaker-embedding-cosine"), ("pipeline", "first-stage-tokens"),
-                 ("pipeline", "all-codebooks")]:
+                 ("pipeline", "all-codebooks"), ("finetune", "token-rows"), ("finetune", "train-losses"),
+                 ("finetune", "grad-norms"), ("finetune", "step0-token-losses"), ("finetune", "val-loss-after"),
+                 ("finetune", "param:transformer.ln_f.weight:all")]:
         assert need in checks
     for line in lines:
         assert "max_err=" in line and "tol=" in line

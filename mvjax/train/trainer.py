@@ -44,8 +44,8 @@ class Trainer:
         self.frozen, self.initial_trainable = split_params(config, spec, params, jax.random.PRNGKey(lora_seed))
         self.tx = make_optimizer(optim, self.initial_trainable)
         self.schedule = learning_rate_schedule(optim)
-        if mesh is not None:
-            self.frozen = jax.device_put(self.frozen, NamedSharding(mesh, P()))
+        # Frozen weights go to the devices once: passed as host arrays, every step would copy them again.
+        self.frozen = jax.device_put(self.frozen, None if mesh is None else NamedSharding(mesh, P()))
         self._step = jax.jit(self._step_impl, donate_argnums=(0,))
         self._eval = jax.jit(self._eval_impl)
         self._losses = jax.jit(self._token_losses_impl)
