@@ -44,6 +44,13 @@ class Trainer:
         self.frozen, self.initial_trainable = split_params(config, spec, params, jax.random.PRNGKey(lora_seed))
         self.tx = make_optimizer(optim, self.initial_trainable)
         self.schedule = learning_rate_schedule(optim)
+        if spec.compute_dtype != "float32":
+            # Frozen weights never update: stored at the compute precision, they take half the memory and
+            # are not cast again every step. Trainable weights stay float32 (the optimiser's masters).
+            dtype = jnp.dtype(spec.compute_dtype)
+            self.frozen = jax.tree_util.tree_map(
+                lambda a: np.asarray(a).astype(dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else a,
+                self.frozen)
         # Frozen weights go to the devices once: passed as host arrays, every step would copy them again.
         self.frozen = jax.device_put(self.frozen, None if mesh is None else NamedSharding(mesh, P()))
         self._step = jax.jit(self._step_impl, donate_argnums=(0,))
