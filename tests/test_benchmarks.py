@@ -124,3 +124,41 @@ def test_quantize_benchmark_head_entropy():
     assert m, res.stdout[-2000:]
     assert abs(float(m.group(3)) - 2.0) < 0.05 and float(m.group(4)) > 0
     assert 0.0 <= float(m.group(2)) <= 1.0 and float(m.group(1)) >= 0.0
+
+
+def test_finetune_benchmark_smoke():
+    """benchmarks/finetune.py at the tiny size, one timed step per side: one line per mode and side
+    with finite rates and peaks; with the reference source at hand, its eager training step trains
+    the same parameters from the same loss, and its LoRA lines say there is no reference LoRA."""
+    import importlib.util
+    import math
+
+    src = Path(REFERENCE_SRC or "/tmp/mvsrc")
+    with_reference = (src / "fam" / "llm" / "model.py").is_file() and importlib.util.find_spec("torch") is not None
+    cmd = [sys.executable, "-m", "benchmarks.finetune", "--config", "tiny", "--steps", "1",
+           "--sides", "ours,reference" if with_reference else "ours"]
+    if with_reference:
+        cmd += ["--reference-src", str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = {}
+    for m in re.finditer(r"^finetune config=tiny mode=(\S+) side=(\S+) tokens_per_s=(\S+) peak_gb=(\S+)((?: \w+=\S+)*)$",
+                         res.stdout, re.M):
+        fields = dict(kv.split("=", 1) for kv in m.group(5).split())
+        lines[(m.group(1), m.group(2))] = (float(m.group(3)), float(m.group(4)), fields)
+    expected = {("last-block", "ours"), ("lora", "ours")}
+    if with_reference:
+        expected |= {("last-block", "reference"), ("lora", "reference")}
+    assert set(lines) == expected, res.stdout
+    for (mode, side), (tps, peak, fields) in lines.items():
+        assert fields["batch"] == "1" and fields["ctx"] == "256" and fields["steps"] == "1"
+        if (mode, side) == ("lora", "reference"):
+            assert math.isnan(tps) and math.isnan(peak) and fields["reason"] == "no-lora-in-reference"
+            continue
+        assert tps > 0 and peak > 0 and float(fields["step_s"]) > 0 and float(fields["first_call_s"]) > 0
+        assert len(fields["steps_s"].split(",")) == 1 and int(fields["trainable"]) > 0
+        assert abs(float(fields["loss"]) - math.log(2562)) < 0.3  # random weights: near-uniform predictions
+    if with_reference:
+        assert lines[("last-block", "ours")][2]["trainable"] == lines[("last-block", "reference")][2]["trainable"]
+        assert re.search(r"^finetune-ratio config=tiny mode=last-block batch=1 vs=reference speed=[0-9.]+ "
+                         r"memory=[0-9.]+$", res.stdout, re.M)
