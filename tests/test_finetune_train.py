@@ -233,7 +233,7 @@ def test_frozen_layers_build_no_backward_pass(stage1, cases):
     def step_flops(spec):
         trainer = Trainer(cfg, params, spec, OptimConfig(total_steps=1), tok.offset - 1)
         state = trainer.init_state(0)
-        return _matmul_flops(jax.make_jaxpr(trainer._step_impl)(state, rows[None], spk[None]).jaxpr)
+        return _matmul_flops(jax.make_jaxpr(trainer._step_impl)(state, trainer.frozen, rows[None], spk[None]).jaxpr)
 
     fwd = _matmul_flops(jax.make_jaxpr(lambda r, p: gpt_forward(cfg, params, r[..., :-1], p))(rows, spk).jaxpr)
     head = 2.0 * rows.shape[0] * (rows.shape[-1] - 1) * cfg.n_embd * cfg.vocab_sizes[0]
@@ -279,3 +279,20 @@ def test_data_parallel_step_equals_one_device(converted, cases, tmp_path):
     assert one["devices"] == 1 and two["devices"] == 2
     np.testing.assert_allclose(two["metrics"], one["metrics"], rtol=1e-5)
     np.testing.assert_allclose(two["leaf"], one["leaf"], rtol=0, atol=1e-6)
+
+
+def test_frozen_weights_are_arguments_of_the_step_not_constants(stage1, cases):
+    """Closed over, the frozen weights would be compiled into the executable as constants: a second
+    copy of the model in memory and slow compiles."""
+    import re
+
+    cfg, params, tok = stage1
+    trainer = Trainer(cfg, params, TrainSpec(last_n_blocks=1, dropout=0.0), OptimConfig(), tok.offset - 1)
+    state = trainer.init_state(0)
+    rows = np.asarray(cases["tokens"][:2], np.int32)[None]
+    compiled = trainer._step.lower(state, trainer.frozen, rows, cases["spk"][:2][None]).compile()
+    frozen_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trainer.frozen))
+    assert compiled.memory_analysis().argument_size_in_bytes >= frozen_bytes
+    constants = [int(np.prod([int(d) for d in dims.split(",") if d]))
+                 for dims in re.findall(r"f32\[([\d,]+)\]\{[^}]*\} constant", compiled.as_text())]
+    assert max(constants, default=0) < 4096

@@ -170,7 +170,8 @@ def init_lora(cfg: GPTConfig, spec: TrainSpec, rng: jax.Array) -> dict:
 
 
 def _slice(tree, start: int, end: int):
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[start:end], tree)
+    """Layers ``start:end`` as arrays of their own (a copy: a view would keep the whole stack alive)."""
+    return jax.tree_util.tree_map(lambda a: np.array(np.asarray(a)[start:end], copy=True), tree)
 
 
 def split_params(cfg: GPTConfig, spec: TrainSpec, params: dict, rng: Optional[jax.Array] = None) -> tuple[dict, dict]:

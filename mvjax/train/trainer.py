@@ -53,6 +53,8 @@ class Trainer:
                 self.frozen)
         # Frozen weights go to the devices once: passed as host arrays, every step would copy them again.
         self.frozen = jax.device_put(self.frozen, None if mesh is None else NamedSharding(mesh, P()))
+        # The frozen weights are an argument of every compiled function, never a closure: closed over,
+        # XLA would bake them into the executable as constants (a second copy, and slow compiles).
         self._step = jax.jit(self._step_impl, donate_argnums=(0,))
         self._eval = jax.jit(self._eval_impl)
         self._losses = jax.jit(self._token_losses_impl)
@@ -90,25 +92,25 @@ class Trainer:
         return jax.device_put(array, NamedSharding(self.mesh, P(*spec)))
 
     # Step ----------------------------------------------------------------------------------
-    def _grads(self, trainable, rows, spk, key):
+    def _grads(self, frozen, trainable, rows, spk, key):
         def loss_fn(t):
-            loss, _ = mean_loss(self.config, self.spec, self.frozen, t, rows, spk, key, self.pad_token,
+            loss, _ = mean_loss(self.config, self.spec, frozen, t, rows, spk, key, self.pad_token,
                                 deterministic=not self.spec.dropout)
             return loss
 
         return jax.value_and_grad(loss_fn)(trainable)
 
-    def _step_impl(self, state, rows, spk):
+    def _step_impl(self, state, frozen, rows, spk):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl="threefry2x32"), state["step"])
         trainable = state["trainable"]
         accumulation = rows.shape[0]
         if accumulation == 1:
-            loss, grads = self._grads(trainable, rows[0], spk[0], jax.random.fold_in(step_key, 0))
+            loss, grads = self._grads(frozen, trainable, rows[0], spk[0], jax.random.fold_in(step_key, 0))
         else:
             def micro(carry, inputs):
                 loss_sum, grad_sum = carry
                 r, s, i = inputs
-                loss, grads = self._grads(trainable, r, s, jax.random.fold_in(step_key, i))
+                loss, grads = self._grads(frozen, trainable, r, s, jax.random.fold_in(step_key, i))
                 return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
@@ -133,11 +135,11 @@ class Trainer:
         spk = np.asarray(spk, np.float32)
         if rows.ndim == 3:
             rows, spk = rows[None], spk[None]
-        return self._step(state, self._put(rows, 1), self._put(spk, 1))
+        return self._step(state, self.frozen, self._put(rows, 1), self._put(spk, 1))
 
     # Evaluation ----------------------------------------------------------------------------
-    def _eval_impl(self, trainable, rows, spk, row_weight):
-        _, _, losses = loss_sums(self.config, self.spec, self.frozen, trainable, rows, spk,
+    def _eval_impl(self, frozen, trainable, rows, spk, row_weight):
+        _, _, losses = loss_sums(self.config, self.spec, frozen, trainable, rows, spk,
                                  jax.random.PRNGKey(0), self.pad_token, deterministic=True)
         w = loss_weights(rows[..., 1:], self.pad_token, self.spec.loss_mask) * row_weight[:, None, None]
         return jnp.sum(losses * w, axis=(0, 2)), jnp.sum(w, axis=(0, 2))
@@ -155,17 +157,17 @@ class Trainer:
             idx = np.arange(start, start + batch_size)
             real = (idx < n).astype(np.float32)
             idx = np.minimum(idx, n - 1)
-            t, w = self._eval(trainable, self._put(rows[idx], 0), self._put(spk[idx], 0), self._put(real, 0))
+            t, w = self._eval(self.frozen, trainable, self._put(rows[idx], 0), self._put(spk[idx], 0), self._put(real, 0))
             total = total + np.asarray(t, np.float64)
             weight = weight + np.asarray(w, np.float64)
         return float(np.mean(total / np.maximum(weight, 1.0)))
 
-    def _token_losses_impl(self, trainable, rows, spk):
-        _, losses = mean_loss(self.config, self.spec, self.frozen, trainable, rows, spk, jax.random.PRNGKey(0),
+    def _token_losses_impl(self, frozen, trainable, rows, spk):
+        _, losses = mean_loss(self.config, self.spec, frozen, trainable, rows, spk, jax.random.PRNGKey(0),
                               self.pad_token, deterministic=True)
         return losses
 
     def token_losses(self, trainable: dict, rows: np.ndarray, spk: np.ndarray) -> np.ndarray:
         """Per-position losses (B, H, T) without dropout."""
-        return np.asarray(self._losses(trainable, jnp.asarray(rows, jnp.int32), jnp.asarray(spk, jnp.float32)))
+        return np.asarray(self._losses(self.frozen, trainable, jnp.asarray(rows, jnp.int32), jnp.asarray(spk, jnp.float32)))
 
