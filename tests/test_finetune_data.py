@@ -4,6 +4,7 @@ argument errors)."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +327,30 @@ def test_load_split_refuses_damaged_files(prepared, tmp_path):
     os.remove(out / "manifest.json")
     with pytest.raises(DataError, match="manifest"):
         load_split(out, "train")
+
+
+def test_clips_too_long_for_the_window_are_skipped_from_their_header(demo_model, finetune_cache, tmp_path,
+                                                                    monkeypatch):
+    """Refused before the samples are read: the header says the clip cannot fit (or exceeds the cap)."""
+    from mvjax.train import prepare as prep
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    sf.write(clips / "long.wav", _voice(48000, 16000, seed=4), 16000)  # 3 s = 225 frames > ctx 128
+    sf.write(clips / "ok.wav", _voice(8000, 16000, seed=5), 16000)
+    (tmp_path / "train.csv").write_text("audio_files|captions\nclips/long.wav|Long.\nclips/ok.wav|Short.\n")
+    read = []
+    original = prep.ClipCoder.audio
+    monkeypatch.setattr(prep.ClipCoder, "audio", lambda self, path: read.append(Path(path).name) or original(self, path))
+    monkeypatch.setenv("MVJAX_CACHE", str(tmp_path / "cache"))
+    assert main(["prepare", "--model", str(demo_model), "--train", str(tmp_path / "train.csv"),
+                 "--out", str(tmp_path / "DATA"), "--ctx-window", "128", "--quiet"]) == 0
+    assert read == ["ok.wav"]
+    assert load_split(tmp_path / "DATA", "train").manifest["splits"]["train"]["skipped"] == {"too long": 1}
+    monkeypatch.setattr(prep, "MAX_CLIP_SECONDS", 0.1)
+    monkeypatch.setenv("MVJAX_CACHE", str(tmp_path / "cache2"))  # nothing cached: every clip would be read
+    read.clear()
+    (tmp_path / "train.csv").write_text("audio_files|captions\nclips/ok.wav|Short.\nclips/ok.wav|Again.\n")
+    rc = main(["prepare", "--model", str(demo_model), "--train", str(tmp_path / "train.csv"),
+               "--out", str(tmp_path / "DATA2"), "--ctx-window", "128", "--quiet"])
+    assert rc == 1 and read == []  # every clip over the cap: nothing read, the split is empty, an error

@@ -54,6 +54,9 @@ SKIP_REASONS = {
     "speaker embedding failed": "the speaker encoder could not embed the audio",
 }
 SILENCE_PEAK = 10 ** (-60 / 20)
+# Clips are read whole: anything longer than this is skipped from its header, before any allocation
+# (a training clip is a sentence or a few; the released model's window holds ~13 s of audio).
+MAX_CLIP_SECONDS = 600.0
 BANDWIDTH_KBPS = 6.0
 CODES_CACHE_VERSION = 1
 
@@ -124,6 +127,11 @@ class ClipCoder:
         if rate != cfg.sample_rate:
             wav = resample_frac(wav, rate, cfg.sample_rate)
         return wav.mean(axis=0, dtype=np.float32)
+
+    def frames_for_seconds(self, seconds: float) -> int:
+        """A lower bound of the frames ``seconds`` of audio become (resampling may add a sample)."""
+        cfg, _, _ = self._load()
+        return max(self.frames_for(int(seconds * cfg.sample_rate)) - 1, 0)
 
     def frames_for(self, samples: int) -> int:
         cfg, _, _ = self._load()
@@ -226,6 +234,11 @@ def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed) -> tuple
         raise _Skip("unreadable audio", str(exc).splitlines()[0]) from None
     codes = coder.cached(digest)
     if codes is None:
+        seconds = _header_seconds(entry.audio)
+        if seconds is not None:  # refuse what cannot be used before reading the samples
+            if seconds > MAX_CLIP_SECONDS:
+                raise _Skip("too long", f"{seconds:.0f} s of audio; clips over {MAX_CLIP_SECONDS:.0f} s are not read")
+            _check_length(len(text_ids), coder.frames_for_seconds(seconds), layout)
         try:
             mono = coder.audio(entry.audio)
         except (AudioError, ResampleError) as exc:
@@ -253,6 +266,17 @@ def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed) -> tuple
     except DataError as exc:
         raise _Skip("unreadable audio", f"codes do not fit the first stage: {exc}") from None
     return tokens, spk, frames, truncated
+
+
+def _header_seconds(path: Path) -> Optional[float]:
+    """The clip's duration from its header (libsndfile formats), or None when the header cannot tell."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - not a libsndfile format (ffmpeg decodes it later) or damaged
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 and info.frames >= 0 else None
 
 
 def _first_line(exc: BaseException) -> str:
