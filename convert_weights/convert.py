@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from convert_weights.safe_pickle import (
     check_checkpoint,
     load_checkpoint,
 )
+from mvjax.core.atomic import missing_parents, replace_dir
 from mvjax.nn.config import ConfigError
 from mvjax.text.tokenizer import TextError
 
@@ -198,7 +198,7 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
     quantize = check_mode(quantize)
     if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a converted model directory; refusing to replace it")
-    created = _missing_parents(out.parent)
+    created = missing_parents(out.parent)
     staging = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
         manifest = {"format_version": FORMAT_VERSION, "components": components}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         check_stop()
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -230,27 +230,3 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
     return manifest
 
 
-def _missing_parents(directory: Path) -> list[Path]:
-    """The directories ``mkdir -p directory`` would create, deepest first."""
-    missing = []
-    probe = directory.absolute()
-    while not probe.exists() and probe.parent != probe:
-        missing.append(probe)
-        probe = probe.parent
-    return missing
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move the finished ``new`` into ``out``, replacing a previous conversion."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:  # put the previous conversion back before giving up
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from mvjax.core.atomic import replace_dir
 from mvjax.core.errors import MvjaxError
 
 
@@ -66,23 +67,6 @@ def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
             raise UsageError(f"--out {out} would overwrite an input ({path}); choose another directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``, replacing what is there (kept until the rename succeeded)."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = prepare_data(model, listings, tmp, ctx_window=args.ctx_window, truncate_long=args.truncate_long,
                                 log=info, warn=log)
         check_output(out, [], args.overwrite)  # nothing appeared there meanwhile
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = ", ".join(f"{name} {entry['rows']}" for name, entry in manifest["splits"].items())

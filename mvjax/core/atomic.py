@@ -57,3 +57,37 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+# --- Directories ---------------------------------------------------------------------------
+# A directory output (a converted model, prepared data, an export) is built in a staging
+# directory beside its target and renamed into place once complete.
+
+
+def missing_parents(directory: str | os.PathLike) -> list[Path]:
+    """The directories ``mkdir -p directory`` would create, deepest first (to remove after a failure)."""
+    missing, probe = [], Path(directory).absolute()
+    while not probe.exists() and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    return missing
+
+
+def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished directory ``new`` to ``out``. An absent or empty ``out`` is replaced at once;
+    an existing one is set aside first, put back if the rename fails, and removed once ``new`` is in place."""
+    import shutil
+
+    new, out = Path(new), Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from mvjax.core.atomic import current_umask
+from mvjax.core.atomic import current_umask, missing_parents, replace_dir
 from mvjax.core.errors import MvjaxError
 from mvjax.io.checkpoint import MANIFEST, read_manifest, save_tree, tree_digest
 from mvjax.nn.config import GPTConfig
@@ -137,32 +137,6 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
-def _missing_parents(directory: Path) -> list[Path]:
-    """The directories ``mkdir -p directory`` would create, deepest first."""
-    missing, probe = [], directory.absolute()
-    while not probe.exists() and probe.parent != probe:
-        missing.append(probe)
-        probe = probe.parent
-    return missing
-
-
-def _move_into_place(new: Path, out: Path) -> None:
-    """Rename the finished ``new`` to ``out`` (an empty ``out`` is replaced; a model directory is set
-    aside first, put back if the rename fails, and removed once the new one is in place)."""
-    if not out.exists() or not any(out.iterdir()):
-        os.replace(new, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _json_safe(v) for k, v in value.items()}
@@ -216,7 +190,7 @@ def export_model(base_model: str | os.PathLike, config: GPTConfig, params: Mappi
     digest = tree_digest(tree)
     record = _provenance(base, manifest, provenance)
 
-    created = _missing_parents(out.parent)
+    created = missing_parents(out.parent)
     staging = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +213,7 @@ def export_model(base_model: str | os.PathLike, config: GPTConfig, params: Mappi
                         "finetuned": record}
         (staging / MANIFEST).write_text(json.dumps(new_manifest, indent=2, sort_keys=True) + "\n")
         check_out(out, base, overwrite)  # nothing appeared at OUT meanwhile
-        _move_into_place(staging, out)
+        replace_dir(staging, out)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
