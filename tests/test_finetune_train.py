@@ -296,3 +296,50 @@ def test_frozen_weights_are_arguments_of_the_step_not_constants(stage1, cases):
     constants = [int(np.prod([int(d) for d in dims.split(",") if d]))
                  for dims in re.findall(r"f32\[([\d,]+)\]\{[^}]*\} constant", compiled.as_text())]
     assert max(constants, default=0) < 4096
+
+
+def test_causal_attention_in_blocks_equals_the_masked_attention():
+    from mvjax.nn.gpt import attention, causal_attention_blocks
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 600, 4, 16)), jnp.float32) for _ in range(3))
+    mask = jnp.tril(jnp.ones((600, 600), bool))[None, None]
+    full = np.asarray(attention(q, k, v, mask))
+    blocked = np.asarray(causal_attention_blocks(q, k, v, 256))  # 256 + 256 + 88 rows
+    np.testing.assert_allclose(blocked, full, rtol=0, atol=1e-6)
+
+
+def test_training_forward_at_long_windows_equals_the_inference_forward():
+    from mvjax.nn.config import GPTConfig
+    from mvjax.nn.gpt import init_params
+
+    cfg = GPTConfig(block_size=1024, vocab_sizes=(300,), target_vocab_sizes=None, n_layer=2, n_head=2, n_embd=32,
+                    norm_type="rmsnorm", rmsnorm_eps=1e-5, nonlinearity_type="swiglu", swiglu_multiple_of=32,
+                    speaker_emb_dim=8)
+    params = jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(1)))
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 300, (1, 1, 1024)).astype(np.int32)
+    spk = rng.standard_normal((1, 8)).astype(np.float32)
+    spec = TrainSpec(last_n_blocks=1, dropout=0.0)
+    frozen, trainable = split_params(cfg, spec, params)
+    ours = np.asarray(forward(cfg, spec, frozen, trainable, tokens, spk, jax.random.PRNGKey(0))[0])
+    ref = np.asarray(gpt_forward(cfg, params, tokens, spk)[0])
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_dropout_masks_are_bernoulli_and_fresh_per_key():
+    from mvjax.nn.gpt import dropout
+
+    x = jnp.ones((1000, 1000), jnp.float32)
+    a = np.asarray(dropout(x, 0.1, jax.random.PRNGKey(0)))
+    b = np.asarray(dropout(x, 0.1, jax.random.PRNGKey(1)))
+    kept = a != 0
+    # 1e6 Bernoulli(0.9) draws: standard deviation of the kept fraction 3e-4; allow 5 of them.
+    assert abs(kept.mean() - 0.9) < 1.5e-3
+    np.testing.assert_allclose(a[kept], 1 / 0.9, rtol=1e-6)  # inverted dropout keeps the expectation
+    assert abs(a.mean() - 1.0) < 2e-3
+    assert 0.80 < np.mean(kept == (b != 0)) < 0.84  # independent masks agree on 0.9^2 + 0.1^2 = 0.82
+    # Neighbours (the hash's consecutive counters) are uncorrelated.
+    k = kept.astype(np.float64).ravel()
+    assert abs(np.corrcoef(k[:-1], k[1:])[0, 1]) < 5e-3
+    assert np.array_equal(a, np.asarray(dropout(x, 0.1, jax.random.PRNGKey(0))))

@@ -27,7 +27,7 @@ import numpy as np
 
 from mvjax.core.errors import MvjaxError
 from mvjax.nn.config import GPTConfig
-from mvjax.nn.gpt import GPT, Block, Norm
+from mvjax.nn.gpt import GPT, Block, Norm, dropout
 
 LORA_TARGETS = {"attn": ("c_attn", "c_proj"), "mlp": None}  # mlp: every matrix of the block's MLP
 LOSS_MASKS = ("all", "audio")
@@ -221,9 +221,15 @@ def merge_params(cfg: GPTConfig, spec: TrainSpec, frozen: dict, trainable: dict)
     return jax.tree_util.tree_map(np.asarray, full)
 
 
+def causal_block(length: int) -> int:
+    """Query-block size for causal attention in training: blocks of 256 once sequences are long enough
+    for skipping the masked half to pay (0: one masked block)."""
+    return 256 if length >= 1024 else 0
+
+
 def _run_segment(cfg, spec, params, lora, x, mask, rng, deterministic: bool, remat: bool):
     rate = 0.0 if deterministic else spec.dropout
-    block = Block(cfg, COMPUTE_DTYPES[spec.compute_dtype], rate, spec.lora_scale)
+    block = Block(cfg, COMPUTE_DTYPES[spec.compute_dtype], rate, spec.lora_scale, causal_block(mask.shape[-1]))
     n = jax.tree_util.tree_leaves(params)[0].shape[0]
 
     def body(h, inputs):
@@ -251,8 +257,7 @@ def forward(cfg: GPTConfig, spec: TrainSpec, frozen: dict, trainable: dict, toke
     x = gpt.apply({"params": frozen}, tokens, jnp.arange(length), speaker_emb, method=GPT.embed)
     rng, emb_key = jax.random.split(rng)
     if not deterministic and spec.dropout:
-        keep = jax.random.bernoulli(emb_key, 1.0 - spec.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+        x = dropout(x, spec.dropout, emb_key)
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     segs = segments(cfg, spec)
     grad_from = next(i for i, s in enumerate(segs) if s.kind != "frozen")
