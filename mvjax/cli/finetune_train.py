@@ -48,6 +48,11 @@ OPTIONS = {
 }
 
 
+AT_LEAST_ONE = ("steps", "batch_size", "grad_accum", "eval_every", "keep")
+NOT_NEGATIVE = ("warmup_steps", "last_n_blocks", "lora_rank", "save_every", "eval_rows", "seed", "min_lr",
+                "weight_decay", "grad_clip", "dropout")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model: converted dir, released-checkpoint dir or hub id (new runs)")
     parser.add_argument("--demo", action="store_true", help="base model: the small random demo model (for trying the tools)")
@@ -121,8 +126,13 @@ def settings_from_args(args) -> tuple[dict, dict]:
         if value is not None:
             explicit[name] = value
     for name, value in explicit.items():
+        flag = "--" + name.replace("_", "-")
         if isinstance(value, float) and not math.isfinite(value):
-            raise TrainUsageError(f"--{name.replace('_', '-')} must be a finite number")
+            raise TrainUsageError(f"{flag} must be a finite number")
+        if name in AT_LEAST_ONE and value is not None and value < 1:
+            raise TrainUsageError(f"{flag} must be at least 1, got {value}")
+        if name in NOT_NEGATIVE and value is not None and value < 0:
+            raise TrainUsageError(f"{flag} must be 0 or more, got {value}")
     values = {name: explicit.get(name, default) for name, (_, default, _) in OPTIONS.items()}
     if values["last_n_blocks"] is None:
         values["last_n_blocks"] = 0 if values["lora_rank"] else 1

@@ -152,10 +152,17 @@ def pick_step(manager, step) -> int:
     if step in (None, "latest"):
         return int(manager.latest_step())
     if step == "best":
-        best = manager.best_step()
-        if best is None:
+        import orbax.checkpoint as ocp
+
+        scored = []
+        for s in steps:
+            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            val = meta.get("val_loss") if isinstance(meta, dict) else None
+            if isinstance(val, (int, float)) and math.isfinite(val):
+                scored.append((float(val), int(s)))
+        if not scored:
             raise RunError("no checkpoint of this run has a validation loss (no validation data?)")
-        return int(best)
+        return min(scored)[1]
     if int(step) not in steps:
         raise RunError(f"no checkpoint at step {step}; the run keeps {sorted(steps)}")
     return int(step)
