@@ -19,6 +19,7 @@ LAYERS = {
     "mvjax.sources": 5,
     "mvjax.inference": 6,
     "mvjax.train": 7,
+    "mvjax.serve": 7,  # beside train: neither imports the other
     "mvjax.cli": 8,
     "mvjax": 9,  # the package face (public API) and the python -m entry points
 }
