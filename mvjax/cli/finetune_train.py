@@ -163,7 +163,7 @@ def build_configs(values: dict, n_train_rows: int):
 
 
 def run(args) -> int:
-    from mvjax.nn.config import GPTConfig
+    from mvjax.io.checkpoint import gpt_stage_config
     from mvjax.train.loop import train
     from mvjax.train.model import validate
 
@@ -187,7 +187,7 @@ def run(args) -> int:
             model_dir = resolve_model(args.model)
     spec, optim, loop = build_configs(values, n_rows)
     if model_dir is not None:  # settings checked against the model's shape before any weight loads
-        validate(GPTConfig.from_dict(json.loads((model_dir / "first_stage" / "config.json").read_text())), spec)
+        validate(gpt_stage_config(model_dir, "first_stage"), spec)
     changed = dict(explicit)
     if "beta1" in changed or "beta2" in changed:
         changed["betas"] = [changed.pop("beta1", values["beta1"]), changed.pop("beta2", values["beta2"])]

@@ -179,8 +179,14 @@ def _component(model_dir: Path, name: str) -> dict:
     return entry
 
 
-def _read_config(model_dir: Path, name: str) -> dict:
-    return json.loads((model_dir / name / "config.json").read_text())
+def component_config(model_dir: str | Path, name: str) -> dict:
+    """The ``config.json`` of component ``name`` (no weights read)."""
+    return json.loads((Path(model_dir) / name / "config.json").read_text())
+
+
+def gpt_stage_config(model_dir: str | Path, stage: str) -> GPTConfig:
+    """The GPTConfig of one stage of a converted directory (no weights read)."""
+    return GPTConfig.from_dict(component_config(model_dir, stage))
 
 
 def _restore_component(model_dir: Path, name: str, abstract, verify: bool) -> tuple[dict, dict]:
@@ -198,7 +204,7 @@ def load_speaker_encoder(model_dir: str | Path, verify: bool = False):
 
     model_dir = Path(model_dir)
     _component(model_dir, "speaker_encoder")
-    config = SpeakerEncoderConfig.from_dict(_read_config(model_dir, "speaker_encoder"))
+    config = SpeakerEncoderConfig.from_dict(component_config(model_dir, "speaker_encoder"))
     params, entry = _restore_component(model_dir, "speaker_encoder", abstract_params(config), verify)
     return config, params, entry["params_sha256"]
 
@@ -209,7 +215,7 @@ def load_encodec(model_dir: str | Path, verify: bool = False):
 
     model_dir = Path(model_dir)
     _component(model_dir, "encodec")
-    config = EncodecConfig.from_dict(_read_config(model_dir, "encodec"))
+    config = EncodecConfig.from_dict(component_config(model_dir, "encodec"))
     params, _ = _restore_component(model_dir, "encodec", abstract_params(config), verify)
     return config, params
 
@@ -221,7 +227,7 @@ def load_mbd(model_dir: str | Path, verify: bool = False):
 
     model_dir = Path(model_dir)
     _component(model_dir, "mbd")
-    config = DiffusionConfig.from_dict(_read_config(model_dir, "mbd"))
+    config = DiffusionConfig.from_dict(component_config(model_dir, "mbd"))
     abstract = {}
     for b, band in enumerate(config.bands):
         abstract[f"band_{b}"] = unet_shapes(band.unet)
@@ -243,7 +249,7 @@ def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> t
 
     model_dir = Path(model_dir)
     entry = _component(model_dir, stage)
-    config = GPTConfig.from_dict(_read_config(model_dir, stage))
+    config = gpt_stage_config(model_dir, stage)
     tokenizer = Tokenizer(TokenizerSpec.from_json_file(model_dir / stage / "tokenizer.json"))
     if entry.get("quantize"):
         from mvjax.io.quantize import MODES, abstract_decode_params

@@ -43,12 +43,10 @@ def restore_for_export(run_dir: Union[str, Path], step: Optional[Union[int, str]
     frozen, trainable = split_params(cfg, spec, params)
     del params
     import jax
-    import jax.numpy as jnp
 
-    tx = make_optimizer(optim, trainable)
-    abstract = jax.eval_shape(lambda: {
-        "step": jnp.zeros((), jnp.int32), "rng": jnp.zeros((2,), jnp.uint32),
-        "trainable": trainable, "opt_state": tx.init(trainable)})
+    from mvjax.train.trainer import new_state
+
+    abstract = jax.eval_shape(lambda: new_state(make_optimizer(optim, trainable), trainable))
     manager = checkpoint_manager(run_dir, loop.keep, read_only=True)
     try:
         chosen = pick_step(manager, step)

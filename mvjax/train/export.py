@@ -38,7 +38,13 @@ import numpy as np
 
 from mvjax.core.atomic import current_umask, missing_parents, replace_dir
 from mvjax.core.errors import MvjaxError
-from mvjax.io.checkpoint import MANIFEST, read_manifest, save_tree, tree_digest
+from mvjax.io.checkpoint import (
+    MANIFEST,
+    gpt_stage_config,
+    read_manifest,
+    save_tree,
+    tree_digest,
+)
 from mvjax.nn.config import GPTConfig
 from mvjax.text.tokenizer import TokenizerSpec
 
@@ -116,7 +122,7 @@ def _base_first_stage(base: Path, config: GPTConfig, tokenizer_spec: TokenizerSp
     if STAGE not in manifest.get("components", {}):
         raise ExportError(f"the base model {base} holds no first stage")
     stage = base / STAGE
-    base_config = GPTConfig.from_dict(json.loads((stage / "config.json").read_text()))
+    base_config = gpt_stage_config(base, STAGE)
     if base_config != config:
         fields = [k for k, v in config.to_dict().items() if base_config.to_dict().get(k) != v]
         raise ExportError(f"the run's first-stage config differs from the base model's ({', '.join(fields)}); "

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from mvjax.train.model import TrainSpec
 from mvjax.train.optim import OptimConfig
 from mvjax.train.run import (
@@ -79,7 +77,7 @@ def open_run(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path],
                 "data": str(Path(data_dir).absolute()), "spec": spec.to_dict(), "optim": optim.to_dict(),
                 "loop": dict(vars(loop))}
     write_run_file(run_dir, settings)
-    return {"format": "", **settings}
+    return settings
 
 
 def _differs(a, b) -> bool:
@@ -196,7 +194,3 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="training", unit="step", file=sys.stderr,
                 disable=not sys.stderr.isatty())
 
-
-def training_order(n_rows: int, steps: int, rows_per_step: int, seed: int) -> np.ndarray:
-    """The row indices every step reads (steps, rows_per_step): for inspection and tests."""
-    return np.stack([batch_rows(n_rows, s * rows_per_step, rows_per_step, seed) for s in range(steps)])

@@ -294,12 +294,16 @@ def token_losses(logits: tuple, targets):
     return jnp.stack(out, axis=1)
 
 
-def loss_sums(cfg, spec, frozen, trainable, rows, speaker_emb, rng, pad_token: int, deterministic: bool):
-    """(sum of weighted losses per head, weight per head, per-position losses) for rows (B, H, T+1)."""
+def loss_sums(cfg, spec, frozen, trainable, rows, speaker_emb, rng, pad_token: int, deterministic: bool,
+              row_weight=None):
+    """(sum of weighted losses per head, weight per head, per-position losses) for rows (B, H, T+1);
+    ``row_weight`` (B,) scales each row's weights (0 for padding rows)."""
     inputs, targets = rows[..., :-1], rows[..., 1:]
     spk = speaker_emb if cfg.speaker_emb_dim is not None else None
     losses = token_losses(forward(cfg, spec, frozen, trainable, inputs, spk, rng, deterministic), targets)
     weights = loss_weights(targets, pad_token, spec.loss_mask)
+    if row_weight is not None:
+        weights = weights * row_weight[:, None, None]
     return jnp.sum(losses * weights, axis=(0, 2)), jnp.sum(weights, axis=(0, 2)), losses
 
 

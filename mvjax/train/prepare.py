@@ -316,8 +316,13 @@ class ModelFacts:
 
 def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
     """Read the first stage's config and tokenizer, the codec's and speaker encoder's sizes, and the digests."""
-    from mvjax.io.checkpoint import ModelDirError, model_components, read_manifest
-    from mvjax.nn.config import GPTConfig
+    from mvjax.io.checkpoint import (
+        ModelDirError,
+        component_config,
+        gpt_stage_config,
+        model_components,
+        read_manifest,
+    )
     from mvjax.text.tokenizer import Tokenizer, TokenizerSpec
 
     model_dir = Path(model_dir)
@@ -325,10 +330,10 @@ def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
     model_components(model_dir, required=needed)
     manifest = read_manifest(model_dir)
     try:
-        stage = GPTConfig.from_dict(json.loads((model_dir / "first_stage" / "config.json").read_text()))
+        stage = gpt_stage_config(model_dir, "first_stage")
         tokenizer = Tokenizer(TokenizerSpec.from_json_file(model_dir / "first_stage" / "tokenizer.json"))
-        codec = json.loads((model_dir / "encodec" / "config.json").read_text())
-        speaker = json.loads((model_dir / "speaker_encoder" / "config.json").read_text())
+        codec = component_config(model_dir, "encodec")
+        speaker = component_config(model_dir, "speaker_encoder")
         bins, emb = int(codec["bins"]), int(speaker["embedding_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelDirError(f"{model_dir}: cannot read a component's config ({type(exc).__name__}: {exc})") from None

@@ -18,6 +18,7 @@ from a checkpoint takes the same steps as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -78,16 +79,9 @@ def batch_rows(n_rows: int, start: int, count: int, seed: int) -> np.ndarray:
     return out
 
 
-_PERMS: dict = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERMS:
-        if len(_PERMS) > 8:
-            _PERMS.clear()
-        _PERMS[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERMS[key]
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 # run.json ------------------------------------------------------------------------------------

@@ -28,11 +28,21 @@ from mvjax.train.model import (
     TrainSpec,
     TrainSpecError,
     loss_sums,
-    loss_weights,
     mean_loss,
     split_params,
 )
 from mvjax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
+
+
+def new_state(tx: optax.GradientTransformation, trainable: dict, seed: int = 0) -> dict:
+    """The training state (layout in the module docstring) at step 0."""
+    trainable = jax.tree_util.tree_map(jnp.asarray, trainable)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jnp.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), jnp.uint32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
 
 
 class Trainer:
@@ -61,14 +71,7 @@ class Trainer:
 
     # State ---------------------------------------------------------------------------------
     def init_state(self, seed: int = 0) -> dict:
-        trainable = jax.tree_util.tree_map(jnp.asarray, self.initial_trainable)
-        state = {
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jnp.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), jnp.uint32),
-            "trainable": trainable,
-            "opt_state": self.tx.init(trainable),
-        }
-        return self.place(state)
+        return self.place(new_state(self.tx, self.initial_trainable, seed))
 
     def place(self, state: dict) -> dict:
         """Replicate a state over the mesh (no-op without one)."""
@@ -139,10 +142,9 @@ class Trainer:
 
     # Evaluation ----------------------------------------------------------------------------
     def _eval_impl(self, frozen, trainable, rows, spk, row_weight):
-        _, _, losses = loss_sums(self.config, self.spec, frozen, trainable, rows, spk,
-                                 jax.random.PRNGKey(0), self.pad_token, deterministic=True)
-        w = loss_weights(rows[..., 1:], self.pad_token, self.spec.loss_mask) * row_weight[:, None, None]
-        return jnp.sum(losses * w, axis=(0, 2)), jnp.sum(w, axis=(0, 2))
+        total, weight, _ = loss_sums(self.config, self.spec, frozen, trainable, rows, spk, jax.random.PRNGKey(0),
+                                     self.pad_token, deterministic=True, row_weight=row_weight)
+        return total, weight
 
     def evaluate(self, trainable: dict, rows: np.ndarray, spk: np.ndarray, batch_size: int) -> float:
         """Mean loss over every counted position of ``rows`` (N, H, T+1): per head, then over heads.
