@@ -22,6 +22,7 @@ LAYERS = {
     "mvjax.serve": 7,  # beside train: neither imports the other
     "mvjax.cli": 8,
     "mvjax": 9,  # the package face (public API) and the python -m entry points
+    "mvjax.serve.__main__": 9,  # python -m mvjax.serve: calls the command in mvjax.cli.serve
 }
 ENTRY_POINT = {"convert_released", "released_components", "write_released_gpt"}
 # The runtime layers that may reach the converter, and the entry points each may call.

@@ -88,17 +88,72 @@ class DeepFilterNet3:
         frames = -(-total // self.frame)
         padded = np.zeros(frames * self.frame, np.float32)
         padded[:n] = audio
+        return self._frames(padded)[self.delay : self.delay + n]
+
+    def _frames(self, padded: np.ndarray) -> np.ndarray:
+        """Run whole frames (a multiple of :attr:`frame` samples) through the model's state."""
+        padded = np.ascontiguousarray(padded, np.float32)
         out = np.empty_like(padded)
         src = padded.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         dst = out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         step = ctypes.sizeof(ctypes.c_float) * self.frame
-        for i in range(frames):
+        for i in range(padded.shape[0] // self.frame):
             self._lib.df_process_frame(
                 self._state,
                 ctypes.cast(ctypes.addressof(src.contents) + i * step, ctypes.POINTER(ctypes.c_float)),
                 ctypes.cast(ctypes.addressof(dst.contents) + i * step, ctypes.POINTER(ctypes.c_float)),
             )
-        return out[self.delay : self.delay + n]
+        return out
+
+
+class EnhanceStream:
+    """Streaming enhancement of mono audio at ``rate``: :meth:`process` pieces as they come and
+    :meth:`flush` at the end; the output (48 kHz) is delay-compensated and, in total, as long as
+    the input resampled. The resampler (soxr HQ) and the model keep their state across pieces."""
+
+    def __init__(self, rate: int, enhancer: DeepFilterNet3):
+        import soxr
+
+        self.df = enhancer
+        self._resampler = soxr.ResampleStream(rate, DF_SAMPLE_RATE, 1, dtype="float32", quality="HQ") \
+            if rate != DF_SAMPLE_RATE else None
+        self._pending = np.zeros(0, np.float32)
+        self._skip = enhancer.delay  # output samples still owed to the model's delay
+        self._in = self._out = 0  # 48 kHz samples taken in / given out
+
+    def _up(self, audio: np.ndarray, last: bool) -> np.ndarray:
+        audio = np.asarray(audio, np.float32).reshape(-1)
+        if self._resampler is None:
+            return audio
+        return np.asarray(self._resampler.resample_chunk(audio[:, None], last=last), np.float32).reshape(-1)
+
+    def _run(self, x48: np.ndarray) -> np.ndarray:
+        buf = np.concatenate([self._pending, x48])
+        whole = buf.shape[0] // self.df.frame * self.df.frame
+        self._pending = buf[whole:]
+        out = self.df._frames(buf[:whole]) if whole else np.zeros(0, np.float32)
+        cut = min(self._skip, out.shape[0])
+        self._skip -= cut
+        return out[cut:]
+
+    def _give(self, out: np.ndarray) -> np.ndarray:
+        out = out[: max(0, self._in - self._out)]
+        self._out += out.shape[0]
+        return out
+
+    def process(self, audio: np.ndarray) -> np.ndarray:
+        x48 = self._up(audio, last=False)
+        self._in += x48.shape[0]
+        return self._give(self._run(x48))
+
+    def flush(self) -> np.ndarray:
+        """The rest: the resampler's tail, then silence through the model until every input sample is out."""
+        x48 = self._up(np.zeros(0, np.float32), last=True)
+        self._in += x48.shape[0]
+        head = self._give(self._run(x48))
+        owed = self._in - self._out
+        tail = self._run(np.zeros(owed + self.df.delay + self.df.frame, np.float32)) if owed > 0 else head[:0]
+        return np.concatenate([head, self._give(tail)])
 
 
 def enhance(audio: np.ndarray, rate: int, enhancer: Optional[DeepFilterNet3] = None) -> np.ndarray:

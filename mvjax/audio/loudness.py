@@ -78,24 +78,35 @@ def normalize_loudness(audio: np.ndarray, rate: int, target_lufs: float = TARGET
                        energy_floor: float = ENERGY_FLOOR) -> np.ndarray:
     """Gain to ``target_lufs``, then tanh soft clipping and a clamp to [-1, 1]; quiet signals pass unchanged."""
     x = np.asarray(audio, np.float32)
+    gain_db = loudness_gain_db(x, rate, target_lufs, compressor, energy_floor)
+    return x if gain_db is None else apply_gain(x, gain_db, compressor)
+
+
+def loudness_gain_db(audio: np.ndarray, rate: int, target_lufs: float = TARGET_LUFS, compressor: bool = True,
+                     energy_floor: float = ENERGY_FLOOR) -> float | None:
+    """The gain :func:`normalize_loudness` applies to ``audio`` (with the soft clipper's correction),
+    or None for a signal too quiet to measure. A stream applies the gain of its first piece to every
+    later piece (:func:`apply_gain`), so its loudness does not jump between pieces."""
+    x = np.asarray(audio, np.float32)
     if float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) < energy_floor:
-        return x
+        return None
     loudness = integrated_loudness(x, rate)
     if not np.isfinite(loudness):
-        return x
+        return None
     gain_db = target_lufs - loudness
-
-    def shaped(gain_db):
-        y = x * np.float32(10.0 ** (gain_db / 20.0))
-        return np.tanh(y) if compressor else y
-
-    y = shaped(gain_db)
     if compressor:
         # loudness(tanh(g x)) rises monotonically with g: a few corrections converge.
         for _ in range(MAX_REFINEMENTS):
-            error = target_lufs - integrated_loudness(y, rate)
+            error = target_lufs - integrated_loudness(apply_gain(x, gain_db, compressor), rate)
             if abs(error) < 0.05:
                 break
             gain_db += error
-            y = shaped(gain_db)
+    return float(gain_db)
+
+
+def apply_gain(audio: np.ndarray, gain_db: float, compressor: bool = True) -> np.ndarray:
+    """``audio`` times ``gain_db``, through the tanh soft clipper, clamped to [-1, 1]."""
+    y = np.asarray(audio, np.float32) * np.float32(10.0 ** (gain_db / 20.0))
+    if compressor:
+        y = np.tanh(y)
     return np.clip(y, -1.0, 1.0).astype(np.float32)

@@ -126,23 +126,25 @@ def decode_loop(
     ``logits_fn(cache, tokens (2B, T), positions (2B, T), window) -> (logits (2B, T, V), cache)``
     with rows [conditioned..., unconditioned...]; ``window`` (static) bounds every position
     passed, so the model need only attend to that many cache slots. ``limits`` (B,): maximum total length per
-    row (<= block). ``sampling``: guidance, temperature, top_k, top_p as traced scalars.
+    row (<= block). ``sampling``: guidance, temperature, top_k, top_p, each a traced scalar (all
+    rows) or a (B,) array (one value per row, so requests with different settings share a batch).
     ``cache`` is the model's pytree (allocated for the whole block). Returns the final
     :class:`LoopState` (its ``cache`` dropped).
     """
     batch, plen = prompts.shape
     rows = jnp.arange(batch)
+    per_row = {name: jnp.broadcast_to(jnp.asarray(value), (batch,)) for name, value in sampling.items()}
 
-    def pick(key, step, logits_pair):
+    def pick(key, step, logits_pair, setting):
         cond, uncond = logits_pair
-        guided = guide(cond, uncond, sampling["guidance"])
-        token = sample(jax.random.fold_in(key, step), guided, sampling["temperature"], sampling["top_k"], sampling["top_p"])
+        guided = guide(cond, uncond, setting["guidance"])
+        token = sample(jax.random.fold_in(key, step), guided, setting["temperature"], setting["top_k"], setting["top_p"])
         return token, guided
 
     def advance(state: LoopState, logits):
         """Sample one token per row from ``logits`` (2B, V) and append it where the row is active."""
         steps = state.lengths - prompt_lengths
-        tokens, guided = jax.vmap(pick)(keys, steps, (logits[:batch], logits[batch:]))
+        tokens, guided = jax.vmap(pick)(keys, steps, (logits[:batch], logits[batch:]), per_row)
         active = ~state.done
         write_at = jnp.minimum(state.lengths, block_size - 1)
         new_tokens = state.tokens.at[rows, write_at].set(jnp.where(active, tokens, state.tokens[rows, write_at]))
@@ -230,7 +232,7 @@ class FirstStageDecoder:
                 data = P(DATA_AXIS)
                 fn = jax.shard_map(
                     fn, mesh=self.mesh,
-                    in_specs=(P(), data, data, data, data if with_speaker else P(), data, P()),
+                    in_specs=(P(), data, data, data, data if with_speaker else P(), data, data),
                     out_specs=data,
                 )
             self._jitted[key] = jax.jit(fn)
@@ -261,12 +263,14 @@ class FirstStageDecoder:
         prompts: Sequence[Sequence[int]],
         speaker_emb: Optional[np.ndarray],
         keys: jax.Array,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
         max_new_tokens: Optional[int | Sequence[int]] = None,
         return_logits: bool = False,
         pad_to: Optional[int] = None,
     ) -> DecodeResult:
         """Decode a batch of prompts. ``keys``: (B, 2) uint32 PRNG keys, one per utterance.
+        ``sampling``: one :class:`SamplingConfig` for every row, or one per row (a row's tokens are
+        then what it gives decoded alone with its own settings).
 
         ``pad_to``: run at least this many rows (extra rows stop at once), so batches of
         different sizes can share one compiled function."""
@@ -299,12 +303,18 @@ class FirstStageDecoder:
         limits = np.concatenate([limits, lens_in[batch:]]).astype(np.int32)
         if speaker_emb is not None:
             speaker_emb = put_batch(pad_rows(np.asarray(speaker_emb, np.float32).reshape(batch, -1), size), self.mesh)
-        sampling_arrays = {
-            "guidance": jnp.float32(sampling.guidance),
-            "temperature": jnp.float32(sampling.temperature),
-            "top_k": jnp.int32(cfg.output_vocab_sizes[0] if sampling.top_k is None else sampling.top_k),
-            "top_p": jnp.float32(1.0 if sampling.top_p is None or sampling.top_p <= 0 else sampling.top_p),
+        settings = [sampling] * batch if isinstance(sampling, SamplingConfig) else list(sampling)
+        if len(settings) != batch:
+            raise ValueError(f"need one sampling config per prompt: got {len(settings)} for {batch}")
+        vocab = cfg.output_vocab_sizes[0]
+        columns = {
+            "guidance": ([s.guidance for s in settings], np.float32),
+            "temperature": ([s.temperature for s in settings], np.float32),
+            "top_k": ([vocab if s.top_k is None else s.top_k for s in settings], np.int32),
+            "top_p": ([1.0 if s.top_p is None or s.top_p <= 0 else s.top_p for s in settings], np.float32),
         }
+        sampling_arrays = {name: put_batch(pad_rows(np.array(values, dtype), size), self.mesh)
+                           for name, (values, dtype) in columns.items()}
         run = self._function(plen, return_logits, speaker_emb is not None)
         tokens, lengths, finished, step_logits = run(
             self.params, put_batch(padded, self.mesh), put_batch(lens_in, self.mesh), put_batch(limits, self.mesh),

@@ -168,9 +168,7 @@ class TTS:
         opts = SynthesisOptions(**options)
         sizes = self._batch_sizes(opts, decoder)
         normalised, embeddings, chunks = self._tokens(text, speaker, opts, sizes, utterance_ids)
-        batcher = stages.Batcher(self.mesh, opts.progress)
-        stages.run_decoder(self.codec, self.diffusion if decoder == "mbd" else None, chunks, sizes["decoder"], batcher,
-                           self.last_timings)
+        self.decode_chunks(chunks, decoder, sizes["decoder"], opts.progress)
         results = [self._finish(t, embeddings[u], [c for c in chunks if c.utterance == u], normalize, enhance)
                    for u, t in enumerate(normalised)]
         return results[0] if isinstance(text, str) else results
@@ -203,9 +201,21 @@ class TTS:
         chunks = []
         for u, (t, key) in enumerate(zip(normalised, K.keys_for(opts.seed, ids))):
             pieces = self.plan(t, opts.max_new_tokens) if opts.long_form else [t]
-            chunks += [stages.Chunk(u, (j,), piece, K.fold(key, j)) for j, piece in enumerate(pieces)]
+            chunks += self.chunks_for(u, pieces, key)
             if len(pieces) > 1:
                 log.info("text %d: %d chunks of %s characters", u + 1, len(pieces), ", ".join(str(len(p)) for p in pieces))
+        return normalised, embeddings, self.run_token_stages(chunks, embeddings, opts, sizes)
+
+    @staticmethod
+    def chunks_for(utterance: int, pieces: Sequence[str], key, sampling=None) -> list:
+        """The :class:`~mvjax.inference.stages.Chunk` s of one utterance's planned ``pieces``: chunk ``j``
+        draws from ``fold(key, j)``, so it gets the same tokens in whatever batch it runs."""
+        return [stages.Chunk(utterance, (j,), piece, K.fold(key, j), sampling) for j, piece in enumerate(pieces)]
+
+    def run_token_stages(self, chunks: list, embeddings: np.ndarray, opts: SynthesisOptions, sizes: dict) -> list:
+        """Both GPT stages for ``chunks`` (any utterances; ``embeddings[c.utterance]`` is a chunk's
+        speaker): a chunk that overflows a block is split in two and run again. Returns the chunks
+        done, sorted by (utterance, order), with codes and reports filled in."""
         batcher = stages.Batcher(self.mesh, opts.progress)
         todo, done = chunks, []
         for attempt in range(longform.MAX_RESPLITS + 1):
@@ -233,7 +243,12 @@ class TTS:
         with stages.Timer(self.last_timings, "stage2"):
             stages.run_second_stage(self.second_stage_sampler, self.layout, self.config2.block_size, chunks, embeddings,
                                     opts.stage2_temperature, opts.stage2_top_k, sizes["stage2"], batcher)
-        return normalised, embeddings, chunks
+        return chunks
+
+    def decode_chunks(self, chunks: list, decoder: str, batch_size: int, progress: bool = False) -> None:
+        """Each chunk's waveform (``wav``, (channels, samples) at :attr:`sample_rate`) from its codebooks."""
+        stages.run_decoder(self.codec, self.diffusion if decoder == "mbd" else None, chunks, batch_size,
+                           stages.Batcher(self.mesh, progress), self.last_timings)
 
     def _finish(self, text, embedding, chunks, normalize, enhance) -> Speech:
         wav = longform.crossfade_join([c.wav for c in chunks], self.sample_rate, longform.CROSSFADE_SECONDS)

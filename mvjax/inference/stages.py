@@ -43,6 +43,7 @@ class Chunk:
     order: tuple  # position within its utterance; a re-split chunk's halves extend it
     text: str
     key: np.ndarray  # (2,) uint32
+    sampling: Optional[SamplingConfig] = None  # this chunk's first-stage sampling (None: the batch's)
     prompt: list = dataclasses.field(default_factory=list)
     stage2_text: list = dataclasses.field(default_factory=list)
     first_stage_codes: Optional[np.ndarray] = None
@@ -52,7 +53,8 @@ class Chunk:
 
     def halves(self, texts: list[str]) -> list["Chunk"]:
         """This chunk re-split: one new chunk per text, keys folded from this one."""
-        return [Chunk(self.utterance, self.order + (h,), t, K.fold(self.key, h + 1)) for h, t in enumerate(texts)]
+        return [Chunk(self.utterance, self.order + (h,), t, K.fold(self.key, h + 1), self.sampling)
+                for h, t in enumerate(texts)]
 
 
 class Timer:
@@ -118,7 +120,7 @@ def run_first_stage(decoder: FirstStageDecoder, tokenizers, layout: TokenLayout,
             warnings.simplefilter("ignore", BlockFullWarning)  # reported per chunk by the caller
             result = decoder.generate(
                 [c.prompt for c in batch], embeddings[[c.utterance for c in batch]],
-                np.stack([K.fold(c.key, K.STAGE1) for c in batch]), sampling,
+                np.stack([K.fold(c.key, K.STAGE1) for c in batch]), [c.sampling or sampling for c in batch],
                 max_new_tokens=max_new_tokens, pad_to=next_pow2(len(batch)),
             )
         for i, c in enumerate(batch):

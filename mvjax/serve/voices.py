@@ -204,6 +204,13 @@ class VoiceRegistry:
             self._store(name, _Entry(voice, embedding))
             return voice
 
+    def embed_upload(self, data: bytes, filename: str = "") -> np.ndarray:
+        """The embedding of an uploaded recording, checked as :meth:`add` checks one, not stored
+        (the reference's ``POST /tts`` sends the speaker with every request)."""
+        if len(data) > self.limits.max_upload_bytes:
+            raise VoiceTooLarge(f"the upload is {len(data)} bytes; the limit is {self.limits.max_upload_bytes} bytes")
+        return self._embed_upload(data, filename)
+
     def add_embedding(self, name: str, embedding, builtin: bool = True, replace: bool = False) -> Voice:
         """Add a voice from an embedding. A ``builtin`` voice (a demo voice) is kept in memory only
         and cannot be deleted or replaced; otherwise it is stored like an uploaded one."""

@@ -1,0 +1,141 @@
+"""``python -m mvjax.serve``: the OpenAI-compatible speech server (FastAPI on uvicorn).
+
+    python -m mvjax.serve --demo                       # a random model and a demo voice, to try it out
+    python -m mvjax.serve --model models/metavoice-1b --voices voices/ --api-key "$KEY"
+
+Binds to 127.0.0.1:8000 unless told otherwise. SIGTERM (or Ctrl-C) stops taking requests,
+finishes the ones in flight, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mvjax.cli.common import exit_now, fail, guarded
+from mvjax.core.errors import MvjaxError
+
+API_KEY_ENV = "MVJAX_API_KEY"
+DEMO_VOICE = "demo"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from mvjax.audio.stream import supported_formats
+    from mvjax.serve.settings import ServerSettings, default_format
+
+    d = ServerSettings()
+    p = argparse.ArgumentParser(prog="python -m mvjax.serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="converted model directory, released-checkpoint directory, or hub repo id")
+    src.add_argument("--demo", action="store_true", help="a small random model (speaks noise) with a demo voice")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
+    net.add_argument("--port", type=int, default=8000)
+    net.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    net.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                     help="allow browser calls from this origin (repeatable; CORS is off by default)")
+    net.add_argument("--max-connections", type=int, default=None,
+                     help="open connections uvicorn accepts before answering 503 (default: 2 x max-queue + 16)")
+    work = p.add_argument_group("work")
+    work.add_argument("--voices", type=Path, default=None, help="voice directory: loaded at start, uploads stored here")
+    work.add_argument("--max-batch", type=int, default=d.max_batch,
+                      help="text chunks synthesised together across requests (1 = one at a time)")
+    work.add_argument("--max-queue", type=int, default=d.max_queue, help="speech requests admitted at once; more get 503")
+    work.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds a speech request may take")
+    work.add_argument("--max-input-chars", type=int, default=d.max_input_chars)
+    work.add_argument("--max-upload-mb", type=float, default=d.voice_limits.max_upload_bytes / 1e6)
+    work.add_argument("--decoder", choices=["mbd", "encodec"], default=d.decoder, help="default decoder")
+    work.add_argument("--no-enhance", action="store_true", help="no DeepFilterNet3 by default")
+    work.add_argument("--response-format", choices=list(supported_formats()), default=default_format())
+    work.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="first-stage weight storage")
+    work.add_argument("--warmup", action="store_true", help="synthesise once before listening (compiles the model)")
+    p.add_argument("--log-text", action="store_true", help="log request texts (off: only their length)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _logging(quiet: bool) -> None:
+    """Our loggers at INFO (WARNING with --quiet); libraries' INFO chatter stays off."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("mvjax").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def build(args):
+    """(tts, registry, settings) from the parsed arguments."""
+    import dataclasses
+
+    from mvjax.cli.synthesize import enable_compilation_cache
+    from mvjax.inference.pipeline import TTS
+    from mvjax.serve.settings import ServerSettings
+    from mvjax.serve.voices import VoiceLimits, VoiceRegistry
+
+    enable_compilation_cache()
+    log = logging.getLogger("mvjax")
+    limits = VoiceLimits(max_upload_bytes=int(args.max_upload_mb * 1e6))
+    settings = ServerSettings(
+        model_name="metavoice-1b-demo" if args.demo else "metavoice-1b", max_batch=args.max_batch,
+        max_queue=args.max_queue, timeout_s=args.timeout, max_input_chars=args.max_input_chars, voice_limits=limits,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
+        log_text=args.log_text, decoder=args.decoder, enhance=not args.no_enhance,
+        response_format=args.response_format,
+    )
+    if args.demo:
+        from mvjax.cli.demo import demo_model_dir
+
+        model = demo_model_dir(log=log.info)
+    else:
+        model = args.model
+    tts = TTS.load(model, log_fn=log.info, quantize=args.quantize)
+    encoder = tts.speaker_encoder  # voices need it; fail at start, not at the first upload
+    registry = VoiceRegistry(args.voices, encoder.embed_file, limits, dims=tts.config1.speaker_emb_dim)
+    if args.demo:
+        from mvjax.cli.demo import demo_speaker_audio
+
+        registry.add_embedding(DEMO_VOICE, tts.speaker_embedding(demo_speaker_audio()), builtin=True)
+    if args.warmup and len(registry):
+        voice = registry.list()[0]
+        tts.synthesize("Warm up.", registry.get(voice.name), decoder=settings.decoder, enhance=False)
+    return tts, registry, dataclasses.replace(settings)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from mvjax.serve.app import create_app
+
+    if not 0 <= args.port < 65536:
+        return fail(f"--port {args.port} is not a port number")
+    if args.max_batch < 1 or args.max_queue < 1:
+        return fail("--max-batch and --max-queue must be >= 1")
+    if args.voices is not None and args.voices.exists() and not args.voices.is_dir():
+        return fail(f"--voices {args.voices} is not a directory")
+    _logging(args.quiet)
+    try:
+        tts, registry, settings = build(args)
+    except ValueError as exc:
+        raise MvjaxError(str(exc)) from None
+    app = create_app(tts, registry, settings)
+    connections = args.max_connections or 2 * settings.max_queue + 16
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                            limit_concurrency=connections, timeout_graceful_shutdown=settings.timeout_s,
+                            access_log=False, server_header=False)
+    server = uvicorn.Server(config)
+    logging.getLogger("mvjax.serve").info("serving %s on http://%s:%d (max batch %d, queue %d)", settings.model_name,
+                                          args.host, args.port, settings.max_batch, settings.max_queue)
+    server.run()
+    tts.close()
+    return 0 if server.started else fail(f"could not listen on {args.host}:{args.port}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return guarded(lambda: run(args))
+
+
+if __name__ == "__main__":
+    exit_now(main())

@@ -1,0 +1,50 @@
+"""The speech server's settings: limits, defaults and switches, checked once."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from mvjax.audio.stream import supported_formats
+from mvjax.serve.voices import VoiceLimits
+
+OPENAI_SAMPLE_RATE = 24000  # what OpenAI's API (and clients playing its raw pcm) assume
+
+
+def default_format() -> str:
+    """OpenAI's default (mp3) where this installation encodes it, else wav."""
+    return "mp3" if "mp3" in supported_formats() else "wav"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    model_name: str = "metavoice-1b"
+    max_batch: int = 8  # text chunks per model batch (1: no cross-request batching)
+    max_queue: int = 64  # speech requests admitted at once (waiting or running); more get 503
+    timeout_s: float = 300.0  # a speech request's deadline
+    max_input_chars: int = 4096  # OpenAI's limit for `input`
+    max_json_bytes: int = 64 * 1024  # a JSON request body
+    voice_limits: VoiceLimits = VoiceLimits()
+    api_key: Optional[str] = None
+    cors_origins: tuple[str, ...] = ()
+    log_text: bool = False
+    decoder: str = "mbd"  # default decoder: mbd | encodec
+    enhance: bool = True  # DeepFilterNet3 on the output
+    normalize: bool = True  # -14 LUFS
+    sample_rate: int = OPENAI_SAMPLE_RATE  # every response's rate
+    response_format: str = dataclasses.field(default_factory=default_format)
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1")
+        if self.timeout_s <= 0 or self.max_input_chars < 1:
+            raise ValueError("timeout and max_input_chars must be positive")
+        if self.decoder not in ("mbd", "encodec"):
+            raise ValueError(f"decoder must be mbd or encodec, not {self.decoder!r}")
+        if self.response_format not in supported_formats():
+            raise ValueError(f"response format {self.response_format!r} is not supported here")
+
+    @property
+    def max_upload_body(self) -> int:
+        """A multipart body: the upload limit plus room for the form's other fields."""
+        return self.voice_limits.max_upload_bytes + 64 * 1024

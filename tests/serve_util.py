@@ -1,0 +1,132 @@
+"""Speech servers for tests: on 127.0.0.1, a free port, always stopped.
+
+``ServerProcess``: ``python -m mvjax.serve`` as a child process (for signals, kill -9 and restarts).
+``ThreadServer``: an app from :func:`mvjax.serve.app.create_app` served by uvicorn in a thread of
+the test process (shares one loaded model between tests; far quicker to start).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} was not healthy within {timeout} s")
+
+
+class ServerProcess:
+    """``with ServerProcess(["--demo", ...]) as srv: httpx.get(srv.url + "/health")``.
+
+    Output goes to ``srv.log`` (a file); the server is stopped with SIGTERM (then SIGKILL) on exit."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, start_timeout: float = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--port", str(self.port), *args]
+        self.log = Path(log)
+        self.env = {**os.environ, **(env or {})}
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        self._fh = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mvjax.serve", *self.args], cwd=REPO, env=self.env,
+                                     stdout=self._fh, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(self.url, self.start_timeout, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        self._fh.close()
+        return self.proc.returncode if self.proc is not None else None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class ThreadServer:
+    """uvicorn serving ``app`` in a daemon thread; ``stop()`` runs the app's shutdown (drain)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> "ThreadServer":
+        self.thread.start()
+        wait_healthy(self.url, 60)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(120)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def demo_server_app(settings=None, voices_dir=None):
+    """(app, tts) for the demo model with its ``demo`` voice (the same as ``python -m mvjax.serve --demo``)."""
+    from mvjax.cli.serve import _parser, build
+
+    args = ["--demo", "--decoder", "encodec", "--no-enhance"]
+    if voices_dir is not None:
+        args += ["--voices", str(voices_dir)]
+    tts, registry, defaults = build(_parser().parse_args(args))
+    from mvjax.serve.app import create_app
+
+    return create_app(tts, registry, settings or defaults), tts
