@@ -7,6 +7,7 @@ the test process (shares one loaded model between tests; far quicker to start).
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -119,14 +120,32 @@ class ThreadServer:
         self.stop()
 
 
-def demo_server_app(settings=None, voices_dir=None):
-    """(app, tts) for the demo model with its ``demo`` voice (the same as ``python -m mvjax.serve --demo``)."""
-    from mvjax.cli.serve import _parser, build
+# Tests cap the first stage's tokens per chunk: the random demo model seldom ends its audio, and
+# a full block per chunk would make every request take seconds for nothing.
+TEST_MAX_NEW_TOKENS = 160
+DEMO_ARGS = ["--demo", "--decoder", "encodec", "--no-enhance", "--max-new-tokens", str(TEST_MAX_NEW_TOKENS)]
 
-    args = ["--demo", "--decoder", "encodec", "--no-enhance"]
-    if voices_dir is not None:
-        args += ["--voices", str(voices_dir)]
-    tts, registry, defaults = build(_parser().parse_args(args))
+
+@functools.lru_cache(maxsize=1)
+def demo_tts():
+    """The demo model, loaded once per test session (its compiled programs are shared by every test)."""
+    from mvjax.cli.demo import demo_model_dir
+    from mvjax.inference.pipeline import TTS
+
+    return TTS.load(demo_model_dir())
+
+
+def demo_server_app(settings=None, voices_dir=None, **overrides):
+    """(app, tts) for the demo model with its ``demo`` voice, as ``python -m mvjax.serve`` + DEMO_ARGS
+    builds it; ``overrides``: ServerSettings fields to change."""
+    import dataclasses
+
+    from mvjax.cli.serve import _parser, build
     from mvjax.serve.app import create_app
 
-    return create_app(tts, registry, settings or defaults), tts
+    args = list(DEMO_ARGS)
+    if voices_dir is not None:
+        args += ["--voices", str(voices_dir)]
+    tts, registry, defaults = build(_parser().parse_args(args), tts=demo_tts())
+    settings = dataclasses.replace(settings or defaults, **overrides)
+    return create_app(tts, registry, settings), tts

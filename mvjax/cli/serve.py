@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="text chunks synthesised together across requests (1 = one at a time)")
     work.add_argument("--max-queue", type=int, default=d.max_queue, help="speech requests admitted at once; more get 503")
     work.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds a speech request may take")
+    work.add_argument("--max-new-tokens", type=int, default=None,
+                      help="first-stage tokens per text chunk (default: as many as the block holds)")
     work.add_argument("--max-input-chars", type=int, default=d.max_input_chars)
     work.add_argument("--max-upload-mb", type=float, default=d.voice_limits.max_upload_bytes / 1e6)
     work.add_argument("--decoder", choices=["mbd", "encodec"], default=d.decoder, help="default decoder")
@@ -65,8 +68,8 @@ def _logging(quiet: bool) -> None:
     logging.getLogger("mvjax").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def build(args):
-    """(tts, registry, settings) from the parsed arguments."""
+def build(args, tts=None):
+    """(tts, registry, settings) from the parsed arguments (``tts``: a model already loaded)."""
     import dataclasses
 
     from mvjax.cli.synthesize import enable_compilation_cache
@@ -79,7 +82,7 @@ def build(args):
     limits = VoiceLimits(max_upload_bytes=int(args.max_upload_mb * 1e6))
     settings = ServerSettings(
         model_name="metavoice-1b-demo" if args.demo else "metavoice-1b", max_batch=args.max_batch,
-        max_queue=args.max_queue, timeout_s=args.timeout, max_input_chars=args.max_input_chars, voice_limits=limits,
+        max_queue=args.max_queue, timeout_s=args.timeout, max_new_tokens=args.max_new_tokens, max_input_chars=args.max_input_chars, voice_limits=limits,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
         log_text=args.log_text, decoder=args.decoder, enhance=not args.no_enhance,
         response_format=args.response_format,
@@ -90,7 +93,7 @@ def build(args):
         model = demo_model_dir(log=log.info)
     else:
         model = args.model
-    tts = TTS.load(model, log_fn=log.info, quantize=args.quantize)
+    tts = tts or TTS.load(model, log_fn=log.info, quantize=args.quantize)
     encoder = tts.speaker_encoder  # voices need it; fail at start, not at the first upload
     registry = VoiceRegistry(args.voices, encoder.embed_file, limits, dims=tts.config1.speaker_emb_dim)
     if args.demo:
@@ -99,7 +102,8 @@ def build(args):
         registry.add_embedding(DEMO_VOICE, tts.speaker_embedding(demo_speaker_audio()), builtin=True)
     if args.warmup and len(registry):
         voice = registry.list()[0]
-        tts.synthesize("Warm up.", registry.get(voice.name), decoder=settings.decoder, enhance=False)
+        tts.synthesize("Warm up.", registry.get(voice.name), decoder=settings.decoder, enhance=False,
+                       max_new_tokens=settings.max_new_tokens)
     return tts, registry, dataclasses.replace(settings)
 
 
@@ -125,6 +129,10 @@ def run(args) -> int:
                             limit_concurrency=connections, timeout_graceful_shutdown=settings.timeout_s,
                             access_log=False, server_header=False)
     server = uvicorn.Server(config)
+    # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal under the handlers it found: these
+    # make that a clean exit (status 0) once the requests in flight are finished.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
     logging.getLogger("mvjax.serve").info("serving %s on http://%s:%d (max batch %d, queue %d)", settings.model_name,
                                           args.host, args.port, settings.max_batch, settings.max_queue)
     server.run()

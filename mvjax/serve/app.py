@@ -125,7 +125,8 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.worker = SpeechWorker(tts, settings.max_batch, settings.max_queue, on_batch=_on_batch(state),
-                                    on_drop=lambda job, error: metrics.dropped.labels(type(error).__name__).inc())
+                                    on_drop=lambda job, error: metrics.dropped.labels(type(error).__name__).inc(),
+                                    max_new_tokens=settings.max_new_tokens)
         try:
             yield
         finally:
@@ -217,7 +218,7 @@ def _install_errors(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "form")]
-        param = ".".join(loc) or None
+        param = loc[0] if loc else None  # the request's fields are flat; later parts name union members
         kind = first.get("type", "")
         if kind == "json_invalid":
             message, param = "the request body is not valid JSON", None
@@ -281,6 +282,7 @@ def _voice(state: State, name: str, param: str = "voice") -> np.ndarray:
 
 
 def _plan(tts, text: str) -> list[str]:
+    """Chunks at the speaking rate (a ``max_new_tokens`` cap only bounds the work per chunk)."""
     try:
         (normalised,) = normalised_texts([text])
         return tts.plan(normalised)

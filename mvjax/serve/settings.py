@@ -22,6 +22,9 @@ class ServerSettings:
     max_batch: int = 8  # text chunks per model batch (1: no cross-request batching)
     max_queue: int = 64  # speech requests admitted at once (waiting or running); more get 503
     timeout_s: float = 300.0  # a speech request's deadline
+    # First-stage tokens per text chunk: a cap on the work one chunk may take (None: the block's
+    # room); texts are still split into chunks at the speaking rate.
+    max_new_tokens: Optional[int] = None
     max_input_chars: int = 4096  # OpenAI's limit for `input`
     max_json_bytes: int = 64 * 1024  # a JSON request body
     voice_limits: VoiceLimits = VoiceLimits()
@@ -39,6 +42,8 @@ class ServerSettings:
             raise ValueError("max_batch and max_queue must be >= 1")
         if self.timeout_s <= 0 or self.max_input_chars < 1:
             raise ValueError("timeout and max_input_chars must be positive")
+        if self.max_new_tokens is not None and self.max_new_tokens < 2:
+            raise ValueError("max_new_tokens must be >= 2")
         if self.decoder not in ("mbd", "encodec"):
             raise ValueError(f"decoder must be mbd or encodec, not {self.decoder!r}")
         if self.response_format not in supported_formats():

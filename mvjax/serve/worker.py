@@ -191,15 +191,17 @@ class BatchStats:
 class SpeechWorker:
     """The model worker thread. ``tts``: a loaded :class:`mvjax.TTS`; ``max_batch``: chunks per
     batch (1 = one chunk at a time, no cross-request batching); ``max_jobs``: jobs admitted at once
-    (queued or running); ``on_batch``: called with a :class:`BatchStats` after every batch."""
+    (queued or running); ``on_batch``: called with a :class:`BatchStats` after every batch;
+    ``max_new_tokens``: first-stage tokens per chunk (plan the jobs' texts with the same value)."""
 
     def __init__(self, tts, max_batch: int = 8, max_jobs: int = 64, on_batch: Optional[Callable] = None,
-                 on_drop: Optional[Callable] = None):
+                 on_drop: Optional[Callable] = None, max_new_tokens: Optional[int] = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.tts = tts
         self.max_batch = int(max_batch)
         self.max_jobs = int(max_jobs)
+        self.max_new_tokens = max_new_tokens
         self.on_batch = on_batch or (lambda stats: None)
         self.on_drop = on_drop or (lambda job, error: None)
         self._jobs: list[Job] = []
@@ -330,7 +332,7 @@ class SpeechWorker:
             chunk = tts.chunks_for(slot[id(job)], job.pieces, job.key, job.params.sampling)[index]
             chunks.append(chunk)
         n = self.max_batch
-        opts = SynthesisOptions(batch_size=n)
+        opts = SynthesisOptions(batch_size=n, max_new_tokens=self.max_new_tokens)
         sizes = {"stage1": n, "stage2": n, "decoder": n}
         tts.last_timings = {}
         chunks = tts.run_token_stages(chunks, embeddings, opts, sizes)

@@ -1,0 +1,259 @@
+"""The speech server's HTTP API on the demo model, driven by the official OpenAI client and httpx."""
+
+import io
+import json
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.serve_util import (
+    DEMO_ARGS,
+    TEST_MAX_NEW_TOKENS,
+    ServerProcess,
+    ThreadServer,
+    demo_server_app,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+ONE_CHUNK = "Hello there, this is a test."
+MULTI_CHUNK = ("The first sentence of a longer text is here. " * 3 + "Then the second part of it follows on. " * 3
+               + "And finally the end arrives.")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """An in-process server (demo model, plain codec, no enhancement) and its model."""
+    app, tts = demo_server_app(voices_dir=tmp_path_factory.mktemp("voices"))
+    with ThreadServer(app) as srv:
+        yield srv, tts
+
+
+@pytest.fixture(scope="module")
+def voice_wav(tmp_path_factory):
+    from mvjax.cli.demo import demo_speaker_audio
+
+    audio, rate = demo_speaker_audio(seed=3)
+    path = tmp_path_factory.mktemp("rec") / "rec.wav"
+    sf.write(path, audio, rate)
+    return path
+
+
+def _client(srv, key="unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=srv.url + "/v1", api_key=key, timeout=300, max_retries=0)
+
+
+def _library_audio(tts, text, seed):
+    """What mvjax.TTS.synthesize gives for the request (same decoder and post-processing)."""
+    from mvjax.cli.demo import demo_speaker_audio
+
+    speech = tts.synthesize(text, tts.speaker_embedding(demo_speaker_audio()), seed=seed, decoder="encodec",
+                            enhance=False, max_new_tokens=TEST_MAX_NEW_TOKENS)
+    return speech.audio, speech.sample_rate
+
+
+def test_openai_client_whole_response_equals_the_library(served):
+    srv, tts = served
+    audio = _client(srv).audio.speech.create(model="tts-1", voice="demo", input=ONE_CHUNK, response_format="wav",
+                                             extra_body={"seed": 5})
+    data, rate = sf.read(io.BytesIO(audio.content), dtype="int16")
+    want, want_rate = _library_audio(tts, ONE_CHUNK, 5)
+    assert rate == want_rate == 24000
+    want16 = np.round(np.clip(want, -1, 1) * 32767).astype(np.int32)
+    assert data.shape[0] == want16.shape[0] > 0
+    # The same tokens and decoder: equal up to one step of int16 rounding.
+    assert np.abs(data.astype(np.int32) - want16).max() <= 1
+
+
+def test_openai_client_streams_pcm(served):
+    srv, _ = served
+    client = _client(srv)
+    pieces = []
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="demo", input=MULTI_CHUNK, response_format="pcm", extra_body={"stream": True, "seed": 9},
+    ) as response:
+        assert response.headers["x-sample-rate"] == "24000"
+        assert response.headers["x-seed"] == "9"
+        assert response.headers["content-type"].startswith("audio/pcm")
+        for piece in response.iter_bytes():
+            pieces.append(piece)
+    streamed = np.frombuffer(b"".join(pieces), np.int16)
+    whole = client.audio.speech.create(model="tts-1", voice="demo", input=MULTI_CHUNK, response_format="pcm",
+                                       extra_body={"seed": 9})
+    whole = np.frombuffer(whole.content, np.int16)
+    # Same tokens, same crossfades: as long as the whole answer; the stream's one gain (from its
+    # first chunk) differs from the whole text's only by a constant factor before the soft clipper.
+    assert streamed.shape == whole.shape and streamed.shape[0] > 0
+    assert np.corrcoef(streamed.astype(np.float64), whole.astype(np.float64))[0, 1] > 0.99
+
+
+def test_streamed_wav_has_a_streaming_header_and_single_chunk_equals_whole(served):
+    srv, _ = served
+    body = {"input": ONE_CHUNK, "voice": "demo", "response_format": "wav", "seed": 2}
+    with httpx.stream("POST", srv.url + "/v1/audio/speech", json={**body, "stream": True}, timeout=300) as r:
+        assert r.status_code == 200
+        streamed = b"".join(r.iter_bytes())
+    whole = httpx.post(srv.url + "/v1/audio/speech", json=body, timeout=300).content
+    assert streamed[:4] == b"RIFF" and streamed[4:8] == b"\xff\xff\xff\xff"
+    assert streamed[44:] == whole[44:]  # one chunk: the stream's gain is the whole text's
+
+
+def test_unsupported_values_are_named(served):
+    srv, _ = served
+    url = srv.url + "/v1/audio/speech"
+    cases = {
+        "speed": {"speed": 1.5},
+        "instructions": {"instructions": "whisper"},
+        "response_format": {"response_format": "aac"},
+        "voice": {"voice": "alloy"},
+        "temperature": {"temperature": "hot"},
+        "nonsense": {"nonsense": 1},
+    }
+    for param, extra in cases.items():
+        r = httpx.post(url, json={"input": "Hi.", "voice": "demo", **extra}, timeout=30)
+        assert r.status_code == 400, (param, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and param in error["message"]
+    r = httpx.post(url, json={"input": "Hi.", "voice": "demo", "response_format": "mp3", "stream": True}, timeout=30)
+    assert r.status_code == 400 and "cannot be streamed" in r.json()["error"]["message"]
+
+
+def test_voice_upload_use_and_delete(served, voice_wav):
+    srv, _ = served
+    with open(voice_wav, "rb") as fh:
+        r = httpx.post(srv.url + "/v1/voices", data={"name": "alice"}, files={"file": ("rec.wav", fh, "audio/wav")},
+                       timeout=120)
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "alice"
+    assert "alice" in httpx.get(srv.url + "/v1/audio/voices").json()["voices"]
+    assert {"alice", "demo"} <= {v["name"] for v in httpx.get(srv.url + "/v1/voices").json()["data"]}
+    audio = _client(srv).audio.speech.create(model="tts-1", voice="alice", input="Hi there.", response_format="flac",
+                                             extra_body={"seed": 1})
+    data, rate = sf.read(io.BytesIO(audio.content))
+    assert rate == 24000 and data.shape[0] > 0
+    assert httpx.delete(srv.url + "/v1/voices/demo").status_code == 403
+    assert httpx.delete(srv.url + "/v1/voices/alice").json()["deleted"] is True
+    r = httpx.post(srv.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alice"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
+
+
+def test_reference_tts_form_api(served, voice_wav):
+    srv, _ = served
+    with open(voice_wav, "rb") as fh:
+        r = httpx.post(srv.url + "/tts", data={"text": "Testing the form.", "guidance": "3.0", "top_p": "0.95"},
+                       files={"audiodata": ("ref.wav", fh, "audio/wav")}, timeout=300)
+    assert r.status_code == 200, r.text
+    data, rate = sf.read(io.BytesIO(r.content))
+    assert r.headers["content-type"] == "audio/wav" and data.shape[0] > 0
+    r = httpx.post(srv.url + "/tts", data={"text": "Hi.", "speaker_ref_path": "/etc/passwd"}, timeout=30)
+    assert r.status_code == 400 and "never opens a path" in r.json()["error"]["message"]
+    r = httpx.post(srv.url + "/tts", data={"text": "Hi.", "guidance": "7"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guidance"
+
+
+def test_metrics_health_docs(served):
+    srv, _ = served
+    health = httpx.get(srv.url + "/health").json()
+    assert health["status"] == "ok" and "wav" in health["formats"]
+    assert "/v1/audio/speech" in httpx.get(srv.url + "/openapi.json").json()["paths"]
+    assert httpx.get(srv.url + "/docs").status_code == 200
+    text = httpx.get(srv.url + "/metrics").text
+    assert 'mvjax_requests_total{route="/v1/audio/speech",status="200"}' in text
+    for name in ("mvjax_queue_depth", "mvjax_batch_size_count", "mvjax_speech_latency_seconds_bucket",
+                 "mvjax_time_to_first_audio_seconds_count", "mvjax_stage1_tokens_per_second"):
+        assert name in text
+    batches = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("mvjax_batch_size_count")))
+    assert batches >= 1
+
+
+def test_api_key_and_cors(tmp_path):
+    app, _ = demo_server_app(api_key="s3cret", cors_origins=("http://app.example",))
+    with ThreadServer(app) as srv:
+        url = srv.url + "/v1/audio/voices"
+        assert httpx.get(srv.url + "/health").json()["auth"] is True
+        r = httpx.get(url)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "API key" in r.json()["error"]["message"]
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        ok = httpx.options(url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "GET"})
+        assert ok.headers.get("access-control-allow-origin") == "http://app.example"
+        other = httpx.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
+        assert "access-control-allow-origin" not in other.headers
+    plain, _ = demo_server_app()
+    with ThreadServer(plain) as srv:  # CORS is off unless configured
+        r = httpx.get(srv.url + "/v1/audio/voices", headers={"Origin": "http://app.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_queue_full_answers_503_with_retry_after_and_deadline_504():
+    app, _ = demo_server_app(max_queue=1, max_batch=1, timeout_s=600)
+    with ThreadServer(app) as srv:
+        results = {}
+        first = threading.Thread(target=lambda: results.update(first=httpx.post(
+            srv.url + "/v1/audio/speech", json={"input": MULTI_CHUNK, "voice": "demo", "seed": 1}, timeout=600)))
+        first.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(srv.url + "/health").json()["queue_depth"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = httpx.post(srv.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "demo"}, timeout=60)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert "busy" in r.json()["error"]["message"]
+        first.join(600)
+        assert results["first"].status_code == 200
+    app, _ = demo_server_app(max_batch=1, timeout_s=0.5)
+    with ThreadServer(app) as srv:
+        r = httpx.post(srv.url + "/v1/audio/speech", json={"input": MULTI_CHUNK, "voice": "demo"}, timeout=120)
+        assert r.status_code == 504 and "time limit" in r.json()["error"]["message"]
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path):
+    srv = ServerProcess([*DEMO_ARGS, "--max-batch", "1"], tmp_path / "log")
+    with srv:
+        result = {}
+        body = {"input": MULTI_CHUNK, "voice": "demo", "seed": 4, "response_format": "wav"}
+        worker = threading.Thread(target=lambda: result.update(
+            r=httpx.post(srv.url + "/v1/audio/speech", json=body, timeout=600)))
+        worker.start()
+        deadline = time.monotonic() + 120
+        while httpx.get(srv.url + "/health").json()["queue_depth"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        with pytest.raises(httpx.HTTPError):  # no new connections once draining
+            httpx.get(srv.url + "/health", timeout=5)
+        worker.join(600)
+        assert srv.proc.wait(120) == 0
+    r = result["r"]
+    assert r.status_code == 200
+    data, rate = sf.read(io.BytesIO(r.content))
+    assert data.shape[0] > 0
+    log = srv.output()
+    assert "Traceback" not in log
+    assert json.dumps(body["input"]) not in log  # texts stay out of the log without --log-text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--demo", "--max-batch", "0"], "--max-batch"),
+    (["--demo", "--port", "70000"], "--port"),
+    (["--demo", "--max-new-tokens", "1"], "max_new_tokens"),
+])
+def test_bad_arguments_are_one_line_errors(args, message):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    res = subprocess.run([sys.executable, "-m", "mvjax.serve", *args], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert res.returncode != 0
+    last = [line for line in res.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: ") and message in last, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr

@@ -1,0 +1,141 @@
+"""The speech server's model worker: requests batched together get the tokens they get alone."""
+
+import time
+
+import numpy as np
+import pytest
+
+from mvjax.serve.worker import (
+    Cancelled,
+    ChunkAudio,
+    DeadlineExceeded,
+    Draining,
+    Job,
+    QueueFull,
+    SpeechParams,
+    SpeechWorker,
+)
+from tests.serve_util import TEST_MAX_NEW_TOKENS as N
+from tests.serve_util import demo_tts
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TEXTS = [
+    "Hello there.",
+    "A second request, with a longer sentence than the first one has.",
+    "Short one.",
+]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from mvjax.cli.demo import demo_speaker_audio
+
+    tts = demo_tts()
+    voices = [tts.speaker_embedding(demo_speaker_audio(seed=s)) for s in (0, 1)]
+    return tts, voices
+
+
+def worker_for(tts, **kw) -> SpeechWorker:
+    return SpeechWorker(tts, max_new_tokens=N, **kw)
+
+
+def plan(tts, text):
+    return tts.plan(text, N)
+
+
+def _collect(job: Job, timeout: float = 300) -> list:
+    events = []
+    while True:
+        event = job.next_event(timeout)
+        if event is None:
+            return events
+        events.append(event)
+
+
+def _alone(tts, text, voice, params: SpeechParams) -> list[np.ndarray]:
+    speech = tts.tokens(text, voice, seed=params.seed, temperature=params.temperature, top_p=params.top_p,
+                        guidance_scale=params.guidance, max_new_tokens=N)
+    return np.split(speech.first_stage_codes, np.cumsum([c.frames for c in speech.chunks])[:-1], axis=1)
+
+
+def test_batched_requests_get_their_own_tokens(demo):
+    """Mixed texts, voices and settings in one batch: each request's tokens equal the library's for
+    that request alone (same seed), and one batch really held several requests."""
+    tts, voices = demo
+    params = [SpeechParams(seed=11), SpeechParams(seed=12, temperature=0.7, top_p=0.8, guidance=1.5),
+              SpeechParams(seed=13, temperature=1.2, top_p=1.0, guidance=3.0)]
+    batches = []
+    worker = worker_for(tts, max_batch=8, on_batch=batches.append)
+    try:
+        jobs = [Job(plan(tts, t), voices[i % 2], p, time.monotonic() + 600) for i, (t, p) in enumerate(zip(TEXTS, params))]
+        with worker._lock:  # all three are waiting when the first batch starts
+            for job in jobs:
+                worker.submit(job)
+        results = [_collect(job) for job in jobs]
+    finally:
+        worker.close()
+    assert max(b.jobs for b in batches) == 3
+    for text, voice, p, events in zip(TEXTS, [voices[0], voices[1], voices[0]], params, results):
+        assert all(isinstance(e, ChunkAudio) for e in events)
+        got = [e.tokens[:, : e.frames] for e in events]
+        want = _alone(tts, text, voice, p)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        assert all(e.wav.shape[-1] > 0 for e in events)
+
+
+def test_one_at_a_time_gives_the_same_tokens(demo):
+    tts, voices = demo
+    p = SpeechParams(seed=12, temperature=0.7, top_p=0.8, guidance=1.5)
+    worker = worker_for(tts, max_batch=1)
+    try:
+        events = _collect(worker.submit(Job(plan(tts, TEXTS[1]), voices[1], p, time.monotonic() + 600)))
+    finally:
+        worker.close()
+    want = _alone(tts, TEXTS[1], voices[1], p)
+    for e, w in zip(events, want, strict=True):
+        np.testing.assert_array_equal(e.tokens[:, : e.frames], w)
+
+
+def test_a_cancelled_job_stops_being_computed(demo):
+    """Three chunks one at a time: cancelled after its first chunk arrives, the job computes at most
+    one more (the one already running), ends with Cancelled, and leaves the queue."""
+    tts, voices = demo
+    pieces = tts.plan("First sentence is here. " * 6 + "Second part of the text goes on. " * 6 + "And the end. " * 8)
+    assert len(pieces) >= 3
+    batches = []
+    worker = worker_for(tts, max_batch=1, on_batch=batches.append)
+    try:
+        job = worker.submit(Job(pieces, voices[0], SpeechParams(seed=1), time.monotonic() + 600))
+        first = job.next_event(300)
+        assert isinstance(first, ChunkAudio) and first.index == 0
+        job.cancel()
+        rest = _collect(job)
+        deadline = time.monotonic() + 120
+        while worker.depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.depth == 0
+    finally:
+        worker.close()
+    assert isinstance(rest[-1], Cancelled)
+    assert sum(b.chunks for b in batches) <= 2 < len(pieces)
+
+
+def test_queue_limit_deadline_and_drain(demo):
+    tts, voices = demo
+    worker = worker_for(tts, max_batch=2, max_jobs=1)
+    try:
+        late = worker.submit(Job(["Late."], voices[0], SpeechParams(seed=1), time.monotonic() - 1))
+        events = _collect(late, 60)
+        assert len(events) == 1 and isinstance(events[0], DeadlineExceeded)
+        job = worker.submit(Job(["Hello there."], voices[0], SpeechParams(seed=1), time.monotonic() + 600))
+        with pytest.raises(QueueFull):
+            worker.submit(Job(["Another."], voices[0], SpeechParams(seed=2), time.monotonic() + 600))
+        assert worker.drain(300)  # waits for the admitted job
+        assert job.done and job.error is None
+        with pytest.raises(Draining):
+            worker.submit(Job(["After."], voices[0], SpeechParams(seed=3), time.monotonic() + 600))
+    finally:
+        worker.close()
