@@ -6,8 +6,9 @@
 For each mode the benchmark starts ``python -m mvjax.serve`` as a child process on a free
 127.0.0.1 port (``batched``: ``--max-batch N``; ``single``: ``--max-batch 1``, one chunk at a
 time), always with ``--decoder encodec --no-enhance`` (``--decoder``/``--enhance`` change that),
-warms it up (requests one after another, then concurrent bursts of 2, 4, ... up to the batch size,
-so every batch-size bucket is compiled before timing), then runs the load: ``--requests``
+warms it up (requests one after another, concurrent bursts of 2, 4, ... up to the batch size, then
+the whole workload once untimed, so the shapes the timed run meets are compiled: a compilation
+inside the timed run would be charged to whichever mode met it), then runs the load: ``--requests``
 requests whose arrivals are a Poisson process of ``--rate`` per second, at most
 ``--concurrency`` in flight (a client pool of that size: an arrival waits for a free client),
 stopped at ``--time-limit`` seconds (requests not finished by then count as not completed).
@@ -308,7 +309,8 @@ def result_line(s: dict) -> str:
 
 def run_mode(mode: str, max_batch: int, args, model: Path, voices: Path, logs: Path, jobs: list[dict]) -> dict:
     server_args = ["--model", str(model), "--voices", str(voices), "--max-batch", str(max_batch),
-                   "--decoder", args.decoder, "--max-queue", str(max(64, 2 * args.requests)),
+                   "--decoder", args.decoder, "--max-new-tokens", str(args.max_new_tokens),
+                   "--max-queue", str(max(64, 2 * args.requests)),
                    "--timeout", str(args.time_limit + 60)]
     if not args.enhance:
         server_args.append("--no-enhance")
@@ -319,6 +321,9 @@ def run_mode(mode: str, max_batch: int, args, model: Path, voices: Path, logs: P
         t = time.perf_counter()
         asyncio.run(warmup(server.url, [j["text"] for j in sorted(jobs, key=lambda j: len(j["text"]))][::-1],
                            max_batch, args.time_limit))
+        rehearsal = asyncio.run(run_load(server.url, [{**j, "seed": j["seed"] + 50000} for j in jobs],
+                                         args.concurrency, args.time_limit, args.time_limit + 30))
+        log(f"[{mode}] untimed pass of the workload: {len(rehearsal['ok'])}/{len(jobs)} in {rehearsal['wall']:.1f} s")
         log(f"[{mode}] warmed up in {time.perf_counter() - t:.1f} s; load: {len(jobs)} requests at {args.rate}/s, "
             f"{args.concurrency} clients, limit {args.time_limit:.0f} s")
         skip = len(server.batch_lines())
@@ -356,6 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="batched,single", help="comma-separated: batched, single")
     p.add_argument("--decoder", choices=["encodec", "mbd"], default="encodec")
     p.add_argument("--enhance", action="store_true", help="DeepFilterNet3 on (default: --no-enhance)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="the server's first-stage cap per chunk (default 128 with --quick, else 256)")
     p.add_argument("--stop", type=int, default=200, help="random model: first-stage position where end of audio takes over")
     p.add_argument("--seed", type=int, default=0, help="texts, arrivals and request seeds")
     p.add_argument("--start-timeout", type=float, default=600)
@@ -363,6 +370,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer requests and a shorter limit")
     args = p.parse_args(argv)
     args.requests = args.requests or (12 if args.quick else 32)
+    args.max_new_tokens = args.max_new_tokens or (128 if args.quick else 256)
     args.rate = args.rate if args.rate is not None else (1.0 if args.quick else 0.5)
     args.time_limit = args.time_limit or (240.0 if args.quick else 900.0)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

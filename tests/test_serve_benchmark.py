@@ -14,7 +14,7 @@ TARGET = re.compile(r"^serve-target concurrency=(\d+) speedup=([0-9.]+) p95_rati
 def test_serve_benchmark_smoke(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.serve", "--config", "demo", "--requests", "4", "--rate", "4",
-         "--concurrency", "4", "--max-batch", "2", "--time-limit", "90", "--log-dir", str(tmp_path / "logs")],
+         "--concurrency", "4", "--max-batch", "2", "--time-limit", "90", "--max-new-tokens", "48", "--log-dir", str(tmp_path / "logs")],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -269,10 +269,13 @@ def test_directory_load_good_and_bad(make, tmp_path, caplog):
     (d / "spoken.wav").write_bytes(audio_bytes(2.0, freq=700))
     reg3 = make(limits=VoiceLimits(max_embedding_file_bytes=4096))
     np.testing.assert_array_equal(reg3.get("spoken"), fake_embed(d / "spoken.wav"))
-    # deleting a voice made from an audio file removes the audio too, so it does not come back
-    reg3.delete("spoken")
-    assert not (d / "spoken.wav").exists() and not (d / "spoken.npz").exists()
-    assert "spoken" not in make(limits=VoiceLimits(max_embedding_file_bytes=4096))
+    # a voice made from the operator's audio file is not deleted (nor replaced) through the registry:
+    # the file is an input, never removed by a client
+    with pytest.raises(VoiceProtected):
+        reg3.delete("spoken")
+    with pytest.raises(VoiceProtected):
+        reg3.add("spoken", audio_bytes(2.0, freq=300), "x.wav", replace=True)
+    assert (d / "spoken.wav").exists() and "spoken" in make(limits=VoiceLimits(max_embedding_file_bytes=4096))
 
 
 def test_directory_load_bounded_by_max_voices(make, tmp_path, caplog):

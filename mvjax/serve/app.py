@@ -15,95 +15,39 @@ status; no traceback reaches a client (unexpected failures are logged and answer
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
-import math
-import secrets
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
-import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-)
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mvjax.audio.stream import (
-    StreamEncoder,
-    content_type,
-    encode,
-    streams_incrementally,
-    supported_formats,
-)
-from mvjax.core.errors import MvjaxError
-from mvjax.inference.options import SynthesisError, normalised_texts
+from mvjax.audio.stream import supported_formats
+from mvjax.serve.errors import ApiError, error_response, install_errors
 from mvjax.serve.metrics import Metrics
-from mvjax.serve.output import EnhancerPool, StreamAssembler, finish_whole
+from mvjax.serve.output import EnhancerPool
 from mvjax.serve.settings import ServerSettings
+from mvjax.serve.speech import (
+    MAX_SEED,
+    SpeechRequest,
+    check_speech,
+    random_or,
+    speak,
+    voice_embedding,
+)
 from mvjax.serve.voices import VoiceError, VoiceRegistry
-from mvjax.serve.worker import ChunkAudio, Job, SpeechParams, SpeechWorker, WorkerError
+from mvjax.serve.worker import SpeechParams, SpeechWorker
 
 log = logging.getLogger("mvjax.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
 UPLOAD_PATHS = ("/v1/voices", "/tts")
-MAX_SEED = 2**32 - 1
-
-
-class ApiError(Exception):
-    """An answer other than success: HTTP ``status``, a one-line ``message``, the request field at fault."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, headers: Optional[dict] = None,
-                 code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers, self.code = status, message, param, headers, code
-
-
-def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == 401:
-        kind = "authentication_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, param=None, headers=None, code=None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
-
-
-class SpeechRequest(BaseModel):
-    """``POST /v1/audio/speech``: OpenAI's fields and mvjax's extensions."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: StrictStr = Field("metavoice-1b", description="any name: this server serves one model")
-    input: StrictStr = Field(..., description="the text to speak (English)")
-    voice: StrictStr = Field(..., description="a voice name from GET /v1/audio/voices")
-    response_format: Optional[StrictStr] = Field(None, description="wav | pcm | flac | mp3 | opus (see /health)")
-    speed: Optional[StrictFloat | StrictInt] = Field(1.0, description="only 1.0: MetaVoice has no rate control")
-    instructions: Optional[StrictStr] = Field(None, description="not supported (must be empty)")
-    stream_format: Optional[Literal["audio"]] = Field(None, description="only 'audio' (server-sent events are not offered)")
-    stream: StrictBool = Field(False, description="send audio as each chunk is ready (wav, pcm or opus)")
-    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="default: a random seed (X-Seed header)")
-    temperature: StrictFloat | StrictInt = Field(1.0, ge=0, le=5, description="first-stage temperature; 0 = greedy")
-    top_p: StrictFloat | StrictInt = Field(0.95, gt=0, le=1, description="nucleus sampling")
-    guidance_scale: StrictFloat | StrictInt = Field(3.0, ge=0, le=10, description="classifier-free guidance")
-    decoder: Optional[Literal["mbd", "encodec"]] = Field(None, description="multi-band diffusion or the plain codec")
-    enhance: Optional[StrictBool] = Field(None, description="DeepFilterNet3 on the output")
 
 
 class State:
@@ -139,7 +83,7 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
                   description="MetaVoice-1B text to speech on mvjax: an OpenAI-compatible API, voices, streaming.")
     app.state.mvjax = state
     _install_middleware(app, state)
-    _install_errors(app)
+    install_errors(app)
     _speech_routes(app, state)
     _voice_routes(app, state)
     _service_routes(app, state)
@@ -208,222 +152,6 @@ def _authorised(request: Request, key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
-def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.param, exc.headers, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "form")]
-        param = loc[0] if loc else None  # the request's fields are flat; later parts name union members
-        kind = first.get("type", "")
-        if kind == "json_invalid":
-            message, param = "the request body is not valid JSON", None
-        elif kind == "extra_forbidden":
-            message = f"unknown field {param!r}"
-        elif kind == "missing":
-            message = f"{param} is required"
-        elif kind in ("model_attributes_type", "dict_type"):
-            message = "the request body must be a JSON object"
-        else:
-            message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-        return error_response(400, message, param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}"
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception):
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal server error")
-
-
-# --- speech ----------------------------------------------------------------------------------
-
-
-def _check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, bool]:
-    """(response format, enhance) after the checks pydantic cannot express."""
-    fmt = (req.response_format or settings.response_format).lower()
-    if fmt not in supported_formats():
-        raise ApiError(400, f"response_format {req.response_format!r} is not supported here; "
-                       f"supported: {', '.join(supported_formats())}", "response_format")
-    if req.speed is not None and not math.isclose(float(req.speed), 1.0):
-        raise ApiError(400, f"speed {req.speed} is not supported: MetaVoice has no speaking-rate control "
-                       "(only 1.0)", "speed")
-    if req.instructions:
-        raise ApiError(400, "instructions are not supported: MetaVoice takes the style from the voice", "instructions")
-    if req.stream and not streams_incrementally(fmt):
-        incremental = [f for f in supported_formats() if streams_incrementally(f)]
-        raise ApiError(400, f"response_format {fmt!r} cannot be streamed; stream wav, pcm or opus "
-                       f"({', '.join(incremental)} here)", "response_format")
-    if len(req.input) > settings.max_input_chars:
-        raise ApiError(400, f"input is {len(req.input)} characters; the limit is {settings.max_input_chars}", "input")
-    if not req.input.strip():
-        raise ApiError(400, "input is empty", "input")
-    enhance = settings.enhance if req.enhance is None else req.enhance
-    return fmt, enhance
-
-
-def _voice(state: State, name: str, param: str = "voice") -> np.ndarray:
-    try:
-        return state.registry.get(name)
-    except VoiceError:
-        names = sorted(v.name for v in state.registry.list())
-        shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-        raise ApiError(400, f"unknown voice {name[:64]!r}; voices: {shown or 'none (upload one to /v1/voices)'}",
-                       param) from None
-
-
-def _plan(tts, text: str) -> list[str]:
-    """Chunks at the speaking rate (a ``max_new_tokens`` cap only bounds the work per chunk)."""
-    try:
-        (normalised,) = normalised_texts([text])
-        return tts.plan(normalised)
-    except SynthesisError as exc:
-        raise ApiError(400, f"input: {exc}", "input") from None
-
-
-class _Waiter:
-    """Await a job's events from the event loop (the worker thread pokes an asyncio.Event)."""
-
-    def __init__(self):
-        loop = asyncio.get_running_loop()
-        self.event = asyncio.Event()
-        self.notify = lambda: loop.call_soon_threadsafe(self.event.set)
-
-    async def next(self, job: Job, request: Request, deadline: float):
-        while True:
-            event = job.poll()
-            if event is not Job.EMPTY:
-                return event
-            self.event.clear()
-            event = job.poll()
-            if event is not Job.EMPTY:
-                return event
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.event.wait(), 0.25)
-            if await request.is_disconnected():
-                job.cancel()
-                raise ApiError(499, "the client went away")
-            if time.monotonic() > deadline + 5:
-                job.cancel()
-                raise ApiError(504, "the request did not finish within the server's time limit")
-
-
-async def _submit(state: State, pieces: list[str], embedding, params: SpeechParams, waiter: _Waiter) -> Job:
-    job = Job(pieces, embedding, params, time.monotonic() + state.settings.timeout_s, notify=waiter.notify)
-    try:
-        state.worker.submit(job)
-    except WorkerError as exc:
-        raise ApiError(exc.status, str(exc), headers={"Retry-After": str(state.worker.retry_after())}) from None
-    state.metrics.queue_depth.set(state.worker.depth)
-    state.metrics.waiting_chunks.set(state.worker.waiting_chunks)
-    return job
-
-
-def _worker_error(exc: WorkerError) -> ApiError:
-    return ApiError(exc.status if exc.status != 499 else 500, str(exc))
-
-
-async def speak(state: State, request: Request, text: str, embedding, params: SpeechParams, fmt: str, enhance: bool,
-                stream: bool) -> Response:
-    """Queue a job and answer with its audio, whole or streamed."""
-    settings, metrics = state.settings, state.metrics
-    arrived = time.monotonic()
-    pieces = await run_in_threadpool(_plan, state.tts, text)
-    waiter = _Waiter()
-    job = await _submit(state, pieces, embedding, params, waiter)
-    rate = settings.sample_rate
-    headers = {"X-Seed": str(params.seed), "X-Sample-Rate": str(rate)}
-    codec_rate = state.tts.sample_rate
-    if settings.log_text:
-        log.info("job %d: %d chunks, voice text %r", job.id, len(pieces), text)
-    else:
-        log.info("job %d: %d characters in %d chunks, seed %d, %s%s", job.id, len(text), len(pieces), params.seed,
-                 fmt, " (stream)" if stream else "")
-    try:
-        first = await waiter.next(job, request, job.deadline)
-    except BaseException:
-        job.cancel()
-        raise
-    if isinstance(first, WorkerError):
-        raise _worker_error(first)
-    ttfa = time.monotonic() - arrived
-    metrics.ttfa.observe(ttfa)
-    headers["X-Time-To-First-Audio"] = f"{ttfa:.3f}"
-    log.info("job %d: first audio after %.2f s", job.id, ttfa)
-
-    if not stream:
-        pieces_audio = [first.wav]
-        try:
-            while True:
-                event = await waiter.next(job, request, job.deadline)
-                if event is None:
-                    break
-                if isinstance(event, WorkerError):
-                    raise _worker_error(event)
-                pieces_audio.append(event.wav)
-        except BaseException:
-            job.cancel()
-            raise
-        audio = await run_in_threadpool(finish_whole, pieces_audio, codec_rate, settings.normalize, enhance,
-                                        state.pool, rate)
-        body = await run_in_threadpool(encode, audio, rate, fmt)
-        metrics.latency.observe(time.monotonic() - arrived)
-        metrics.audio_seconds.inc(audio.shape[0] / rate)
-        return Response(body, media_type=content_type(fmt, rate), headers=headers)
-
-    encoder = StreamEncoder(fmt, rate)
-    assembler = StreamAssembler(codec_rate, settings.normalize, enhance, state.pool, rate)
-
-    async def body():
-        sent = 0
-        complete = False
-        try:
-            await run_in_threadpool(assembler.__enter__)
-            yield encoder.header()
-            event: object = first
-            while True:
-                if isinstance(event, ChunkAudio):
-                    audio = await run_in_threadpool(assembler.add, event.wav)
-                    sent += audio.shape[0]
-                    data = encoder.chunk(audio)
-                    if data:
-                        yield data
-                elif isinstance(event, WorkerError):
-                    log.warning("job %d: stream cut short: %s", job.id, event)
-                    return
-                else:  # None: the job is over
-                    break
-                event = await waiter.next(job, request, job.deadline)
-            tail = await run_in_threadpool(assembler.end)
-            sent += tail.shape[0]
-            yield encoder.chunk(tail) + encoder.end()
-            complete = True
-        except ApiError as exc:
-            log.info("job %d: stream stopped: %s", job.id, exc.message)
-        finally:
-            job.cancel()  # no-op when finished; otherwise its remaining chunks are not computed
-            await run_in_threadpool(assembler.__exit__, None, None, None)
-            if complete:
-                metrics.latency.observe(time.monotonic() - arrived)
-                metrics.audio_seconds.inc(sent / rate)
-            log.info("job %d: streamed %.2f s of audio%s", job.id, sent / rate, "" if complete else " (cut short)")
-
-    return StreamingResponse(body(), media_type=content_type(fmt, rate), headers=headers)
-
-
-def _seed(seed: Optional[int]) -> int:
-    return secrets.randbelow(MAX_SEED + 1) if seed is None else int(seed)
-
-
 def _speech_routes(app: FastAPI, state: State) -> None:
     settings = state.settings
 
@@ -432,9 +160,9 @@ def _speech_routes(app: FastAPI, state: State) -> None:
     async def create_speech(req: SpeechRequest, request: Request):
         """Text to speech, OpenAI-compatible. ``stream: true`` sends audio as each chunk of the
         text is ready (chunked transfer; wav with a streaming header, raw pcm, or opus)."""
-        fmt, enhance = _check_speech(req, settings)
-        embedding = _voice(state, req.voice)
-        params = SpeechParams(seed=_seed(req.seed), temperature=float(req.temperature), top_p=float(req.top_p),
+        fmt, enhance = check_speech(req, settings)
+        embedding = voice_embedding(state, req.voice)
+        params = SpeechParams(seed=random_or(req.seed), temperature=float(req.temperature), top_p=float(req.top_p),
                               guidance=float(req.guidance_scale), decoder=req.decoder or settings.decoder)
         return await speak(state, request, req.input, embedding, params, fmt, enhance, req.stream)
 
@@ -466,10 +194,10 @@ def _speech_routes(app: FastAPI, state: State) -> None:
             except VoiceError as exc:
                 raise ApiError(exc.status, str(exc), "audiodata") from None
         elif voice:
-            embedding = _voice(state, voice)
+            embedding = voice_embedding(state, voice)
         else:
             raise ApiError(400, "upload the reference speaker as audiodata (or name a registered voice)", "audiodata")
-        params = SpeechParams(seed=_seed(seed), guidance=guidance, top_p=top_p if top_p > 0 else None,
+        params = SpeechParams(seed=random_or(seed), guidance=guidance, top_p=top_p if top_p > 0 else None,
                               decoder=settings.decoder)
         return await speak(state, request, text, embedding, params, "wav", settings.enhance, stream=False)
 
@@ -560,4 +288,4 @@ def _service_routes(app: FastAPI, state: State) -> None:
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-__all__ = ["ApiError", "ServerSettings", "SpeechRequest", "create_app", "MvjaxError"]
+__all__ = ["ApiError", "ServerSettings", "SpeechRequest", "create_app"]

@@ -230,18 +230,20 @@ class VoiceRegistry:
             return voice
 
     def delete(self, name: str) -> None:
-        """Remove a voice and its files; VoiceNotFound (404), VoiceProtected (403) for a built-in one."""
+        """Remove a voice and its file; VoiceNotFound (404); VoiceProtected (403) for a built-in voice or
+        one embedded from an audio file in the directory (the operator's file: a client never deletes it)."""
         with self._lock:
             entry = self._voices.get(name)
             if entry is None:
                 raise VoiceNotFound(f"no voice named {_quote(name)}")
             if entry.voice.builtin:
                 raise VoiceProtected(f"voice {_quote(name)} is built in and cannot be deleted")
+            if entry.source is not None:
+                raise VoiceProtected(f"voice {_quote(name)} comes from an audio file in the server's voice "
+                                     "directory; remove the file there to delete it")
             if self.directory is not None:
                 try:
                     (self.directory / f"{name}.npz").unlink(missing_ok=True)
-                    if entry.source is not None:
-                        (self.directory / entry.source).unlink(missing_ok=True)
                 except OSError as exc:
                     reason = exc.strerror or type(exc).__name__
                     raise VoiceStoreUnavailable(f"cannot delete voice {_quote(name)}: {reason}") from None
@@ -256,8 +258,9 @@ class VoiceRegistry:
         if entry is not None:
             if entry.voice.sha256 == sha:
                 return entry.voice
-            if entry.voice.builtin:
-                raise VoiceProtected(f"voice {_quote(name)} is built in and cannot be replaced")
+            if entry.voice.builtin or entry.source is not None:
+                raise VoiceProtected(f"voice {_quote(name)} is built in or comes from the server's voice directory "
+                                     "and cannot be replaced")
             if not replace:
                 raise VoiceExists(f"a different voice named {_quote(name)} exists; delete it or ask to replace it")
             return None

@@ -1,0 +1,248 @@
+"""Speech requests: the OpenAI-compatible request, its checks, and the answer (whole or streamed).
+
+:func:`speak` plans the text into chunks, queues a :class:`~mvjax.serve.worker.Job`, waits for its
+chunks on the event loop (the worker thread wakes it) and answers: a whole response finished as
+the library finishes a text, or a stream that sends each chunk as it is ready. A client that goes
+away cancels its job, so chunks not yet started are never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from typing import Literal, Optional
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
+from starlette.concurrency import run_in_threadpool
+
+from mvjax.audio.stream import (
+    StreamEncoder,
+    content_type,
+    encode,
+    streams_incrementally,
+    supported_formats,
+)
+from mvjax.inference.options import SynthesisError, normalised_texts
+from mvjax.serve.errors import ApiError
+from mvjax.serve.output import StreamAssembler, finish_whole
+from mvjax.serve.settings import ServerSettings
+from mvjax.serve.voices import VoiceError
+from mvjax.serve.worker import ChunkAudio, Job, SpeechParams, WorkerError
+
+log = logging.getLogger("mvjax.serve")
+MAX_SEED = 2**32 - 1
+
+
+class SpeechRequest(BaseModel):
+    """``POST /v1/audio/speech``: OpenAI's fields and mvjax's extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr = Field("metavoice-1b", description="any name: this server serves one model")
+    input: StrictStr = Field(..., description="the text to speak (English)")
+    voice: StrictStr = Field(..., description="a voice name from GET /v1/audio/voices")
+    response_format: Optional[StrictStr] = Field(None, description="wav | pcm | flac | mp3 | opus (see /health)")
+    speed: Optional[StrictFloat | StrictInt] = Field(1.0, description="only 1.0: MetaVoice has no rate control")
+    instructions: Optional[StrictStr] = Field(None, description="not supported (must be empty)")
+    stream_format: Optional[Literal["audio"]] = Field(None, description="only 'audio' (server-sent events are not offered)")
+    stream: StrictBool = Field(False, description="send audio as each chunk is ready (wav, pcm or opus)")
+    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="default: a random seed (X-Seed header)")
+    temperature: StrictFloat | StrictInt = Field(1.0, ge=0, le=5, description="first-stage temperature; 0 = greedy")
+    top_p: StrictFloat | StrictInt = Field(0.95, gt=0, le=1, description="nucleus sampling")
+    guidance_scale: StrictFloat | StrictInt = Field(3.0, ge=0, le=10, description="classifier-free guidance")
+    decoder: Optional[Literal["mbd", "encodec"]] = Field(None, description="multi-band diffusion or the plain codec")
+    enhance: Optional[StrictBool] = Field(None, description="DeepFilterNet3 on the output")
+
+
+# --- speech ----------------------------------------------------------------------------------
+
+
+def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, bool]:
+    """(response format, enhance) after the checks pydantic cannot express."""
+    fmt = (req.response_format or settings.response_format).lower()
+    if fmt not in supported_formats():
+        raise ApiError(400, f"response_format {req.response_format!r} is not supported here; "
+                       f"supported: {', '.join(supported_formats())}", "response_format")
+    if req.speed is not None and not math.isclose(float(req.speed), 1.0):
+        raise ApiError(400, f"speed {req.speed} is not supported: MetaVoice has no speaking-rate control "
+                       "(only 1.0)", "speed")
+    if req.instructions:
+        raise ApiError(400, "instructions are not supported: MetaVoice takes the style from the voice", "instructions")
+    if req.stream and not streams_incrementally(fmt):
+        incremental = [f for f in supported_formats() if streams_incrementally(f)]
+        raise ApiError(400, f"response_format {fmt!r} cannot be streamed; stream wav, pcm or opus "
+                       f"({', '.join(incremental)} here)", "response_format")
+    if len(req.input) > settings.max_input_chars:
+        raise ApiError(400, f"input is {len(req.input)} characters; the limit is {settings.max_input_chars}", "input")
+    if not req.input.strip():
+        raise ApiError(400, "input is empty", "input")
+    enhance = settings.enhance if req.enhance is None else req.enhance
+    return fmt, enhance
+
+
+def voice_embedding(state, name: str, param: str = "voice") -> np.ndarray:
+    try:
+        return state.registry.get(name)
+    except VoiceError:
+        names = sorted(v.name for v in state.registry.list())
+        shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+        raise ApiError(400, f"unknown voice {name[:64]!r}; voices: {shown or 'none (upload one to /v1/voices)'}",
+                       param) from None
+
+
+def plan_text(tts, text: str) -> list[str]:
+    """Chunks at the speaking rate (a ``max_new_tokens`` cap only bounds the work per chunk)."""
+    try:
+        (normalised,) = normalised_texts([text])
+        return tts.plan(normalised)
+    except SynthesisError as exc:
+        raise ApiError(400, f"input: {exc}", "input") from None
+
+
+class Waiter:
+    """Await a job's events from the event loop (the worker thread pokes an asyncio.Event)."""
+
+    def __init__(self):
+        loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+        self.notify = lambda: loop.call_soon_threadsafe(self.event.set)
+
+    async def next(self, job: Job, request: Request, deadline: float):
+        while True:
+            event = job.poll()
+            if event is not Job.EMPTY:
+                return event
+            self.event.clear()
+            event = job.poll()
+            if event is not Job.EMPTY:
+                return event
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.event.wait(), 0.25)
+            if await request.is_disconnected():
+                job.cancel()
+                raise ApiError(499, "the client went away")
+            if time.monotonic() > deadline + 5:
+                job.cancel()
+                raise ApiError(504, "the request did not finish within the server's time limit")
+
+
+async def _submit(state, pieces: list[str], embedding, params: SpeechParams, waiter: Waiter) -> Job:
+    job = Job(pieces, embedding, params, time.monotonic() + state.settings.timeout_s, notify=waiter.notify)
+    try:
+        state.worker.submit(job)
+    except WorkerError as exc:
+        raise ApiError(exc.status, str(exc), headers={"Retry-After": str(state.worker.retry_after())}) from None
+    state.metrics.queue_depth.set(state.worker.depth)
+    state.metrics.waiting_chunks.set(state.worker.waiting_chunks)
+    return job
+
+
+def _worker_error(exc: WorkerError) -> ApiError:
+    return ApiError(exc.status if exc.status != 499 else 500, str(exc))
+
+
+async def speak(state, request: Request, text: str, embedding, params: SpeechParams, fmt: str, enhance: bool,
+                stream: bool) -> Response:
+    """Queue a job and answer with its audio, whole or streamed."""
+    settings, metrics = state.settings, state.metrics
+    arrived = time.monotonic()
+    pieces = await run_in_threadpool(plan_text, state.tts, text)
+    waiter = Waiter()
+    job = await _submit(state, pieces, embedding, params, waiter)
+    rate = settings.sample_rate
+    headers = {"X-Seed": str(params.seed), "X-Sample-Rate": str(rate)}
+    codec_rate = state.tts.sample_rate
+    if settings.log_text:
+        log.info("job %d: %d chunks, voice text %r", job.id, len(pieces), text)
+    else:
+        log.info("job %d: %d characters in %d chunks, seed %d, %s%s", job.id, len(text), len(pieces), params.seed,
+                 fmt, " (stream)" if stream else "")
+    try:
+        first = await waiter.next(job, request, job.deadline)
+    except BaseException:
+        job.cancel()
+        raise
+    if isinstance(first, WorkerError):
+        raise _worker_error(first)
+    ttfa = time.monotonic() - arrived
+    metrics.ttfa.observe(ttfa)
+    headers["X-Time-To-First-Audio"] = f"{ttfa:.3f}"
+    log.info("job %d: first audio after %.2f s", job.id, ttfa)
+
+    if not stream:
+        pieces_audio = [first.wav]
+        try:
+            while True:
+                event = await waiter.next(job, request, job.deadline)
+                if event is None:
+                    break
+                if isinstance(event, WorkerError):
+                    raise _worker_error(event)
+                pieces_audio.append(event.wav)
+        except BaseException:
+            job.cancel()
+            raise
+        audio = await run_in_threadpool(finish_whole, pieces_audio, codec_rate, settings.normalize, enhance,
+                                        state.pool, rate)
+        body = await run_in_threadpool(encode, audio, rate, fmt)
+        metrics.latency.observe(time.monotonic() - arrived)
+        metrics.audio_seconds.inc(audio.shape[0] / rate)
+        return Response(body, media_type=content_type(fmt, rate), headers=headers)
+
+    encoder = StreamEncoder(fmt, rate)
+    assembler = StreamAssembler(codec_rate, settings.normalize, enhance, state.pool, rate)
+
+    async def body():
+        sent = 0
+        complete = False
+        try:
+            await run_in_threadpool(assembler.__enter__)
+            yield encoder.header()
+            event: object = first
+            while True:
+                if isinstance(event, ChunkAudio):
+                    audio = await run_in_threadpool(assembler.add, event.wav)
+                    sent += audio.shape[0]
+                    data = encoder.chunk(audio)
+                    if data:
+                        yield data
+                elif isinstance(event, WorkerError):
+                    log.warning("job %d: stream cut short: %s", job.id, event)
+                    return
+                else:  # None: the job is over
+                    break
+                event = await waiter.next(job, request, job.deadline)
+            tail = await run_in_threadpool(assembler.end)
+            sent += tail.shape[0]
+            yield encoder.chunk(tail) + encoder.end()
+            complete = True
+        except ApiError as exc:
+            log.info("job %d: stream stopped: %s", job.id, exc.message)
+        finally:
+            job.cancel()  # no-op when finished; otherwise its remaining chunks are not computed
+            await run_in_threadpool(assembler.__exit__, None, None, None)
+            if complete:
+                metrics.latency.observe(time.monotonic() - arrived)
+                metrics.audio_seconds.inc(sent / rate)
+            log.info("job %d: streamed %.2f s of audio%s", job.id, sent / rate, "" if complete else " (cut short)")
+
+    return StreamingResponse(body(), media_type=content_type(fmt, rate), headers=headers)
+
+
+def random_or(seed: Optional[int]) -> int:
+    return secrets.randbelow(MAX_SEED + 1) if seed is None else int(seed)
