@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 
 from mvjax.audio.stream import supported_formats
 from mvjax.serve.errors import ApiError, error_response, install_errors
@@ -102,38 +103,73 @@ def _on_batch(state: State):
 # --- middleware: body limits, auth, access log, CORS ----------------------------------------
 
 
-def _install_middleware(app: FastAPI, state: State) -> None:
-    settings = state.settings
+class BodyTooLarge(HTTPException):
+    """A request body that grew past its limit while it was read (no or a false Content-Length)."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over the limit of {limit} bytes")
+
+
+class Guard:
+    """Plain ASGI middleware (it leaves the client's disconnect visible to the routes, which
+    Starlette's ``BaseHTTPMiddleware`` hides): body size limits, the API key, refusal while
+    draining, the request counter and the access log line."""
+
+    def __init__(self, app, state: State):
+        self.app, self.state = app, state
+
+    def _refusal(self, path: str, method: str, headers: Headers, limit: int) -> Optional[Response]:
+        settings = self.state.settings
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return error_response(413, f"the request body is over the limit of {limit} bytes")
+        if settings.api_key and not _open(path) and not _authorised(headers, settings.api_key):
+            return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if self.state.draining and method != "GET":
+            return error_response(503, "the server is shutting down; try another instance",
+                                  headers={"Retry-After": "5", "Connection": "close"})
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         start = time.monotonic()
-        path = request.url.path
+        path, method = scope["path"], scope["method"]
+        settings = self.state.settings
         limit = settings.max_upload_body if path in UPLOAD_PATHS else settings.max_json_bytes
-        status = 500
+        status = [500]
+        received = [0]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        async def receive_bounded():
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
         try:
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                response = error_response(413, f"the request body is over the limit of {limit} bytes")
-            elif settings.api_key and not _open(path) and not _authorised(request, settings.api_key):
-                response = error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                          headers={"WWW-Authenticate": "Bearer"})
-            elif state.draining and request.method != "GET":
-                response = error_response(503, "the server is shutting down; try another instance",
-                                          headers={"Retry-After": "5", "Connection": "close"})
+            refusal = self._refusal(path, method, Headers(scope=scope), limit)
+            if refusal is not None:
+                await refusal(scope, receive, send_counted)
             else:
-                response = await call_next(request)
-            status = response.status_code
-            return response
-        except Exception:  # call_next re-raises what no handler caught
-            log.exception("unhandled error on %s %s", request.method, path)
-            return error_response(500, "internal server error")
+                await self.app(scope, receive_bounded, send_counted)
         finally:
             route = path if path in _ROUTES else ("/v1/voices/{name}" if path.startswith("/v1/voices/") else "other")
-            state.metrics.requests.labels(route, str(status)).inc()
-            log.info("%s %s %d %.0f ms", request.method, path, status, (time.monotonic() - start) * 1000)
+            self.state.metrics.requests.labels(route, str(status[0])).inc()
+            log.info("%s %s %d %.0f ms", method, path, status[0], (time.monotonic() - start) * 1000)
 
-    if settings.cors_origins:
+
+def _install_middleware(app: FastAPI, state: State) -> None:
+    settings = state.settings
+    app.add_middleware(Guard, state=state)
+    if settings.cors_origins:  # outside the guard: it answers preflight requests, which carry no key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["X-Seed", "X-Sample-Rate", "X-Time-To-First-Audio"])
@@ -146,8 +182,8 @@ def _open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith("/static/")
 
 
-def _authorised(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
+def _authorised(headers: Headers, key: str) -> bool:
+    header = headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 

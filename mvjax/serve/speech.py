@@ -141,8 +141,9 @@ class Waiter:
                 raise ApiError(504, "the request did not finish within the server's time limit")
 
 
-async def _submit(state, pieces: list[str], embedding, params: SpeechParams, waiter: Waiter) -> Job:
-    job = Job(pieces, embedding, params, time.monotonic() + state.settings.timeout_s, notify=waiter.notify)
+async def _submit(state, pieces: list[str], embedding, params: SpeechParams, waiter: Waiter, stream: bool) -> Job:
+    job = Job(pieces, embedding, params, time.monotonic() + state.settings.timeout_s, notify=waiter.notify,
+              stream=stream)
     try:
         state.worker.submit(job)
     except WorkerError as exc:
@@ -163,7 +164,7 @@ async def speak(state, request: Request, text: str, embedding, params: SpeechPar
     arrived = time.monotonic()
     pieces = await run_in_threadpool(plan_text, state.tts, text)
     waiter = Waiter()
-    job = await _submit(state, pieces, embedding, params, waiter)
+    job = await _submit(state, pieces, embedding, params, waiter, stream)
     rate = settings.sample_rate
     headers = {"X-Seed": str(params.seed), "X-Sample-Rate": str(rate)}
     codec_rate = state.tts.sample_rate

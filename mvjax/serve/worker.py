@@ -4,7 +4,7 @@ A request becomes a :class:`Job`: its text planned into chunks as :meth:`mvjax.T
 plans it, one speaker embedding, its own sampling settings and seed. The worker thread loops:
 take up to ``max_batch`` chunks from the jobs waiting (oldest job first, one chunk per job per
 round, so a new request's first chunk joins the next batch instead of waiting behind a long
-text), run both GPT stages on them as one batch (mixed lengths, voices and settings: every row
+text; a streamed job has at most one chunk in a batch), run both GPT stages on them as one batch (mixed lengths, voices and settings: every row
 carries its own sampling values and its own key), decode the waveforms (grouped by decoder),
 and hand every finished chunk back to its job in order.
 
@@ -99,8 +99,9 @@ class Job:
     EMPTY = _EMPTY  # what :meth:`poll` returns when no event is waiting
 
     def __init__(self, pieces: list[str], embedding: np.ndarray, params: SpeechParams, deadline: float,
-                 notify: Optional[Callable[[], None]] = None):
+                 notify: Optional[Callable[[], None]] = None, stream: bool = False):
         self.id = next(self._ids)
+        self.stream = stream  # a streamed job has one chunk per batch: its first audio comes soonest
         self.notify = notify
         self.pieces = list(pieces)
         self.embedding = np.asarray(embedding, np.float32)
@@ -272,6 +273,9 @@ class SpeechWorker:
                 self._drop(job, Cancelled("the client went away"))
             elif now > job.deadline:
                 self._drop(job, DeadlineExceeded("the request did not finish within the server's time limit"))
+        # One chunk of every waiting job first (oldest first); spare rows then go to more chunks of
+        # whole-response jobs. A streamed job never has more than one chunk in a batch: its first
+        # chunk is not held back by the others, and a client that leaves wastes at most one.
         picked: list[tuple[Job, int]] = []
         pending = [j for j in self._jobs if j.todo]
         while pending and len(picked) < self.max_batch:
@@ -279,7 +283,7 @@ class SpeechWorker:
                 if len(picked) >= self.max_batch:
                     break
                 picked.append((job, job.todo.popleft()))
-                if not job.todo:
+                if not job.todo or job.stream:
                     pending.remove(job)
         for job, _ in picked:
             job.running += 1
