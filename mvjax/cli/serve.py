@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--voices", type=Path, default=None, help="voice directory: loaded at start, uploads stored here")
     work.add_argument("--max-batch", type=int, default=d.max_batch,
                       help="text chunks synthesised together across requests (1 = one at a time)")
+    work.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_s * 1000,
+                      help="a batch that is not full waits this long for more requests before it starts")
     work.add_argument("--max-queue", type=int, default=d.max_queue, help="speech requests admitted at once; more get 503")
     work.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds a speech request may take")
     work.add_argument("--max-new-tokens", type=int, default=None,
@@ -82,7 +84,8 @@ def build(args, tts=None):
     limits = VoiceLimits(max_upload_bytes=int(args.max_upload_mb * 1e6))
     settings = ServerSettings(
         model_name="metavoice-1b-demo" if args.demo else "metavoice-1b", max_batch=args.max_batch,
-        max_queue=args.max_queue, timeout_s=args.timeout, max_new_tokens=args.max_new_tokens, max_input_chars=args.max_input_chars, voice_limits=limits,
+        max_queue=args.max_queue, batch_wait_s=args.batch_wait_ms / 1000, timeout_s=args.timeout,
+        max_new_tokens=args.max_new_tokens, max_input_chars=args.max_input_chars, voice_limits=limits,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
         log_text=args.log_text, decoder=args.decoder, enhance=not args.no_enhance,
         response_format=args.response_format,

@@ -71,7 +71,7 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
     async def lifespan(app: FastAPI):
         state.worker = SpeechWorker(tts, settings.max_batch, settings.max_queue, on_batch=_on_batch(state),
                                     on_drop=lambda job, error: metrics.dropped.labels(type(error).__name__).inc(),
-                                    max_new_tokens=settings.max_new_tokens)
+                                    max_new_tokens=settings.max_new_tokens, batch_wait=settings.batch_wait_s)
         try:
             yield
         finally:

@@ -21,6 +21,7 @@ class ServerSettings:
     model_name: str = "metavoice-1b"
     max_batch: int = 8  # text chunks per model batch (1: no cross-request batching)
     max_queue: int = 64  # speech requests admitted at once (waiting or running); more get 503
+    batch_wait_s: float = 0.1  # a batch that is not full waits this long for more requests
     timeout_s: float = 300.0  # a speech request's deadline
     # First-stage tokens per text chunk: a cap on the work one chunk may take (None: the block's
     # room); texts are still split into chunks at the speaking rate.
@@ -40,6 +41,8 @@ class ServerSettings:
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        if not 0 <= self.batch_wait_s <= 10:
+            raise ValueError("batch wait must be between 0 and 10 s")
         if self.timeout_s <= 0 or self.max_input_chars < 1:
             raise ValueError("timeout and max_input_chars must be positive")
         if self.max_new_tokens is not None and self.max_new_tokens < 2:

@@ -169,7 +169,8 @@ async def speak(state, request: Request, text: str, embedding, params: SpeechPar
     headers = {"X-Seed": str(params.seed), "X-Sample-Rate": str(rate)}
     codec_rate = state.tts.sample_rate
     if settings.log_text:
-        log.info("job %d: %d chunks, voice text %r", job.id, len(pieces), text)
+        log.info("job %d: %d chunks, seed %d, %s%s, text %r", job.id, len(pieces), params.seed, fmt,
+                 " (stream)" if stream else "", text)
     else:
         log.info("job %d: %d characters in %d chunks, seed %d, %s%s", job.id, len(text), len(pieces), params.seed,
                  fmt, " (stream)" if stream else "")
@@ -236,7 +237,7 @@ async def speak(state, request: Request, text: str, embedding, params: SpeechPar
             log.info("job %d: stream stopped: %s", job.id, exc.message)
         finally:
             job.cancel()  # no-op when finished; otherwise its remaining chunks are not computed
-            await run_in_threadpool(assembler.__exit__, None, None, None)
+            assembler.__exit__(None, None, None)  # not awaited: this may run while being cancelled
             if complete:
                 metrics.latency.observe(time.monotonic() - arrived)
                 metrics.audio_seconds.inc(sent / rate)

@@ -193,16 +193,20 @@ class SpeechWorker:
     """The model worker thread. ``tts``: a loaded :class:`mvjax.TTS`; ``max_batch``: chunks per
     batch (1 = one chunk at a time, no cross-request batching); ``max_jobs``: jobs admitted at once
     (queued or running); ``on_batch``: called with a :class:`BatchStats` after every batch;
-    ``max_new_tokens``: first-stage tokens per chunk (plan the jobs' texts with the same value)."""
+    ``max_new_tokens``: first-stage tokens per chunk (plan the jobs' texts with the same value);
+    ``batch_wait``: seconds a batch that is not full waits for more requests before it starts
+    (clients whose answers just finished send their next request a few milliseconds later)."""
 
     def __init__(self, tts, max_batch: int = 8, max_jobs: int = 64, on_batch: Optional[Callable] = None,
-                 on_drop: Optional[Callable] = None, max_new_tokens: Optional[int] = None):
+                 on_drop: Optional[Callable] = None, max_new_tokens: Optional[int] = None,
+                 batch_wait: float = 0.0):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.tts = tts
         self.max_batch = int(max_batch)
         self.max_jobs = int(max_jobs)
         self.max_new_tokens = max_new_tokens
+        self.batch_wait = float(batch_wait)
         self.on_batch = on_batch or (lambda stats: None)
         self.on_drop = on_drop or (lambda job, error: None)
         self._jobs: list[Job] = []
@@ -291,6 +295,10 @@ class SpeechWorker:
                 job.started = now
         return picked
 
+    def _schedulable(self) -> int:
+        """Under the lock: chunks the next batch could take (a streamed job offers one)."""
+        return sum(min(len(j.todo), 1 if j.stream else len(j.todo)) for j in self._jobs if not j.cancelled)
+
     def _drop(self, job: Job, error: WorkerError) -> None:
         job._fail(error)
         self._jobs.remove(job)
@@ -301,6 +309,8 @@ class SpeechWorker:
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._stop or any(j.todo or j.done or j.cancelled for j in self._jobs))
+                if self.batch_wait > 0 and self._schedulable() < self.max_batch:
+                    self._lock.wait_for(lambda: self._stop or self._schedulable() >= self.max_batch, self.batch_wait)
                 if self._stop:
                     return
                 picked = self._take()
