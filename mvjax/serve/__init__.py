@@ -1,6 +1,10 @@
 """The OpenAI-compatible speech server: HTTP on top of :mod:`mvjax.inference`.
 
-A layer above inference, beside :mod:`mvjax.train` (neither imports the other), below the CLI.
-``voices.py`` is the registry of named voices (speaker embeddings) the server's ``/v1/voices``
-endpoints and its ``--voices DIR`` option use.
+A layer above inference, beside :mod:`mvjax.train` (neither imports the other), below the CLI
+(``python -m mvjax.serve`` runs :mod:`mvjax.cli.serve`). ``app`` builds the FastAPI app (routes,
+guard middleware, service routes), ``speech`` answers speech requests (whole or streamed),
+``worker`` is the one model worker that batches text chunks across requests, ``output`` turns
+chunks into the audio sent (crossfades, loudness, DeepFilterNet3), ``voices`` is the registry of
+named speaker embeddings, ``metrics`` the Prometheus collectors, ``errors`` the JSON error shape,
+``settings`` the limits and defaults; ``static/`` holds the web page.
 """
