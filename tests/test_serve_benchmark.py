@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 LINE = re.compile(r"^serve mode=(batched|single) concurrency=(\d+) utt_per_min=([0-9.]+) p50_s=([0-9.]+) "
@@ -11,6 +13,7 @@ LINE = re.compile(r"^serve mode=(batched|single) concurrency=(\d+) utt_per_min=(
 TARGET = re.compile(r"^serve-target concurrency=(\d+) speedup=([0-9.]+) p95_ratio=([0-9.]+) pass=(yes|no)", re.M)
 
 
+@pytest.mark.slow  # ~1.5 min (builds its own model, starts two servers); `pytest -m slow` runs it
 def test_serve_benchmark_smoke(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.serve", "--config", "demo", "--requests", "4", "--rate", "4",
