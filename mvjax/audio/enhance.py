@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from mvjax.audio.features import resample
+from mvjax.audio.features import StreamResampler, resample
 from mvjax.core.errors import MvjaxError
 
 DF_SAMPLE_RATE = 48000
@@ -112,11 +112,8 @@ class EnhanceStream:
     the input resampled. The resampler (soxr HQ) and the model keep their state across pieces."""
 
     def __init__(self, rate: int, enhancer: DeepFilterNet3):
-        import soxr
-
         self.df = enhancer
-        self._resampler = soxr.ResampleStream(rate, DF_SAMPLE_RATE, 1, dtype="float32", quality="HQ") \
-            if rate != DF_SAMPLE_RATE else None
+        self._resampler = StreamResampler(rate, DF_SAMPLE_RATE) if rate != DF_SAMPLE_RATE else None
         self._pending = np.zeros(0, np.float32)
         self._skip = enhancer.delay  # output samples still owed to the model's delay
         self._in = self._out = 0  # 48 kHz samples taken in / given out
@@ -125,7 +122,7 @@ class EnhanceStream:
         audio = np.asarray(audio, np.float32).reshape(-1)
         if self._resampler is None:
             return audio
-        return np.asarray(self._resampler.resample_chunk(audio[:, None], last=last), np.float32).reshape(-1)
+        return self._resampler(audio, last=last)
 
     def _run(self, x48: np.ndarray) -> np.ndarray:
         buf = np.concatenate([self._pending, x48])

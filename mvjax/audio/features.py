@@ -13,6 +13,20 @@ import numpy as np
 from mvjax.audio.io import AudioError
 
 
+class StreamResampler:
+    """Mono audio resampled piece by piece (soxr HQ, state kept between pieces): the pieces joined
+    equal :func:`resample` of the whole signal; pass ``last=True`` with the final piece."""
+
+    def __init__(self, orig_rate: int, target_rate: int):
+        import soxr
+
+        self._soxr = soxr.ResampleStream(orig_rate, target_rate, 1, dtype="float32", quality="HQ")
+
+    def __call__(self, audio: np.ndarray, last: bool = False) -> np.ndarray:
+        piece = np.asarray(audio, np.float32).reshape(-1, 1)
+        return np.asarray(self._soxr.resample_chunk(piece, last=last), np.float32).reshape(-1)
+
+
 def resample(audio: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
     """librosa.resample's default: soxr "HQ", then cut or zero-pad to ``ceil(n * target / orig)``."""
     if orig_rate == target_rate:

@@ -115,11 +115,15 @@ def crossfade_join(pieces: Sequence[np.ndarray], rate: int, crossfade_s: float =
         if n <= 0:
             out = np.concatenate([out, piece], axis=-1)
             continue
-        t = (np.arange(n, dtype=np.float64) + 0.5) / n
-        fade_out, fade_in = np.cos(t * np.pi / 2), np.sin(t * np.pi / 2)
-        overlap = out[..., -n:] * fade_out + piece[..., :n] * fade_in
-        out = np.concatenate([out[..., :-n], overlap.astype(np.float32), piece[..., n:]], axis=-1)
+        out = np.concatenate([out[..., :-n], equal_power_fade(out[..., -n:], piece[..., :n]), piece[..., n:]], axis=-1)
     return out
+
+
+def equal_power_fade(tail: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """``tail`` faded out into ``head`` (equally long, (..., n)) with cos/sin gains, float32."""
+    n = tail.shape[-1]
+    t = (np.arange(n, dtype=np.float64) + 0.5) / n
+    return (tail * np.cos(t * np.pi / 2) + head * np.sin(t * np.pi / 2)).astype(np.float32)
 
 
 # Speaking rate used to budget chunks: slow English speech, so real speech rarely runs longer.

@@ -19,8 +19,9 @@ from typing import Optional
 
 import numpy as np
 
+from mvjax.audio.features import StreamResampler
 from mvjax.audio.loudness import apply_gain, loudness_gain_db
-from mvjax.inference.longform import CROSSFADE_SECONDS, crossfade_join
+from mvjax.inference.longform import CROSSFADE_SECONDS, crossfade_join, equal_power_fade
 from mvjax.inference.stages import finish_audio
 
 
@@ -114,11 +115,7 @@ class StreamAssembler:
         self.codec_rate = codec_rate
         made = DF_SAMPLE_RATE if enhance else codec_rate
         self.rate = out_rate or made
-        self._resampler = None
-        if self.rate != made:
-            import soxr
-
-            self._resampler = soxr.ResampleStream(made, self.rate, 1, dtype="float32", quality="HQ")
+        self._resampler = StreamResampler(made, self.rate) if self.rate != made else None
         self.normalize = normalize
         self.crossfade = int(round(crossfade_s * codec_rate))
         self._held = np.zeros(0, np.float32)  # the end of the audio so far, kept for the next crossfade
@@ -151,7 +148,7 @@ class StreamAssembler:
         # the crossfade's length unless the chunks are shorter than it).
         n = int(min(self.crossfade, self._length // 2, piece.shape[0] // 2, self._held.shape[0]))
         if n > 0:
-            joined = np.concatenate([self._held[:-n], _fade(self._held[-n:], piece[:n]), piece[n:]])
+            joined = np.concatenate([self._held[:-n], equal_power_fade(self._held[-n:], piece[:n]), piece[n:]])
         else:
             joined = np.concatenate([self._held, piece])
         self._length += piece.shape[0] - n
@@ -165,12 +162,8 @@ class StreamAssembler:
         if self._stream is not None:
             out = np.concatenate([out, self._stream.flush()])
         if self._resampler is not None:
-            out = self._resample(out, last=True)
+            out = self._resampler(out, last=True)
         return out
-
-    def _resample(self, audio: np.ndarray, last: bool = False) -> np.ndarray:
-        return np.asarray(self._resampler.resample_chunk(np.asarray(audio, np.float32)[:, None], last=last),
-                          np.float32).reshape(-1)
 
     def _out(self, audio: np.ndarray, measure: np.ndarray, final: bool = False) -> np.ndarray:
         if self.normalize:
@@ -181,12 +174,6 @@ class StreamAssembler:
         if self._stream is not None:
             audio = self._stream.process(audio)
         if self._resampler is not None and not final:
-            audio = self._resample(audio)
+            audio = self._resampler(audio)
         return audio
 
-
-def _fade(tail: np.ndarray, head: np.ndarray) -> np.ndarray:
-    """Equal-power crossfade of two equally long pieces (longform.crossfade_join's curve)."""
-    n = tail.shape[0]
-    t = (np.arange(n, dtype=np.float64) + 0.5) / n
-    return (tail * np.cos(t * np.pi / 2) + head * np.sin(t * np.pi / 2)).astype(np.float32)
