@@ -26,7 +26,7 @@ _EXPORTS = {
     "SynthesisError": "mvjax.inference.options",
     "SpeakerEncoder": "mvjax.inference.speaker",
     "FirstStageDecoder": "mvjax.inference.decode",
-    "SecondStageSampler": "mvjax.inference.decode",
+    "SecondStageSampler": "mvjax.inference.second_stage",
     "SamplingConfig": "mvjax.inference.decode",
     "MultiBandDiffusion": "mvjax.inference.diffusion",
     "utterance_keys": "mvjax.inference.keys",

@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
                           "python -m mvjax.parity certifies; 'high'/'default' are faster on GPUs and TPUs)")
     dec.add_argument("--batch-size", default="8", help="utterances (chunks) per device per batch, or 'auto': the "
                                                        "largest each stage fits in free memory (throughput mode)")
+    dec.add_argument("--batching", choices=["engine", "static"], default="engine",
+                     help="first stage: engine = continuous batching, a chunk takes a slot as one frees up (one "
+                          "device); static = batches decoded to their longest chunk (default: engine; a mesh of "
+                          "several devices always uses static batches)")
+    dec.add_argument("--engine-steps", type=int, default=16, help="first-stage tokens per engine call (default 16)")
     par = p.add_argument_group("multi-process")
     par.add_argument("--coordinator", help="HOST:PORT of process 0 (jax.distributed)")
     par.add_argument("--num-processes", type=int)
@@ -171,7 +176,7 @@ def _check_numbers(args) -> None:
     try:
         SynthesisOptions(temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
                          stage2_temperature=args.stage2_temperature, stage2_top_k=args.stage2_top_k,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, batching=args.batching, engine_steps=args.engine_steps)
     except SynthesisError as exc:  # name the flag, not the field
         flag = f"--{exc.option.replace('_', '-')}" if exc.option else ""
         raise UsageError(flag + str(exc)[len(exc.option or ""):]) from None
@@ -338,7 +343,7 @@ def run(argv: list[str] | None = None) -> int:
                 stage2_top_k=args.stage2_top_k, stage2_temperature=args.stage2_temperature, max_new_tokens=max_new,
                 decoder=args.decoder,
                 enhance=enhance, long_form=not args.no_long_form, batch_size=args.batch_size,
-                utterance_ids=[job["index"] for _, job in share], progress=not args.quiet and sys.stderr.isatty(),
+                batching=args.batching, engine_steps=args.engine_steps, utterance_ids=[job["index"] for _, job in share], progress=not args.quiet and sys.stderr.isatty(),
             )
     finally:
         tts.close()

@@ -35,7 +35,7 @@ from mvjax.core.parallel import (
     put_batch,
     put_replicated,
 )
-from mvjax.inference.sampling import guide, kth_largest, sample, sample_inverse_cdf
+from mvjax.inference.sampling import guide, sample
 from mvjax.io.quantize import decode_params_mode, decoder_params
 from mvjax.nn.config import GPTConfig
 from mvjax.nn.gpt_decode import apply_tokens, init_cache
@@ -86,6 +86,11 @@ class LoopState:
     step_logits: Optional[jnp.ndarray]  # (B, block, V) float32 or None
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 def prompt_bucket(length: int, block_size: int) -> int:
     """Padded prompt length: the next power of two >= 16, capped at the block."""
     bucket = MIN_PROMPT_BUCKET
@@ -105,6 +110,68 @@ def cache_windows(prompt_bucket_len: int, block_size: int) -> tuple[int, ...]:
         window *= 2
     windows.append(block_size)
     return tuple(windows)
+
+
+def advance_rows(state, logits, *, prompt_lengths, limits, keys, sampling, block_size: int, end_of_audio: int):
+    """Sample one token per row from ``logits`` (2B, V) ([conditioned..., unconditioned...]) and append
+    it where the row is active. ``state`` has ``tokens`` (B, block), ``lengths``, ``done``, ``finished``
+    and ``step_logits`` (a :class:`LoopState` or the engine's slot state); ``sampling``: (B,) arrays.
+    A row's i-th generated token is drawn with ``fold_in(key, i)``."""
+    batch = state.tokens.shape[0]
+    rows = jnp.arange(batch)
+    steps = state.lengths - prompt_lengths
+
+    def pick(key, step, cond, uncond, setting):
+        guided = guide(cond, uncond, setting["guidance"])
+        token = sample(jax.random.fold_in(key, step), guided, setting["temperature"], setting["top_k"], setting["top_p"])
+        return token, guided
+
+    tokens, guided = jax.vmap(pick)(keys, steps, logits[:batch], logits[batch:], sampling)
+    active = ~state.done
+    write_at = jnp.minimum(state.lengths, block_size - 1)
+    new_tokens = state.tokens.at[rows, write_at].set(jnp.where(active, tokens, state.tokens[rows, write_at]))
+    lengths = state.lengths + active.astype(jnp.int32)
+    finished = state.finished | (active & (tokens == end_of_audio))
+    done = state.done | finished | (lengths >= limits)
+    step_logits = state.step_logits
+    if step_logits is not None:
+        at = jnp.minimum(steps, step_logits.shape[1] - 1)
+        old = step_logits[rows, at]
+        step_logits = step_logits.at[rows, at].set(jnp.where(active[:, None], guided, old))
+    return state.replace(tokens=new_tokens, lengths=lengths, done=done, finished=finished, step_logits=step_logits)
+
+
+def decode_step(state, logits_fn: Callable, window: int, advance: Callable):
+    """One token for every row: feed each row's last token at its position, then ``advance``."""
+    rows = jnp.arange(state.tokens.shape[0])
+    last_pos = jnp.maximum(state.lengths - 1, 0)
+    pos2 = jnp.concatenate([last_pos, last_pos])[:, None]
+    tok = state.tokens[rows, last_pos]
+    tok2 = jnp.concatenate([tok, tok])[:, None]
+    logits, cache = logits_fn(state.cache, tok2, pos2, window)
+    return advance(state.replace(cache=cache), logits[:, 0])
+
+
+def prefill(logits_fn: Callable, cache: list, prompts, prompt_lengths, limits, window: int, advance: Callable, *,
+            block_size: int, return_logits: bool = False) -> LoopState:
+    """Run the padded ``prompts`` (B, P) through both rows of every utterance from position 0 and
+    sample each row's first token from its last prompt position; the :class:`LoopState` that follows."""
+    batch, plen = prompts.shape
+    doubled = jnp.concatenate([prompts, prompts], axis=0)
+    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), doubled.shape)
+    logits, cache = logits_fn(cache, doubled, positions, window)
+    last = jnp.concatenate([prompt_lengths, prompt_lengths]) - 1
+    logits = logits[jnp.arange(2 * batch), last]  # (2B, V): each row's last prompt position
+    vocab = logits.shape[-1]
+    state = LoopState(
+        tokens=jnp.zeros((batch, block_size), jnp.int32).at[:, :plen].set(prompts),
+        lengths=prompt_lengths.astype(jnp.int32),
+        done=prompt_lengths >= limits,
+        finished=jnp.zeros((batch,), bool),
+        cache=cache,
+        step_logits=jnp.zeros((batch, block_size, vocab), jnp.float32) if return_logits else None,
+    )
+    return advance(state, logits)
 
 
 def decode_loop(
@@ -132,57 +199,16 @@ def decode_loop(
     :class:`LoopState` (its ``cache`` dropped).
     """
     batch, plen = prompts.shape
-    rows = jnp.arange(batch)
     per_row = {name: jnp.broadcast_to(jnp.asarray(value), (batch,)) for name, value in sampling.items()}
+    rules = dict(prompt_lengths=prompt_lengths, limits=limits, keys=keys, sampling=per_row, block_size=block_size,
+                 end_of_audio=end_of_audio)
+    advance = functools.partial(advance_rows, **rules)
 
-    def pick(key, step, logits_pair, setting):
-        cond, uncond = logits_pair
-        guided = guide(cond, uncond, setting["guidance"])
-        token = sample(jax.random.fold_in(key, step), guided, setting["temperature"], setting["top_k"], setting["top_p"])
-        return token, guided
-
-    def advance(state: LoopState, logits):
-        """Sample one token per row from ``logits`` (2B, V) and append it where the row is active."""
-        steps = state.lengths - prompt_lengths
-        tokens, guided = jax.vmap(pick)(keys, steps, (logits[:batch], logits[batch:]), per_row)
-        active = ~state.done
-        write_at = jnp.minimum(state.lengths, block_size - 1)
-        new_tokens = state.tokens.at[rows, write_at].set(jnp.where(active, tokens, state.tokens[rows, write_at]))
-        lengths = state.lengths + active.astype(jnp.int32)
-        finished = state.finished | (active & (tokens == end_of_audio))
-        done = state.done | finished | (lengths >= limits)
-        step_logits = state.step_logits
-        if step_logits is not None:
-            at = jnp.minimum(steps, step_logits.shape[1] - 1)
-            old = step_logits[rows, at]
-            step_logits = step_logits.at[rows, at].set(jnp.where(active[:, None], guided, old))
-        return state.replace(tokens=new_tokens, lengths=lengths, done=done, finished=finished, step_logits=step_logits)
-
-    # Prefill: both rows of every utterance see the padded prompt from position 0.
-    doubled = jnp.concatenate([prompts, prompts], axis=0)
-    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), doubled.shape)
-    logits, cache = logits_fn(cache, doubled, positions, windows[0])
-    last = jnp.concatenate([prompt_lengths, prompt_lengths]) - 1
-    logits = logits[jnp.arange(2 * batch), last]  # (2B, V): each row's last prompt position
-    tokens = jnp.zeros((batch, block_size), jnp.int32).at[:, :plen].set(prompts)
-    vocab = logits.shape[-1]
-    state = LoopState(
-        tokens=tokens,
-        lengths=prompt_lengths.astype(jnp.int32),
-        done=prompt_lengths >= limits,
-        finished=jnp.zeros((batch,), bool),
-        cache=cache,
-        step_logits=jnp.zeros((batch, block_size, vocab), jnp.float32) if return_logits else None,
-    )
-    state = advance(state, logits)
+    state = prefill(logits_fn, cache, prompts, prompt_lengths, limits, windows[0], advance,
+                    block_size=block_size, return_logits=return_logits)
 
     def step(state: LoopState, window: int) -> LoopState:
-        last_pos = jnp.maximum(state.lengths - 1, 0)
-        pos2 = jnp.concatenate([last_pos, last_pos])[:, None]
-        tok = state.tokens[rows, last_pos]
-        tok2 = jnp.concatenate([tok, tok])[:, None]
-        logits, cache = logits_fn(state.cache, tok2, pos2, window)
-        return advance(state.replace(cache=cache), logits[:, 0])
+        return decode_step(state, logits_fn, window, advance)
 
     # One while loop per window: a step in window W attends to W cache slots, so early steps
     # do not pay for the whole block. Later loops exit at once when every row is done.
@@ -337,68 +363,3 @@ class FirstStageDecoder:
             step_logits = np.asarray(step_logits)[:batch]
             logits_out = [step_logits[i, : lengths[i] - lens[i]] for i in range(batch)]
         return DecodeResult(seqs, lens, finished, hit_block_end, logits_out)
-
-
-DEFAULT_STAGE2_TOP_K = 200
-# The reference's synthesis samples the second stage at temperature 1.0 whatever the first stage's.
-DEFAULT_STAGE2_TEMPERATURE = 1.0
-
-
-class SecondStageSampler:
-    """The non-causal second stage: one forward pass over whole blocks, sampled per position.
-
-    ``inputs`` (B, 2, block) come from :func:`mvjax.text.build_second_stage_input`; every head
-    (codebooks 3..8) is sampled at every position from ``logits / T`` restricted to the top
-    ``top_k`` (ties kept), or taken greedily when ``temperature == 0``. Row ``i`` draws from
-    its own key, so a batch gives what each row gives alone. Over a mesh the rows are split
-    across devices (parameters replicated).
-
-    ``pad_token`` (the codebook size, 1024 as released): ids at or above it are never chosen.
-    Each head also predicts the pad id; the reference keeps such a draw and its output adapter
-    then drops it, which shifts that codebook against the others, so we exclude it (a trained
-    model gives it almost no mass at audio positions; greedy results are unchanged wherever a
-    real code wins).
-    """
-
-    def __init__(self, config: GPTConfig, params, mesh=None, pad_token: Optional[int] = None):
-        if config.causal:
-            raise ValueError("the second-stage sampler needs a non-causal GPT")
-        self.config = config
-        self.pad_token = pad_token
-        self.mesh = mesh
-        self.params = put_replicated(params, mesh)
-        self.compile_count = 0
-        self._jitted = jax.jit(self._run, static_argnames=("top_k",))
-
-    def _run(self, params, inputs, speaker_emb, keys, temperature, *, top_k):
-        self.compile_count += 1  # runs only while tracing
-        from mvjax.nn.gpt import forward
-
-        logits = jnp.stack(forward(self.config, params, inputs, speaker_emb), axis=1)  # (B, heads, T, V)
-        if self.pad_token is not None and self.pad_token < logits.shape[-1]:
-            logits = jnp.where(jnp.arange(logits.shape[-1]) >= self.pad_token, -jnp.inf, logits)
-        greedy = jnp.argmax(logits, axis=-1)
-        scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-5)
-        if top_k is not None and top_k < scaled.shape[-1]:
-            scaled = jnp.where(scaled < kth_largest(scaled, top_k), -jnp.inf, scaled)  # ties kept, as torch does
-        drawn = jax.vmap(sample_inverse_cdf)(keys, scaled)
-        return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-
-    def sample(self, inputs: np.ndarray, speaker_emb: Optional[np.ndarray], keys, temperature: float = 1.0,
-               top_k: Optional[int] = DEFAULT_STAGE2_TOP_K) -> np.ndarray:
-        """(B, 2, block) inputs -> (B, heads, block) predicted codebooks."""
-        inputs = np.asarray(inputs, np.int32)
-        batch = inputs.shape[0]
-        if inputs.ndim != 3 or inputs.shape[2] != self.config.block_size:
-            raise ValueError(f"second-stage input must be (batch, 2, {self.config.block_size}), got {inputs.shape}")
-        keys = np.asarray(keys)
-        if keys.shape[0] != batch:
-            raise ValueError(f"need one PRNG key per row: got {keys.shape[0]} for {batch}")
-        size = padded_size(batch, self.mesh)
-        speaker_rows = None
-        if speaker_emb is not None:
-            speaker_rows = put_batch(pad_rows(np.asarray(speaker_emb, np.float32).reshape(batch, -1), size), self.mesh)
-        top_k = None if top_k is None or top_k <= 0 else int(top_k)
-        out = self._jitted(self.params, put_batch(pad_rows(inputs, size), self.mesh), speaker_rows,
-                           put_batch(pad_rows(keys, size), self.mesh), jnp.float32(temperature), top_k=top_k)
-        return np.asarray(out)[:batch]

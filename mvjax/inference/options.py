@@ -10,14 +10,17 @@ from typing import Optional, Union
 from mvjax.core.errors import MvjaxError
 from mvjax.inference.decode import (
     DEFAULT_GUIDANCE,
-    DEFAULT_STAGE2_TEMPERATURE,
-    DEFAULT_STAGE2_TOP_K,
     DEFAULT_TOP_P,
     SamplingConfig,
+)
+from mvjax.inference.second_stage import (
+    DEFAULT_STAGE2_TEMPERATURE,
+    DEFAULT_STAGE2_TOP_K,
 )
 from mvjax.text.tokenizer import TextError, normalize_text
 
 DEFAULT_BATCH_SIZE = 8
+BATCHING = ("engine", "static")
 
 
 class SynthesisError(MvjaxError, ValueError):
@@ -43,6 +46,10 @@ class SynthesisOptions:
     max_new_tokens: Optional[int] = None  # first-stage tokens per chunk
     long_form: bool = True
     batch_size: Union[int, dict, str] = DEFAULT_BATCH_SIZE
+    # First-stage scheduling: "engine" (continuous batching, batch_size slots, engine_steps tokens
+    # per call; one device) or "static" (batches of batch_size decoded to their longest row; any mesh).
+    batching: str = "engine"
+    engine_steps: int = 16
     progress: bool = False
 
     def __post_init__(self):
@@ -55,6 +62,10 @@ class SynthesisOptions:
         if self.max_new_tokens is not None and self.max_new_tokens < 2:
             raise SynthesisError(f"max_new_tokens must be >= 2 (two tokens per audio frame), not {self.max_new_tokens!r}",
                                  "max_new_tokens")
+        if self.batching not in BATCHING:
+            raise SynthesisError(f"batching must be one of {', '.join(BATCHING)}, not {self.batching!r}", "batching")
+        if isinstance(self.engine_steps, bool) or not isinstance(self.engine_steps, int) or self.engine_steps < 1:
+            raise SynthesisError(f"engine_steps must be a positive integer, not {self.engine_steps!r}", "engine_steps")
         if self.stage2_top_k is not None and self.stage2_top_k < 0:
             raise SynthesisError(f"stage2_top_k must be >= 0 (0 = off), not {self.stage2_top_k!r}", "stage2_top_k")
 

@@ -10,7 +10,7 @@ lives in the module that owns it:
 
 speaker embedding (:mod:`~mvjax.inference.speaker`) -> chunk plan (:mod:`~mvjax.inference.longform`)
 -> first stage (:class:`~mvjax.inference.decode.FirstStageDecoder`, guidance + top-p) -> codebooks 1-2
--> second stage (:class:`~mvjax.inference.decode.SecondStageSampler`, top-k) -> all 8 codebooks
+-> second stage (:class:`~mvjax.inference.second_stage.SecondStageSampler`, top-k) -> all 8 codebooks
 -> EnCodec latent -> multi-band diffusion (or the plain codec) -> crossfaded chunks -> loudness
 (-14 LUFS) -> DeepFilterNet3 (48 kHz). Batching and bucketing: :mod:`~mvjax.inference.stages`;
 randomness: :mod:`~mvjax.inference.keys`; token layout: :class:`~mvjax.text.layout.TokenLayout`.
@@ -35,9 +35,9 @@ from mvjax.inference import longform, stages
 from mvjax.inference.decode import (
     BlockFullWarning,
     FirstStageDecoder,
-    SecondStageSampler,
 )
 from mvjax.inference.options import SynthesisError, SynthesisOptions, normalised_texts
+from mvjax.inference.second_stage import SecondStageSampler
 from mvjax.inference.speaker import SpeakerSpec, embedding_from_spec, embeddings_for
 from mvjax.inference.speech import Speech
 from mvjax.text.layout import TokenLayout
@@ -79,6 +79,7 @@ class TTS:
         self.codec = stages.Codec(*codec, mesh=mesh) if codec is not None else None
         self.sample_rate = codec[0].sample_rate if codec is not None else 24000
         self._speaker_encoder, self._diffusion, self._enhancer = speaker_encoder, diffusion, None
+        self._engines: dict = {}
         self.last_timings: dict[str, float] = {}
 
     @classmethod
@@ -114,6 +115,23 @@ class TTS:
                    load_encodec(model_dir) if "encodec" in have else None, speaker_encoder=speaker,
                    diffusion=diffusion, mesh=mesh, quantize=quantize, matmul_precision=matmul_precision,
                    consume_params=True)
+
+    @property
+    def engine_available(self) -> bool:
+        """The continuous-batching first stage runs on one device; over a mesh batches stay static."""
+        from mvjax.core.parallel import device_count
+
+        return self.mesh is None or device_count(self.mesh) == 1
+
+    def first_stage_engine(self, slots: int, steps: int = 16):
+        """The :class:`mvjax.inference.engine.FirstStageEngine` with ``slots`` slots and ``steps`` tokens
+        per call (kept, with its compiled functions, for the next synthesis)."""
+        from mvjax.inference.engine import FirstStageEngine
+
+        key = (int(slots), int(steps))
+        if key not in self._engines:
+            self._engines[key] = FirstStageEngine(self.first_stage_decoder, slots=slots, steps=steps)
+        return self._engines[key]
 
     @property
     def speaker_encoder(self):
@@ -158,7 +176,9 @@ class TTS:
 
         ``options``: the fields of :class:`~mvjax.inference.options.SynthesisOptions` (seed, both
         stages' sampling, ``max_new_tokens``, ``long_form``, ``batch_size`` as an int, a per-stage
-        dict or ``"auto"``, ``progress``). ``decoder``: ``"mbd"`` or ``"encodec"``; ``enhance``:
+        dict or ``"auto"``, ``batching`` (``"engine"``: the first stage through the continuous-batching
+        engine with ``batch_size`` slots, the default on one device; ``"static"``), ``engine_steps``,
+        ``progress``). ``decoder``: ``"mbd"`` or ``"encodec"``; ``enhance``:
         DeepFilterNet3 (48 kHz output); ``normalize``: -14 LUFS. ``utterance_ids``: each text's index
         for its random key (default 0, 1, ...). Returns one :class:`Speech` per text."""
         if decoder not in ("mbd", "encodec"):
@@ -220,18 +240,22 @@ class TTS:
         todo, done = chunks, []
         for attempt in range(longform.MAX_RESPLITS + 1):
             with stages.Timer(self.last_timings, "stage1"):
-                stages.run_first_stage(self.first_stage_decoder, self.tokenizers, self.layout, self.config2.block_size,
-                                       todo, embeddings, opts.first_stage_sampling, opts.max_new_tokens,
-                                       sizes["stage1"], batcher)
+                if opts.batching == "engine" and self.engine_available:
+                    stages.run_first_stage_engine(self.first_stage_engine(sizes["stage1"], opts.engine_steps),
+                                                  self.tokenizers, self.layout, self.config2.block_size, todo,
+                                                  embeddings, opts.first_stage_sampling, opts.max_new_tokens,
+                                                  opts.progress)
+                else:
+                    stages.run_first_stage(self.first_stage_decoder, self.tokenizers, self.layout,
+                                           self.config2.block_size, todo, embeddings, opts.first_stage_sampling,
+                                           opts.max_new_tokens, sizes["stage1"], batcher)
             retry = []
             for c in todo:
-                overflow = c.report.hit_block_end or c.report.stage2_cut
-                halves = longform.split_in_two(c.text) if overflow and opts.long_form and attempt < longform.MAX_RESPLITS else [c.text]
-                if len(halves) == 1:
+                halves = self.overflow_halves(c, opts.long_form, attempt)
+                if halves is None:
                     done.append(c)
                 else:
-                    log.info("chunk of %d characters overflowed a block; splitting it in two", len(c.text))
-                    retry += c.halves(halves)
+                    retry += halves
             if not retry:
                 break
             todo = retry
@@ -240,10 +264,28 @@ class TTS:
             if c.report.hit_block_end or c.report.stage2_cut:
                 warnings.warn(f"text {c.utterance + 1}: a chunk filled the model's block and its speech is cut short: "
                               f"{c.text[:60]!r}", BlockFullWarning, stacklevel=3)
+        self.second_stage(chunks, embeddings, opts, sizes["stage2"])
+        return chunks
+
+    @staticmethod
+    def overflow_halves(chunk, long_form: bool, attempt: int) -> Optional[list]:
+        """The two chunks to run instead of ``chunk`` when its first stage overflowed a block (and it
+        may still be split: long-form on, fewer than ``longform.MAX_RESPLITS`` splits so far); else None."""
+        overflow = chunk.report.hit_block_end or chunk.report.stage2_cut
+        if not (overflow and long_form and attempt < longform.MAX_RESPLITS):
+            return None
+        texts = longform.split_in_two(chunk.text)
+        if len(texts) == 1:
+            return None
+        log.info("chunk of %d characters overflowed a block; splitting it in two", len(chunk.text))
+        return chunk.halves(texts)
+
+    def second_stage(self, chunks: list, embeddings: np.ndarray, opts: SynthesisOptions, batch_size: int) -> None:
+        """Codebooks 3-8 (``all_codebooks``) for chunks whose first stage is done."""
         with stages.Timer(self.last_timings, "stage2"):
             stages.run_second_stage(self.second_stage_sampler, self.layout, self.config2.block_size, chunks, embeddings,
-                                    opts.stage2_temperature, opts.stage2_top_k, sizes["stage2"], batcher)
-        return chunks
+                                    opts.stage2_temperature, opts.stage2_top_k, batch_size,
+                                    stages.Batcher(self.mesh, opts.progress))
 
     def decode_chunks(self, chunks: list, decoder: str, batch_size: int, progress: bool = False) -> None:
         """Each chunk's waveform (``wav``, (channels, samples) at :attr:`sample_rate`) from its codebooks."""

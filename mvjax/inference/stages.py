@@ -24,8 +24,9 @@ from mvjax.inference.decode import (
     BlockFullWarning,
     FirstStageDecoder,
     SamplingConfig,
-    SecondStageSampler,
+    next_pow2,
 )
+from mvjax.inference.second_stage import SecondStageSampler
 from mvjax.inference.speech import ChunkReport
 from mvjax.text.layout import (
     TokenLayout,
@@ -68,10 +69,6 @@ class Timer:
 
     def __exit__(self, *exc):
         self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def diffusion_frames_bucket(frames: int) -> int:
@@ -124,17 +121,67 @@ def run_first_stage(decoder: FirstStageDecoder, tokenizers, layout: TokenLayout,
                 max_new_tokens=max_new_tokens, pad_to=next_pow2(len(batch)),
             )
         for i, c in enumerate(batch):
-            _, codes = split_first_stage_tokens(result.sequences[i], layout.codebook_size)
-            c.first_stage_codes = codes
-            frames = codes.shape[1]
-            room = stage2_block - len(c.stage2_text) - 1
-            c.report = ChunkReport(
-                text=c.text, prompt_tokens=len(c.prompt), generated_tokens=int(len(result.generated(i))),
-                frames=min(frames, max(room, 0)), finished=bool(result.finished[i]),
-                hit_block_end=bool(result.hit_block_end[i]), stage2_cut=frames > room,
-            )
-            log.info("chunk %r: %d prompt tokens, %d generated, %d frames%s", c.text[:40], c.report.prompt_tokens,
-                     c.report.generated_tokens, frames, " (block full)" if c.report.hit_block_end else "")
+            record_first_stage(c, result.sequences[i], bool(result.finished[i]), bool(result.hit_block_end[i]),
+                               layout, stage2_block)
+
+
+def record_first_stage(c: Chunk, sequence: np.ndarray, finished: bool, hit_block_end: bool, layout: TokenLayout,
+                       stage2_block: int) -> None:
+    """Fill in a chunk's ``first_stage_codes`` and :class:`ChunkReport` from its first-stage sequence
+    (prompt then generated tokens)."""
+    _, codes = split_first_stage_tokens(sequence, layout.codebook_size)
+    c.first_stage_codes = codes
+    frames = codes.shape[1]
+    room = stage2_block - len(c.stage2_text) - 1
+    c.report = ChunkReport(
+        text=c.text, prompt_tokens=len(c.prompt), generated_tokens=int(len(sequence) - len(c.prompt)),
+        frames=min(frames, max(room, 0)), finished=finished, hit_block_end=hit_block_end, stage2_cut=frames > room,
+    )
+    log.info("chunk %r: %d prompt tokens, %d generated, %d frames%s", c.text[:40], c.report.prompt_tokens,
+             c.report.generated_tokens, frames, " (block full)" if c.report.hit_block_end else "")
+
+
+def engine_request(c: Chunk, embedding: Optional[np.ndarray], sampling: SamplingConfig,
+                   max_new_tokens: Optional[int]):
+    """The :class:`mvjax.inference.engine.EngineRequest` for a tokenised chunk (its stage-1 key, its
+    own sampling when it has one); the chunk rides along as the tag."""
+    from mvjax.inference.engine import EngineRequest
+
+    return EngineRequest(c.prompt, K.fold(c.key, K.STAGE1), embedding, c.sampling or sampling, max_new_tokens, tag=c)
+
+
+def run_first_stage_engine(engine, tokenizers, layout: TokenLayout, stage2_block: int, chunks: list[Chunk],
+                           embeddings: np.ndarray, sampling: SamplingConfig, max_new_tokens: Optional[int],
+                           progress: bool = False) -> None:
+    """:func:`run_first_stage` through a continuous-batching engine: every chunk takes a slot as one
+    frees up (no chunk waits for the longest of a batch); same tokens as the static batches."""
+    tokenizer1, tokenizer2 = tokenizers
+    for c in chunks:
+        c.prompt = tokenizer1.encode(c.text)
+        c.stage2_text = tokenizer2.encode(c.text)
+    # Longest prompts first: they tend to run longest, so the tail of the run is short chunks.
+    for c in sorted(chunks, key=lambda c: -len(c.prompt)):
+        engine.submit(engine_request(c, None if embeddings is None else embeddings[c.utterance], sampling,
+                                     max_new_tokens))
+    bar = None
+    if progress and chunks:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(chunks), desc="stage 1", unit="chunk", leave=False, dynamic_ncols=True)
+    try:
+        while not engine.idle:
+            for result in engine.step():
+                record_first_stage(result.tag, result.sequence, result.finished, result.hit_block_end, layout,
+                                   stage2_block)
+                if bar is not None:
+                    bar.update(1)
+        engine.release()
+    except BaseException:
+        engine.reset()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def run_second_stage(sampler: SecondStageSampler, layout: TokenLayout, block_size: int, chunks: list[Chunk],

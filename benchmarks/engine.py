@@ -1,0 +1,205 @@
+"""First-stage scheduling under load: one-at-a-time, static batches and the continuous-batching engine.
+
+    python -m benchmarks.engine --quick                 # medium model, a few minutes
+    python -m benchmarks.engine                         # medium, then the released shape with int8 weights
+
+A bounded, open-loop load: ``--requests`` utterances arrive as a Poisson process (``--rate``
+per second, fixed seed), each a random prompt of 8-48 text tokens and a mixed length of
+first-stage tokens (``--min-tokens`` .. ``--max-tokens``, longer prompts longer; end of
+audio is set outside the vocabulary, so each utterance runs to its length).
+The same arrivals are served three ways in one run, ``--concurrency`` utterances at most in
+flight:
+
+* ``one``: one utterance at a time, in arrival order (:meth:`FirstStageDecoder.generate`, batch 1);
+* ``static``: the utterances waiting when a batch starts (up to ``--concurrency``) are decoded
+  as one batch until its longest is done (the rows padded to a power of two);
+* ``engine``: :class:`mvjax.inference.engine.FirstStageEngine` with ``--concurrency`` slots and
+  ``--steps`` tokens per call: an arrival takes a free slot at the next call.
+
+Each mode gets a warm-up pass over the first few requests (compilation) before its timed run;
+latency is retirement time minus arrival time; throughput is utterances over the time from the
+first arrival to the last retirement. Each mode prints one machine-readable line:
+
+    engine config=<c> mode=<one|static|engine> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> tokens_per_s=<t>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.decode import END_OF_AUDIO, SPEAKER_DIM, make_config, random_params
+from mvjax.inference.decode import FirstStageDecoder, SamplingConfig, next_pow2
+from mvjax.inference.engine import EngineRequest, FirstStageEngine
+from mvjax.inference.keys import utterance_keys
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def workload(n: int, rate: float, min_tokens: int, max_tokens: int, vocab: int, seed: int) -> list[dict]:
+    """``n`` arrivals: time (s from the start), prompt, length in new tokens, speaker, key, sampling."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, n)) - 1.0 / rate if rate > 0 else np.zeros(n)
+    keys = utterance_keys(seed, n)
+    jobs = []
+    for i in range(n):
+        plen = int(rng.integers(8, 49))
+        share = (plen - 8) / 40  # longer prompts speak longer, with spread
+        tokens = int(np.clip(min_tokens + (max_tokens - min_tokens) * (0.6 * share + 0.4 * rng.random()),
+                             min_tokens, max_tokens))
+        jobs.append({
+            "at": float(max(arrivals[i], 0.0)),
+            "prompt": rng.integers(END_OF_AUDIO + 1, vocab, size=plen).tolist(),
+            "tokens": tokens,
+            "speaker": rng.standard_normal(SPEAKER_DIM).astype(np.float32),
+            "key": keys[i],
+            "sampling": SamplingConfig(guidance=3.0, temperature=1.0, top_p=0.95),
+        })
+    return jobs
+
+
+def serve_one(decoder, jobs, concurrency, steps, t0):
+    done = {}
+    for i, job in enumerate(jobs):
+        _wait_until(t0 + job["at"])
+        result = decoder.generate([job["prompt"]], job["speaker"][None], job["key"][None], job["sampling"],
+                                  max_new_tokens=job["tokens"])
+        done[i] = (time.perf_counter(), len(result.generated(0)))
+    return done
+
+
+def serve_static(decoder, jobs, concurrency, steps, t0):
+    done, next_job = {}, 0
+    while next_job < len(jobs):
+        _wait_until(t0 + jobs[next_job]["at"])
+        now = time.perf_counter() - t0
+        batch = []
+        while next_job < len(jobs) and jobs[next_job]["at"] <= now and len(batch) < concurrency:
+            batch.append(next_job)
+            next_job += 1
+        chosen = [jobs[i] for i in batch]
+        result = decoder.generate([j["prompt"] for j in chosen], np.stack([j["speaker"] for j in chosen]),
+                                  np.stack([j["key"] for j in chosen]), [j["sampling"] for j in chosen],
+                                  max_new_tokens=[j["tokens"] for j in chosen], pad_to=next_pow2(len(chosen)))
+        end = time.perf_counter()
+        for row, i in enumerate(batch):
+            done[i] = (end, len(result.generated(row)))
+    return done
+
+
+def serve_engine(decoder, jobs, concurrency, steps, t0, engine=None):
+    engine = engine or FirstStageEngine(decoder, slots=concurrency, steps=steps)
+    done, next_job = {}, 0
+    while next_job < len(jobs) or not engine.idle:
+        if engine.idle:
+            _wait_until(t0 + jobs[next_job]["at"])
+        now = time.perf_counter() - t0
+        while next_job < len(jobs) and jobs[next_job]["at"] <= now:
+            job = jobs[next_job]
+            engine.submit(EngineRequest(job["prompt"], job["key"], job["speaker"], job["sampling"], job["tokens"],
+                                        tag=next_job))
+            next_job += 1
+        for result in engine.step():
+            done[result.tag] = (time.perf_counter(), len(result.generated))
+    return done
+
+
+MODES = {"one": serve_one, "static": serve_static, "engine": serve_engine}
+
+
+def _wait_until(t: float) -> None:
+    delay = t - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def summarise(config: str, mode: str, concurrency: int, jobs: list[dict], done: dict, t0: float) -> dict:
+    latency = np.array([done[i][0] - (t0 + jobs[i]["at"]) for i in range(len(jobs))])
+    span = max(d[0] for d in done.values()) - (t0 + jobs[0]["at"])
+    tokens = sum(d[1] for d in done.values())
+    return {"config": config, "mode": mode, "concurrency": concurrency, "utt_per_min": 60 * len(jobs) / span,
+            "p50_s": float(np.percentile(latency, 50)), "p95_s": float(np.percentile(latency, 95)),
+            "tokens_per_s": tokens / span}
+
+
+def line(s: dict) -> str:
+    return (f"engine config={s['config']} mode={s['mode']} concurrency={s['concurrency']} "
+            f"utt_per_min={s['utt_per_min']:.2f} p50_s={s['p50_s']:.2f} p95_s={s['p95_s']:.2f} "
+            f"tokens_per_s={s['tokens_per_s']:.1f}")
+
+
+def run_config(config_name: str, args) -> list[dict]:
+    config = make_config(config_name)
+    log(f"[{config_name}] building random weights ({config.n_layer} layers x {config.n_embd})")
+    params = random_params(config, seed=0)
+    # An end-of-audio id outside the vocabulary: every utterance runs to its length (the workload's mix).
+    decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 5, dtype=jnp.float32,
+                                quantize=args.quantize if config_name == "full" else None, consume_params=True)
+    del params
+    jobs = workload(args.requests, args.rate, args.min_tokens, args.max_tokens, config.vocab_sizes[0], args.seed)
+    out = []
+    for mode in args.modes:
+        serve = MODES[mode]
+        kw = {}
+        if mode == "engine":
+            kw["engine"] = FirstStageEngine(decoder, slots=args.concurrency, steps=args.steps)
+        warm = [dict(j, at=0.0, tokens=min(j["tokens"], 2 * args.steps)) for j in jobs[: args.concurrency]]
+        log(f"[{config_name}] {mode}: warm-up ({len(warm)} short requests, compilation)")
+        serve(decoder, warm, args.concurrency, args.steps, time.perf_counter(), **kw)
+        log(f"[{config_name}] {mode}: {len(jobs)} requests, Poisson {args.rate}/s")
+        t0 = time.perf_counter()
+        done = serve(decoder, jobs, args.concurrency, args.steps, t0, **kw)
+        s = summarise(config_name, mode, args.concurrency, jobs, done, t0)
+        print(line(s), flush=True)
+        out.append(s)
+    by_mode = {s["mode"]: s for s in out}
+    if "static" in by_mode and "engine" in by_mode:
+        e, st = by_mode["engine"], by_mode["static"]
+        log(f"[{config_name}] engine vs static: {e['utt_per_min'] / st['utt_per_min']:.2f}x utt/min, "
+            f"p95 {e['p95_s']:.1f} s vs {st['p95_s']:.1f} s")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=None, help="comma-separated: medium, full (default: medium,full; --quick: medium)")
+    p.add_argument("--modes", default="one,static,engine")
+    p.add_argument("--concurrency", type=int, default=8, help="engine slots and static batch size")
+    p.add_argument("--steps", type=int, default=16, help="engine tokens per call")
+    p.add_argument("--requests", type=int, default=None, help="default 32 (--quick: 16)")
+    p.add_argument("--rate", type=float, default=None, help="arrivals per second (default 0.25; --quick 0.5)")
+    p.add_argument("--min-tokens", type=int, default=None, help="default 64 (--quick: 32)")
+    p.add_argument("--max-tokens", type=int, default=None, help="default 512 (--quick: 256)")
+    p.add_argument("--quantize", choices=["int8", "bf16", "none"], default="int8", help="weights of the full config")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="medium model, fewer and shorter requests")
+    args = p.parse_args(argv)
+    args.configs = (args.configs or ("medium" if args.quick else "medium,full")).split(",")
+    args.modes = args.modes.split(",")
+    for name in args.configs:
+        if name not in ("medium", "full"):
+            p.error(f"unknown config {name!r}")
+    for mode in args.modes:
+        if mode not in MODES:
+            p.error(f"unknown mode {mode!r}")
+    args.requests = args.requests or (16 if args.quick else 32)
+    args.rate = args.rate if args.rate is not None else (0.5 if args.quick else 0.25)
+    args.min_tokens = args.min_tokens or (32 if args.quick else 64)
+    args.max_tokens = args.max_tokens or (256 if args.quick else 512)
+    args.quantize = None if args.quantize == "none" else args.quantize
+    if args.concurrency < 1 or args.steps < 1 or args.requests < 1 or args.min_tokens < 1 \
+            or args.max_tokens < args.min_tokens:
+        p.error("concurrency, steps, requests and token counts must be positive (min <= max)")
+    for name in args.configs:
+        run_config(name, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

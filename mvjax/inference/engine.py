@@ -1,0 +1,406 @@
+"""Continuous batching for the first stage: a fixed set of slots sharing one KV cache.
+
+A static batch (:meth:`FirstStageDecoder.generate`) decodes until its longest row ends, and a
+request that arrives one step after it started waits for all of it. The engine instead keeps
+``slots`` utterances in flight (each a guidance pair: a conditioned and an unconditioned cache
+row) and works in rounds, JetStream style:
+
+* **admit**: a waiting request takes a free slot: its prompt is prefilled on its own (two rows,
+  its prompt bucket, exactly the computation a batch of one does) and the resulting keys and
+  values, first token, key, sampling values, limit and speaker embedding are written into the
+  slot, all in one jitted call that updates the engine's state in place (donated buffers);
+* **generate**: every slot advances by up to ``steps`` tokens in one jitted call (a
+  ``lax.while_loop``), reading a static attention window just large enough for the longest
+  slot, so short utterances do not read a block-sized cache;
+* **retire**: slots whose row produced end of audio or reached its limit hand back their tokens
+  and become free for the next round.
+
+Every slot carries its own key (token i drawn with ``fold_in(key, i)``, as the static decoder
+does), guidance, temperature, top-k and top-p, so a request's tokens are the ones it gets
+decoded alone with the same key, whatever it shared the slots with (tested). A slot's cache
+rows keep stale values from earlier occupants beyond its current position; attention only reads
+positions at or below a row's own, and each of those is rewritten before it is read.
+
+The engine is single-device (one process decodes its slots; a mesh of several devices keeps
+the static, data-parallel batches).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Any, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mvjax.core.parallel import device_count
+from mvjax.inference.decode import (
+    FirstStageDecoder,
+    SamplingConfig,
+    advance_rows,
+    cache_windows,
+    next_pow2,
+    prefill,
+    prompt_bucket,
+)
+from mvjax.nn.gpt_decode import apply_tokens, init_cache
+
+DEFAULT_SLOTS = 8
+DEFAULT_STEPS = 16
+
+
+@dataclasses.dataclass
+class EngineRequest:
+    """One utterance (chunk) for the first stage. ``key``: its (2,) uint32 stage-1 key;
+    ``speaker``: its (E,) embedding or None; ``tag``: anything the caller wants back."""
+
+    prompt: Sequence[int]
+    key: np.ndarray
+    speaker: Optional[np.ndarray] = None
+    sampling: SamplingConfig = SamplingConfig()
+    max_new_tokens: Optional[int] = None
+    tag: Any = None
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass
+class EngineResult:
+    """A finished request: its prompt followed by the tokens generated (end of audio included
+    when produced), and when it was admitted and retired (``time.monotonic``)."""
+
+    request: EngineRequest
+    sequence: np.ndarray
+    prompt_length: int
+    finished: bool  # produced end of audio
+    hit_block_end: bool  # stopped because the block was full
+    admitted: float
+    retired: float
+
+    @property
+    def tag(self):
+        return self.request.tag
+
+    @property
+    def generated(self) -> np.ndarray:
+        return self.sequence[self.prompt_length:]
+
+
+@flax.struct.dataclass
+class SlotState:
+    """Everything the slots carry on the device; the first six fields are those of a
+    :class:`mvjax.inference.decode.LoopState` row."""
+
+    tokens: jnp.ndarray  # (S, block) int32
+    lengths: jnp.ndarray  # (S,) int32
+    done: jnp.ndarray  # (S,) bool: finished, at its limit, or free
+    finished: jnp.ndarray  # (S,) bool
+    cache: list  # per layer (k, v), (2S, heads, head_dim, block): rows [conditioned..., unconditioned...]
+    step_logits: Optional[jnp.ndarray]  # always None here
+    prompt_lengths: jnp.ndarray  # (S,) int32
+    limits: jnp.ndarray  # (S,) int32
+    keys: jnp.ndarray  # (S, 2) uint32
+    sampling: dict  # guidance, temperature, top_k, top_p: (S,) each
+    speaker: Optional[jnp.ndarray]  # (S, E) float32, zeros where a request has none; None without speaker_proj
+
+
+class FirstStageEngine:
+    """Continuous batching over ``slots`` utterances for one :class:`FirstStageDecoder`.
+
+    Use :meth:`submit` and :meth:`step` (one admit + generate + retire round, returning the
+    :class:`EngineResult` objects it finished) to serve arrivals as they come, or :meth:`run` for a
+    fixed list. ``steps``: tokens per slot per jitted call; the shorter it is, the sooner a
+    new request is admitted and a finished one handed back, at the price of more host round trips.
+    """
+
+    def __init__(self, decoder: FirstStageDecoder, slots: int = DEFAULT_SLOTS, steps: int = DEFAULT_STEPS):
+        if slots < 1 or steps < 1:
+            raise ValueError("the engine needs at least one slot and one step per call")
+        if decoder.mesh is not None and device_count(decoder.mesh) > 1:
+            raise ValueError("the first-stage engine runs on one device; use static batches over a mesh")
+        self.decoder = decoder
+        self.config = decoder.config
+        self.slots = int(slots)
+        self.steps = int(steps)
+        self.block_size = self.config.block_size
+        self.windows = cache_windows(1, self.block_size)
+        self.vocab = self.config.output_vocab_sizes[0]
+        proj = decoder.params.get("speaker_proj")
+        self.speaker_dim = None if proj is None else int((proj["q"] if isinstance(proj, dict) else proj).shape[1])
+        self.compile_count = 0
+        self.waiting: collections.deque[EngineRequest] = collections.deque()
+        self.running: dict[int, tuple[EngineRequest, float]] = {}  # slot -> (request, admitted)
+        self._lengths = np.zeros(self.slots, np.int64)  # host copy of each running slot's length (for the window)
+        self._state: Optional[SlotState] = None
+        self._admit_fns: dict = {}
+        self._generate_fns: dict = {}
+        self._free = jax.jit(lambda state, mask: state.replace(done=state.done | mask), donate_argnums=(0,))
+        self._move_fn = jax.jit(self._move, donate_argnums=(0,))
+        self.last_step_tokens = 0  # tokens the last :meth:`step` generated, over all slots
+        self.last_admitted = 0  # requests the last :meth:`step` admitted
+        self.moves = 0  # requests moved down to a lower slot (compaction)
+
+    # --- the jitted pieces ---
+
+    def _advance(self, prompt_lengths, limits, keys, sampling):
+        return functools.partial(advance_rows, prompt_lengths=prompt_lengths, limits=limits, keys=keys,
+                                 sampling=sampling, block_size=self.block_size,
+                                 end_of_audio=self.decoder.end_of_audio)
+
+    def _empty_state(self) -> SlotState:
+        s, block = self.slots, self.block_size
+        return SlotState(
+            tokens=jnp.zeros((s, block), jnp.int32),
+            lengths=jnp.zeros((s,), jnp.int32),
+            done=jnp.ones((s,), bool),
+            finished=jnp.zeros((s,), bool),
+            cache=init_cache(self.config, 2 * s, block, self.decoder.cache_dtype),
+            step_logits=None,
+            prompt_lengths=jnp.zeros((s,), jnp.int32),
+            limits=jnp.zeros((s,), jnp.int32),
+            keys=jnp.zeros((s, 2), jnp.uint32),
+            sampling={"guidance": jnp.ones((s,), jnp.float32), "temperature": jnp.ones((s,), jnp.float32),
+                      "top_k": jnp.full((s,), self.vocab, jnp.int32), "top_p": jnp.ones((s,), jnp.float32)},
+            speaker=None if self.speaker_dim is None else jnp.zeros((s, self.speaker_dim), jnp.float32),
+        )
+
+    def _admit_fn(self, plen: int):
+        if plen not in self._admit_fns:
+            self._admit_fns[plen] = jax.jit(functools.partial(self._admit_one, plen=plen), donate_argnums=(1,))
+        return self._admit_fns[plen]
+
+    def _admit_one(self, params, state: SlotState, prompt, prompt_length, limit, speaker, key, sampling, slot, *,
+                   plen: int):
+        """Prefill one request (prompt (1, plen)) as a batch of one would, then write it into ``slot``."""
+        self.compile_count += 1  # runs only while tracing
+        cfg, dtype = self.config, self.decoder.dtype
+        window = cache_windows(plen, self.block_size)[0]
+        small = init_cache(cfg, 2, window, self.decoder.cache_dtype)
+        rows = None if state.speaker is None else jnp.concatenate([speaker, jnp.zeros_like(speaker)], axis=0)
+
+        def logits_fn(cache, tokens, positions, attend):
+            return apply_tokens(cfg, params, tokens, positions, rows, cache, dtype, attend=attend)
+
+        one = prefill(logits_fn, small, prompt, prompt_length, limit, window,
+                      self._advance(prompt_length, limit, key, sampling), block_size=self.block_size)
+        # The pair's rows [conditioned, unconditioned] land on cache rows 2 * slot, 2 * slot + 1.
+        put = lambda big, part: jax.lax.dynamic_update_slice(big, part.astype(big.dtype), (2 * slot, 0, 0, 0))
+        cache = [(put(big_k, k), put(big_v, v)) for (big_k, big_v), (k, v) in zip(state.cache, one.cache)]
+        set_row = lambda whole, row: whole.at[slot].set(row[0])
+        return state.replace(
+            tokens=set_row(state.tokens, one.tokens), lengths=set_row(state.lengths, one.lengths),
+            done=set_row(state.done, one.done), finished=set_row(state.finished, one.finished), cache=cache,
+            prompt_lengths=set_row(state.prompt_lengths, prompt_length), limits=set_row(state.limits, limit),
+            keys=set_row(state.keys, key),
+            sampling={name: set_row(state.sampling[name], value) for name, value in sampling.items()},
+            speaker=None if state.speaker is None else set_row(state.speaker, speaker),
+        )
+
+    def _move(self, state: SlotState, source, target) -> SlotState:
+        """Slot ``source``'s request moved to slot ``target`` (cache rows and per-slot values)."""
+        cache = []
+        for k, v in state.cache:
+            take = lambda a: jax.lax.dynamic_slice_in_dim(a, 2 * source, 2, axis=0)
+            put = lambda a, part: jax.lax.dynamic_update_slice_in_dim(a, part, 2 * target, axis=0)
+            cache.append((put(k, take(k)), put(v, take(v))))
+        moved = jax.tree_util.tree_map(lambda a: a.at[target].set(a[source]),
+                                       state.replace(cache=None, step_logits=None))
+        return moved.replace(cache=cache, done=moved.done.at[source].set(True))
+
+    def _generate_fn(self, window: int, rows: int):
+        if (window, rows) not in self._generate_fns:
+            self._generate_fns[window, rows] = jax.jit(functools.partial(self._generate, window=window, rows=rows),
+                                                       donate_argnums=(1,))
+        return self._generate_fns[window, rows]
+
+    def _generate(self, params, state: SlotState, *, window: int, rows: int) -> SlotState:
+        """Up to ``steps`` tokens for slots ``0 .. rows - 1`` (every running slot lies there),
+        attending to ``window`` cache positions. With fewer rows than slots, the call works on a copy
+        of those rows' first ``window`` positions (written back at the end), so a lightly loaded
+        engine steps as fast as a small batch."""
+        self.compile_count += 1  # runs only while tracing
+        cfg, dtype = self.config, self.decoder.dtype
+        whole = state
+        if rows < self.slots:
+            cut = lambda a: a[:rows]
+            state = jax.tree_util.tree_map(cut, state.replace(cache=None))
+            state = state.replace(cache=[(k[: 2 * rows, ..., :window], v[: 2 * rows, ..., :window])
+                                         for k, v in whole.cache])
+        speaker_rows = None
+        if state.speaker is not None:  # interleaved: each slot's conditioned row, then its unconditioned one
+            speaker_rows = jnp.stack([state.speaker, jnp.zeros_like(state.speaker)], axis=1).reshape(2 * rows, -1)
+        advance = self._advance(state.prompt_lengths, state.limits, state.keys, state.sampling)
+        index = jnp.arange(rows)
+
+        def body(carry):
+            i, st = carry
+            last = jnp.maximum(st.lengths - 1, 0)
+            pair = lambda a: jnp.repeat(a, 2)[:, None]  # (rows,) -> (2 rows, 1), slot-major
+            logits, cache = apply_tokens(cfg, params, pair(st.tokens[index, last]), pair(last), speaker_rows,
+                                         st.cache, dtype, attend=window)
+            logits = logits[:, 0].reshape(rows, 2, -1).swapaxes(0, 1).reshape(2 * rows, -1)  # [cond..., uncond...]
+            return i + 1, advance(st.replace(cache=cache), logits)
+
+        def more(carry):
+            i, st = carry
+            next_write = jnp.where(st.done, 0, st.lengths - 1)
+            return (i < self.steps) & jnp.any(~st.done) & jnp.all(next_write < window)
+
+        _, state = jax.lax.while_loop(more, body, (jnp.int32(0), state))
+        if rows == self.slots:
+            return state
+        cache = [(jax.lax.dynamic_update_slice(k, part_k, (0, 0, 0, 0)), jax.lax.dynamic_update_slice(v, part_v, (0, 0, 0, 0)))
+                 for (k, v), (part_k, part_v) in zip(whole.cache, state.cache)]
+        merged = jax.tree_util.tree_map(lambda a, part: a.at[:rows].set(part), whole.replace(cache=None),
+                                        state.replace(cache=None))
+        return merged.replace(cache=cache)
+
+    # --- the host side ---
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.running)
+
+    def reset(self) -> None:
+        """Forget every waiting and running request (after an error mid-run) and free the cache."""
+        self.waiting.clear()
+        self.running.clear()
+        self._state = None
+
+    def cancel(self, predicate) -> int:
+        """Drop every waiting or running request for which ``predicate(request)`` is true (a client
+        that went away): their slots are free at the next step. Returns how many were dropped."""
+        kept = collections.deque(r for r in self.waiting if not predicate(r))
+        dropped = len(self.waiting) - len(kept)
+        self.waiting = kept
+        slots = [slot for slot, (request, _) in self.running.items() if predicate(request)]
+        if slots:
+            mask = np.zeros(self.slots, bool)
+            mask[slots] = True
+            self._state = self._free(self._state, mask)
+            for slot in slots:
+                del self.running[slot]
+        return dropped + len(slots)
+
+    def release(self) -> None:
+        """Free the slots' KV cache while the engine is idle (it is allocated again at the next admit)."""
+        if self.idle:
+            self._state = None
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request; it takes a slot at the next :meth:`step` with one free."""
+        prompt = np.asarray(request.prompt)
+        if prompt.ndim != 1 or len(prompt) < 1:
+            raise ValueError("every prompt needs at least one token")
+        if len(prompt) >= self.block_size:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the block of {self.block_size}")
+        if request.max_new_tokens is not None and request.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if (request.speaker is not None) and self.speaker_dim is None:
+            raise ValueError("this model has no speaker projection: give no speaker embedding")
+        self.waiting.append(request)
+
+    def _admit(self, request: EngineRequest, slot: int) -> None:
+        if self._state is None:
+            self._state = self._empty_state()
+        prompt = np.asarray(request.prompt, np.int32)
+        n = len(prompt)
+        plen = prompt_bucket(n, self.block_size)
+        padded = np.zeros((1, plen), np.int32)
+        padded[0, :n] = prompt
+        new = self.block_size if request.max_new_tokens is None else request.max_new_tokens
+        limit = min(n + new, self.block_size)
+        s = request.sampling
+        sampling = {
+            "guidance": np.array([s.guidance], np.float32),
+            "temperature": np.array([s.temperature], np.float32),
+            "top_k": np.array([self.vocab if s.top_k is None else s.top_k], np.int32),
+            "top_p": np.array([1.0 if s.top_p is None or s.top_p <= 0 else s.top_p], np.float32),
+        }
+        speaker = None
+        if self.speaker_dim is not None:
+            speaker = np.zeros((1, self.speaker_dim), np.float32)
+            if request.speaker is not None:
+                speaker[0] = np.asarray(request.speaker, np.float32).reshape(-1)
+        key = np.asarray(request.key, np.uint32).reshape(1, 2)
+        self._state = self._admit_fn(plen)(
+            self.decoder.params, self._state, padded, np.array([n], np.int32), np.array([limit], np.int32),
+            speaker, key, sampling, np.int32(slot))
+        self.running[slot] = (request, time.monotonic())
+        self._lengths[slot] = n + 1
+
+    def _window(self) -> int:
+        """The smallest window in which every running slot can take ``steps`` more tokens."""
+        longest = max(int(self._lengths[s]) for s in self.running)
+        need = longest + self.steps - 1  # the last write position of this call, plus one
+        return next((w for w in self.windows if w >= need), self.block_size)
+
+    def _compact(self) -> None:
+        """Move running requests down into free slots so they all lie in the first power-of-two rows
+        (a call computes only those); a move copies one slot's cache rows."""
+        target = min(self.slots, next_pow2(len(self.running)))
+        free = [slot for slot in range(target) if slot not in self.running]
+        for source in sorted(slot for slot in self.running if slot >= target):
+            dest = free.pop(0)
+            self._state = self._move_fn(self._state, np.int32(source), np.int32(dest))
+            self.running[dest] = self.running.pop(source)
+            self.moves += 1
+            self._lengths[dest] = self._lengths[source]
+
+    def step(self) -> list[EngineResult]:
+        """Admit waiting requests into free slots, run one generate call, retire finished slots."""
+        admitted = 0
+        for slot in range(self.slots):
+            if not self.waiting:
+                break
+            if slot not in self.running:
+                self._admit(self.waiting.popleft(), slot)
+                admitted += 1  # its first token came from the prefill
+        self.last_step_tokens = admitted
+        self.last_admitted = admitted
+        if not self.running:
+            return []
+        self._compact()
+        rows = min(self.slots, next_pow2(max(self.running) + 1))
+        self._state = self._generate_fn(self._window(), rows)(self.decoder.params, self._state)
+        done, lengths, finished = jax.device_get((self._state.done, self._state.lengths, self._state.finished))
+        now = time.monotonic()
+        results = []
+        tokens = None
+        self.last_step_tokens += int(sum(lengths[slot] - self._lengths[slot] for slot in self.running))
+        for slot in sorted(self.running):
+            self._lengths[slot] = lengths[slot]
+            if not done[slot]:
+                continue
+            request, admitted = self.running.pop(slot)
+            n = int(lengths[slot])
+            if tokens is None:  # one transfer of (slots, block) int32 for every slot retired this round
+                tokens = np.asarray(jax.device_get(self._state.tokens))
+            sequence = tokens[slot, :n].copy()
+            results.append(EngineResult(
+                request=request, sequence=sequence, prompt_length=len(request.prompt), finished=bool(finished[slot]),
+                hit_block_end=bool(not finished[slot] and n >= self.block_size), admitted=admitted, retired=now))
+        return results
+
+    def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        """Decode ``requests`` to the end; results in request order."""
+        for request in requests:
+            self.submit(request)
+        order = {id(r): i for i, r in enumerate(requests)}
+        out: list[Optional[EngineResult]] = [None] * len(requests)
+        try:
+            while not self.idle:
+                for result in self.step():
+                    out[order[id(result.request)]] = result
+        except BaseException:
+            self.reset()
+            raise
+        return out

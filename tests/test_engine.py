@@ -1,0 +1,169 @@
+"""The continuous-batching first-stage engine against decoding each request alone (fixture model)."""
+
+import numpy as np
+import pytest
+
+from mvjax.inference.decode import FirstStageDecoder, SamplingConfig
+from mvjax.inference.engine import EngineRequest, FirstStageEngine
+from mvjax.inference.keys import utterance_keys
+from mvjax.io.checkpoint import load_gpt_stage
+
+TEXTS = [
+    "One.",
+    "Two words here, please.",
+    "And a third, somewhat longer prompt for the engine to chew on!",
+    "Short again.",
+    "The fifth request arrives while the others are decoding.",
+    "Six.",
+    "Seventh text, with its own settings.",
+]
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    config, params, tok = load_gpt_stage(converted, "first_stage")
+    return FirstStageDecoder(config, params, end_of_audio=tok.offset - 1), tok
+
+
+def _requests(tok, seed=5):
+    rng = np.random.default_rng(seed)
+    keys = utterance_keys(seed, len(TEXTS))
+    settings = [
+        SamplingConfig(temperature=1.0, top_p=0.95),
+        SamplingConfig(guidance=1.5, temperature=0.7, top_p=0.8),
+        SamplingConfig(guidance=3.0, temperature=1.3, top_k=20, top_p=None),
+        SamplingConfig(temperature=0.0),
+        SamplingConfig(guidance=2.0, temperature=1.0, top_p=0.9),
+        SamplingConfig(temperature=1.0, top_p=0.95),
+        SamplingConfig(guidance=4.0, temperature=0.9, top_p=0.99),
+    ]
+    out = []
+    for i, text in enumerate(TEXTS):
+        speaker = None if i == 3 else rng.standard_normal(256).astype(np.float32)
+        out.append(EngineRequest(tok.encode(text), keys[i], speaker, settings[i], max_new_tokens=[40, 25, 60, 12, 33, 50, 8][i],
+                                 tag=i))
+    return out
+
+
+def _alone(dec, request):
+    speaker = None if request.speaker is None else request.speaker[None]
+    result = dec.generate([request.prompt], speaker, np.asarray(request.key)[None], request.sampling,
+                          max_new_tokens=request.max_new_tokens)
+    return result.sequences[0], bool(result.finished[0])
+
+
+def test_engine_tokens_equal_decoding_each_request_alone(model):
+    """Seven requests with their own prompts, speakers (one none), sampling settings and limits
+    through three slots, a few steps per call, so requests are admitted while others decode and
+    slots are reused: every request's tokens are exactly its tokens decoded alone."""
+    dec, tok = model
+    requests = _requests(tok)
+    engine = FirstStageEngine(dec, slots=3, steps=5)
+    results = engine.run(requests)
+    assert [r.tag for r in results] == list(range(len(TEXTS)))
+    for request, result in zip(requests, results):
+        expected, finished = _alone(dec, request)
+        np.testing.assert_array_equal(result.sequence, expected, err_msg=f"request {request.tag}")
+        assert result.finished == finished and result.prompt_length == len(request.prompt)
+        assert len(result.generated) <= request.max_new_tokens
+    assert engine.idle and engine.free_slots == 3
+
+
+def test_arrivals_between_steps_and_retirement_order(model):
+    """Requests submitted one at a time while the engine runs (as a server does) come out equal to
+    decoding alone; a short request admitted after a long one retires first."""
+    dec, tok = model
+    requests = _requests(tok, seed=9)
+    engine = FirstStageEngine(dec, slots=2, steps=3)
+    done = {}
+    pending = list(requests)
+    rounds = 0
+    while pending or not engine.idle:
+        if pending and rounds % 2 == 0:
+            engine.submit(pending.pop(0))
+        for result in engine.step():
+            done[result.tag] = (result, rounds)
+        rounds += 1
+        assert rounds < 500
+    assert sorted(done) == list(range(len(TEXTS)))
+    for request in requests:
+        expected, _ = _alone(dec, request)
+        np.testing.assert_array_equal(done[request.tag][0].sequence, expected)
+    # Request 3 (12 tokens, greedy) was submitted after request 2 (60 tokens) and still retired first.
+    assert done[3][1] < done[2][1]
+
+
+def test_requests_move_down_when_slots_free_up(model):
+    """Four slots, the short requests in slots 0 and 2 retire first: the long one in slot 3 moves
+    down to slot 0 so the next calls compute two slots instead of four; tokens still equal alone."""
+    dec, tok = model
+    requests = _requests(tok, seed=13)[:4]
+    for request, new in zip(requests, [4, 30, 4, 30]):
+        request.max_new_tokens = new
+    engine = FirstStageEngine(dec, slots=4, steps=3)
+    results = engine.run(requests)
+    assert engine.moves >= 1
+    assert any(rows == 2 for _, rows in engine._generate_fns)
+    for request, result in zip(requests, results):
+        np.testing.assert_array_equal(result.sequence, _alone(dec, request)[0])
+
+
+def test_compiles_once_per_prompt_bucket_and_window(model):
+    dec, tok = model
+    engine = FirstStageEngine(dec, slots=2, steps=4)
+    engine.run(_requests(tok)[:3])
+    first = engine.compile_count
+    assert first == len(engine._admit_fns) + len(engine._generate_fns)
+    engine.run(_requests(tok, seed=11)[:3])  # new keys, texts of the same buckets: nothing new to compile
+    assert engine.compile_count == first
+
+
+def test_block_end_is_reported(converted):
+    config, params, tok = load_gpt_stage(converted, "first_stage")
+    dec = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 5)  # never produced
+    engine = FirstStageEngine(dec, slots=2, steps=64)
+    prompt = tok.encode("Never ends.")
+    (result,) = engine.run([EngineRequest(prompt, utterance_keys(0, 1)[0], None, SamplingConfig(temperature=0.0))])
+    assert result.hit_block_end and not result.finished and len(result.sequence) == config.block_size
+
+
+def test_bad_requests(model):
+    dec, tok = model
+    engine = FirstStageEngine(dec, slots=1)
+    key = utterance_keys(0, 1)[0]
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.submit(EngineRequest([], key))
+    with pytest.raises(ValueError, match="block"):
+        engine.submit(EngineRequest([1] * dec.config.block_size, key))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.submit(EngineRequest([1, 2], key, max_new_tokens=0))
+    with pytest.raises(ValueError, match="slot"):
+        FirstStageEngine(dec, slots=0)
+    assert engine.idle
+
+
+def test_synthesis_through_the_engine_equals_static_batches():
+    """The pipeline's token stages over several texts (one planned into several chunks) give the same
+    codes with the engine (the default on one device, two slots here) as with static batches of two."""
+    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.inference import keys as K
+    from mvjax.inference.options import SynthesisOptions
+    from tests.serve_util import demo_tts
+
+    tts = demo_tts()
+    voices = np.stack([tts.speaker_embedding(demo_speaker_audio(seed=s)) for s in (0, 1, 0)])
+    texts = ["Hello there.", "First sentence is here. " * 6 + "Second part of the text goes on. " * 6 + "And the end. " * 8,
+             "Short one."]
+    runs = {}
+    for batching in ("engine", "static"):
+        chunks = []
+        for u, (text, key) in enumerate(zip(texts, K.keys_for(4, range(len(texts))))):
+            chunks += tts.chunks_for(u, tts.plan(text), key)
+        opts = SynthesisOptions(batch_size=2, max_new_tokens=48, batching=batching, engine_steps=7)
+        runs[batching] = tts.run_token_stages(chunks, voices, opts, {"stage1": 2, "stage2": 2, "decoder": 2})
+    assert len(runs["engine"]) > len(texts) + 1
+    for a, b in zip(runs["engine"], runs["static"], strict=True):
+        assert (a.utterance, a.order) == (b.utterance, b.order)
+        np.testing.assert_array_equal(a.first_stage_codes, b.first_stage_codes)
+        np.testing.assert_array_equal(a.all_codebooks, b.all_codebooks)
+        assert a.report == b.report
