@@ -4,8 +4,9 @@
                                [--time-limit S] [--max-batch 8] [--quick] [--log-dir DIR]
 
 For each mode the benchmark starts ``python -m mvjax.serve`` as a child process on a free
-127.0.0.1 port (``batched``: ``--max-batch N``; ``single``: ``--max-batch 1``, one chunk at a
-time), always with ``--decoder encodec --no-enhance`` (``--decoder``/``--enhance`` change that),
+127.0.0.1 port (``batched``: ``--max-batch N``, the continuous-batching engine; ``static``:
+``--max-batch N --batching static``, batches decoded to their longest chunk; ``single``:
+``--max-batch 1``, one chunk at a time), always with ``--decoder encodec --no-enhance`` (``--decoder``/``--enhance`` change that),
 warms it up (requests one after another, concurrent bursts of 2, 4, ... up to the batch size, then
 the whole workload once untimed, so the shapes the timed run meets are compiled: a compilation
 inside the timed run would be charged to whichever mode met it), then runs the load: ``--requests``
@@ -37,7 +38,7 @@ once or runs to the end of its block).
 The voice is the demo's synthetic reference audio, written into a temporary ``--voices`` dir.
 
 Ends with one machine-readable line per mode:
-  serve mode=<batched|single> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> ttfa_p50_s=<t>
+  serve mode=<batched|static|single> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> ttfa_p50_s=<t>
 and, at concurrency 8, the target verdict (batched >= 2x the utterances/min of single, p95
 latency <= 1.5x single's):
   serve-target concurrency=8 speedup=<x> p95_ratio=<y> pass=<yes|no>
@@ -309,9 +310,10 @@ def result_line(s: dict) -> str:
 
 def run_mode(mode: str, max_batch: int, args, model: Path, voices: Path, logs: Path, jobs: list[dict]) -> dict:
     server_args = ["--model", str(model), "--voices", str(voices), "--max-batch", str(max_batch),
+                   "--batching", "static" if mode == "static" else "engine", "--engine-steps", str(args.engine_steps),
                    "--decoder", args.decoder, "--max-new-tokens", str(args.max_new_tokens),
                    "--max-queue", str(max(64, 2 * args.requests)),
-                   "--timeout", str(args.time_limit + 60)]
+                   "--timeout", str(args.time_limit + 60), "--warmup"]
     if not args.enhance:
         server_args.append("--no-enhance")
     server = Server(server_args, logs / f"server-{mode}.log")
@@ -340,7 +342,8 @@ def batch_stats(lines: list[str]) -> str:
     import re
 
     rows = [tuple(float(x) for x in m.groups()) for m in
-            (re.search(r"batch: (\d+) chunks of (\d+) requests, (\d+) tokens, ([0-9.]+) s \(stage 1 ([0-9.]+) s\)", line)
+            (re.search(r"batch: (\d+) chunks of (\d+) requests \(\d+ started\), (\d+) tokens, ([0-9.]+) s "
+                        r"\(stage 1 ([0-9.]+) s\)", line)
              for line in lines) if m]
     if not rows:
         return "no batch lines"
@@ -358,7 +361,9 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=None, help="arrivals per second (default 0.5; --quick: 1)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per mode's load (default 900; --quick 240)")
     p.add_argument("--max-batch", type=int, default=8, help="the batched mode's --max-batch")
-    p.add_argument("--modes", default="batched,single", help="comma-separated: batched, single")
+    p.add_argument("--modes", default="batched,single",
+                   help="comma-separated: batched (the engine), static (--batching static), single (--max-batch 1)")
+    p.add_argument("--engine-steps", type=int, default=16, help="the server's --engine-steps")
     p.add_argument("--decoder", choices=["encodec", "mbd"], default="encodec")
     p.add_argument("--enhance", action="store_true", help="DeepFilterNet3 on (default: --no-enhance)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -374,8 +379,8 @@ def main(argv=None) -> int:
     args.rate = args.rate if args.rate is not None else (1.0 if args.quick else 0.5)
     args.time_limit = args.time_limit or (240.0 if args.quick else 900.0)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if any(m not in ("batched", "single") for m in modes) or not modes:
-        p.error("--modes takes batched and/or single")
+    if any(m not in ("batched", "static", "single") for m in modes) or not modes:
+        p.error("--modes takes batched, static and/or single")
     if args.concurrency < 1 or args.requests < 1 or args.max_batch < 1 or args.rate < 0:
         p.error("--concurrency, --requests and --max-batch must be >= 1, --rate >= 0")
     if args.log_dir is not None and args.log_dir.exists():
@@ -395,7 +400,7 @@ def main(argv=None) -> int:
             voices = Path(tmp) / f"voices-{mode}"
             voices.mkdir()
             write_voice(voices)
-            summaries.append(run_mode(mode, args.max_batch if mode == "batched" else 1, args, model, voices, logs, jobs))
+            summaries.append(run_mode(mode, 1 if mode == "single" else args.max_batch, args, model, voices, logs, jobs))
             s = summaries[-1]
             log(f"[{mode}] {s['completed']}/{s['sent']} completed ({s['failed']} failed {s['statuses']}, "
                 f"{s['unfinished']} unfinished at the limit) in {s['wall_s']:.1f} s: {s['utt_per_min']:.2f} utt/min, "

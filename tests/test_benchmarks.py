@@ -77,6 +77,7 @@ def test_decode_benchmark_full_shape_runs():
     assert re.search(r"^decode config=full batch=1 ", res.stdout, re.M)
 
 
+@pytest.mark.slow  # a whole benchmark run (30-70 s); the code it times is tested in the default suite
 def test_pipeline_benchmark_smoke():
     """Tiny shapes, our side only (the reference needs a metavoice-src checkout): every stage reported."""
     res = subprocess.run(
@@ -110,6 +111,7 @@ def test_pipeline_benchmark_compiled_reference():
     assert re.search(r"speedup stage1\+stage2\+codec \(float32 vs reference torch.compile", res.stdout)
 
 
+@pytest.mark.slow  # a whole benchmark run (30-70 s); the code it times is tested in the default suite
 def test_quantize_benchmark_head_entropy():
     """benchmarks/quantize.py --head-entropy at the tiny size: the scaled model reaches the asked
     float32 entropy and its int8 KL / agreement are reported next to it."""
@@ -126,6 +128,7 @@ def test_quantize_benchmark_head_entropy():
     assert 0.0 <= float(m.group(2)) <= 1.0 and float(m.group(1)) >= 0.0
 
 
+@pytest.mark.slow  # a whole benchmark run (30-70 s); the code it times is tested in the default suite
 def test_finetune_benchmark_smoke():
     """benchmarks/finetune.py at the tiny size, one timed step per side: one line per mode and side
     with finite rates and peaks; with the reference source at hand, its eager training step trains

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO
 
@@ -14,6 +15,7 @@ def _parity(*args):
     return subprocess.run([sys.executable, "-m", "mvjax.parity", *args], capture_output=True, text=True, cwd=REPO)
 
 
+@pytest.mark.slow  # ~75-130 s; each comparison also has its own test in the default suite
 def test_parity_tool_passes_implemented_components(fixtures):
     res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec,mbd,pipeline,finetune")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -33,6 +35,17 @@ def test_parity_tool_passes_implemented_components(fixtures):
         assert need in checks
     for line in lines:
         assert "max_err=" in line and "tol=" in line
+
+
+def test_parity_tool_passes_the_quick_components(fixtures):
+    """The default suite runs the tool itself on its cheaper comparisons (all of them: ``-m slow``)."""
+    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [l for l in res.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
+    assert lines and all(l.startswith("PASS") for l in lines)
+    checks = {tuple(l.split()[1:3]) for l in lines}
+    assert {("tokenizer", "stage1-ids"), ("stage1-forward", "logits-cond"), ("stage1-decode", "gen0-seq"),
+            ("stage2", "greedy")} <= checks
 
 
 def test_parity_tool_fails_when_a_fixture_file_is_missing(fixtures, tmp_path):

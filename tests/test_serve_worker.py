@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from mvjax.serve.worker import (
+from mvjax.serve.jobs import (
     Cancelled,
     ChunkAudio,
     DeadlineExceeded,
@@ -13,8 +13,8 @@ from mvjax.serve.worker import (
     Job,
     QueueFull,
     SpeechParams,
-    SpeechWorker,
 )
+from mvjax.serve.worker import SpeechWorker
 from tests.serve_util import TEST_MAX_NEW_TOKENS as N
 from tests.serve_util import demo_tts
 
@@ -59,14 +59,17 @@ def _alone(tts, text, voice, params: SpeechParams) -> list[np.ndarray]:
     return np.split(speech.first_stage_codes, np.cumsum([c.frames for c in speech.chunks])[:-1], axis=1)
 
 
-def test_batched_requests_get_their_own_tokens(demo):
-    """Mixed texts, voices and settings in one batch: each request's tokens equal the library's for
-    that request alone (same seed), and one batch really held several requests."""
+@pytest.mark.parametrize("batching", ["engine", "static"])
+def test_batched_requests_get_their_own_tokens(demo, batching):
+    """Mixed texts, voices and settings decoded together (the engine's slots, or one static batch):
+    each request's tokens equal the library's for that request alone (same seed), and one round
+    really held several requests."""
     tts, voices = demo
     params = [SpeechParams(seed=11), SpeechParams(seed=12, temperature=0.7, top_p=0.8, guidance=1.5),
               SpeechParams(seed=13, temperature=1.2, top_p=1.0, guidance=3.0)]
     batches = []
-    worker = worker_for(tts, max_batch=8, on_batch=batches.append)
+    worker = worker_for(tts, max_batch=8, on_batch=batches.append, batching=batching)
+    assert worker.batching == batching
     try:
         jobs = [Job(plan(tts, t), voices[i % 2], p, time.monotonic() + 600) for i, (t, p) in enumerate(zip(TEXTS, params))]
         with worker._lock:  # all three are waiting when the first batch starts
@@ -120,7 +123,7 @@ def test_a_cancelled_job_stops_being_computed(demo):
     finally:
         worker.close()
     assert isinstance(rest[-1], Cancelled)
-    assert sum(b.chunks for b in batches) <= 2 < len(pieces)
+    assert sum(b.started for b in batches) <= 2 < len(pieces)
 
 
 def test_queue_limit_deadline_and_drain(demo):

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--voices", type=Path, default=None, help="voice directory: loaded at start, uploads stored here")
     work.add_argument("--max-batch", type=int, default=d.max_batch,
                       help="text chunks synthesised together across requests (1 = one at a time)")
+    work.add_argument("--batching", choices=["engine", "static"], default=d.batching,
+                      help="engine: continuous batching, a request joins between decode calls (one device); "
+                           "static: batches decoded to their longest chunk (default: engine)")
+    work.add_argument("--engine-steps", type=int, default=d.engine_steps,
+                      help="first-stage tokens per decode call of the engine: how soon a new request joins")
     work.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_s * 1000,
                       help="a batch that is not full waits this long for more requests before it starts")
     work.add_argument("--max-queue", type=int, default=d.max_queue, help="speech requests admitted at once; more get 503")
@@ -57,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--no-enhance", action="store_true", help="no DeepFilterNet3 by default")
     work.add_argument("--response-format", choices=list(supported_formats()), default=default_format())
     work.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="first-stage weight storage")
-    work.add_argument("--warmup", action="store_true", help="synthesise once before listening (compiles the model)")
+    work.add_argument("--warmup", action="store_true", help="before listening: synthesise once and compile every shape the engine can meet "
+                           "(up to --max-new-tokens), so no request waits for a compilation")
     p.add_argument("--log-text", action="store_true", help="log request texts (off: only their length)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -85,6 +91,7 @@ def build(args, tts=None):
     settings = ServerSettings(
         model_name="metavoice-1b-demo" if args.demo else "metavoice-1b", max_batch=args.max_batch,
         max_queue=args.max_queue, batch_wait_s=args.batch_wait_ms / 1000, timeout_s=args.timeout,
+        batching=args.batching, engine_steps=args.engine_steps,
         max_new_tokens=args.max_new_tokens, max_input_chars=args.max_input_chars, voice_limits=limits,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
         log_text=args.log_text, decoder=args.decoder, enhance=not args.no_enhance,
@@ -107,7 +114,17 @@ def build(args, tts=None):
         voice = registry.list()[0]
         tts.synthesize("Warm up.", registry.get(voice.name), decoder=settings.decoder, enhance=False,
                        max_new_tokens=settings.max_new_tokens)
+    if args.warmup and settings.batching == "engine" and tts.engine_available:
+        # Every admit and generate shape the engine can meet, so no request waits for a compilation.
+        engine = tts.first_stage_engine(settings.max_batch, settings.engine_steps)
+        cap = settings.max_new_tokens
+        count = engine.precompile(max_prompt=WARMUP_MAX_PROMPT,
+                                  max_window=None if cap is None else WARMUP_MAX_PROMPT + cap + settings.engine_steps)
+        log.info("warm-up: %d engine functions compiled", count)
     return tts, registry, dataclasses.replace(settings)
+
+
+WARMUP_MAX_PROMPT = 128  # first-stage prompt tokens of the longest chunk the planner makes, with room
 
 
 def run(args) -> int:
@@ -119,6 +136,8 @@ def run(args) -> int:
         return fail(f"--port {args.port} is not a port number")
     if args.max_batch < 1 or args.max_queue < 1:
         return fail("--max-batch and --max-queue must be >= 1")
+    if not 1 <= args.engine_steps <= 1024:
+        return fail("--engine-steps must be between 1 and 1024")
     if args.voices is not None and args.voices.exists() and not args.voices.is_dir():
         return fail(f"--voices {args.voices} is not a directory")
     _logging(args.quiet)

@@ -91,6 +91,17 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def window_part(cache: list, window: int) -> list:
+    """The first ``window`` positions of a (k, v)-per-layer cache (positions last), as a copy."""
+    return [(k[..., :window], v[..., :window]) for k, v in cache]
+
+
+def put_window_part(cache: list, part: list) -> list:
+    """``cache`` with its first positions replaced by ``part`` (see :func:`window_part`)."""
+    put = lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim)
+    return [(put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(cache, part)]
+
+
 def prompt_bucket(length: int, block_size: int) -> int:
     """Padded prompt length: the next power of two >= 16, capped at the block."""
     bucket = MIN_PROMPT_BUCKET
@@ -187,6 +198,7 @@ def decode_loop(
     windows: Sequence[int],
     end_of_audio: int,
     return_logits: bool,
+    window_view: Optional[tuple[Callable, Callable]] = None,
 ):
     """Prefill ``prompts`` (B, P) and sample until every row is done.
 
@@ -195,8 +207,10 @@ def decode_loop(
     passed, so the model need only attend to that many cache slots. ``limits`` (B,): maximum total length per
     row (<= block). ``sampling``: guidance, temperature, top_k, top_p, each a traced scalar (all
     rows) or a (B,) array (one value per row, so requests with different settings share a batch).
-    ``cache`` is the model's pytree (allocated for the whole block). Returns the final
-    :class:`LoopState` (its ``cache`` dropped).
+    ``cache`` is the model's pytree (allocated for the whole block). ``window_view``: optional
+    ``(take(cache, window) -> part, put(cache, part) -> cache)``: each window's loop then runs on
+    ``part`` (a copy of the first ``window`` positions, made once), which spares every step a
+    strided read of a block-long cache. Returns the final :class:`LoopState` (its ``cache`` dropped).
     """
     batch, plen = prompts.shape
     per_row = {name: jnp.broadcast_to(jnp.asarray(value), (batch,)) for name, value in sampling.items()}
@@ -219,7 +233,14 @@ def decode_loop(
             next_write = jnp.where(state.done, 0, state.lengths - 1)
             return jnp.any(~state.done) & jnp.all(next_write < window)
 
-        state = jax.lax.while_loop(fits, functools.partial(step, window=window), state)
+        body = functools.partial(step, window=window)
+        if window_view is None or window >= block_size:
+            state = jax.lax.while_loop(fits, body, state)
+            continue
+        take, put = window_view
+        whole = state.cache
+        state = jax.lax.while_loop(fits, body, state.replace(cache=take(whole, window)))
+        state = state.replace(cache=put(whole, state.cache))
     return state.replace(cache=None)
 
 
@@ -281,6 +302,7 @@ class FirstStageDecoder:
         state = decode_loop(
             logits_fn, cache, prompts, prompt_lengths, limits, keys, sampling,
             block_size=cfg.block_size, windows=windows, end_of_audio=self.end_of_audio, return_logits=return_logits,
+            window_view=(window_part, put_window_part),
         )
         return state.tokens, state.lengths, state.finished, state.step_logits
 

@@ -23,6 +23,10 @@ positions at or below a row's own, and each of those is rewritten before it is r
 
 The engine is single-device (one process decodes its slots; a mesh of several devices keeps
 the static, data-parallel batches).
+
+This module is long because the jitted functions that change the slots' state and the host
+bookkeeping that decides which slot holds what (admission, compaction, windows, retirement) are
+one state machine; split apart, each half would have to know the other's invariants.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from mvjax.inference.decode import (
     next_pow2,
     prefill,
     prompt_bucket,
+    put_window_part,
 )
 from mvjax.nn.gpt_decode import apply_tokens, init_cache
 
@@ -219,13 +224,15 @@ class FirstStageEngine:
 
     def _generate(self, params, state: SlotState, *, window: int, rows: int) -> SlotState:
         """Up to ``steps`` tokens for slots ``0 .. rows - 1`` (every running slot lies there),
-        attending to ``window`` cache positions. With fewer rows than slots, the call works on a copy
-        of those rows' first ``window`` positions (written back at the end), so a lightly loaded
-        engine steps as fast as a small batch."""
+        attending to ``window`` cache positions. Unless that is the whole cache, the call works on a
+        copy of those rows' first ``window`` positions, made once and written back at the end: a
+        lightly loaded engine steps as fast as a small batch, and no step reads a strided slice of a
+        block-long cache (which XLA copies on every step)."""
         self.compile_count += 1  # runs only while tracing
         cfg, dtype = self.config, self.decoder.dtype
         whole = state
-        if rows < self.slots:
+        sliced = rows < self.slots or window < self.block_size
+        if sliced:
             cut = lambda a: a[:rows]
             state = jax.tree_util.tree_map(cut, state.replace(cache=None))
             state = state.replace(cache=[(k[: 2 * rows, ..., :window], v[: 2 * rows, ..., :window])
@@ -251,10 +258,9 @@ class FirstStageEngine:
             return (i < self.steps) & jnp.any(~st.done) & jnp.all(next_write < window)
 
         _, state = jax.lax.while_loop(more, body, (jnp.int32(0), state))
-        if rows == self.slots:
+        if not sliced:
             return state
-        cache = [(jax.lax.dynamic_update_slice(k, part_k, (0, 0, 0, 0)), jax.lax.dynamic_update_slice(v, part_v, (0, 0, 0, 0)))
-                 for (k, v), (part_k, part_v) in zip(whole.cache, state.cache)]
+        cache = put_window_part(whole.cache, state.cache)
         merged = jax.tree_util.tree_map(lambda a, part: a.at[:rows].set(part), whole.replace(cache=None),
                                         state.replace(cache=None))
         return merged.replace(cache=cache)
@@ -342,6 +348,34 @@ class FirstStageEngine:
         longest = max(int(self._lengths[s]) for s in self.running)
         need = longest + self.steps - 1  # the last write position of this call, plus one
         return next((w for w in self.windows if w >= need), self.block_size)
+
+    def precompile(self, max_prompt: int = 128, max_window: Optional[int] = None) -> int:
+        """Compile ahead what serving will meet: the admit call of every prompt bucket up to
+        ``max_prompt`` tokens, and the generate call of every (window up to ``max_window``, power-of-two
+        rows) pair, by running each on idle slots (nothing is decoded). Only while idle. Returns the
+        number of functions compiled."""
+        if not self.idle:
+            raise RuntimeError("precompile needs an idle engine")
+        before = self.compile_count
+        state = self._empty_state()
+        key = np.zeros((1, 2), np.uint32)
+        sampling = {"guidance": np.ones(1, np.float32), "temperature": np.ones(1, np.float32),
+                    "top_k": np.full(1, self.vocab, np.int32), "top_p": np.ones(1, np.float32)}
+        speaker = None if self.speaker_dim is None else np.zeros((1, self.speaker_dim), np.float32)
+        buckets = sorted({prompt_bucket(n, self.block_size) for n in range(1, min(max_prompt, self.block_size - 1) + 1)})
+        for plen in buckets:  # a one-token prompt with a limit of two: the slot is done at once
+            state = self._admit_fn(plen)(self.decoder.params, state, np.zeros((1, plen), np.int32),
+                                         np.ones(1, np.int32), np.full(1, 2, np.int32), speaker, key, sampling,
+                                         np.int32(0))
+        state = self._move_fn(state, np.int32(min(1, self.slots - 1)), np.int32(0))
+        rows = sorted({min(self.slots, 1 << i) for i in range(self.slots.bit_length() + 1)})
+        for window in self.windows:
+            for r in rows:
+                state = self._generate_fn(window, r)(self.decoder.params, state)
+            if max_window is not None and window >= max_window:
+                break
+        jax.block_until_ready(state.lengths)
+        return self.compile_count - before
 
     def _compact(self) -> None:
         """Move running requests down into free slots so they all lie in the first power-of-two rows

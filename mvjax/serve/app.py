@@ -31,6 +31,7 @@ from starlette.datastructures import Headers
 
 from mvjax.audio.stream import supported_formats
 from mvjax.serve.errors import ApiError, error_response, install_errors
+from mvjax.serve.jobs import SpeechParams
 from mvjax.serve.metrics import Metrics
 from mvjax.serve.output import EnhancerPool
 from mvjax.serve.settings import ServerSettings
@@ -43,7 +44,7 @@ from mvjax.serve.speech import (
     voice_embedding,
 )
 from mvjax.serve.voices import VoiceError, VoiceRegistry
-from mvjax.serve.worker import SpeechParams, SpeechWorker
+from mvjax.serve.worker import SpeechWorker
 
 log = logging.getLogger("mvjax.serve")
 STATIC = Path(__file__).parent / "static"
@@ -71,7 +72,8 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
     async def lifespan(app: FastAPI):
         state.worker = SpeechWorker(tts, settings.max_batch, settings.max_queue, on_batch=_on_batch(state),
                                     on_drop=lambda job, error: metrics.dropped.labels(type(error).__name__).inc(),
-                                    max_new_tokens=settings.max_new_tokens, batch_wait=settings.batch_wait_s)
+                                    max_new_tokens=settings.max_new_tokens, batch_wait=settings.batch_wait_s,
+                                    batching=settings.batching, engine_steps=settings.engine_steps)
         try:
             yield
         finally:
@@ -94,8 +96,8 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
 def _on_batch(state: State):
     def record(stats):
         state.metrics.batch(stats)
-        log.info("batch: %d chunks of %d requests, %d tokens, %.2f s (stage 1 %.2f s)", stats.chunks, stats.jobs,
-                 stats.tokens, stats.seconds, stats.stage1_seconds)
+        log.info("batch: %d chunks of %d requests (%d started), %d tokens, %.2f s (stage 1 %.2f s)", stats.chunks,
+                 stats.jobs, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
 
     return record
 
@@ -297,7 +299,8 @@ def _service_routes(app: FastAPI, state: State) -> None:
         worker = state.worker
         return {"status": "draining" if state.draining or (worker and not worker.accepting) else "ok",
                 "model": settings.model_name, "queue_depth": worker.depth if worker else 0,
-                "max_batch": settings.max_batch, "formats": list(supported_formats()),
+                "max_batch": settings.max_batch, "batching": worker.batching if worker else settings.batching,
+                "formats": list(supported_formats()),
                 "sample_rate": settings.sample_rate, "auth": bool(settings.api_key),
                 "voices": len(state.registry)}
 

@@ -22,6 +22,10 @@ class ServerSettings:
     max_batch: int = 8  # text chunks per model batch (1: no cross-request batching)
     max_queue: int = 64  # speech requests admitted at once (waiting or running); more get 503
     batch_wait_s: float = 0.1  # a batch that is not full waits this long for more requests
+    # "engine": continuous batching (max_batch slots; a request joins between decode calls of
+    # engine_steps tokens); "static": batches decoded to their longest chunk.
+    batching: str = "engine"
+    engine_steps: int = 16
     timeout_s: float = 300.0  # a speech request's deadline
     # First-stage tokens per text chunk: a cap on the work one chunk may take (None: the block's
     # room); texts are still split into chunks at the speaking rate.
@@ -41,6 +45,10 @@ class ServerSettings:
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        if self.batching not in ("engine", "static"):
+            raise ValueError(f"batching must be engine or static, not {self.batching!r}")
+        if not 1 <= self.engine_steps <= 1024:
+            raise ValueError("engine steps must be between 1 and 1024")
         if not 0 <= self.batch_wait_s <= 10:
             raise ValueError("batch wait must be between 0 and 10 s")
         if self.timeout_s <= 0 or self.max_input_chars < 1:

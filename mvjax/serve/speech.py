@@ -1,6 +1,6 @@
 """Speech requests: the OpenAI-compatible request, its checks, and the answer (whole or streamed).
 
-:func:`speak` plans the text into chunks, queues a :class:`~mvjax.serve.worker.Job`, waits for its
+:func:`speak` plans the text into chunks, queues a :class:`~mvjax.serve.jobs.Job`, waits for its
 chunks on the event loop (the worker thread wakes it) and answers: a whole response finished as
 the library finishes a text, or a stream that sends each chunk as it is ready. A client that goes
 away cancels its job, so chunks not yet started are never computed.
@@ -39,10 +39,10 @@ from mvjax.audio.stream import (
 )
 from mvjax.inference.options import SynthesisError, normalised_texts
 from mvjax.serve.errors import ApiError
+from mvjax.serve.jobs import ChunkAudio, Job, SpeechParams, WorkerError
 from mvjax.serve.output import StreamAssembler, finish_whole
 from mvjax.serve.settings import ServerSettings
 from mvjax.serve.voices import VoiceError
-from mvjax.serve.worker import ChunkAudio, Job, SpeechParams, WorkerError
 
 log = logging.getLogger("mvjax.serve")
 MAX_SEED = 2**32 - 1

@@ -1,12 +1,18 @@
 """One model worker for many requests: chunks of every waiting request are synthesised together.
 
-A request becomes a :class:`Job`: its text planned into chunks as :meth:`mvjax.TTS.synthesize`
-plans it, one speaker embedding, its own sampling settings and seed. The worker thread loops:
-take up to ``max_batch`` chunks from the jobs waiting (oldest job first, one chunk per job per
-round, so a new request's first chunk joins the next batch instead of waiting behind a long
-text; a streamed job has at most one chunk in a batch), run both GPT stages on them as one batch (mixed lengths, voices and settings: every row
-carries its own sampling values and its own key), decode the waveforms (grouped by decoder),
-and hand every finished chunk back to its job in order.
+A request becomes a :class:`~mvjax.serve.jobs.Job`: its text planned into chunks as
+:meth:`mvjax.TTS.synthesize` plans it, one speaker embedding, its own sampling settings and seed.
+
+With ``batching="engine"`` (the default on one device) the first stage runs through the
+continuous-batching :class:`~mvjax.inference.engine.FirstStageEngine` with ``max_batch`` slots:
+between two decode calls the worker admits chunks into free slots (oldest job first, one chunk
+per job per round; a streamed job has one chunk in flight at a time, so its chunks come in
+order and its first one soonest), and every chunk the engine retires goes at once through the
+second stage and the decoder to its job. A request never waits for the longest chunk of a batch
+it happened to join. With ``batching="static"`` each round takes up to ``max_batch`` waiting
+chunks the same way and runs both GPT stages on them as one batch. Either way rows carry their
+own sampling values and keys (mixed lengths, voices and settings), waveforms are decoded grouped
+by decoder, and finished chunks reach their job in order.
 
 A chunk's key is folded from its job's seed and its position, as in the library, so a request's
 tokens do not depend on what it was batched with: the same request alone gives the same tokens.
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -29,164 +34,30 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mvjax.core.errors import MvjaxError
-from mvjax.inference import keys as K
-from mvjax.inference.decode import SamplingConfig
 from mvjax.inference.options import SynthesisOptions
+from mvjax.serve.jobs import (
+    Cancelled,
+    ChunkAudio,
+    DeadlineExceeded,
+    Draining,
+    Job,
+    QueueFull,
+    WorkerError,
+)
 
 log = logging.getLogger("mvjax.serve")
-
-
-class WorkerError(MvjaxError, RuntimeError):
-    """A job that could not be served; ``status`` is the HTTP status the server answers with."""
-
-    status = 500
-
-
-class QueueFull(WorkerError):
-    status = 503
-
-
-class Draining(WorkerError):
-    status = 503
-
-
-class DeadlineExceeded(WorkerError):
-    status = 504
-
-
-class Cancelled(WorkerError):
-    status = 499
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeechParams:
-    """One request's settings (checked by the HTTP layer)."""
-
-    seed: int
-    temperature: float = 1.0
-    top_p: Optional[float] = 0.95
-    guidance: float = 3.0
-    decoder: str = "mbd"
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(guidance=self.guidance, temperature=self.temperature, top_p=self.top_p)
-
-
-@dataclasses.dataclass
-class ChunkAudio:
-    """A finished piece of a job: planned chunk ``index`` (a chunk re-split after overflowing its
-    block arrives as several pieces with one index), its waveform at the codec's rate."""
-
-    index: int
-    wav: np.ndarray  # (channels, samples)
-    frames: int
-    tokens: np.ndarray  # (2, frames) first-stage codes
-    generated_tokens: int
-
-
-_EMPTY = object()
-
-
-class Job:
-    """One request's work and its results. Events are :class:`ChunkAudio` in order, a
-    :class:`WorkerError`, then None (the job is over). A thread consumer calls :meth:`next_event`;
-    an asyncio consumer passes ``notify`` (called from the worker thread whenever events arrive,
-    e.g. ``loop.call_soon_threadsafe`` of an ``asyncio.Event.set``) and calls :meth:`poll`."""
-
-    _ids = itertools.count(1)
-    EMPTY = _EMPTY  # what :meth:`poll` returns when no event is waiting
-
-    def __init__(self, pieces: list[str], embedding: np.ndarray, params: SpeechParams, deadline: float,
-                 notify: Optional[Callable[[], None]] = None, stream: bool = False):
-        self.id = next(self._ids)
-        self.stream = stream  # a streamed job has one chunk per batch: its first audio comes soonest
-        self.notify = notify
-        self.pieces = list(pieces)
-        self.embedding = np.asarray(embedding, np.float32)
-        self.params = params
-        self.deadline = deadline
-        self.key = K.keys_for(params.seed, [0])[0]
-        self.submitted = time.monotonic()
-        self.started: Optional[float] = None
-        self.first_audio: Optional[float] = None
-        self.finished: Optional[float] = None
-        self.todo = collections.deque(range(len(self.pieces)))  # chunk indices not yet scheduled
-        self.running = 0  # chunks in the current batch
-        self.ready: dict[int, list[ChunkAudio]] = {}
-        self.next_index = 0
-        self.error: Optional[WorkerError] = None
-        self._events: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-        self._cancelled = threading.Event()
-
-    # --- consumer side ---
-
-    def next_event(self, timeout: Optional[float] = None):
-        """The next :class:`ChunkAudio` or :class:`WorkerError`; None when the job is over. Raises
-        TimeoutError when nothing arrived within ``timeout`` seconds."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._events, timeout):
-                raise TimeoutError
-            return self._events.popleft()
-
-    def poll(self):
-        """The next event, or :attr:`EMPTY` when none is waiting (never blocks)."""
-        with self._cond:
-            return self._events.popleft() if self._events else _EMPTY
-
-    def cancel(self) -> None:
-        """The client is gone: chunks not yet scheduled are never computed."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    @property
-    def done(self) -> bool:
-        return self.finished is not None
-
-    # --- worker side ---
-
-    def _push(self, *events) -> None:
-        with self._cond:
-            self._events.extend(events)
-            self._cond.notify_all()
-        if self.notify is not None:
-            self.notify()
-
-    def _fail(self, error: WorkerError) -> None:
-        if self.finished is None:
-            self.error, self.finished = error, time.monotonic()
-            self.todo.clear()
-            self._push(error, None)
-
-    def _deliver(self, index: int, pieces: list[ChunkAudio]) -> None:
-        self.ready[index] = pieces
-        out = []
-        while self.next_index in self.ready:
-            out += self.ready.pop(self.next_index)
-            self.next_index += 1
-        if out and self.first_audio is None:
-            self.first_audio = time.monotonic()
-        if self.next_index == len(self.pieces):
-            self.finished = time.monotonic()
-            out.append(None)
-        if out:
-            self._push(*out)
 
 
 @dataclasses.dataclass
 class BatchStats:
     """What one worker batch did (for metrics and logs)."""
 
-    chunks: int
-    jobs: int
+    chunks: int  # chunks decoded together (a static batch; the engine's occupied slots in this round)
+    jobs: int  # requests they belong to
     tokens: int  # first-stage tokens generated
     stage1_seconds: float
     seconds: float
+    started: int = 0  # chunks whose first stage started in this batch or round
 
 
 class SpeechWorker:
@@ -199,10 +70,19 @@ class SpeechWorker:
 
     def __init__(self, tts, max_batch: int = 8, max_jobs: int = 64, on_batch: Optional[Callable] = None,
                  on_drop: Optional[Callable] = None, max_new_tokens: Optional[int] = None,
-                 batch_wait: float = 0.0):
+                 batch_wait: float = 0.0, batching: str = "engine", engine_steps: int = 16):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if batching not in ("engine", "static"):
+            raise ValueError(f"batching must be 'engine' or 'static', not {batching!r}")
         self.tts = tts
+        # The continuous-batching engine needs one device; over a mesh the batches stay static.
+        self.engine = (tts.first_stage_engine(max_batch, engine_steps)
+                       if batching == "engine" and tts.engine_available else None)
+        self.batching = "engine" if self.engine is not None else "static"
+        if self.engine is not None:
+            self.engine.reset()  # one worker per model: the engine (and its compiled code) is the TTS's
+        self.options = SynthesisOptions(batch_size=max_batch, max_new_tokens=max_new_tokens)
         self.max_batch = int(max_batch)
         self.max_jobs = int(max_jobs)
         self.max_new_tokens = max_new_tokens
@@ -213,8 +93,8 @@ class SpeechWorker:
         self._lock = threading.Condition()
         self._accepting = True
         self._stop = False
-        self._busy = False
-        self._thread = threading.Thread(target=self._run, name="mvjax-speech-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run_engine if self.engine is not None else self._run,
+                                        name="mvjax-speech-worker", daemon=True)
         self._thread.start()
 
     # --- admission ---
@@ -262,6 +142,8 @@ class SpeechWorker:
             self._jobs.clear()
             self._lock.notify_all()
         self._thread.join(timeout=60)
+        if self.engine is not None and not self._thread.is_alive():
+            self.engine.reset()
 
     # --- the loop ---
 
@@ -314,7 +196,6 @@ class SpeechWorker:
                 if self._stop:
                     return
                 picked = self._take()
-                self._busy = bool(picked)
                 self._lock.notify_all()
             if not picked:
                 continue
@@ -329,7 +210,6 @@ class SpeechWorker:
                             self._drop(job, WorkerError(f"synthesis failed ({type(exc).__name__}); see the server log"))
             finally:
                 with self._lock:
-                    self._busy = False
                     for job in list(self._jobs):
                         if job.done:
                             self._jobs.remove(job)
@@ -346,7 +226,7 @@ class SpeechWorker:
             chunk = tts.chunks_for(slot[id(job)], job.pieces, job.key, job.params.sampling)[index]
             chunks.append(chunk)
         n = self.max_batch
-        opts = SynthesisOptions(batch_size=n, max_new_tokens=self.max_new_tokens)
+        opts = self.options
         sizes = {"stage1": n, "stage2": n, "decoder": n}
         tts.last_timings = {}
         chunks = tts.run_token_stages(chunks, embeddings, opts, sizes)
@@ -370,4 +250,146 @@ class SpeechWorker:
                 job._deliver(index, [ChunkAudio(index, c.wav, c.report.frames, c.first_stage_codes,
                                                 c.report.generated_tokens) for c in parts])
             self._lock.notify_all()
-        self.on_batch(BatchStats(len(picked), len(jobs), tokens, stage1, time.perf_counter() - start))
+        self.on_batch(BatchStats(len(picked), len(jobs), tokens, stage1, time.perf_counter() - start, len(picked)))
+
+    # --- the continuous-batching loop (one device) ---
+
+    def _take_for_engine(self, room: int) -> list[tuple[Job, int]]:
+        """Under the lock: drop finished jobs; cancel cancelled and late ones (their chunks already in
+        the engine too); then up to ``room`` chunks to admit: one per waiting job per round, oldest
+        first; a streamed job has one chunk in flight at a time, so its chunks come in order and its
+        first one as soon as possible."""
+        now = time.monotonic()
+        for job in list(self._jobs):
+            if job.done:
+                self._jobs.remove(job)
+                continue
+            error = None
+            if job.cancelled:
+                error = Cancelled("the client went away")
+            elif now > job.deadline:
+                error = DeadlineExceeded("the request did not finish within the server's time limit")
+            if error is not None:
+                if job.running:
+                    self.engine.cancel(lambda request, job=job: request.tag[0] is job)
+                    job.running = 0
+                self._drop(job, error)
+        picked: list[tuple[Job, int]] = []
+        pending = [j for j in self._jobs if j.todo and not (j.stream and j.running)]
+        while pending and len(picked) < room:
+            for job in list(pending):
+                if len(picked) >= room:
+                    break
+                picked.append((job, job.todo.popleft()))
+                job.running += 1
+                if job.started is None:
+                    job.started = now
+                if not job.todo or job.stream:
+                    pending.remove(job)
+        return picked
+
+    def _engine_schedulable(self) -> int:
+        """Under the lock: chunks that could be admitted now."""
+        return sum(min(len(j.todo), 1 if j.stream else len(j.todo)) for j in self._jobs
+                   if not j.cancelled and not (j.stream and j.running))
+
+    def _submit_chunk(self, job: Job, chunk) -> None:
+        from mvjax.inference.stages import engine_request
+
+        tokenizer1, tokenizer2 = self.tts.tokenizers
+        chunk.prompt = tokenizer1.encode(chunk.text)
+        chunk.stage2_text = tokenizer2.encode(chunk.text)
+        request = engine_request(chunk, job.embedding, job.params.sampling, self.max_new_tokens)
+        request.tag = (job, chunk)
+        self.engine.submit(request)
+
+    def _run_engine(self) -> None:
+        engine = self.engine
+        while True:
+            with self._lock:
+                if engine.idle:
+                    self._lock.wait_for(lambda: self._stop or any(j.todo or j.done or j.cancelled for j in self._jobs))
+                    if self.batch_wait > 0 and self._engine_schedulable() < self.max_batch:
+                        self._lock.wait_for(lambda: self._stop or self._engine_schedulable() >= self.max_batch,
+                                            self.batch_wait)
+                if self._stop:
+                    return
+                picked = self._take_for_engine(engine.free_slots - len(engine.waiting))
+                self._lock.notify_all()
+            try:
+                for job, index in picked:
+                    chunk = self.tts.chunks_for(0, job.pieces, job.key, job.params.sampling)[index]
+                    job.leaves[index] = 1
+                    self._submit_chunk(job, chunk)
+                if not engine.idle:
+                    self._engine_round(len(picked))
+            except Exception as exc:  # a bug or a device failure: fail the jobs in flight, keep serving
+                log.exception("a synthesis round failed")
+                engine.reset()
+                with self._lock:
+                    for job in [j for j in self._jobs if j.running]:
+                        job.running = 0
+                        self._drop(job, WorkerError(f"synthesis failed ({type(exc).__name__}); see the server log"))
+            finally:
+                with self._lock:
+                    for job in list(self._jobs):
+                        if job.done:
+                            self._jobs.remove(job)
+                    self._lock.notify_all()
+
+    def _engine_round(self, started: int) -> None:
+        """One engine step; finished chunks go through the second stage and the decoder and are
+        handed to their jobs (a chunk that overflowed its block goes back in as two halves)."""
+        from mvjax.inference.stages import record_first_stage
+
+        tts, engine, opts = self.tts, self.engine, self.options
+        start = time.perf_counter()
+        in_flight = [request.tag[0] for request, _ in engine.running.values()]
+        results = engine.step()
+        stage1 = time.perf_counter() - start
+        leaves: list[tuple[Job, object]] = []
+        for result in results:
+            job, chunk = result.tag
+            record_first_stage(chunk, result.sequence, result.finished, result.hit_block_end, tts.layout,
+                               tts.config2.block_size)
+            halves = tts.overflow_halves(chunk, opts.long_form, len(chunk.order) - 1)
+            if halves is not None and not (job.cancelled or job.done):
+                with self._lock:
+                    job.leaves[chunk.order[0]] += len(halves) - 1
+                    job.running += len(halves) - 1
+                for half in halves:
+                    self._submit_chunk(job, half)
+                continue
+            leaves.append((job, chunk))
+        if leaves:
+            self._finish(leaves)
+        self.on_batch(BatchStats(len(in_flight), len({id(j) for j in in_flight}), engine.last_step_tokens, stage1,
+                                 time.perf_counter() - start, started))
+
+    def _finish(self, leaves: list) -> None:
+        """Second stage and waveforms for chunks whose first stage is done; a planned chunk is
+        delivered once all its pieces are."""
+        tts, n = self.tts, self.max_batch
+        jobs = list({id(j): j for j, _ in leaves}.values())
+        row = {id(j): u for u, j in enumerate(jobs)}
+        chunks = []
+        for job, chunk in leaves:
+            chunk.utterance = row[id(job)]
+            chunks.append(chunk)
+        tts.second_stage(chunks, np.stack([j.embedding for j in jobs]), self.options, n)
+        for decoder in ("mbd", "encodec"):
+            group = [c for c in chunks if jobs[c.utterance].params.decoder == decoder]
+            if group:
+                tts.decode_chunks(group, decoder, n)
+        with self._lock:
+            for job, chunk in leaves:
+                index = chunk.order[0]
+                job.running -= 1
+                job.parts[index].append(chunk)
+                job.leaves[index] -= 1
+                if job.leaves[index] or job.done:
+                    continue
+                parts = sorted(job.parts.pop(index), key=lambda c: c.order)
+                job._deliver(index, [ChunkAudio(index, c.wav, c.report.frames, c.first_stage_codes,
+                                                c.report.generated_tokens) for c in parts])
+            self._lock.notify_all()
