@@ -344,8 +344,9 @@ def test_malformed_requests_get_clean_4xx(server):
 
 @pytest.mark.parametrize("which", ["serial", "server"])
 def test_stream_disconnect_cancels_remaining_chunks(which, request):
-    """``serial``: max_batch 1; ``server``: max_batch 8 (the default), where a lone request's
-    chunks all go into its first batch, so a client leaving after the first audio saves nothing."""
+    """``serial``: max_batch 1; ``server``: max_batch 8 (the default, through the engine), where a
+    streamed request still has one chunk in flight at a time: a client leaving after the first
+    audio leaves the chunks after the next one uncomputed (counted as chunks started)."""
     server = request.getfixturevalue(which)
     planned = len(server.tts.plan(LONG_TEXT))
     assert planned >= 3
@@ -363,7 +364,7 @@ def test_stream_disconnect_cancels_remaining_chunks(which, request):
     wait_idle(server.url, 90)
     assert time.monotonic() - start < 150
     after = metrics(server.url)
-    computed = metric(after, "mvjax_batch_size_sum") - metric(before, "mvjax_batch_size_sum")
+    computed = metric(after, "mvjax_chunks_started_total") - metric(before, "mvjax_chunks_started_total")
     dropped = (metric(after, "mvjax_jobs_dropped_total", 'reason="Cancelled"')
                - metric(before, "mvjax_jobs_dropped_total", 'reason="Cancelled"'))
     assert dropped == 1 and 1 <= computed < planned, \
@@ -380,7 +381,7 @@ def test_whole_request_client_timeout_cancels(serial):
                    timeout=httpx.Timeout(T, read=1.5))
     wait_idle(server.url, 90)
     after = metrics(server.url)
-    computed = metric(after, "mvjax_batch_size_sum") - metric(before, "mvjax_batch_size_sum")
+    computed = metric(after, "mvjax_chunks_started_total") - metric(before, "mvjax_chunks_started_total")
     dropped = (metric(after, "mvjax_jobs_dropped_total", 'reason="Cancelled"')
                - metric(before, "mvjax_jobs_dropped_total", 'reason="Cancelled"'))
     assert dropped == 1 and computed < planned, \

@@ -26,7 +26,8 @@ class Metrics:
                                 ["route", "status"], registry=r)
         self.queue_depth = Gauge("mvjax_queue_depth", "speech requests admitted and not finished", registry=r)
         self.waiting_chunks = Gauge("mvjax_waiting_chunks", "text chunks waiting for the model", registry=r)
-        self.batch_size = Histogram("mvjax_batch_size", "text chunks per model batch",
+        self.chunks_started = Counter("mvjax_chunks_started", "text chunks whose first stage started", registry=r)
+        self.batch_size = Histogram("mvjax_batch_size", "text chunks per model batch (engine: per decode round)",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.batch_requests = Histogram("mvjax_batch_requests", "requests sharing a model batch",
                                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
@@ -43,6 +44,7 @@ class Metrics:
                                ["reason"], registry=r)
 
     def batch(self, stats) -> None:
+        self.chunks_started.inc(stats.started)
         self.batch_size.observe(stats.chunks)
         self.batch_requests.observe(stats.jobs)
         self.tokens.inc(stats.tokens)
