@@ -15,13 +15,18 @@ def _parity(*args):
     return subprocess.run([sys.executable, "-m", "mvjax.parity", *args], capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.mark.slow  # ~75-130 s; each comparison also has its own test in the default suite
-def test_parity_tool_passes_implemented_components(fixtures):
-    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,stage2,speaker,encodec,mbd,pipeline,finetune")
+def _all_passed(res) -> tuple[list[str], set]:
+    """The tool exited 0 and printed only PASS lines: (those lines, their (component, check) pairs)."""
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [l for l in res.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
     assert lines and all(l.startswith("PASS") for l in lines)
-    checks = {tuple(l.split()[1:3]) for l in lines}
+    return lines, {tuple(l.split()[1:3]) for l in lines}
+
+
+@pytest.mark.slow  # ~75-130 s; each comparison also has its own test in the default suite
+def test_parity_tool_passes_implemented_components(fixtures):
+    lines, checks = _all_passed(_parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage1-batch,"
+                                                                  "stage2,speaker,encodec,mbd,pipeline,finetune"))
     for need in [("tokenizer", "stage1-ids"), ("stage1-forward", "logits-cond"), ("stage1-forward", "logits-uncond"),
                  ("stage1-decode", "gen0-seq"), ("stage1-decode", "gen0-step-logits"), ("stage1-batch", "batch-out"),
                  ("stage2", "logits"), ("stage2", "greedy"), ("speaker", "wav16"), ("speaker", "mels"),
@@ -39,11 +44,7 @@ def test_parity_tool_passes_implemented_components(fixtures):
 
 def test_parity_tool_passes_the_quick_components(fixtures):
     """The default suite runs the tool itself on its cheaper comparisons (all of them: ``-m slow``)."""
-    res = _parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage2")
-    assert res.returncode == 0, res.stdout + res.stderr
-    lines = [l for l in res.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
-    assert lines and all(l.startswith("PASS") for l in lines)
-    checks = {tuple(l.split()[1:3]) for l in lines}
+    _, checks = _all_passed(_parity(str(fixtures), "--only", "tokenizer,stage1-forward,stage1-decode,stage2"))
     assert {("tokenizer", "stage1-ids"), ("stage1-forward", "logits-cond"), ("stage1-decode", "gen0-seq"),
             ("stage2", "greedy")} <= checks
 

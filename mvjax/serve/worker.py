@@ -203,17 +203,24 @@ class SpeechWorker:
                 self._synthesise(picked)
             except Exception as exc:  # a bug or a device failure: fail this batch's jobs, keep serving
                 log.exception("a synthesis batch failed")
-                with self._lock:
-                    for job in {id(j): j for j, _ in picked}.values():
-                        job.running = 0
-                        if job in self._jobs:
-                            self._drop(job, WorkerError(f"synthesis failed ({type(exc).__name__}); see the server log"))
+                self._fail_jobs({id(j): j for j, _ in picked}.values(), exc)
             finally:
-                with self._lock:
-                    for job in list(self._jobs):
-                        if job.done:
-                            self._jobs.remove(job)
-                    self._lock.notify_all()
+                self._forget_finished()
+
+    def _fail_jobs(self, jobs, exc: Exception) -> None:
+        """``jobs`` were being computed when ``exc`` happened: each ends with a 500 (see the log)."""
+        with self._lock:
+            for job in list(jobs):
+                job.running = 0
+                if job in self._jobs:
+                    self._drop(job, WorkerError(f"synthesis failed ({type(exc).__name__}); see the server log"))
+
+    def _forget_finished(self) -> None:
+        with self._lock:
+            for job in list(self._jobs):
+                if job.done:
+                    self._jobs.remove(job)
+            self._lock.notify_all()
 
     def _synthesise(self, picked: list[tuple[Job, int]]) -> None:
         start = time.perf_counter()
@@ -327,15 +334,10 @@ class SpeechWorker:
                 log.exception("a synthesis round failed")
                 engine.reset()
                 with self._lock:
-                    for job in [j for j in self._jobs if j.running]:
-                        job.running = 0
-                        self._drop(job, WorkerError(f"synthesis failed ({type(exc).__name__}); see the server log"))
+                    running = [j for j in self._jobs if j.running]
+                self._fail_jobs(running, exc)
             finally:
-                with self._lock:
-                    for job in list(self._jobs):
-                        if job.done:
-                            self._jobs.remove(job)
-                    self._lock.notify_all()
+                self._forget_finished()
 
     def _engine_round(self, started: int) -> None:
         """One engine step; finished chunks go through the second stage and the decoder and are
