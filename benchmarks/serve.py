@@ -6,7 +6,8 @@
 For each mode the benchmark starts ``python -m mvjax.serve`` as a child process on a free
 127.0.0.1 port (``batched``: ``--max-batch N``, the continuous-batching engine; ``static``:
 ``--max-batch N --batching static``, batches decoded to their longest chunk; ``single``:
-``--max-batch 1``, one chunk at a time), always with ``--decoder encodec --no-enhance`` (``--decoder``/``--enhance`` change that),
+``--max-batch 1``, one chunk at a time), always with ``--warmup`` (every engine shape compiled
+before listening) and ``--decoder encodec --no-enhance`` (``--decoder``/``--enhance`` change that),
 warms it up (requests one after another, concurrent bursts of 2, 4, ... up to the batch size, then
 the whole workload once untimed, so the shapes the timed run meets are compiled: a compilation
 inside the timed run would be charged to whichever mode met it), then runs the load: ``--requests``
