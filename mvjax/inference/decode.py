@@ -86,6 +86,17 @@ class LoopState:
     step_logits: Optional[jnp.ndarray]  # (B, block, V) float32 or None
 
 
+def sampling_columns(settings: Sequence[SamplingConfig], vocab: int) -> dict[str, np.ndarray]:
+    """One array per sampling value, one entry per row, as the loop takes them: no top-k is
+    ``vocab``, no (or non-positive) top-p is 1.0."""
+    return {
+        "guidance": np.array([s.guidance for s in settings], np.float32),
+        "temperature": np.array([s.temperature for s in settings], np.float32),
+        "top_k": np.array([vocab if s.top_k is None else s.top_k for s in settings], np.int32),
+        "top_p": np.array([1.0 if s.top_p is None or s.top_p <= 0 else s.top_p for s in settings], np.float32),
+    }
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
@@ -354,15 +365,8 @@ class FirstStageDecoder:
         settings = [sampling] * batch if isinstance(sampling, SamplingConfig) else list(sampling)
         if len(settings) != batch:
             raise ValueError(f"need one sampling config per prompt: got {len(settings)} for {batch}")
-        vocab = cfg.output_vocab_sizes[0]
-        columns = {
-            "guidance": ([s.guidance for s in settings], np.float32),
-            "temperature": ([s.temperature for s in settings], np.float32),
-            "top_k": ([vocab if s.top_k is None else s.top_k for s in settings], np.int32),
-            "top_p": ([1.0 if s.top_p is None or s.top_p <= 0 else s.top_p for s in settings], np.float32),
-        }
-        sampling_arrays = {name: put_batch(pad_rows(np.array(values, dtype), size), self.mesh)
-                           for name, (values, dtype) in columns.items()}
+        sampling_arrays = {name: put_batch(pad_rows(values, size), self.mesh)
+                           for name, values in sampling_columns(settings, cfg.output_vocab_sizes[0]).items()}
         run = self._function(plen, return_logits, speaker_emb is not None)
         tokens, lengths, finished, step_logits = run(
             self.params, put_batch(padded, self.mesh), put_batch(lens_in, self.mesh), put_batch(limits, self.mesh),

@@ -52,11 +52,14 @@ from mvjax.inference.decode import (
     prefill,
     prompt_bucket,
     put_window_part,
+    sampling_columns,
+    window_part,
 )
 from mvjax.nn.gpt_decode import apply_tokens, init_cache
 
 DEFAULT_SLOTS = 8
 DEFAULT_STEPS = 16
+IDLE_SAMPLING = SamplingConfig(guidance=1.0, temperature=1.0, top_p=None)  # what a free slot holds
 
 
 @dataclasses.dataclass
@@ -168,8 +171,8 @@ class FirstStageEngine:
             prompt_lengths=jnp.zeros((s,), jnp.int32),
             limits=jnp.zeros((s,), jnp.int32),
             keys=jnp.zeros((s, 2), jnp.uint32),
-            sampling={"guidance": jnp.ones((s,), jnp.float32), "temperature": jnp.ones((s,), jnp.float32),
-                      "top_k": jnp.full((s,), self.vocab, jnp.int32), "top_p": jnp.ones((s,), jnp.float32)},
+            sampling={name: jnp.asarray(values)
+                      for name, values in sampling_columns([IDLE_SAMPLING] * s, self.vocab).items()},
             speaker=None if self.speaker_dim is None else jnp.zeros((s, self.speaker_dim), jnp.float32),
         )
 
@@ -235,8 +238,8 @@ class FirstStageEngine:
         if sliced:
             cut = lambda a: a[:rows]
             state = jax.tree_util.tree_map(cut, state.replace(cache=None))
-            state = state.replace(cache=[(k[: 2 * rows, ..., :window], v[: 2 * rows, ..., :window])
-                                         for k, v in whole.cache])
+            state = state.replace(cache=window_part([(k[: 2 * rows], v[: 2 * rows]) for k, v in whole.cache],
+                                                    window))
         speaker_rows = None
         if state.speaker is not None:  # interleaved: each slot's conditioned row, then its unconditioned one
             speaker_rows = jnp.stack([state.speaker, jnp.zeros_like(state.speaker)], axis=1).reshape(2 * rows, -1)
@@ -324,13 +327,7 @@ class FirstStageEngine:
         padded[0, :n] = prompt
         new = self.block_size if request.max_new_tokens is None else request.max_new_tokens
         limit = min(n + new, self.block_size)
-        s = request.sampling
-        sampling = {
-            "guidance": np.array([s.guidance], np.float32),
-            "temperature": np.array([s.temperature], np.float32),
-            "top_k": np.array([self.vocab if s.top_k is None else s.top_k], np.int32),
-            "top_p": np.array([1.0 if s.top_p is None or s.top_p <= 0 else s.top_p], np.float32),
-        }
+        sampling = sampling_columns([request.sampling], self.vocab)
         speaker = None
         if self.speaker_dim is not None:
             speaker = np.zeros((1, self.speaker_dim), np.float32)
@@ -359,8 +356,7 @@ class FirstStageEngine:
         before = self.compile_count
         state = self._empty_state()
         key = np.zeros((1, 2), np.uint32)
-        sampling = {"guidance": np.ones(1, np.float32), "temperature": np.ones(1, np.float32),
-                    "top_k": np.full(1, self.vocab, np.int32), "top_p": np.ones(1, np.float32)}
+        sampling = sampling_columns([IDLE_SAMPLING], self.vocab)
         speaker = None if self.speaker_dim is None else np.zeros((1, self.speaker_dim), np.float32)
         buckets = sorted({prompt_bucket(n, self.block_size) for n in range(1, min(max_prompt, self.block_size - 1) + 1)})
         for plen in buckets:  # a one-token prompt with a limit of two: the slot is done at once

@@ -103,14 +103,19 @@ def _counted(groups: list[list], total: int, desc: str):
             bar.update(len(group))
 
 
-def run_first_stage(decoder: FirstStageDecoder, tokenizers, layout: TokenLayout, stage2_block: int, chunks: list[Chunk],
-                    embeddings: np.ndarray, sampling: SamplingConfig, max_new_tokens: Optional[int], batch_size: int,
-                    batcher: Batcher) -> None:
-    """Codebooks 1-2 (``first_stage_codes``) and a :class:`ChunkReport` for every chunk."""
+def tokenize(tokenizers, chunks: list[Chunk]) -> None:
+    """Each chunk's first-stage prompt and second-stage text ids (``tokenizers``: both stages')."""
     tokenizer1, tokenizer2 = tokenizers
     for c in chunks:
         c.prompt = tokenizer1.encode(c.text)
         c.stage2_text = tokenizer2.encode(c.text)
+
+
+def run_first_stage(decoder: FirstStageDecoder, tokenizers, layout: TokenLayout, stage2_block: int, chunks: list[Chunk],
+                    embeddings: np.ndarray, sampling: SamplingConfig, max_new_tokens: Optional[int], batch_size: int,
+                    batcher: Batcher) -> None:
+    """Codebooks 1-2 (``first_stage_codes``) and a :class:`ChunkReport` for every chunk."""
+    tokenize(tokenizers, chunks)
     ordered = sorted(chunks, key=lambda c: len(c.prompt))
     for batch in batcher.batches(ordered, batch_size, "stage 1"):
         with warnings.catch_warnings():
@@ -155,10 +160,7 @@ def run_first_stage_engine(engine, tokenizers, layout: TokenLayout, stage2_block
                            progress: bool = False) -> None:
     """:func:`run_first_stage` through a continuous-batching engine: every chunk takes a slot as one
     frees up (no chunk waits for the longest of a batch); same tokens as the static batches."""
-    tokenizer1, tokenizer2 = tokenizers
-    for c in chunks:
-        c.prompt = tokenizer1.encode(c.text)
-        c.stage2_text = tokenizer2.encode(c.text)
+    tokenize(tokenizers, chunks)
     # Longest prompts first: they tend to run longest, so the tail of the run is short chunks.
     for c in sorted(chunks, key=lambda c: -len(c.prompt)):
         engine.submit(engine_request(c, None if embeddings is None else embeddings[c.utterance], sampling,

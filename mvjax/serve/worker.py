@@ -147,39 +147,47 @@ class SpeechWorker:
 
     # --- the loop ---
 
-    def _take(self) -> list[tuple[Job, int]]:
-        """Under the lock: drop finished, cancelled and late jobs, then pick the next batch."""
+    def _take(self, room: int) -> list[tuple[Job, int]]:
+        """Under the lock: drop finished jobs; drop cancelled and late ones (with the engine, their
+        chunks in flight are cancelled too; a static batch is never running here); then up to
+        ``room`` chunks: one of every waiting job first (oldest first), spare room to more chunks of
+        whole-response jobs. A streamed job has one chunk in flight at a time: its chunks come in
+        order, its first one is not held back by the others, and a client that leaves wastes at
+        most one."""
         now = time.monotonic()
         for job in list(self._jobs):
             if job.done:
                 self._jobs.remove(job)
-            elif job.running:
                 continue
-            elif job.cancelled:
-                self._drop(job, Cancelled("the client went away"))
+            error = None
+            if job.cancelled:
+                error = Cancelled("the client went away")
             elif now > job.deadline:
-                self._drop(job, DeadlineExceeded("the request did not finish within the server's time limit"))
-        # One chunk of every waiting job first (oldest first); spare rows then go to more chunks of
-        # whole-response jobs. A streamed job never has more than one chunk in a batch: its first
-        # chunk is not held back by the others, and a client that leaves wastes at most one.
+                error = DeadlineExceeded("the request did not finish within the server's time limit")
+            if error is not None:
+                if job.running:
+                    self.engine.cancel(lambda request, job=job: request.tag[0] is job)
+                    job.running = 0
+                self._drop(job, error)
         picked: list[tuple[Job, int]] = []
-        pending = [j for j in self._jobs if j.todo]
-        while pending and len(picked) < self.max_batch:
+        pending = [j for j in self._jobs if j.todo and not (j.stream and j.running)]
+        while pending and len(picked) < room:
             for job in list(pending):
-                if len(picked) >= self.max_batch:
+                if len(picked) >= room:
                     break
                 picked.append((job, job.todo.popleft()))
+                job.running += 1
+                if job.started is None:
+                    job.started = now
                 if not job.todo or job.stream:
                     pending.remove(job)
-        for job, _ in picked:
-            job.running += 1
-            if job.started is None:
-                job.started = now
         return picked
 
     def _schedulable(self) -> int:
-        """Under the lock: chunks the next batch could take (a streamed job offers one)."""
-        return sum(min(len(j.todo), 1 if j.stream else len(j.todo)) for j in self._jobs if not j.cancelled)
+        """Under the lock: chunks that could start now (a streamed job offers one, none while one of
+        its chunks is in flight)."""
+        return sum(min(len(j.todo), 1 if j.stream else len(j.todo)) for j in self._jobs
+                   if not j.cancelled and not (j.stream and j.running))
 
     def _drop(self, job: Job, error: WorkerError) -> None:
         job._fail(error)
@@ -195,7 +203,7 @@ class SpeechWorker:
                     self._lock.wait_for(lambda: self._stop or self._schedulable() >= self.max_batch, self.batch_wait)
                 if self._stop:
                     return
-                picked = self._take()
+                picked = self._take(self.max_batch)
                 self._lock.notify_all()
             if not picked:
                 continue
@@ -261,51 +269,10 @@ class SpeechWorker:
 
     # --- the continuous-batching loop (one device) ---
 
-    def _take_for_engine(self, room: int) -> list[tuple[Job, int]]:
-        """Under the lock: drop finished jobs; cancel cancelled and late ones (their chunks already in
-        the engine too); then up to ``room`` chunks to admit: one per waiting job per round, oldest
-        first; a streamed job has one chunk in flight at a time, so its chunks come in order and its
-        first one as soon as possible."""
-        now = time.monotonic()
-        for job in list(self._jobs):
-            if job.done:
-                self._jobs.remove(job)
-                continue
-            error = None
-            if job.cancelled:
-                error = Cancelled("the client went away")
-            elif now > job.deadline:
-                error = DeadlineExceeded("the request did not finish within the server's time limit")
-            if error is not None:
-                if job.running:
-                    self.engine.cancel(lambda request, job=job: request.tag[0] is job)
-                    job.running = 0
-                self._drop(job, error)
-        picked: list[tuple[Job, int]] = []
-        pending = [j for j in self._jobs if j.todo and not (j.stream and j.running)]
-        while pending and len(picked) < room:
-            for job in list(pending):
-                if len(picked) >= room:
-                    break
-                picked.append((job, job.todo.popleft()))
-                job.running += 1
-                if job.started is None:
-                    job.started = now
-                if not job.todo or job.stream:
-                    pending.remove(job)
-        return picked
-
-    def _engine_schedulable(self) -> int:
-        """Under the lock: chunks that could be admitted now."""
-        return sum(min(len(j.todo), 1 if j.stream else len(j.todo)) for j in self._jobs
-                   if not j.cancelled and not (j.stream and j.running))
-
     def _submit_chunk(self, job: Job, chunk) -> None:
-        from mvjax.inference.stages import engine_request
+        from mvjax.inference.stages import engine_request, tokenize
 
-        tokenizer1, tokenizer2 = self.tts.tokenizers
-        chunk.prompt = tokenizer1.encode(chunk.text)
-        chunk.stage2_text = tokenizer2.encode(chunk.text)
+        tokenize(self.tts.tokenizers, [chunk])
         request = engine_request(chunk, job.embedding, job.params.sampling, self.max_new_tokens)
         request.tag = (job, chunk)
         self.engine.submit(request)
@@ -316,12 +283,12 @@ class SpeechWorker:
             with self._lock:
                 if engine.idle:
                     self._lock.wait_for(lambda: self._stop or any(j.todo or j.done or j.cancelled for j in self._jobs))
-                    if self.batch_wait > 0 and self._engine_schedulable() < self.max_batch:
-                        self._lock.wait_for(lambda: self._stop or self._engine_schedulable() >= self.max_batch,
+                    if self.batch_wait > 0 and self._schedulable() < self.max_batch:
+                        self._lock.wait_for(lambda: self._stop or self._schedulable() >= self.max_batch,
                                             self.batch_wait)
                 if self._stop:
                     return
-                picked = self._take_for_engine(engine.free_slots - len(engine.waiting))
+                picked = self._take(engine.free_slots - len(engine.waiting))
                 self._lock.notify_all()
             try:
                 for job, index in picked:
