@@ -21,6 +21,13 @@ latency is retirement time minus arrival time; throughput is utterances over the
 first arrival to the last retirement. Each mode prints one machine-readable line:
 
     engine config=<c> mode=<one|static|engine> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> tokens_per_s=<t>
+
+Then one long utterance (``--long-tokens``, default 1,500 new tokens: ~10 s of speech) is
+decoded alone (batch 1, guidance on) with each KV cache kind (``--kv-caches``), compiled first;
+its tokens/s is averaged over the whole utterance, so the long-window steps count as they
+would in real use:
+
+    decode config=<c> kv_cache=<k> tokens=<n> tokens_per_s=<x>
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from mvjax.inference.decode import (
 )
 from mvjax.inference.engine import EngineRequest, FirstStageEngine
 from mvjax.inference.keys import utterance_keys
+from mvjax.nn.kv_cache import KV_CACHE_KINDS
 
 
 def log(message: str) -> None:
@@ -188,7 +196,30 @@ def run_config(config_name: str, args) -> list[dict]:
         e, st = by_mode["engine"], by_mode["static"]
         log(f"[{config_name}] engine vs static: {e['utt_per_min'] / st['utt_per_min']:.2f}x utt/min, "
             f"p95 {e['p95_s']:.1f} s vs {st['p95_s']:.1f} s")
+    for kind in args.kv_caches:
+        out.append(long_utterance(config_name, decoder.with_kv_cache(kind), args))
     return out
+
+
+def long_utterance(config_name: str, decoder, args) -> dict:
+    """One ``--long-tokens`` utterance at batch 1, timed after a one-token call compiled its program."""
+    config = decoder.config
+    rng = np.random.default_rng(args.seed)
+    prompt = rng.integers(0, config.vocab_sizes[0], 24).tolist()
+    tokens = min(args.long_tokens, config.block_size - len(prompt))
+    spk = rng.normal(size=(1, SPEAKER_DIM)).astype(np.float32)
+    sampling = SamplingConfig()
+    t = time.perf_counter()
+    decoder.generate([prompt], spk, utterance_keys(1, 1), sampling, max_new_tokens=1)
+    log(f"[{config_name}] kv_cache={decoder.kv_cache}: compiled in {time.perf_counter() - t:.1f} s")
+    t = time.perf_counter()
+    res = decoder.generate([prompt], spk, utterance_keys(1, 1), sampling, max_new_tokens=tokens)
+    elapsed = time.perf_counter() - t
+    made = len(res.generated(0))
+    s = {"config": config_name, "kv_cache": decoder.kv_cache, "tokens": made, "tokens_per_s": made / elapsed}
+    print(f"decode config={config_name} kv_cache={s['kv_cache']} tokens={made} tokens_per_s={s['tokens_per_s']:.3f}",
+          flush=True)
+    return s
 
 
 def main(argv=None) -> int:
@@ -202,13 +233,20 @@ def main(argv=None) -> int:
     p.add_argument("--min-tokens", type=int, default=None, help="default 64 (--quick: 32)")
     p.add_argument("--max-tokens", type=int, default=None, help="default 512 (--quick: 256)")
     p.add_argument("--quantize", choices=["int8", "bf16", "none"], default="int8", help="weights of the full config")
+    p.add_argument("--kv-caches", default="float32,bf16,int8",
+                   help="KV cache kinds for the long utterance ('' skips it)")
+    p.add_argument("--long-tokens", type=int, default=1500, help="new tokens of the long utterance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="medium model, fewer and shorter requests")
     args = p.parse_args(argv)
     args.configs = (args.configs or ("medium" if args.quick else "medium,full")).split(",")
-    args.modes = args.modes.split(",")
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.kv_caches = [k for k in args.kv_caches.split(",") if k]
+    for kind in args.kv_caches:
+        if kind not in KV_CACHE_KINDS:
+            p.error(f"unknown KV cache kind {kind!r}")
     for name in args.configs:
-        if name not in ("medium", "full"):
+        if name not in ("tiny", "medium", "full"):  # tiny: for the smoke test
             p.error(f"unknown config {name!r}")
     for mode in args.modes:
         if mode not in MODES:

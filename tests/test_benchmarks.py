@@ -41,6 +41,27 @@ def test_decode_benchmark_smoke():
     assert timings[0][1:3] == ("6", "1") and len(timings[0][7].split(",")) == 1
 
 
+ENGINE_LINE = re.compile(r"^engine config=tiny mode=(one|static|engine) concurrency=2 utt_per_min=([0-9.]+) "
+                         r"p50_s=([0-9.]+) p95_s=([0-9.]+) tokens_per_s=([0-9.]+)$")
+KV_LINE = re.compile(r"^decode config=tiny kv_cache=(float32|bf16|int8) tokens=(\d+) tokens_per_s=([0-9.]+)$")
+
+
+def test_engine_benchmark_smoke():
+    """The engine benchmark's three modes and its long utterance with every KV cache kind, on the
+    tiny model: one line each, every request served (the rates are the machine's, not checked)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine", "--configs", "tiny", "--concurrency", "2", "--steps", "4",
+         "--requests", "3", "--rate", "20", "--min-tokens", "4", "--max-tokens", "8", "--long-tokens", "40"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    modes = [m for m in (ENGINE_LINE.match(line) for line in res.stdout.splitlines()) if m]
+    assert [m.group(1) for m in modes] == ["one", "static", "engine"]
+    assert all(float(m.group(2)) > 0 and float(m.group(4)) >= float(m.group(3)) > 0 for m in modes)
+    kinds = [m for m in (KV_LINE.match(line) for line in res.stdout.splitlines()) if m]
+    assert [(m.group(1), m.group(2)) for m in kinds] == [("float32", "40"), ("bf16", "40"), ("int8", "40")]
+
+
 def test_decode_benchmark_rejects_too_few_tokens():
     res = subprocess.run([sys.executable, "-m", "benchmarks.decode", "--tokens", "2"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)

@@ -52,11 +52,14 @@ def _alone(dec, request):
     return result.sequences[0], bool(result.finished[0])
 
 
-def test_engine_tokens_equal_decoding_each_request_alone(model):
+@pytest.mark.parametrize("kv_cache", ["float32", "int8"])
+def test_engine_tokens_equal_decoding_each_request_alone(model, kv_cache):
     """Seven requests with their own prompts, speakers (one none), sampling settings and limits
     through three slots, a few steps per call, so requests are admitted while others decode and
-    slots are reused: every request's tokens are exactly its tokens decoded alone."""
+    slots are reused: every request's tokens are exactly its tokens decoded alone (with an int8
+    KV cache too: each row's keys and values are quantised on their own, whatever shares the slots)."""
     dec, tok = model
+    dec = dec.with_kv_cache(kv_cache)
     requests = _requests(tok)
     engine = FirstStageEngine(dec, slots=3, steps=5)
     results = engine.run(requests)

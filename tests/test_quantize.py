@@ -20,6 +20,7 @@ from mvjax.io import quantize as Q
 from mvjax.io.checkpoint import load_gpt_stage, read_manifest, tree_digest
 from mvjax.kernels import cpu_int8 as cpu_kernels
 from mvjax.kernels import int8 as K
+from mvjax.nn.kv_cache import KV_CACHE_KINDS
 from tests.conftest import REPO
 
 
@@ -207,6 +208,7 @@ from mvjax.kernels import cpu_int8 as cpu_kernels
 from mvjax.inference import fidelity as F
 from mvjax.io import quantize as Q
 from mvjax.kernels import int8 as K
+from mvjax.nn.kv_cache import KV_CACHE_KINDS
 from mvjax.nn.gpt_decode import _matmul
 rng = np.random.default_rng(3)
 entry = Q.quantize_rows(jnp.asarray(rng.standard_normal((50, 300)), jnp.float32))
@@ -265,27 +267,31 @@ def continuations(stage1, fixtures):
     return out
 
 
-def _teacher_forced(config, params, continuations):
-    """Guided logits along every continuation in one pass (right-padded), per case at its generated positions."""
+def _teacher_forced(config, params, continuations, kv_cache="float32"):
+    """Guided logits along every continuation (right-padded; a compact cache token by token), per
+    case at its generated positions."""
     seqs = [seq for _, _, _, seq in continuations]
     padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
     for i, seq in enumerate(seqs):
         padded[i, : len(seq)] = seq
     spk = np.stack([spk for _, spk, _, _ in continuations])
     guidance = np.array([g for _, _, g, _ in continuations], np.float32)
-    logits = np.asarray(F.guided_logits(config, params, padded, spk, guidance))
+    logits = np.asarray(F.guided_logits(config, params, padded, spk, guidance, kv_cache))
     return [logits[i, len(prompt) - 1: len(seq) - 1] for i, (prompt, _, _, seq) in enumerate(continuations)]
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
-def test_quantized_decode_matches_float32(stage1, continuations, mode):
-    """Teacher-forced along float32's greedy continuations: the guided next-token distributions
-    stay within KL 0.01 nats on average and the greedy token agrees at >= 95 % of positions."""
+@pytest.mark.parametrize("mode,kv_cache", [("int8", "float32"), ("bf16", "float32"), ("float32", "bf16"),
+                                           ("float32", "int8"), ("bf16", "bf16"), ("int8", "int8")])
+def test_quantized_decode_matches_float32(stage1, continuations, mode, kv_cache):
+    """Teacher-forced along float32's greedy continuations, with quantised weights and/or a compact
+    KV cache (read token by token, as decoding does: on this CPU through the cache kernel): the
+    guided next-token distributions stay within KL 0.01 nats on average and the greedy token
+    agrees at >= 95 % of positions (the issue's fidelity bar for compact storage)."""
     config, params, tok = stage1
-    q_params = Q.decoder_params(config, params, quantize=mode)
-    assert Q.decode_params_mode(q_params) == mode
+    q_params = Q.decoder_params(config, params, quantize=None if mode == "float32" else mode)
+    assert Q.decode_params_mode(q_params) == (None if mode == "float32" else mode)
     ref = np.concatenate(_teacher_forced(config, Q.decoder_params(config, params), continuations))
-    got = np.concatenate(_teacher_forced(config, q_params, continuations))
+    got = np.concatenate(_teacher_forced(config, q_params, continuations, kv_cache))
     cmp = F.compare_logits(ref, got)
     kl, agree = np.asarray(cmp["kl"]), np.asarray(cmp["agree"])
     assert kl.size >= 150
@@ -293,11 +299,12 @@ def test_quantized_decode_matches_float32(stage1, continuations, mode):
     assert agree.mean() >= 0.95, agree.mean()
 
 
-def test_int8_decoder_generates_like_float32(stage1, continuations):
+@pytest.mark.parametrize("kv_cache", ["float32", "int8"])
+def test_int8_decoder_generates_like_float32(stage1, continuations, kv_cache):
     """The int8 decoder's own greedy decode (KV cache, guidance) of the first fixture prompt."""
     config, params, tok = stage1
-    dec = FirstStageDecoder(config, params, end_of_audio=tok.offset - 1, quantize="int8")
-    assert dec.quantize == "int8"
+    dec = FirstStageDecoder(config, params, end_of_audio=tok.offset - 1, quantize="int8", kv_cache=kv_cache)
+    assert dec.quantize == "int8" and dec.kv_cache == kv_cache
     # The layers' matrices shrink to a quarter (plus a float32 scale per row); wte stays float32.
     assert Q.tree_nbytes(dec.params["layers"]) < 0.3 * Q.tree_nbytes(Q.decoder_params(config, params)["layers"])
     prompt, spk, g, want = continuations[0]
@@ -385,6 +392,10 @@ def test_tts_passes_quantize_through(converted, quantized_dir):
     from mvjax.inference.pipeline import TTS
 
     assert TTS.load(converted, mesh=None, speaker_cache_dir=None).first_stage_decoder.quantize is None
+    assert TTS.load(converted, mesh=None, speaker_cache_dir=None).first_stage_decoder.kv_cache == "float32"
+    assert TTS.load(converted, mesh=None, speaker_cache_dir=None, kv_cache="int8").first_stage_decoder.kv_cache == "int8"
+    with pytest.raises(ValueError, match="unknown KV cache kind"):
+        TTS.load(converted, mesh=None, speaker_cache_dir=None, kv_cache="int4")
     assert TTS.load(converted, mesh=None, speaker_cache_dir=None, quantize="int8").first_stage_decoder.quantize == "int8"
     assert TTS.load(quantized_dir, mesh=None, speaker_cache_dir=None).first_stage_decoder.quantize == "int8"
 
@@ -397,6 +408,10 @@ def test_cli_flags_parse(tmp_path, converted, monkeypatch):
     args = synthesize._parser().parse_args(["--model", "m", "--text", "hi", "--out", "o.wav", "--quantize", "int8"])
     assert args.quantize == "int8"
     assert synthesize._parser().parse_args(["--model", "m", "--text", "hi", "--out", "o.wav"]).quantize is None
+    assert synthesize._parser().parse_args(["--model", "m", "--text", "hi", "--out", "o.wav", "--kv-cache", "bf16"]).kv_cache == "bf16"
+    assert synthesize._parser()._option_string_actions["--kv-cache"].choices == list(KV_CACHE_KINDS)
+    with pytest.raises(SystemExit):
+        synthesize._parser().parse_args(["--model", "m", "--text", "hi", "--out", "o.wav", "--kv-cache", "int4"])
     for bad in (["--quantize", "int4"],):
         with pytest.raises(SystemExit):
             synthesize._parser().parse_args(["--model", "m", "--text", "hi", "--out", "o.wav", *bad])
@@ -419,8 +434,8 @@ def test_cli_flags_parse(tmp_path, converted, monkeypatch):
     np.save(emb, np.ones(256, np.float32))
     with pytest.raises(Stop):
         synthesize.run(["--model", str(converted), "--text", "Hello.", "--speaker-embedding", str(emb),
-                        "--out", str(tmp_path / "o.wav"), "--quantize", "bf16", "--quiet"])
-    assert seen["quantize"] == "bf16" and seen["path"] == str(converted)
+                        "--out", str(tmp_path / "o.wav"), "--quantize", "bf16", "--kv-cache", "int8", "--quiet"])
+    assert seen["quantize"] == "bf16" and seen["kv_cache"] == "int8" and seen["path"] == str(converted)
 
 
 @pytest.mark.slow

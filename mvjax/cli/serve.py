@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--no-enhance", action="store_true", help="no DeepFilterNet3 by default")
     work.add_argument("--response-format", choices=list(supported_formats()), default=default_format())
     work.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="first-stage weight storage")
+    work.add_argument("--kv-cache", choices=["float32", "bf16", "int8"], default=None,
+                      help="first-stage KV cache storage (default float32)")
     work.add_argument("--warmup", action="store_true", help="before listening: synthesise once and compile every shape the engine can meet "
                            "(up to --max-new-tokens), so no request waits for a compilation")
     p.add_argument("--log-text", action="store_true", help="log request texts (off: only their length)")
@@ -103,7 +105,7 @@ def build(args, tts=None):
         model = demo_model_dir(log=log.info)
     else:
         model = args.model
-    tts = tts or TTS.load(model, log_fn=log.info, quantize=args.quantize)
+    tts = tts or TTS.load(model, log_fn=log.info, quantize=args.quantize, kv_cache=args.kv_cache)
     encoder = tts.speaker_encoder  # voices need it; fail at start, not at the first upload
     registry = VoiceRegistry(args.voices, encoder.embed_file, limits, dims=tts.config1.speaker_emb_dim)
     if args.demo:

@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("--quantize", choices=["int8", "bf16"],
                      help="first-stage weights: int8 (per output channel; faster on CPU, a quarter of the memory) "
                      "or bf16 (for GPU/TPU); default: as stored (float32 unless converted with --quantize)")
+    dec.add_argument("--kv-cache", choices=["float32", "bf16", "int8"],
+                     help="first-stage KV cache: float32 (default for float32 compute), bf16, or int8 (a scale per "
+                          "head and position; a quarter of the bytes read per step at long windows)")
     dec.add_argument("--matmul-precision", choices=["highest", "high", "default"],
                      help="float32 matmul precision (default: $MVJAX_MATMUL_PRECISION or 'highest', the program "
                           "python -m mvjax.parity certifies; 'high'/'default' are faster on GPUs and TPUs)")
@@ -330,7 +333,8 @@ def run(argv: list[str] | None = None) -> int:
     if not share:
         return 0
     speakers = [_speaker_for(job, args, demo_voice) for _, job in share]
-    tts = TTS.load(model, log_fn=log.info, quantize=args.quantize, matmul_precision=args.matmul_precision)
+    tts = TTS.load(model, log_fn=log.info, quantize=args.quantize, matmul_precision=args.matmul_precision,
+                   kv_cache=args.kv_cache)
     import time
 
     started = time.perf_counter()

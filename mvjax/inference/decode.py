@@ -17,6 +17,7 @@ results do not depend on batch packing or device count.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import warnings
@@ -38,7 +39,8 @@ from mvjax.core.parallel import (
 from mvjax.inference.sampling import guide, sample
 from mvjax.io.quantize import decode_params_mode, decoder_params
 from mvjax.nn.config import GPTConfig
-from mvjax.nn.gpt_decode import apply_tokens, init_cache
+from mvjax.nn.gpt_decode import apply_tokens
+from mvjax.nn.kv_cache import cache_kind, init_cache, put_window_part, window_part
 
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_TOP_P = 0.95
@@ -100,17 +102,6 @@ def sampling_columns(settings: Sequence[SamplingConfig], vocab: int) -> dict[str
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def window_part(cache: list, window: int) -> list:
-    """The first ``window`` positions of a (k, v)-per-layer cache (positions last), as a copy."""
-    return [(k[..., :window], v[..., :window]) for k, v in cache]
-
-
-def put_window_part(cache: list, part: list) -> list:
-    """``cache`` with its first positions replaced by ``part`` (see :func:`window_part`)."""
-    put = lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim)
-    return [(put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(cache, part)]
 
 
 def prompt_bucket(length: int, block_size: int) -> int:
@@ -262,10 +253,12 @@ class FirstStageDecoder:
     size compiles; new texts, keys and sampling values within a bucket do not).
     """
 
-    def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, cache_dtype=None, mesh=None,
+    def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, kv_cache=None, mesh=None,
                  quantize: Optional[str] = None, consume_params: bool = False):
         """``quantize``: None, ``"int8"`` or ``"bf16"`` weight storage (:mod:`mvjax.io.quantize`); a
         tree already quantised (a model directory converted with ``--quantize``) is used as stored.
+        ``kv_cache``: ``"float32"``, ``"bf16"`` or ``"int8"`` (:mod:`mvjax.nn.kv_cache`); default:
+        the compute dtype's (float32, or bf16 for bf16 compute).
         ``consume_params``: empty the (freshly loaded) ``params`` tree while re-laying it, so the
         peak is about one copy of the weights instead of two."""
         if not config.causal:
@@ -273,12 +266,18 @@ class FirstStageDecoder:
         self.config = config
         self.end_of_audio = int(end_of_audio)
         self.dtype = dtype
-        self.cache_dtype = cache_dtype or dtype
+        self.kv_cache = cache_kind(kv_cache, default=cache_kind(dtype))
         self.mesh = mesh
         self.params = put_replicated(decoder_params(config, params, dtype, quantize, consume=consume_params), mesh)
         self.quantize = decode_params_mode(self.params)
         self.compile_count = 0
         self._jitted = {}
+
+    def with_kv_cache(self, kind: str) -> "FirstStageDecoder":
+        """This decoder (sharing its weights) with another KV cache kind, compiled afresh."""
+        other = copy.copy(self)
+        other.kv_cache, other.compile_count, other._jitted = cache_kind(kind), 0, {}
+        return other
 
     def _function(self, plen: int, return_logits: bool, with_speaker: bool):
         """The jitted decode for one prompt bucket; over a mesh, every device runs its own rows'
@@ -309,7 +308,7 @@ class FirstStageDecoder:
             return apply_tokens(cfg, params, tokens, positions, speaker_rows, cache, self.dtype, attend=window)
 
         windows = cache_windows(plen, cfg.block_size)
-        cache = init_cache(cfg, 2 * batch, cfg.block_size, self.cache_dtype)
+        cache = init_cache(cfg, 2 * batch, cfg.block_size, self.kv_cache)
         state = decode_loop(
             logits_fn, cache, prompts, prompt_lengths, limits, keys, sampling,
             block_size=cfg.block_size, windows=windows, end_of_audio=self.end_of_audio, return_logits=return_logits,

@@ -51,11 +51,16 @@ from mvjax.inference.decode import (
     next_pow2,
     prefill,
     prompt_bucket,
-    put_window_part,
     sampling_columns,
+)
+from mvjax.nn.gpt_decode import apply_tokens
+from mvjax.nn.kv_cache import (
+    init_cache,
+    put_rows,
+    put_window_part,
+    take_rows,
     window_part,
 )
-from mvjax.nn.gpt_decode import apply_tokens, init_cache
 
 DEFAULT_SLOTS = 8
 DEFAULT_STEPS = 16
@@ -166,7 +171,7 @@ class FirstStageEngine:
             lengths=jnp.zeros((s,), jnp.int32),
             done=jnp.ones((s,), bool),
             finished=jnp.zeros((s,), bool),
-            cache=init_cache(self.config, 2 * s, block, self.decoder.cache_dtype),
+            cache=init_cache(self.config, 2 * s, block, self.decoder.kv_cache),
             step_logits=None,
             prompt_lengths=jnp.zeros((s,), jnp.int32),
             limits=jnp.zeros((s,), jnp.int32),
@@ -187,7 +192,7 @@ class FirstStageEngine:
         self.compile_count += 1  # runs only while tracing
         cfg, dtype = self.config, self.decoder.dtype
         window = cache_windows(plen, self.block_size)[0]
-        small = init_cache(cfg, 2, window, self.decoder.cache_dtype)
+        small = init_cache(cfg, 2, window, self.decoder.kv_cache)
         rows = None if state.speaker is None else jnp.concatenate([speaker, jnp.zeros_like(speaker)], axis=0)
 
         def logits_fn(cache, tokens, positions, attend):
@@ -196,8 +201,7 @@ class FirstStageEngine:
         one = prefill(logits_fn, small, prompt, prompt_length, limit, window,
                       self._advance(prompt_length, limit, key, sampling), block_size=self.block_size)
         # The pair's rows [conditioned, unconditioned] land on cache rows 2 * slot, 2 * slot + 1.
-        put = lambda big, part: jax.lax.dynamic_update_slice(big, part.astype(big.dtype), (2 * slot, 0, 0, 0))
-        cache = [(put(big_k, k), put(big_v, v)) for (big_k, big_v), (k, v) in zip(state.cache, one.cache)]
+        cache = put_rows(state.cache, one.cache, 2 * slot)
         set_row = lambda whole, row: whole.at[slot].set(row[0])
         return state.replace(
             tokens=set_row(state.tokens, one.tokens), lengths=set_row(state.lengths, one.lengths),
@@ -210,11 +214,7 @@ class FirstStageEngine:
 
     def _move(self, state: SlotState, source, target) -> SlotState:
         """Slot ``source``'s request moved to slot ``target`` (cache rows and per-slot values)."""
-        cache = []
-        for k, v in state.cache:
-            take = lambda a: jax.lax.dynamic_slice_in_dim(a, 2 * source, 2, axis=0)
-            put = lambda a, part: jax.lax.dynamic_update_slice_in_dim(a, part, 2 * target, axis=0)
-            cache.append((put(k, take(k)), put(v, take(v))))
+        cache = put_rows(state.cache, take_rows(state.cache, 2 * source, 2), 2 * target)
         moved = jax.tree_util.tree_map(lambda a: a.at[target].set(a[source]),
                                        state.replace(cache=None, step_logits=None))
         return moved.replace(cache=cache, done=moved.done.at[source].set(True))
@@ -238,8 +238,7 @@ class FirstStageEngine:
         if sliced:
             cut = lambda a: a[:rows]
             state = jax.tree_util.tree_map(cut, state.replace(cache=None))
-            state = state.replace(cache=window_part([(k[: 2 * rows], v[: 2 * rows]) for k, v in whole.cache],
-                                                    window))
+            state = state.replace(cache=window_part(take_rows(whole.cache, 0, 2 * rows), window))
         speaker_rows = None
         if state.speaker is not None:  # interleaved: each slot's conditioned row, then its unconditioned one
             speaker_rows = jnp.stack([state.speaker, jnp.zeros_like(state.speaker)], axis=1).reshape(2 * rows, -1)

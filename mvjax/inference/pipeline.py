@@ -40,6 +40,7 @@ from mvjax.inference.options import SynthesisError, SynthesisOptions, normalised
 from mvjax.inference.second_stage import SecondStageSampler
 from mvjax.inference.speaker import SpeakerSpec, embedding_from_spec, embeddings_for
 from mvjax.inference.speech import Speech
+from mvjax.nn.kv_cache import cache_kind
 from mvjax.text.layout import TokenLayout
 
 log = logging.getLogger("mvjax")
@@ -57,13 +58,15 @@ class TTS:
 
     def __init__(self, first_stage, second_stage, codec=None, *, speaker_encoder=None, diffusion=None, mesh=None,
                  dtype=jnp.float32, quantize: Optional[str] = None, matmul_precision: Optional[str] = None,
-                 consume_params: bool = False):
+                 consume_params: bool = False, kv_cache: Optional[str] = None):
         """``first_stage``/``second_stage``: (GPTConfig, params, Tokenizer); ``codec``: (EncodecConfig, params);
         ``speaker_encoder``: a :class:`~mvjax.inference.speaker.SpeakerEncoder`, or a :class:`Lazy` making
         one when first needed; ``diffusion``: a :class:`~mvjax.inference.diffusion.MultiBandDiffusion`, or a
         :class:`Lazy`. ``matmul_precision``: the :mod:`mvjax.core.precision` policy (default "highest", what the
         parity tool certifies), set process-wide before anything is traced. ``consume_params``: the
-        first stage's tree may be emptied while it is re-laid for decoding (it was loaded for us)."""
+        first stage's tree may be emptied while it is re-laid for decoding (it was loaded for us).
+        ``kv_cache``: the first stage's KV cache, ``"float32"``, ``"bf16"`` or ``"int8"``
+        (:mod:`mvjax.nn.kv_cache`; default: the compute dtype's)."""
         from mvjax.core.precision import apply as apply_precision
 
         self.matmul_precision = apply_precision(matmul_precision)
@@ -73,7 +76,7 @@ class TTS:
         self.layout = TokenLayout.from_offsets(tokenizer1.offset, tokenizer2.offset)
         self.first_stage_decoder = FirstStageDecoder(self.config1, params1, end_of_audio=self.layout.end_of_audio,
                                                      dtype=dtype, mesh=mesh, quantize=quantize,
-                                                     consume_params=consume_params)
+                                                     consume_params=consume_params, kv_cache=kv_cache)
         del params1  # the decoder keeps its own (re-laid) copy
         self.second_stage_sampler = SecondStageSampler(self.config2, params2, mesh=mesh, pad_token=self.layout.stage2_pad)
         self.codec = stages.Codec(*codec, mesh=mesh) if codec is not None else None
@@ -86,11 +89,12 @@ class TTS:
     def load(cls, path: str | os.PathLike, *, devices: Optional[Sequence] = None, mesh="auto",
              speaker_cache_dir="default", cache_root: Optional[str | os.PathLike] = None,
              log_fn: Callable[[str], None] = log.info, quantize: Optional[str] = None,
-             matmul_precision: Optional[str] = None) -> "TTS":
+             matmul_precision: Optional[str] = None, kv_cache: Optional[str] = None) -> "TTS":
         """Load a converted model directory, released checkpoints (converted once into the cache) or
         a Hugging Face repo id (:mod:`mvjax.sources.resolve`). ``mesh``: ``"auto"`` splits batches over
         every local device (or ``devices``) when there are several, ``None`` uses one device.
-        ``quantize``: first-stage weights as ``"int8"`` or ``"bf16"``."""
+        ``quantize``: first-stage weights as ``"int8"`` or ``"bf16"``; ``kv_cache``: its KV cache as
+        ``"float32"``, ``"bf16"`` or ``"int8"``."""
         from mvjax.core.parallel import local_mesh
         from mvjax.core.precision import resolve as resolve_precision
         from mvjax.inference.diffusion import MultiBandDiffusion
@@ -103,7 +107,8 @@ class TTS:
         )
         from mvjax.sources.resolve import resolve_model
 
-        resolve_precision(matmul_precision)  # a bad policy fails before any download or conversion
+        resolve_precision(matmul_precision)  # a bad policy or cache kind fails before any download or conversion
+        cache_kind(kv_cache)
         model_dir = resolve_model(path, cache_root=cache_root, log_fn=log_fn)
         have = model_components(model_dir, required=("first_stage", "second_stage"))
         if mesh == "auto":
@@ -114,7 +119,7 @@ class TTS:
         return cls(load_gpt_stage(model_dir, "first_stage"), load_gpt_stage(model_dir, "second_stage"),
                    load_encodec(model_dir) if "encodec" in have else None, speaker_encoder=speaker,
                    diffusion=diffusion, mesh=mesh, quantize=quantize, matmul_precision=matmul_precision,
-                   consume_params=True)
+                   consume_params=True, kv_cache=kv_cache)
 
     @property
     def engine_available(self) -> bool:

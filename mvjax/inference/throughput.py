@@ -15,6 +15,8 @@ from typing import Optional
 
 import jax
 
+from mvjax.nn.kv_cache import bytes_per_slot
+
 MAX_BATCH = 64
 
 
@@ -37,10 +39,10 @@ def free_bytes(device: Optional[jax.Device] = None) -> int:
 def per_utterance_bytes(tts, frames: int, decoder: str = "mbd") -> dict[str, int]:
     """Estimated working bytes per utterance (one chunk) in each stage."""
     c1, c2 = tts.config1, tts.config2
-    cache_item = jax.numpy.dtype(tts.first_stage_decoder.cache_dtype).itemsize
     # Stage 1: conditioned + unconditioned rows, keys and values, every layer, the whole block;
     # plus per-step logits and sampling buffers (sorts over the vocabulary).
-    stage1 = 2 * 2 * c1.n_layer * c1.block_size * c1.n_embd * cache_item + 2 * 8 * sum(c1.output_vocab_sizes) * 4
+    slot_bytes = bytes_per_slot(c1, tts.first_stage_decoder.kv_cache)
+    stage1 = 2 * c1.block_size * slot_bytes + 2 * 8 * sum(c1.output_vocab_sizes) * 4
     # Stage 2: logits for every head at every position (x3 for scaling, top-k and sampling),
     # attention scores, and the residual stream's intermediates.
     heads = sum(c2.output_vocab_sizes)

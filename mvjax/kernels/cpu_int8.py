@@ -16,8 +16,9 @@ compiler (``$CXX``, else ``c++``/``g++``/``clang++``); the shared library is cac
 ``$MVJAX_CACHE/kernels`` (default ``~/.cache/mvjax``), keyed by the source, jaxlib version
 and compiler. Where it cannot be built :func:`int8_matmul_available` is False and callers use
 plain XLA (:func:`mvjax.kernels.int8.int8_matmul_xla`). ``MVJAX_CPU_KERNELS=0`` disables it.
-The C++ source is ``int8_matmul.cc`` beside this module (package data), compiled with
-``-Wall -Wextra -Werror``.
+The C++ sources are ``int8_matmul.cc`` and ``cache_attention.cc`` beside this module (package
+data), compiled into one library with ``-Wall -Wextra -Werror``; the second holds the decode
+attention over a compact KV cache (:mod:`mvjax.kernels.cache_attention`), registered with it.
 """
 
 from __future__ import annotations
@@ -44,14 +45,20 @@ log = logging.getLogger("mvjax")
 TARGET = "mvjax_int8_matmul"
 ACTIVATION_MAX = 16383  # int16 activations: |q| <= 2**14 - 1 keeps every int32 lane exact for 4096-long blocks
 
-# The kernel's C++ source ships as package data beside this module.
-SOURCE_FILE = "int8_matmul.cc"
+# The kernels' C++ sources ship as package data beside this module, built into one library.
+SOURCE_FILES = ("int8_matmul.cc", "cache_attention.cc")
+# FFI target name -> the handler symbol the library exports.
+TARGETS = {
+    TARGET: "MvjaxInt8Matmul",
+    "mvjax_bf16_attention": "MvjaxBf16Attention",
+    "mvjax_int8_attention": "MvjaxInt8Attention",
+}
 
 
-def kernel_source() -> str:
+def kernel_source(name: str = SOURCE_FILES[0]) -> str:
     from importlib import resources
 
-    return resources.files("mvjax.kernels").joinpath(SOURCE_FILE).read_text()
+    return resources.files("mvjax.kernels").joinpath(name).read_text()
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -86,18 +93,20 @@ def _build(cache: Path, compiler: str) -> Path:
     import jaxlib
 
     include = jax.ffi.include_dir()
-    source = kernel_source()
-    key = hashlib.sha256("\0".join([source, jaxlib.__version__, compiler, *_CXXFLAGS]).encode()).hexdigest()[:16]
+    sources = {name: kernel_source(name) for name in SOURCE_FILES}
+    key = hashlib.sha256("\0".join([*sources.values(), jaxlib.__version__, compiler, *_CXXFLAGS]).encode()).hexdigest()[:16]
     lib = cache / "kernels" / key / "libmvjax_int8.so"
     if lib.is_file():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     # Concurrent builders write the same bytes; each renames its own complete file into place.
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp, atomic_path(lib, suffix=".so") as out:
-        src = Path(tmp) / "int8_matmul.cc"
-        src.write_text(source)
+        paths = []
+        for name, text in sources.items():
+            paths.append(str(Path(tmp) / name))
+            Path(paths[-1]).write_text(text)
         # jaxlib's FFI headers are included as system headers: our warnings flags are for our code.
-        res = subprocess.run([compiler, *_CXXFLAGS, "-isystem", include, str(src), "-o", str(out)],
+        res = subprocess.run([compiler, *_CXXFLAGS, "-isystem", include, *paths, "-o", str(out)],
                              capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-2000:]}")
@@ -105,7 +114,8 @@ def _build(cache: Path, compiler: str) -> Path:
 
 
 def int8_matmul_available() -> bool:
-    """Whether the CPU int8 kernel is built and registered (built on the first call)."""
+    """Whether the CPU kernels (the int8 matmul and the compact-cache attention) are built and
+    registered (built on the first call)."""
     with _lock:
         if "ok" in _state:
             return _state["ok"]
@@ -121,7 +131,8 @@ def int8_matmul_available() -> bool:
                 from mvjax.core.paths import cache_root
 
                 lib = ctypes.cdll.LoadLibrary(str(_build(cache_root(), compiler)))
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MvjaxInt8Matmul), platform="cpu")
+                for target, symbol in TARGETS.items():
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                 _state["lib"] = lib  # keep the handle alive
                 ok = True
             except Exception as exc:  # noqa: BLE001 - any failure means: use the XLA path

@@ -21,6 +21,7 @@ every position of a conditioned row.
 
 A weight matrix may also be stored bfloat16, or int8 with a float32 scale per output row
 (``{"q", "scale"}``, :mod:`mvjax.io.quantize`); :func:`_matmul` and :func:`_rows` take either.
+The KV cache may be float32, bf16 or int8 (:mod:`mvjax.nn.kv_cache`, which writes and reads it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from mvjax.kernels.int8 import int8_matmul
+from mvjax.nn import kv_cache
 from mvjax.nn.config import GPTConfig
 
 
@@ -83,12 +85,6 @@ def prepare_decode_params(config: GPTConfig, params, dtype=None, store=None, con
     if "speaker_proj" in params:
         prepared["speaker_proj"] = store("speaker_proj", out_in(take(params["speaker_proj"], "kernel")))
     return prepared
-
-
-def init_cache(config: GPTConfig, rows: int, length: int, dtype=jnp.float32) -> list:
-    """Per layer (k, v), each (rows, heads, head_dim, length), zero-filled."""
-    shape = (rows, config.n_head, config.head_dim, length)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)]
 
 
 def _norm(config: GPTConfig, p, x):
@@ -156,14 +152,7 @@ def apply_tokens(
         x = x + jnp.repeat(speaker_term, length, axis=1)
     x = x.astype(dtype)
 
-    cache_len = cache[0][0].shape[3] if attend is None else min(attend, cache[0][0].shape[3])
-    mask = (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
-    if length == 1:  # per-row write positions (rows may sit at different lengths)
-        write_rows = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, 0, p)))
-        write = lambda c, u: write_rows(c, u, positions[:, 0])
-    else:
-        write = lambda c, u: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, 0, 0, positions[0, 0]))
-    scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
+    cache_len = kv_cache.length(cache) if attend is None else min(attend, kv_cache.length(cache))
 
     def split_heads(a):  # (D, N) -> (R, H, T, hd)
         return a.reshape(heads, head_dim, rows, length).transpose(2, 0, 3, 1)
@@ -177,12 +166,9 @@ def apply_tokens(
         qkv = _linear(lp["attn"]["c_attn"], h)
         q = split_heads(qkv[:width])
         k, v = split_heads_positions_last(qkv[width:2 * width]), split_heads_positions_last(qkv[2 * width:])
-        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+        cache_k, cache_v = kv_cache.write(cache_k, k, positions), kv_cache.write(cache_v, v, positions)
         new_cache.append((cache_k, cache_v))
-        keys, values = cache_k[..., :cache_len].astype(q.dtype), cache_v[..., :cache_len].astype(q.dtype)
-        scores = jnp.einsum("rhtd,rhds->rhts", q, keys, preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-        y = jnp.einsum("rhts,rhds->rhtd", probs.astype(x.dtype), values)
+        y = kv_cache.attend(q, cache_k, cache_v, positions, cache_len, x.dtype)
         y = y.transpose(1, 3, 0, 2).reshape(width, n)
         x = x + _linear(lp["attn"]["c_proj"], y)
 

@@ -1,0 +1,244 @@
+// One decode step's attention over a compact KV cache (bf16, or int8 with a float32 scale per
+// row, head and position), reading the stored keys and values directly:
+//   y[r, h, :] = sum_s p[s] v[r, h, :, s],  p = softmax_s(scale * q[r, h, :] . k[r, h, :, s]),
+// over the slots s <= pos[r] inside the first `window` positions. Cache layout: (R, H, D, S),
+// positions last; scales (R, H, S). Work items are (row, head) pairs, split over XLA's
+// intra-op thread pool.
+#include <immintrin.h>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Eight stored values from p as float32.
+inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8(const uint16_t* p) {  // bfloat16: the high half of a float32
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline __m256 Load8(const int8_t* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+inline float Load1(const float* p) { return *p; }
+inline float Load1(const uint16_t* p) {
+  const uint32_t bits = uint32_t(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float Load1(const int8_t* p) { return float(*p); }
+
+inline float Sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for x <= 0, eight lanes: 2^n * e^r with |r| <= ln2 / 2 (Cody-Waite split of ln 2) and a
+// degree-6 polynomial for e^r (relative error ~2e-7); lanes below -87 give 0.
+inline __m256 Exp8(__m256 x) {
+  const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.0f / 720);
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 120));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 24));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 6));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.5f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 result = _mm256_mul_ps(poly, _mm256_castsi256_ps(exponent));
+  return _mm256_andnot_ps(too_small, result);
+}
+
+inline float Exp1(float x) { return x < -87.0f ? 0.0f : std::exp(x); }
+
+// scores[s] = sum_d q[d] * k[d * stride + s] for s < n, in blocks of 64, then 8, then 1 positions:
+// a block keeps its partial sums in registers while every one of the D rows passes.
+template <typename T>
+void Scores(const float* q, const T* k, int64_t d_len, int64_t stride, int64_t n, float* scores) {
+  int64_t s = 0;
+  for (; s + 64 <= n; s += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < d_len; ++d) {
+      const __m256 qd = _mm256_set1_ps(q[d]);
+      const T* row = k + d * stride + s;
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qd, Load8(row + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(scores + s + 8 * j, acc[j]);
+  }
+  for (; s + 8 <= n; s += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < d_len; ++d) acc = _mm256_fmadd_ps(_mm256_set1_ps(q[d]), Load8(k + d * stride + s), acc);
+    _mm256_storeu_ps(scores + s, acc);
+  }
+  for (; s < n; ++s) {
+    float acc = 0.0f;
+    for (int64_t d = 0; d < d_len; ++d) acc += q[d] * Load1(k + d * stride + s);
+    scores[s] = acc;
+  }
+}
+
+// weights[s] <- exp(weights[s] - max) / sum (times vscale[s] when given), s < n.
+void Softmax(float* w, int64_t n, const float* vscale) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) top = std::max(top, w[s]);
+  const __m256 top8 = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
+    const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(w + s), top8));
+    _mm256_storeu_ps(w + s, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  float total = Sum8(total8);
+  for (; s < n; ++s) {
+    w[s] = Exp1(w[s] - top);
+    total += w[s];
+  }
+  const float inv = 1.0f / total;
+  for (s = 0; s < n; ++s) w[s] *= vscale == nullptr ? inv : inv * vscale[s];
+}
+
+// out[d] = sum_{s < n} w[s] * v[d * stride + s].
+template <typename T>
+void Mix(const float* w, const T* v, int64_t d_len, int64_t stride, int64_t n, float* out) {
+  for (int64_t d = 0; d < d_len; ++d) {
+    const T* row = v + d * stride;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t s = 0;
+    for (; s + 32 <= n; s += 32)
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + s + 8 * j), Load8(row + s + 8 * j), acc[j]);
+    for (; s + 8 <= n; s += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + s), Load8(row + s), acc[0]);
+    float total = Sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; s < n; ++s) total += w[s] * Load1(row + s);
+    out[d] = total;
+  }
+}
+
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> running{0};
+  std::mutex mu;
+  std::condition_variable done;
+};
+
+// Runs item(i, scratch) for i < items over the caller and the pool's threads; scratch holds
+// `scratch_len` floats per thread.
+template <typename Item>
+void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t scratch_len, Item item) {
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1) - 1, items - 1);
+  auto shared = std::make_shared<Shared>();
+  auto work = [=](Shared* sh) {
+    std::vector<float> scratch(size_t(std::max<int64_t>(scratch_len, 1)));
+    for (int64_t i = sh->next.fetch_add(1); i < items; i = sh->next.fetch_add(1)) item(i, scratch.data());
+  };
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([shared, work]() {
+      shared->running.fetch_add(1);
+      work(shared.get());
+      if (shared->running.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        shared->done.notify_all();
+      }
+    });
+  }
+  work(shared.get());
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->done.wait(lock, [&] { return shared->running.load() == 0; });
+}
+
+template <typename T>
+ffi::Error Attend(ffi::ThreadPool& pool, const float* q, const T* k, const float* kscale, const T* v,
+                  const float* vscale, const int32_t* pos, float* y, int64_t rows, int64_t heads, int64_t d_len,
+                  int64_t length, int64_t window) {
+  const float scale = 1.0f / std::sqrt(float(d_len));
+  const int64_t limit = std::min(window, length);
+  ParallelFor(pool, rows * heads, d_len + limit, [=](int64_t item, float* scratch) {
+    const int64_t r = item / heads;
+    const int64_t n = std::min<int64_t>(limit, int64_t(std::max<int32_t>(pos[r], 0)) + 1);
+    float* qs = scratch;  // q * scale (* the keys' per-position scales, applied to the scores)
+    float* w = scratch + d_len;
+    for (int64_t d = 0; d < d_len; ++d) qs[d] = q[item * d_len + d] * scale;
+    const int64_t cache_at = item * d_len * length;
+    Scores(qs, k + cache_at, d_len, length, n, w);
+    if (kscale != nullptr)
+      for (int64_t s = 0; s < n; ++s) w[s] *= kscale[item * length + s];
+    Softmax(w, n, vscale == nullptr ? nullptr : vscale + item * length);
+    Mix(w, v + cache_at, d_len, length, n, y + item * d_len);
+  });
+  return ffi::Error::Success();
+}
+
+bool Shapes(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, ffi::AnyBuffer::Dimensions vd,
+            int64_t pos_count) {
+  return qd.size() == 3 && kd.size() == 4 && vd.size() == 4 && kd[0] == qd[0] && kd[1] == qd[1] &&
+         kd[2] == qd[2] && pos_count == qd[0] && std::equal(kd.begin(), kd.end(), vd.begin());
+}
+
+ffi::Error Bf16Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
+                         ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y,
+                         int64_t window) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  if (!Shapes(qd, kd, v.dimensions(), int64_t(pos.element_count())))
+    return ffi::Error::InvalidArgument("mvjax_bf16_attention: q (R, H, D), k and v (R, H, D, S), pos (R,)");
+  return Attend(pool, q.typed_data(), reinterpret_cast<const uint16_t*>(k.typed_data()), nullptr,
+                reinterpret_cast<const uint16_t*>(v.typed_data()), nullptr, pos.typed_data(), y->typed_data(),
+                kd[0], kd[1], kd[2], kd[3], window);
+}
+
+ffi::Error Int8Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+                         ffi::Buffer<ffi::F32> kscale, ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> vscale,
+                         ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y, int64_t window) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const int64_t scales = kd.size() == 4 ? kd[0] * kd[1] * kd[3] : -1;
+  if (!Shapes(qd, kd, v.dimensions(), int64_t(pos.element_count())) ||
+      int64_t(kscale.element_count()) != scales || int64_t(vscale.element_count()) != scales)
+    return ffi::Error::InvalidArgument(
+        "mvjax_int8_attention: q (R, H, D), k and v (R, H, D, S) int8, their scales (R, H, S), pos (R,)");
+  return Attend(pool, q.typed_data(), k.typed_data(), kscale.typed_data(), v.typed_data(), vscale.typed_data(),
+                pos.typed_data(), y->typed_data(), kd[0], kd[1], kd[2], kd[3], window);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxBf16Attention, Bf16Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxInt8Attention, Int8Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));

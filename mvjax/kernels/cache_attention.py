@@ -1,0 +1,48 @@
+"""One decode step's attention over a compact KV cache, reading the stored bf16 or int8 keys and
+values directly (the C++ kernel ``cache_attention.cc``, built with :mod:`mvjax.kernels.cpu_int8`).
+
+Why: XLA's CPU backend converts a bf16 or int8 cache to float32 before its dot (a full float
+copy of the window on every step), so a compact cache read through XLA costs more than the
+float32 cache it replaces (benchmarks/RESULTS.md, "Compact KV cache"). The kernel streams the
+stored values once, converting in registers: keys (rows, heads, head_dim, length) times the
+query, a vectorised softmax over the slots each row may see, then the values. Elsewhere (GPU,
+TPU, or where the kernel cannot be built) :mod:`mvjax.nn.kv_cache` uses plain XLA, which
+accelerator compilers fuse.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from mvjax.kernels import cpu_int8
+
+
+def cache_kernel_used() -> bool:
+    """Whether compact-cache decode steps trace to the kernel (CPU backend, library built).
+    Decided at trace time, as :func:`mvjax.kernels.int8.int8_kernel_used`."""
+    return jax.default_backend() == "cpu" and cpu_int8.int8_matmul_available()
+
+
+def kernel_cache_attention(q: jnp.ndarray, keys, values, positions: jnp.ndarray, window: int,
+                           key_scale: Optional[jnp.ndarray] = None,
+                           value_scale: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Attention of one query per row and head over the first ``window`` cache slots that each row
+    may see (slot <= ``positions[r]``): q (R, H, D) float32; keys, values (R, H, D, S) bf16, or int8
+    with ``key_scale``/``value_scale`` (R, H, S) float32 (value = code * scale); -> float32 (R, H, D).
+    Softmax scale 1/sqrt(D), as the float path. Call :func:`cache_kernel_used` first."""
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    q = q.astype(jnp.float32)
+    positions = positions.astype(jnp.int32)
+    window = min(int(window), keys.shape[-1])
+    if keys.dtype == jnp.int8:
+        if key_scale is None or value_scale is None:
+            raise ValueError("an int8 cache needs its key and value scales")
+        call = jax.ffi.ffi_call("mvjax_int8_attention", out)
+        return call(q, keys, key_scale.astype(jnp.float32), values, value_scale.astype(jnp.float32), positions,
+                    window=window)
+    if keys.dtype != jnp.bfloat16:
+        raise ValueError(f"the cache kernel reads bf16 or int8 caches, not {keys.dtype}")
+    return jax.ffi.ffi_call("mvjax_bf16_attention", out)(q, keys, values, positions, window=window)

@@ -1,0 +1,149 @@
+"""The first stage's KV cache: float32, bf16, or int8 with a scale per row, head and position.
+
+A cache is a list with one ``(keys, values)`` pair per layer. Each of the two is an array
+(rows, heads, head_dim, length), positions last (see :mod:`mvjax.nn.gpt_decode` for why), or for
+int8 a dict ``{"q": int8 (rows, heads, head_dim, length), "scale": float32 (rows, heads, length)}``:
+each head's key (or value) vector at a position is stored as ``round(x / s)`` with
+``s = max|x| / 127`` over its ``head_dim`` entries, so the largest entry keeps full int8 range
+and the rounding error is at most ``s / 2``. Every leaf has rows first and positions last, so
+slicing rows or positions is the same ``tree_map`` whatever the kind.
+
+Reads: a decode step (one query per row) over a bf16 or int8 cache runs the CPU kernel
+(:mod:`mvjax.kernels.cache_attention`), which reads the stored bytes; prefill, float32 caches and
+other backends dequantise in XLA (accelerator compilers fuse that into the product).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+from mvjax.kernels.cache_attention import cache_kernel_used, kernel_cache_attention
+from mvjax.nn.config import GPTConfig
+
+KV_CACHE_KINDS = ("float32", "bf16", "int8")
+_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bf16": "bf16", "bfloat16": "bf16",
+            "int8": "int8"}
+INT8_MAX = 127
+
+
+def cache_kind(kind: Union[str, jnp.dtype, type, None], default: str = "float32") -> str:
+    """A cache kind from its name or a dtype (float32, bfloat16); ``None`` gives ``default``."""
+    if kind is None:
+        return default
+    if isinstance(kind, str):
+        name = kind.strip().lower()
+    else:
+        name = jnp.dtype(kind).name
+    if name not in _ALIASES:
+        raise ValueError(f"unknown KV cache kind {kind!r}: choose one of {', '.join(KV_CACHE_KINDS)}")
+    return _ALIASES[name]
+
+
+def bytes_per_slot(config: GPTConfig, kind: str) -> int:
+    """Bytes one row's keys and values take per position, over every layer (scales included)."""
+    kind = cache_kind(kind)
+    per_vector = {"float32": 4 * config.head_dim, "bf16": 2 * config.head_dim, "int8": config.head_dim + 4}[kind]
+    return 2 * config.n_layer * config.n_head * per_vector
+
+
+def init_cache(config: GPTConfig, rows: int, length: int, kind="float32") -> list:
+    """Per layer (keys, values) for ``rows`` rows and ``length`` positions, zero-filled (see the
+    module docstring for the layouts). ``kind``: a name of :data:`KV_CACHE_KINDS` or a float dtype."""
+    kind = cache_kind(kind)
+    shape = (rows, config.n_head, config.head_dim, length)
+
+    def one():
+        if kind == "int8":
+            return {"q": jnp.zeros(shape, jnp.int8), "scale": jnp.zeros(shape[:2] + shape[3:], jnp.float32)}
+        return jnp.zeros(shape, jnp.bfloat16 if kind == "bf16" else jnp.float32)
+
+    return [(one(), one()) for _ in range(config.n_layer)]
+
+
+def kind_of(cache: list) -> str:
+    """The kind of an existing cache."""
+    keys = cache[0][0]
+    return "int8" if isinstance(keys, dict) else cache_kind(keys.dtype)
+
+
+def length(cache: list) -> int:
+    """Positions a cache holds."""
+    keys = cache[0][0]
+    return (keys["q"] if isinstance(keys, dict) else keys).shape[-1]
+
+
+def quantize(x: jnp.ndarray) -> dict:
+    """x (..., head_dim, T) float -> int8 codes and float32 scales (..., T), one per vector."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-2)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+    q = jnp.clip(jnp.round(x / scale[..., None, :]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return {"q": q, "scale": scale}
+
+
+def dequantize(entry, length: int) -> jnp.ndarray:
+    """The first ``length`` positions of a cache entry (array or int8 dict) as float32."""
+    if isinstance(entry, dict):
+        return entry["q"][..., :length].astype(jnp.float32) * entry["scale"][..., None, :length]
+    return entry[..., :length].astype(jnp.float32)
+
+
+def write(entry, update: jnp.ndarray, positions: jnp.ndarray):
+    """``entry`` with ``update`` (R, H, D, T) stored at each row's positions: ``positions`` (R, T);
+    with T == 1 every row writes at its own position, with T > 1 all rows start at ``positions[0, 0]``."""
+    if isinstance(entry, dict):
+        new = quantize(update)
+        return {name: write(entry[name], new[name], positions) for name in ("q", "scale")}
+    update = update.astype(entry.dtype)
+    if update.shape[-1] == 1:
+        put = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u, (0,) * (c.ndim - 1) + (p,)))
+        return put(entry, update, positions[:, 0])
+    return jax.lax.dynamic_update_slice(entry, update, (0,) * (entry.ndim - 1) + (positions[0, 0],))
+
+
+def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dtype) -> jnp.ndarray:
+    """Causal attention of q (R, H, T, D) over the first ``length`` cache positions (each query sees
+    slots <= its position) -> (R, H, T, D) in ``dtype``."""
+    compact = isinstance(keys, dict) or keys.dtype == jnp.bfloat16
+    if compact and q.shape[2] == 1 and cache_kernel_used():
+        scales = {}
+        if isinstance(keys, dict):
+            scales = {"key_scale": keys["scale"], "value_scale": values["scale"]}
+            keys, values = keys["q"], values["q"]
+        y = kernel_cache_attention(q[:, :, 0].astype(jnp.float32), keys, values, positions[:, 0], length, **scales)
+        return y[:, :, None].astype(dtype)
+    if compact:
+        k, v = dequantize(keys, length).astype(q.dtype), dequantize(values, length).astype(q.dtype)
+    else:
+        k, v = keys[..., :length].astype(q.dtype), values[..., :length].astype(q.dtype)
+    mask = (jnp.arange(length)[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    scores = jnp.einsum("rhtd,rhds->rhts", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("rhts,rhds->rhtd", probs.astype(dtype), v.astype(dtype))
+
+
+def window_part(cache: list, window: int) -> list:
+    """The first ``window`` positions of every layer's keys and values, as a copy."""
+    return jax.tree_util.tree_map(lambda a: a[..., :window], cache)
+
+
+def put_window_part(cache: list, part: list) -> list:
+    """``cache`` with its first positions replaced by ``part`` (see :func:`window_part`)."""
+    return jax.tree_util.tree_map(lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim),
+                                  cache, part)
+
+
+def take_rows(cache: list, start, count: int) -> list:
+    """Rows ``start .. start + count - 1`` of every leaf (``start`` may be traced)."""
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, count, axis=0), cache)
+
+
+def put_rows(cache: list, part: list, start) -> list:
+    """``cache`` with rows from ``start`` on replaced by ``part`` (same kind, fewer rows)."""
+    return jax.tree_util.tree_map(
+        lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), start, axis=0),
+        cache, part)
