@@ -20,7 +20,7 @@ Each mode first compiles every shape its timed run can meet (no mode is charged 
 latency is retirement time minus arrival time; throughput is utterances over the time from the
 first arrival to the last retirement. Each mode prints one machine-readable line:
 
-    engine config=<c> mode=<one|static|engine> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> tokens_per_s=<t>
+    engine config=<c> mode=<one|static|engine> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> tokens_per_s=<t> kv_cache=<k>
 
 Then one long utterance (``--long-tokens``, default 1,500 new tokens: ~10 s of speech) is
 decoded alone (batch 1, guidance on) with each KV cache kind (``--kv-caches``), compiled first;
@@ -164,7 +164,7 @@ def summarise(config: str, mode: str, concurrency: int, jobs: list[dict], done: 
 def line(s: dict) -> str:
     return (f"engine config={s['config']} mode={s['mode']} concurrency={s['concurrency']} "
             f"utt_per_min={s['utt_per_min']:.2f} p50_s={s['p50_s']:.2f} p95_s={s['p95_s']:.2f} "
-            f"tokens_per_s={s['tokens_per_s']:.1f}")
+            f"tokens_per_s={s['tokens_per_s']:.1f} kv_cache={s['kv_cache']}")
 
 
 def run_config(config_name: str, args) -> list[dict]:
@@ -173,7 +173,8 @@ def run_config(config_name: str, args) -> list[dict]:
     params = random_params(config, seed=0)
     # An end-of-audio id outside the vocabulary: every utterance runs to its length (the workload's mix).
     decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 5, dtype=jnp.float32,
-                                quantize=args.quantize if config_name == "full" else None, consume_params=True)
+                                quantize=args.quantize if config_name == "full" else None, consume_params=True,
+                                kv_cache=args.kv_cache)
     del params
     jobs = workload(args.requests, args.rate, args.min_tokens, args.max_tokens, config.vocab_sizes[0], args.seed)
     out = []
@@ -185,10 +186,11 @@ def run_config(config_name: str, args) -> list[dict]:
         t = time.perf_counter()
         compiled = warm_up(mode, decoder, kw.get("engine"), jobs, args)
         log(f"[{config_name}] {mode}: compiled {compiled} functions ahead in {time.perf_counter() - t:.1f} s")
-        log(f"[{config_name}] {mode}: {len(jobs)} requests, Poisson {args.rate}/s")
+        log(f"[{config_name}] {mode}: {len(jobs)} requests, Poisson {args.rate}/s, kv_cache={decoder.kv_cache}")
         t0 = time.perf_counter()
         done = serve(decoder, jobs, args.concurrency, args.steps, t0, **kw)
         s = summarise(config_name, mode, args.concurrency, jobs, done, t0)
+        s["kv_cache"] = decoder.kv_cache
         print(line(s), flush=True)
         out.append(s)
     by_mode = {s["mode"]: s for s in out}
@@ -233,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-tokens", type=int, default=None, help="default 64 (--quick: 32)")
     p.add_argument("--max-tokens", type=int, default=None, help="default 512 (--quick: 256)")
     p.add_argument("--quantize", choices=["int8", "bf16", "none"], default="int8", help="weights of the full config")
+    p.add_argument("--kv-cache", choices=list(KV_CACHE_KINDS), default="float32",
+                   help="KV cache of the load test (every mode)")
     p.add_argument("--kv-caches", default="float32,bf16,int8",
                    help="KV cache kinds for the long utterance ('' skips it)")
     p.add_argument("--long-tokens", type=int, default=1500, help="new tokens of the long utterance")

@@ -42,7 +42,7 @@ def test_decode_benchmark_smoke():
 
 
 ENGINE_LINE = re.compile(r"^engine config=tiny mode=(one|static|engine) concurrency=2 utt_per_min=([0-9.]+) "
-                         r"p50_s=([0-9.]+) p95_s=([0-9.]+) tokens_per_s=([0-9.]+)$")
+                         r"p50_s=([0-9.]+) p95_s=([0-9.]+) tokens_per_s=([0-9.]+) kv_cache=int8$")
 KV_LINE = re.compile(r"^decode config=tiny kv_cache=(float32|bf16|int8) tokens=(\d+) tokens_per_s=([0-9.]+)$")
 
 
@@ -51,7 +51,8 @@ def test_engine_benchmark_smoke():
     tiny model: one line each, every request served (the rates are the machine's, not checked)."""
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.engine", "--configs", "tiny", "--concurrency", "2", "--steps", "4",
-         "--requests", "3", "--rate", "20", "--min-tokens", "4", "--max-tokens", "8", "--long-tokens", "40"],
+         "--requests", "3", "--rate", "20", "--min-tokens", "4", "--max-tokens", "8", "--long-tokens", "40",
+         "--kv-cache", "int8"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]

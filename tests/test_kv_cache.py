@@ -40,6 +40,8 @@ def test_int8_storage_error_and_size():
     assert KV.bytes_per_slot(config, "bf16") * 2 == KV.bytes_per_slot(config, "float32") == 2 * 3 * 32 * 4
     cache = KV.init_cache(config, 2, 16, "int8")
     assert KV.kind_of(cache) == "int8" and KV.length(cache) == 16 and len(cache) == 3
+    assert KV.kind_of(KV.init_cache(config, 2, 16, "bf16")) == "bf16"
+    assert KV.kind_of(KV.init_cache(config, 2, 16, jnp.float32)) == "float32"
 
 
 @pytest.fixture(params=["kernel", "xla"])
@@ -58,7 +60,7 @@ def path(request, monkeypatch):
 def _store(kind, x):
     if kind == "int8":
         return KV.quantize(jnp.asarray(x))
-    return jnp.asarray(x).astype(jnp.bfloat16)
+    return KV._to_bits(jnp.asarray(x))  # bf16 is stored as its uint16 bit patterns
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])

@@ -1,4 +1,4 @@
-// One decode step's attention over a compact KV cache (bf16, or int8 with a float32 scale per
+// One decode step's attention over a compact KV cache (bf16 stored as its uint16 bits, or int8 with a float32 scale per
 // row, head and position), reading the stored keys and values directly:
 //   y[r, h, :] = sum_s p[s] v[r, h, :, s],  p = softmax_s(scale * q[r, h, :] . k[r, h, :, s]),
 // over the slots s <= pos[r] inside the first `window` positions. Cache layout: (R, H, D, S),
@@ -69,30 +69,39 @@ inline __m256 Exp8(__m256 x) {
 
 inline float Exp1(float x) { return x < -87.0f ? 0.0f : std::exp(x); }
 
-// scores[s] = sum_d q[d] * k[d * stride + s] for s < n, in blocks of 64, then 8, then 1 positions:
-// a block keeps its partial sums in registers while every one of the D rows passes.
+// scores[s] = sum_d q[d] * k[d * stride + s] for s < n. Four key rows at a time are streamed
+// front to back (contiguous reads the prefetcher follows) into the scores, which stay in L1.
 template <typename T>
 void Scores(const float* q, const T* k, int64_t d_len, int64_t stride, int64_t n, float* scores) {
-  int64_t s = 0;
-  for (; s + 64 <= n; s += 64) {
-    __m256 acc[8];
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < d_len; ++d) {
-      const __m256 qd = _mm256_set1_ps(q[d]);
-      const T* row = k + d * stride + s;
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qd, Load8(row + 8 * j), acc[j]);
+  std::fill(scores, scores + n, 0.0f);
+  int64_t d = 0;
+  for (; d + 4 <= d_len; d += 4) {
+    const T* r0 = k + d * stride;
+    const T* r1 = r0 + stride;
+    const T* r2 = r1 + stride;
+    const T* r3 = r2 + stride;
+    const __m256 q0 = _mm256_set1_ps(q[d]), q1 = _mm256_set1_ps(q[d + 1]);
+    const __m256 q2 = _mm256_set1_ps(q[d + 2]), q3 = _mm256_set1_ps(q[d + 3]);
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) {
+      __m256 acc = _mm256_loadu_ps(scores + s);
+      acc = _mm256_fmadd_ps(q0, Load8(r0 + s), acc);
+      acc = _mm256_fmadd_ps(q1, Load8(r1 + s), acc);
+      acc = _mm256_fmadd_ps(q2, Load8(r2 + s), acc);
+      acc = _mm256_fmadd_ps(q3, Load8(r3 + s), acc);
+      _mm256_storeu_ps(scores + s, acc);
     }
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(scores + s + 8 * j, acc[j]);
+    for (; s < n; ++s)
+      scores[s] += q[d] * Load1(r0 + s) + q[d + 1] * Load1(r1 + s) + q[d + 2] * Load1(r2 + s) +
+                   q[d + 3] * Load1(r3 + s);
   }
-  for (; s + 8 <= n; s += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < d_len; ++d) acc = _mm256_fmadd_ps(_mm256_set1_ps(q[d]), Load8(k + d * stride + s), acc);
-    _mm256_storeu_ps(scores + s, acc);
-  }
-  for (; s < n; ++s) {
-    float acc = 0.0f;
-    for (int64_t d = 0; d < d_len; ++d) acc += q[d] * Load1(k + d * stride + s);
-    scores[s] = acc;
+  for (; d < d_len; ++d) {
+    const T* row = k + d * stride;
+    const __m256 qd = _mm256_set1_ps(q[d]);
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8)
+      _mm256_storeu_ps(scores + s, _mm256_fmadd_ps(qd, Load8(row + s), _mm256_loadu_ps(scores + s)));
+    for (; s < n; ++s) scores[s] += q[d] * Load1(row + s);
   }
 }
 
@@ -117,17 +126,39 @@ void Softmax(float* w, int64_t n, const float* vscale) {
   for (s = 0; s < n; ++s) w[s] *= vscale == nullptr ? inv : inv * vscale[s];
 }
 
-// out[d] = sum_{s < n} w[s] * v[d * stride + s].
+// out[d] = sum_{s < n} w[s] * v[d * stride + s]: four value rows at a time, sharing each load of w.
 template <typename T>
 void Mix(const float* w, const T* v, int64_t d_len, int64_t stride, int64_t n, float* out) {
-  for (int64_t d = 0; d < d_len; ++d) {
-    const T* row = v + d * stride;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t d = 0;
+  for (; d + 4 <= d_len; d += 4) {
+    const T* r0 = v + d * stride;
+    const T* r1 = r0 + stride;
+    const T* r2 = r1 + stride;
+    const T* r3 = r2 + stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t s = 0;
-    for (; s + 32 <= n; s += 32)
-      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + s + 8 * j), Load8(row + s + 8 * j), acc[j]);
-    for (; s + 8 <= n; s += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + s), Load8(row + s), acc[0]);
-    float total = Sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; s + 8 <= n; s += 8) {
+      const __m256 ws = _mm256_loadu_ps(w + s);
+      a0 = _mm256_fmadd_ps(ws, Load8(r0 + s), a0);
+      a1 = _mm256_fmadd_ps(ws, Load8(r1 + s), a1);
+      a2 = _mm256_fmadd_ps(ws, Load8(r2 + s), a2);
+      a3 = _mm256_fmadd_ps(ws, Load8(r3 + s), a3);
+    }
+    float t0 = Sum8(a0), t1 = Sum8(a1), t2 = Sum8(a2), t3 = Sum8(a3);
+    for (; s < n; ++s) {
+      t0 += w[s] * Load1(r0 + s);
+      t1 += w[s] * Load1(r1 + s);
+      t2 += w[s] * Load1(r2 + s);
+      t3 += w[s] * Load1(r3 + s);
+    }
+    out[d] = t0, out[d + 1] = t1, out[d + 2] = t2, out[d + 3] = t3;
+  }
+  for (; d < d_len; ++d) {
+    const T* row = v + d * stride;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + s), Load8(row + s), acc);
+    float total = Sum8(acc);
     for (; s < n; ++s) total += w[s] * Load1(row + s);
     out[d] = total;
   }
@@ -193,8 +224,8 @@ bool Shapes(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, ffi::A
          kd[2] == qd[2] && pos_count == qd[0] && std::equal(kd.begin(), kd.end(), vd.begin());
 }
 
-ffi::Error Bf16Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
-                         ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y,
+ffi::Error Bf16Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k,
+                         ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y,
                          int64_t window) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
@@ -225,8 +256,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxBf16Attention, Bf16Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window"));

@@ -30,7 +30,8 @@ def kernel_cache_attention(q: jnp.ndarray, keys, values, positions: jnp.ndarray,
                            key_scale: Optional[jnp.ndarray] = None,
                            value_scale: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Attention of one query per row and head over the first ``window`` cache slots that each row
-    may see (slot <= ``positions[r]``): q (R, H, D) float32; keys, values (R, H, D, S) bf16, or int8
+    may see (slot <= ``positions[r]``): q (R, H, D) float32; keys, values (R, H, D, S) bf16 (as its
+    uint16 bit patterns), or int8
     with ``key_scale``/``value_scale`` (R, H, S) float32 (value = code * scale); -> float32 (R, H, D).
     Softmax scale 1/sqrt(D), as the float path. Call :func:`cache_kernel_used` first."""
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
@@ -43,6 +44,6 @@ def kernel_cache_attention(q: jnp.ndarray, keys, values, positions: jnp.ndarray,
         call = jax.ffi.ffi_call("mvjax_int8_attention", out)
         return call(q, keys, key_scale.astype(jnp.float32), values, value_scale.astype(jnp.float32), positions,
                     window=window)
-    if keys.dtype != jnp.bfloat16:
-        raise ValueError(f"the cache kernel reads bf16 or int8 caches, not {keys.dtype}")
+    if keys.dtype != jnp.uint16:
+        raise ValueError(f"the cache kernel reads bf16 (as uint16 bits) or int8 caches, not {keys.dtype}")
     return jax.ffi.ffi_call("mvjax_bf16_attention", out)(q, keys, values, positions, window=window)

@@ -1,7 +1,9 @@
 """The first stage's KV cache: float32, bf16, or int8 with a scale per row, head and position.
 
 A cache is a list with one ``(keys, values)`` pair per layer. Each of the two is an array
-(rows, heads, head_dim, length), positions last (see :mod:`mvjax.nn.gpt_decode` for why), or for
+(rows, heads, head_dim, length), positions last (see :mod:`mvjax.nn.gpt_decode` for why): float32,
+or for bf16 the values' bit patterns as uint16 (XLA's CPU backend widens bf16 updates and slices
+to float32, which turned every step's cache write into a float copy of the whole cache); or for
 int8 a dict ``{"q": int8 (rows, heads, head_dim, length), "scale": float32 (rows, heads, length)}``:
 each head's key (or value) vector at a position is stored as ``round(x / s)`` with
 ``s = max|x| / 127`` over its ``head_dim`` entries, so the largest entry keeps full int8 range
@@ -58,7 +60,7 @@ def init_cache(config: GPTConfig, rows: int, length: int, kind="float32") -> lis
     def one():
         if kind == "int8":
             return {"q": jnp.zeros(shape, jnp.int8), "scale": jnp.zeros(shape[:2] + shape[3:], jnp.float32)}
-        return jnp.zeros(shape, jnp.bfloat16 if kind == "bf16" else jnp.float32)
+        return jnp.zeros(shape, jnp.uint16 if kind == "bf16" else jnp.float32)
 
     return [(one(), one()) for _ in range(config.n_layer)]
 
@@ -66,7 +68,18 @@ def init_cache(config: GPTConfig, rows: int, length: int, kind="float32") -> lis
 def kind_of(cache: list) -> str:
     """The kind of an existing cache."""
     keys = cache[0][0]
-    return "int8" if isinstance(keys, dict) else cache_kind(keys.dtype)
+    if isinstance(keys, dict):
+        return "int8"
+    return "bf16" if keys.dtype == jnp.uint16 else cache_kind(keys.dtype)
+
+
+def _to_bits(x: jnp.ndarray) -> jnp.ndarray:
+    """float -> the uint16 bit patterns of its bf16 rounding (how a bf16 cache stores values)."""
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+
+
+def _from_bits(bits: jnp.ndarray) -> jnp.ndarray:
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32)
 
 
 def length(cache: list) -> int:
@@ -88,6 +101,8 @@ def dequantize(entry, length: int) -> jnp.ndarray:
     """The first ``length`` positions of a cache entry (array or int8 dict) as float32."""
     if isinstance(entry, dict):
         return entry["q"][..., :length].astype(jnp.float32) * entry["scale"][..., None, :length]
+    if entry.dtype == jnp.uint16:
+        return _from_bits(entry[..., :length])
     return entry[..., :length].astype(jnp.float32)
 
 
@@ -97,7 +112,7 @@ def write(entry, update: jnp.ndarray, positions: jnp.ndarray):
     if isinstance(entry, dict):
         new = quantize(update)
         return {name: write(entry[name], new[name], positions) for name in ("q", "scale")}
-    update = update.astype(entry.dtype)
+    update = _to_bits(update) if entry.dtype == jnp.uint16 else update.astype(entry.dtype)
     if update.shape[-1] == 1:
         put = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u, (0,) * (c.ndim - 1) + (p,)))
         return put(entry, update, positions[:, 0])
@@ -107,7 +122,7 @@ def write(entry, update: jnp.ndarray, positions: jnp.ndarray):
 def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dtype) -> jnp.ndarray:
     """Causal attention of q (R, H, T, D) over the first ``length`` cache positions (each query sees
     slots <= its position) -> (R, H, T, D) in ``dtype``."""
-    compact = isinstance(keys, dict) or keys.dtype == jnp.bfloat16
+    compact = isinstance(keys, dict) or keys.dtype == jnp.uint16
     if compact and q.shape[2] == 1 and cache_kernel_used():
         scales = {}
         if isinstance(keys, dict):
