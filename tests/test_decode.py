@@ -18,6 +18,7 @@ from mvjax.inference.sampling import (
     guide,
     sample,
     top_k_filter,
+    top_k_top_p_filter,
     top_p_filter,
 )
 from mvjax.io.checkpoint import load_gpt_stage
@@ -106,6 +107,22 @@ def test_top_p_matches_reference_rule():
     # A dominant token survives alone at small p.
     logits = np.array([0.0, 10.0, 1.0], np.float32)
     assert np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), 0.5))).tolist() == [False, True, False]
+
+
+def test_one_sort_filter_equals_top_k_then_top_p():
+    """The decoder's one-sort top-k + top-p filter gives exactly the two filters in sequence,
+    ties (rounded logits), k past the vocabulary and p = 1 included."""
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        vocab = int(rng.integers(2, 400))
+        logits = rng.normal(size=(3, vocab)).astype(np.float32) * rng.uniform(0.1, 10)
+        if trial % 3 == 0:
+            logits = np.round(logits)
+        k = rng.integers(1, vocab + 3, size=(3, 1))
+        p = np.where(trial % 5 == 0, 1.0, rng.uniform(0, 1, size=(3, 1))).astype(np.float32)
+        want = top_p_filter(top_k_filter(jnp.asarray(logits), jnp.asarray(k)), jnp.asarray(p))
+        got = top_k_top_p_filter(jnp.asarray(logits), jnp.asarray(k), jnp.asarray(p))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_top_k_temperature_and_greedy():

@@ -1,5 +1,5 @@
-"""The compact KV cache (mvjax/nn/kv_cache.py): int8 storage error, and a decode step's attention
-over bf16 and int8 caches through the CPU kernel and through plain XLA, against float64."""
+"""The KV cache (mvjax/nn/kv_cache.py): int8 storage error, and a decode step's attention over
+float32, bf16 and int8 caches through the CPU kernel and through plain XLA, against float64."""
 
 import re
 
@@ -14,7 +14,7 @@ from mvjax.nn import kv_cache as KV
 from mvjax.nn.config import GPTConfig
 
 F32_EPS = float(np.finfo(np.float32).eps)
-KERNEL_CALL = re.compile(r"custom_call\s*@mvjax_(?:bf16|int8)_attention\b")
+KERNEL_CALL = re.compile(r"custom_call\s*@mvjax_(?:f32|bf16|int8)_attention\b")
 
 
 def test_cache_kind_names():
@@ -58,12 +58,14 @@ def path(request, monkeypatch):
 
 
 def _store(kind, x):
+    if kind == "float32":
+        return jnp.asarray(x)
     if kind == "int8":
         return KV.quantize(jnp.asarray(x))
     return KV._to_bits(jnp.asarray(x))  # bf16 is stored as its uint16 bit patterns
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["float32", "bf16", "int8"])
 @pytest.mark.parametrize("heads,dim,length,window,positions", [
     (4, 32, 100, 100, (0, 50, 99)),  # odd lengths: the 64-, 8- and 1-slot loops all run
     (2, 128, 256, 128, (127, 64, 7)),  # a window shorter than the cache

@@ -240,9 +240,14 @@ def decode_loop(
             state = jax.lax.while_loop(fits, body, state)
             continue
         take, put = window_view
-        whole = state.cache
-        state = jax.lax.while_loop(fits, body, state.replace(cache=take(whole, window)))
-        state = state.replace(cache=put(whole, state.cache))
+
+        def in_window(state, fits=fits, body=body, window=window):
+            whole = state.cache
+            state = jax.lax.while_loop(fits, body, state.replace(cache=take(whole, window)))
+            return state.replace(cache=put(whole, state.cache))
+
+        # A window no row reaches (every row done earlier) costs nothing: no copy in or out.
+        state = jax.lax.cond(fits(state), in_window, lambda state: state, state)
     return state.replace(cache=None)
 
 

@@ -40,9 +40,32 @@ def top_p_filter(logits: jnp.ndarray, p) -> jnp.ndarray:
     return jnp.where(remove, NEG_INF, logits)
 
 
+def top_k_top_p_filter(logits: jnp.ndarray, k, p) -> jnp.ndarray:
+    """``top_p_filter(top_k_filter(logits, k), p)`` from one sort (the decoder's every step).
+
+    The stable ascending order of the top-k-filtered logits is the order of ``logits`` with the
+    removed entries (all -inf, probability exactly 0) first, so the sorted values, their softmax
+    and cumulative sum are the same arrays the two filters compute, and so is every removal; the
+    mask goes back to vocabulary order by a scatter instead of a second argsort."""
+    vocab = logits.shape[-1]
+    k = jnp.clip(jnp.asarray(k), 1, vocab)
+    order = jnp.argsort(logits, axis=-1)  # ascending, ties by index
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    kth = jnp.take_along_axis(sorted_logits, jnp.broadcast_to(vocab - k, logits.shape[:-1] + (1,)), axis=-1)
+    sorted_logits = jnp.where(sorted_logits < kth, NEG_INF, sorted_logits)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= (1.0 - p)).at[..., -1].set(False)
+    flat_order = order.reshape(-1, vocab)
+    rows = jnp.arange(flat_order.shape[0])[:, None]
+    remove = jnp.zeros(flat_order.shape, bool).at[rows, flat_order].set(remove_sorted.reshape(-1, vocab))
+    return jnp.where((logits < kth) | remove.reshape(logits.shape), NEG_INF, logits)
+
+
 def filter_logits(logits: jnp.ndarray, temperature, top_k=None, top_p=None) -> jnp.ndarray:
     """Scaled and filtered logits, whose softmax is the sampling distribution."""
     logits = logits.astype(jnp.float32) / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-5)
+    if top_k is not None and top_p is not None:
+        return top_k_top_p_filter(logits, top_k, top_p)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

@@ -1,4 +1,4 @@
-// One decode step's attention over a compact KV cache (bf16 stored as its uint16 bits, or int8 with a float32 scale per
+// One decode step's attention over the KV cache (float32, bf16 stored as its uint16 bits, or int8 with a float32 scale per
 // row, head and position), reading the stored keys and values directly:
 //   y[r, h, :] = sum_s p[s] v[r, h, :, s],  p = softmax_s(scale * q[r, h, :] . k[r, h, :, s]),
 // over the slots s <= pos[r] inside the first `window` positions. Cache layout: (R, H, D, S),
@@ -224,6 +224,17 @@ bool Shapes(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, ffi::A
          kd[2] == qd[2] && pos_count == qd[0] && std::equal(kd.begin(), kd.end(), vd.begin());
 }
 
+ffi::Error F32Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t window) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  if (!Shapes(qd, kd, v.dimensions(), int64_t(pos.element_count())))
+    return ffi::Error::InvalidArgument("mvjax_f32_attention: q (R, H, D), k and v (R, H, D, S), pos (R,)");
+  return Attend(pool, q.typed_data(), k.typed_data(), nullptr, v.typed_data(), nullptr, pos.typed_data(),
+                y->typed_data(), kd[0], kd[1], kd[2], kd[3], window);
+}
+
 ffi::Error Bf16Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k,
                          ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y,
                          int64_t window) {
@@ -251,6 +262,16 @@ ffi::Error Int8Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxF32Attention, F32Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxBf16Attention, Bf16Attention,
                               ffi::Ffi::Bind()

@@ -50,6 +50,7 @@ SOURCE_FILES = ("int8_matmul.cc", "cache_attention.cc")
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {
     TARGET: "MvjaxInt8Matmul",
+    "mvjax_f32_attention": "MvjaxF32Attention",
     "mvjax_bf16_attention": "MvjaxBf16Attention",
     "mvjax_int8_attention": "MvjaxInt8Attention",
 }

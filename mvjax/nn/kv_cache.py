@@ -10,9 +10,11 @@ each head's key (or value) vector at a position is stored as ``round(x / s)`` wi
 and the rounding error is at most ``s / 2``. Every leaf has rows first and positions last, so
 slicing rows or positions is the same ``tree_map`` whatever the kind.
 
-Reads: a decode step (one query per row) over a bf16 or int8 cache runs the CPU kernel
-(:mod:`mvjax.kernels.cache_attention`), which reads the stored bytes; prefill, float32 caches and
-other backends dequantise in XLA (accelerator compilers fuse that into the product).
+Reads: on CPU a decode step (one float32 query per row) runs the cache kernel
+(:mod:`mvjax.kernels.cache_attention`) whatever the kind: it reads the stored bytes, and only the
+positions each row has reached, in one call for all rows and heads. Prefill, bf16 compute and
+other backends use XLA (dequantising a compact cache first; accelerator compilers fuse that
+into the product).
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dt
     """Causal attention of q (R, H, T, D) over the first ``length`` cache positions (each query sees
     slots <= its position) -> (R, H, T, D) in ``dtype``."""
     compact = isinstance(keys, dict) or keys.dtype == jnp.uint16
-    if compact and q.shape[2] == 1 and cache_kernel_used():
+    if q.shape[2] == 1 and q.dtype == jnp.float32 and cache_kernel_used():
         scales = {}
         if isinstance(keys, dict):
             scales = {"key_scale": keys["scale"], "value_scale": values["scale"]}
