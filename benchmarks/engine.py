@@ -231,7 +231,9 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=8, help="engine slots and static batch size")
     p.add_argument("--steps", type=int, default=16, help="engine tokens per call")
     p.add_argument("--requests", type=int, default=None, help="default 32 (--quick: 16)")
-    p.add_argument("--rate", type=float, default=None, help="arrivals per second (default 0.25; --quick 0.5)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="arrivals per second (default 1; --quick 2: more than the machine serves, so "
+                        "utterances/min measures capacity rather than the arrival rate)")
     p.add_argument("--min-tokens", type=int, default=None, help="default 64 (--quick: 32)")
     p.add_argument("--max-tokens", type=int, default=None, help="default 512 (--quick: 256)")
     p.add_argument("--quantize", choices=["int8", "bf16", "none"], default="int8", help="weights of the full config")
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
         if mode not in MODES:
             p.error(f"unknown mode {mode!r}")
     args.requests = args.requests or (16 if args.quick else 32)
-    args.rate = args.rate if args.rate is not None else (0.5 if args.quick else 0.25)
+    args.rate = args.rate if args.rate is not None else (2.0 if args.quick else 1.0)
     args.min_tokens = args.min_tokens or (32 if args.quick else 64)
     args.max_tokens = args.max_tokens or (256 if args.quick else 512)
     args.quantize = None if args.quantize == "none" else args.quantize

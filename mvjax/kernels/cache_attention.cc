@@ -6,14 +6,11 @@
 // intra-op thread pool.
 #include <immintrin.h>
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -164,45 +161,16 @@ void Mix(const float* w, const T* v, int64_t d_len, int64_t stride, int64_t n, f
   }
 }
 
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> running{0};
-  std::mutex mu;
-  std::condition_variable done;
-};
-
-// Runs item(i, scratch) for i < items over the caller and the pool's threads; scratch holds
-// `scratch_len` floats per thread.
-template <typename Item>
-void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t scratch_len, Item item) {
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1) - 1, items - 1);
-  auto shared = std::make_shared<Shared>();
-  auto work = [=](Shared* sh) {
-    std::vector<float> scratch(size_t(std::max<int64_t>(scratch_len, 1)));
-    for (int64_t i = sh->next.fetch_add(1); i < items; i = sh->next.fetch_add(1)) item(i, scratch.data());
-  };
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([shared, work]() {
-      shared->running.fetch_add(1);
-      work(shared.get());
-      if (shared->running.fetch_sub(1) == 1) {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        shared->done.notify_all();
-      }
-    });
-  }
-  work(shared.get());
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->done.wait(lock, [&] { return shared->running.load() == 0; });
-}
-
 template <typename T>
 ffi::Error Attend(ffi::ThreadPool& pool, const float* q, const T* k, const float* kscale, const T* v,
                   const float* vscale, const int32_t* pos, float* y, int64_t rows, int64_t heads, int64_t d_len,
                   int64_t length, int64_t window) {
   const float scale = 1.0f / std::sqrt(float(d_len));
   const int64_t limit = std::min(window, length);
-  ParallelFor(pool, rows * heads, d_len + limit, [=](int64_t item, float* scratch) {
+  mvjax::ParallelFor(pool, rows * heads, [=](int64_t item) {
+    thread_local std::vector<float> buffer;
+    buffer.resize(size_t(d_len + limit));
+    float* scratch = buffer.data();
     const int64_t r = item / heads;
     const int64_t n = std::min<int64_t>(limit, int64_t(std::max<int32_t>(pos[r], 0)) + 1);
     float* qs = scratch;  // q * scale (* the keys' per-position scales, applied to the scores)

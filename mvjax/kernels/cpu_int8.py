@@ -16,9 +16,10 @@ compiler (``$CXX``, else ``c++``/``g++``/``clang++``); the shared library is cac
 ``$MVJAX_CACHE/kernels`` (default ``~/.cache/mvjax``), keyed by the source, jaxlib version
 and compiler. Where it cannot be built :func:`int8_matmul_available` is False and callers use
 plain XLA (:func:`mvjax.kernels.int8.int8_matmul_xla`). ``MVJAX_CPU_KERNELS=0`` disables it.
-The C++ sources are ``int8_matmul.cc`` and ``cache_attention.cc`` beside this module (package
-data), compiled into one library with ``-Wall -Wextra -Werror``; the second holds the decode
-attention over a compact KV cache (:mod:`mvjax.kernels.cache_attention`), registered with it.
+The C++ sources are ``int8_matmul.cc``, ``cache_attention.cc`` and ``parallel_for.h`` beside this
+module (package data), compiled into one library with ``-Wall -Wextra -Werror``; the second
+holds a decode step's attention over the KV cache (:mod:`mvjax.kernels.cache_attention`),
+registered with the matmul.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ log = logging.getLogger("mvjax")
 TARGET = "mvjax_int8_matmul"
 ACTIVATION_MAX = 16383  # int16 activations: |q| <= 2**14 - 1 keeps every int32 lane exact for 4096-long blocks
 
-# The kernels' C++ sources ship as package data beside this module, built into one library.
-SOURCE_FILES = ("int8_matmul.cc", "cache_attention.cc")
+# The kernels' C++ sources ship as package data beside this module, built into one library
+# (the header holds the thread-pool split both use).
+SOURCE_FILES = ("int8_matmul.cc", "cache_attention.cc", "parallel_for.h")
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {
     TARGET: "MvjaxInt8Matmul",
@@ -104,8 +106,9 @@ def _build(cache: Path, compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp, atomic_path(lib, suffix=".so") as out:
         paths = []
         for name, text in sources.items():
-            paths.append(str(Path(tmp) / name))
-            Path(paths[-1]).write_text(text)
+            (Path(tmp) / name).write_text(text)
+            if name.endswith(".cc"):
+                paths.append(str(Path(tmp) / name))
         # jaxlib's FFI headers are included as system headers: our warnings flags are for our code.
         res = subprocess.run([compiler, *_CXXFLAGS, "-isystem", include, *paths, "-o", str(out)],
                              capture_output=True, text=True, timeout=300)

@@ -1,11 +1,8 @@
 // y[o, c] = wscale[o] * xscale[c] * sum_k w[o, k] * xq[c, k]   (w int8 (O, K), xq int16 (N, K))
 #include <immintrin.h>
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -82,13 +79,6 @@ void Rows(const int8_t* w, const float* wscale, const int16_t* x, const float* x
   }
 }
 
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> running{0};
-  std::mutex mu;
-  std::condition_variable done;
-};
-
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> wscale,
                       ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::F32> xscale, ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
@@ -112,28 +102,9 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> w, ffi::Buffer<
   const int64_t by_threads = std::max<int64_t>(12, out / (threads * 8));
   const int64_t chunk = std::max<int64_t>(12, std::min(by_cache, by_threads) / 12 * 12);
   const int64_t chunks = (out + chunk - 1) / chunk;
-  const int64_t helpers = std::min<int64_t>(threads - 1, chunks - 1);
-  auto shared = std::make_shared<Shared>();
-  auto work = [=](Shared* s) {
-    for (int64_t i = s->next.fetch_add(1); i < chunks; i = s->next.fetch_add(1)) {
-      Rows(wp, wsp, xp, xsp, yp, k_len, n, i * chunk, std::min(out, (i + 1) * chunk));
-    }
-  };
-  // Helpers that start after the caller has taken every chunk find no work; the caller
-  // only waits for helpers still inside a chunk (the shared state outlives the call).
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([shared, work]() {
-      shared->running.fetch_add(1);
-      work(shared.get());
-      if (shared->running.fetch_sub(1) == 1) {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        shared->done.notify_all();
-      }
-    });
-  }
-  work(shared.get());
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->done.wait(lock, [&] { return shared->running.load() == 0; });
+  mvjax::ParallelFor(pool, chunks, [=](int64_t i) {
+    Rows(wp, wsp, xp, xsp, yp, k_len, n, i * chunk, std::min(out, (i + 1) * chunk));
+  });
   return ffi::Error::Success();
 }
 
