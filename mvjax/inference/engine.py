@@ -10,8 +10,9 @@ row) and works in rounds, JetStream style:
   values, first token, key, sampling values, limit and speaker embedding are written into the
   slot, all in one jitted call that updates the engine's state in place (donated buffers);
 * **generate**: every slot advances by up to ``steps`` tokens in one jitted call (a
-  ``lax.while_loop``), reading a static attention window just large enough for the longest
-  slot, so short utterances do not read a block-sized cache;
+  ``lax.while_loop``) on a copy of the cache's first positions, a static window just large
+  enough for the longest slot, so short utterances do not read a block-sized cache (on CPU the
+  attention kernel then reads, for each row, only the positions that row has reached);
 * **retire**: slots whose row produced end of audio or reached its limit hand back their tokens
   and become free for the next round.
 
