@@ -111,18 +111,18 @@ def test_top_p_matches_reference_rule():
 
 def test_one_sort_filter_equals_top_k_then_top_p():
     """The decoder's one-sort top-k + top-p filter gives exactly the two filters in sequence,
-    ties (rounded logits), k past the vocabulary and p = 1 included."""
+    ties (rounded logits), k past the vocabulary and p = 1 included (60 rows per vocabulary size)."""
     rng = np.random.default_rng(3)
-    for trial in range(60):
-        vocab = int(rng.integers(2, 400))
-        logits = rng.normal(size=(3, vocab)).astype(np.float32) * rng.uniform(0.1, 10)
-        if trial % 3 == 0:
-            logits = np.round(logits)
-        k = rng.integers(1, vocab + 3, size=(3, 1))
-        p = np.where(trial % 5 == 0, 1.0, rng.uniform(0, 1, size=(3, 1))).astype(np.float32)
-        want = top_p_filter(top_k_filter(jnp.asarray(logits), jnp.asarray(k)), jnp.asarray(p))
-        got = top_k_top_p_filter(jnp.asarray(logits), jnp.asarray(k), jnp.asarray(p))
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    two_filters = jax.jit(lambda x, k, p: top_p_filter(top_k_filter(x, k), p))
+    one_sort = jax.jit(top_k_top_p_filter)
+    for vocab in (2, 7, 300):
+        logits = rng.normal(size=(60, vocab)).astype(np.float32) * rng.uniform(0.1, 10, size=(60, 1))
+        logits[::3] = np.round(logits[::3])
+        k = rng.integers(1, vocab + 3, size=(60, 1))
+        p = rng.uniform(0, 1, size=(60, 1)).astype(np.float32)
+        p[::5] = 1.0
+        args = (jnp.asarray(logits, jnp.float32), jnp.asarray(k), jnp.asarray(p))
+        np.testing.assert_array_equal(np.asarray(one_sort(*args)), np.asarray(two_filters(*args)))
 
 
 def test_top_k_temperature_and_greedy():
