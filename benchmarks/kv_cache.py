@@ -33,10 +33,16 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.decode import SPEAKER_DIM, make_config, random_params
-from benchmarks.quantize import FIXTURES, _summary, fixture_cases, fixture_model
-from mvjax.inference.decode import FirstStageDecoder, SamplingConfig
+from benchmarks.quantize import (
+    FIXTURES,
+    _summary,
+    fixture_cases,
+    fixture_model,
+    greedy_continuations,
+    right_padded,
+)
+from mvjax.inference.decode import FirstStageDecoder
 from mvjax.inference.fidelity import compare_logits, guided_logits
-from mvjax.inference.keys import utterance_keys
 from mvjax.io.quantize import decoder_params
 
 PAIRS = (("float32", "bf16"), ("float32", "int8"), ("int8", "int8"))  # (weights, cache)
@@ -57,15 +63,9 @@ def fixture(workdir: Path, new_tokens: int) -> list[str]:
     config, params, tok = load_gpt_stage(fixture_model(workdir), "first_stage")
     cases = fixture_cases(FIXTURES)
     dec = FirstStageDecoder(config, params, end_of_audio=tok.offset - 1)
-    seqs = []
-    for c in cases:
-        res = dec.generate([c["prompt"].tolist()], c["spk"][None], utterance_keys(0, 1),
-                           SamplingConfig(guidance=c["guidance"], temperature=0.0, top_p=None),
-                           max_new_tokens=min(new_tokens, config.block_size - len(c["prompt"]) - 1))
-        seqs.append(res.sequences[0])
-    padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
-    for i, seq in enumerate(seqs):
-        padded[i, :len(seq)] = seq
+    budget = min(new_tokens, config.block_size - max(len(c["prompt"]) for c in cases) - 1)
+    seqs = greedy_continuations(dec, cases, budget)
+    padded = right_padded(seqs)
     spk = np.stack([c["spk"] for c in cases])
     guidance = np.array([c["guidance"] for c in cases], np.float32)
 

@@ -314,6 +314,28 @@ def fixture_cases(fixtures: Path = FIXTURES) -> list[dict]:
     return cases
 
 
+def greedy_continuations(decoder, cases: list[dict], budget: int) -> list[np.ndarray]:
+    """Each case's prompt continued greedily for ``budget`` tokens (or to end of audio), one batch
+    per guidance value (rows decode as they would alone)."""
+    seqs = [None] * len(cases)
+    for g in sorted({c["guidance"] for c in cases}):
+        idx = [i for i, c in enumerate(cases) if c["guidance"] == g]
+        res = decoder.generate([cases[i]["prompt"].tolist() for i in idx], np.stack([cases[i]["spk"] for i in idx]),
+                               utterance_keys(0, len(idx)), SamplingConfig(guidance=g, temperature=0.0, top_p=None),
+                               max_new_tokens=budget)
+        for j, i in enumerate(idx):
+            seqs[i] = res.sequences[j]
+    return seqs
+
+
+def right_padded(seqs) -> np.ndarray:
+    """Token sequences as one zero-padded (count, longest) int32 array."""
+    padded = np.zeros((len(seqs), max(len(s) for s in seqs)), np.int32)
+    for i, seq in enumerate(seqs):
+        padded[i, :len(seq)] = seq
+    return padded
+
+
 def fidelity_fixture(model_dir: Path, modes, new_tokens: int) -> dict:
     """Teacher-forced KL / agreement and free-running greedy match on the fixture prompts."""
     from mvjax.io.checkpoint import load_gpt_stage
@@ -322,22 +344,10 @@ def fidelity_fixture(model_dir: Path, modes, new_tokens: int) -> dict:
     decoders = {m: FirstStageDecoder(config, params, end_of_audio=tok.offset - 1, quantize=_mode(m)) for m in modes}
     cases = fixture_cases()
     budget = min(new_tokens, config.block_size - max(len(c["prompt"]) for c in cases) - 1)
-    # Greedy continuations, one batch per guidance value (rows decode as they would alone).
-    runs = {m: [None] * len(cases) for m in modes}
-    for g in sorted({c["guidance"] for c in cases}):
-        idx = [i for i, c in enumerate(cases) if c["guidance"] == g]
-        sampling = SamplingConfig(guidance=g, temperature=0.0, top_p=None)
-        spk = np.stack([cases[i]["spk"] for i in idx])
-        for m, dec in decoders.items():
-            res = dec.generate([cases[i]["prompt"].tolist() for i in idx], spk, utterance_keys(0, len(idx)), sampling,
-                               max_new_tokens=budget)
-            for j, i in enumerate(idx):
-                runs[m][i] = res.sequences[j]
+    runs = {m: greedy_continuations(dec, cases, budget) for m, dec in decoders.items()}
     # Teacher forcing along float32's continuations, all cases in one pass per mode (right-padded).
     seqs = runs["float32"]
-    padded = np.zeros((len(cases), max(len(s) for s in seqs)), np.int32)
-    for i, seq in enumerate(seqs):
-        padded[i, :len(seq)] = seq
+    padded = right_padded(seqs)
     spk = np.stack([c["spk"] for c in cases])
     guidance = np.array([c["guidance"] for c in cases], np.float32)
     logits = {m: np.asarray(guided_logits(config, dec.params, padded, spk, guidance)) for m, dec in decoders.items()}

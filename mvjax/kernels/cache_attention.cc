@@ -192,27 +192,29 @@ bool Shapes(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd, ffi::A
          kd[2] == qd[2] && pos_count == qd[0] && std::equal(kd.begin(), kd.end(), vd.begin());
 }
 
-ffi::Error F32Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y,
-                        int64_t window) {
+// A float32 or bf16 (uint16 bits) cache: the stored values are the values, no scales.
+template <ffi::DataType DT, typename T>
+ffi::Error PlainAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<DT> k, ffi::Buffer<DT> v,
+                          ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y, int64_t window) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (!Shapes(qd, kd, v.dimensions(), int64_t(pos.element_count())))
-    return ffi::Error::InvalidArgument("mvjax_f32_attention: q (R, H, D), k and v (R, H, D, S), pos (R,)");
-  return Attend(pool, q.typed_data(), k.typed_data(), nullptr, v.typed_data(), nullptr, pos.typed_data(),
-                y->typed_data(), kd[0], kd[1], kd[2], kd[3], window);
+    return ffi::Error::InvalidArgument("mvjax cache attention: q (R, H, D), k and v (R, H, D, S), pos (R,)");
+  return Attend(pool, q.typed_data(), reinterpret_cast<const T*>(k.typed_data()), nullptr,
+                reinterpret_cast<const T*>(v.typed_data()), nullptr, pos.typed_data(), y->typed_data(),
+                kd[0], kd[1], kd[2], kd[3], window);
 }
 
-ffi::Error Bf16Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k,
-                         ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> y,
-                         int64_t window) {
-  const auto qd = q.dimensions();
-  const auto kd = k.dimensions();
-  if (!Shapes(qd, kd, v.dimensions(), int64_t(pos.element_count())))
-    return ffi::Error::InvalidArgument("mvjax_bf16_attention: q (R, H, D), k and v (R, H, D, S), pos (R,)");
-  return Attend(pool, q.typed_data(), reinterpret_cast<const uint16_t*>(k.typed_data()), nullptr,
-                reinterpret_cast<const uint16_t*>(v.typed_data()), nullptr, pos.typed_data(), y->typed_data(),
-                kd[0], kd[1], kd[2], kd[3], window);
+template <ffi::DataType DT>
+auto PlainBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<DT>>()
+      .template Arg<ffi::Buffer<DT>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Attr<int64_t>("window");
 }
 
 ffi::Error Int8Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
@@ -231,25 +233,9 @@ ffi::Error Int8Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxF32Attention, F32Attention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxF32Attention, (PlainAttention<ffi::F32, float>), PlainBinding<ffi::F32>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxBf16Attention, Bf16Attention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxBf16Attention, (PlainAttention<ffi::U16, uint16_t>), PlainBinding<ffi::U16>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MvjaxInt8Attention, Int8Attention,
                               ffi::Ffi::Bind()

@@ -124,7 +124,6 @@ def write(entry, update: jnp.ndarray, positions: jnp.ndarray):
 def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dtype) -> jnp.ndarray:
     """Causal attention of q (R, H, T, D) over the first ``length`` cache positions (each query sees
     slots <= its position) -> (R, H, T, D) in ``dtype``."""
-    compact = isinstance(keys, dict) or keys.dtype == jnp.uint16
     if q.shape[2] == 1 and q.dtype == jnp.float32 and cache_kernel_used():
         scales = {}
         if isinstance(keys, dict):
@@ -132,10 +131,7 @@ def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dt
             keys, values = keys["q"], values["q"]
         y = kernel_cache_attention(q[:, :, 0].astype(jnp.float32), keys, values, positions[:, 0], length, **scales)
         return y[:, :, None].astype(dtype)
-    if compact:
-        k, v = dequantize(keys, length).astype(q.dtype), dequantize(values, length).astype(q.dtype)
-    else:
-        k, v = keys[..., :length].astype(q.dtype), values[..., :length].astype(q.dtype)
+    k, v = dequantize(keys, length).astype(q.dtype), dequantize(values, length).astype(q.dtype)
     mask = (jnp.arange(length)[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
     scores = jnp.einsum("rhtd,rhds->rhts", q, k, preferred_element_type=jnp.float32) * scale
