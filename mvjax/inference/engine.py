@@ -54,6 +54,7 @@ from mvjax.inference.decode import (
     prompt_bucket,
     sampling_columns,
 )
+from mvjax.kernels.cache_attention import cache_kernel_used
 from mvjax.nn.gpt_decode import apply_tokens
 from mvjax.nn.kv_cache import (
     init_cache,
@@ -268,6 +269,11 @@ class FirstStageEngine:
                                         state.replace(cache=None))
         return merged.replace(cache=cache)
 
+    def _kernel_attention(self) -> bool:
+        """Whether decode steps attend through the CPU cache kernel (:func:`cache_kernel_used`; the
+        kernel reads float32 queries, :func:`mvjax.nn.kv_cache.attend`)."""
+        return jnp.dtype(self.decoder.dtype) == jnp.float32 and cache_kernel_used()
+
     # --- the host side ---
 
     @property
@@ -340,8 +346,12 @@ class FirstStageEngine:
         self.running[slot] = (request, time.monotonic())
         self._lengths[slot] = n + 1
 
-    def _window(self) -> int:
-        """The smallest window in which every running slot can take ``steps`` more tokens."""
+    def _window(self, rows: Optional[int] = None) -> int:
+        """The smallest window in which every running slot can take ``steps`` more tokens; the
+        whole block for a call over every slot when the attention kernel runs (it reads only the
+        positions each row has reached, so a window would only add a copy of the cache)."""
+        if rows == self.slots and self._kernel_attention():
+            return self.block_size
         longest = max(int(self._lengths[s]) for s in self.running)
         need = longest + self.steps - 1  # the last write position of this call, plus one
         return next((w for w in self.windows if w >= need), self.block_size)
@@ -367,9 +377,13 @@ class FirstStageEngine:
         rows = sorted({min(self.slots, 1 << i) for i in range(self.slots.bit_length() + 1)})
         for window in self.windows:
             for r in rows:
+                if r == self.slots and window < self.block_size and self._kernel_attention():
+                    continue  # such calls run over the whole block (:meth:`_window`)
                 state = self._generate_fn(window, r)(self.decoder.params, state)
             if max_window is not None and window >= max_window:
                 break
+        if self._kernel_attention():
+            state = self._generate_fn(self.block_size, self.slots)(self.decoder.params, state)
         jax.block_until_ready(state.lengths)
         return self.compile_count - before
 
@@ -400,7 +414,7 @@ class FirstStageEngine:
             return []
         self._compact()
         rows = min(self.slots, next_pow2(max(self.running) + 1))
-        self._state = self._generate_fn(self._window(), rows)(self.decoder.params, self._state)
+        self._state = self._generate_fn(self._window(rows), rows)(self.decoder.params, self._state)
         done, lengths, finished = jax.device_get((self._state.done, self._state.lengths, self._state.finished))
         now = time.monotonic()
         results = []
