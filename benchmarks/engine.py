@@ -20,7 +20,12 @@ Each mode first compiles every shape its timed run can meet (no mode is charged 
 latency is retirement time minus arrival time; throughput is utterances over the time from the
 first arrival to the last retirement. Each mode prints one machine-readable line:
 
-    engine config=<c> mode=<one|static|engine> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> tokens_per_s=<t> kv_cache=<k>
+    engine config=<c> mode=<one|static|engine> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> tokens_per_s=<t> kv_cache=<k> row_use=<u>
+
+``row_use``: tokens generated per row-step computed (a static batch computes every padded row
+until its longest is done; the engine's calls compute their slots until the call ends). When
+steps cost the same in both modes, utterances/min of the engine over static cannot exceed
+roughly engine row_use / static row_use: the headroom a workload's length mix leaves.
 
 Then one long utterance (``--long-tokens``, default 1,500 new tokens: ~10 s of speech) is
 decoded alone (batch 1, guidance on) with each KV cache kind (``--kv-caches``), compiled first;
@@ -84,11 +89,11 @@ def serve_one(decoder, jobs, concurrency, steps, t0):
         result = decoder.generate([job["prompt"]], job["speaker"][None], job["key"][None], job["sampling"],
                                   max_new_tokens=job["tokens"])
         done[i] = (time.perf_counter(), len(result.generated(0)))
-    return done
+    return done, 1.0
 
 
 def serve_static(decoder, jobs, concurrency, steps, t0):
-    done, next_job = {}, 0
+    done, next_job, row_steps, stepped = {}, 0, 0, 0
     while next_job < len(jobs):
         _wait_until(t0 + jobs[next_job]["at"])
         now = time.perf_counter() - t0
@@ -101,9 +106,13 @@ def serve_static(decoder, jobs, concurrency, steps, t0):
                                   np.stack([j["key"] for j in chosen]), [j["sampling"] for j in chosen],
                                   max_new_tokens=[j["tokens"] for j in chosen], pad_to=next_pow2(len(chosen)))
         end = time.perf_counter()
+        made = [len(result.generated(row)) for row in range(len(batch))]
+        # The first token comes from the prefill; every padded row then steps until the longest is done.
+        row_steps += next_pow2(len(batch)) * (max(made) - 1)
+        stepped += sum(m - 1 for m in made)
         for row, i in enumerate(batch):
-            done[i] = (end, len(result.generated(row)))
-    return done
+            done[i] = (end, made[row])
+    return done, stepped / max(row_steps, 1)
 
 
 def serve_engine(decoder, jobs, concurrency, steps, t0, engine=None):
@@ -120,7 +129,7 @@ def serve_engine(decoder, jobs, concurrency, steps, t0, engine=None):
             next_job += 1
         for result in engine.step():
             done[result.tag] = (time.perf_counter(), len(result.generated))
-    return done
+    return done, engine.row_use
 
 
 MODES = {"one": serve_one, "static": serve_static, "engine": serve_engine}
@@ -164,7 +173,7 @@ def summarise(config: str, mode: str, concurrency: int, jobs: list[dict], done: 
 def line(s: dict) -> str:
     return (f"engine config={s['config']} mode={s['mode']} concurrency={s['concurrency']} "
             f"utt_per_min={s['utt_per_min']:.2f} p50_s={s['p50_s']:.2f} p95_s={s['p95_s']:.2f} "
-            f"tokens_per_s={s['tokens_per_s']:.1f} kv_cache={s['kv_cache']}")
+            f"tokens_per_s={s['tokens_per_s']:.1f} kv_cache={s['kv_cache']} row_use={s['row_use']:.3f}")
 
 
 def run_config(config_name: str, args) -> list[dict]:
@@ -188,9 +197,9 @@ def run_config(config_name: str, args) -> list[dict]:
         log(f"[{config_name}] {mode}: compiled {compiled} functions ahead in {time.perf_counter() - t:.1f} s")
         log(f"[{config_name}] {mode}: {len(jobs)} requests, Poisson {args.rate}/s, kv_cache={decoder.kv_cache}")
         t0 = time.perf_counter()
-        done = serve(decoder, jobs, args.concurrency, args.steps, t0, **kw)
+        done, row_use = serve(decoder, jobs, args.concurrency, args.steps, t0, **kw)
         s = summarise(config_name, mode, args.concurrency, jobs, done, t0)
-        s["kv_cache"] = decoder.kv_cache
+        s["kv_cache"], s["row_use"] = decoder.kv_cache, row_use
         print(line(s), flush=True)
         out.append(s)
     by_mode = {s["mode"]: s for s in out}

@@ -42,7 +42,7 @@ def test_decode_benchmark_smoke():
 
 
 ENGINE_LINE = re.compile(r"^engine config=tiny mode=(one|static|engine) concurrency=2 utt_per_min=([0-9.]+) "
-                         r"p50_s=([0-9.]+) p95_s=([0-9.]+) tokens_per_s=([0-9.]+) kv_cache=int8$")
+                         r"p50_s=([0-9.]+) p95_s=([0-9.]+) tokens_per_s=([0-9.]+) kv_cache=int8 row_use=([0-9.]+)$")
 KV_LINE = re.compile(r"^decode config=tiny kv_cache=(float32|bf16|int8) tokens=(\d+) tokens_per_s=([0-9.]+)$")
 
 
@@ -59,6 +59,7 @@ def test_engine_benchmark_smoke():
     modes = [m for m in (ENGINE_LINE.match(line) for line in res.stdout.splitlines()) if m]
     assert [m.group(1) for m in modes] == ["one", "static", "engine"]
     assert all(float(m.group(2)) > 0 and float(m.group(4)) >= float(m.group(3)) > 0 for m in modes)
+    assert float(modes[0].group(6)) == 1.0 and all(0 < float(m.group(6)) <= 1 for m in modes)
     kinds = [m for m in (KV_LINE.match(line) for line in res.stdout.splitlines()) if m]
     assert [(m.group(1), m.group(2)) for m in kinds] == [("float32", "40"), ("bf16", "40"), ("int8", "40")]
 

@@ -121,6 +121,28 @@ def test_compiles_once_per_prompt_bucket_and_window(model):
     assert engine.compile_count == first
 
 
+def test_full_calls_read_the_whole_cache_and_row_use_counts_idle_slots(model):
+    """With the attention kernel, a call over every slot runs on the whole block (no window copy),
+    whatever the lengths; calls over fewer rows keep their windows. ``row_use`` is tokens per
+    slot-step computed: below 1 exactly when some slot of a call sat idle."""
+    dec, tok = model
+    engine = FirstStageEngine(dec, slots=2, steps=4)
+    requests = _requests(tok)[:2]
+    requests[0].max_new_tokens, requests[1].max_new_tokens = 9, 9  # 8 decode steps each, two calls
+    engine.run(requests)
+    assert engine.steps_run == 8 and engine.tokens_generated == 16 and engine.row_use == 1.0
+    full = [window for window, rows in engine._generate_fns if rows == 2]
+    if engine._kernel_attention():
+        assert full == [dec.config.block_size]
+    else:
+        assert full and max(full) < dec.config.block_size
+    engine = FirstStageEngine(dec, slots=2, steps=4)
+    requests = _requests(tok)[:2]
+    requests[0].max_new_tokens, requests[1].max_new_tokens = 3, 9  # slot 0 idles for 2 of the first 4 steps
+    engine.run(requests)
+    assert engine.tokens_generated == 10 and engine.row_steps == 2 * 4 + 1 * 4 and engine.row_use == 10 / 12
+
+
 def test_block_end_is_reported(converted):
     config, params, tok = load_gpt_stage(converted, "first_stage")
     dec = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 5)  # never produced

@@ -158,6 +158,11 @@ class FirstStageEngine:
         self.last_step_tokens = 0  # tokens the last :meth:`step` generated, over all slots
         self.last_admitted = 0  # requests the last :meth:`step` admitted
         self.moves = 0  # requests moved down to a lower slot (compaction)
+        # Totals over the engine's life: decode steps run, tokens they produced, and slot-steps
+        # computed (each call's slots, busy or not, times its steps): see :attr:`row_use`.
+        self.steps_run = 0
+        self.tokens_generated = 0
+        self.row_steps = 0
 
     # --- the jitted pieces ---
 
@@ -275,6 +280,12 @@ class FirstStageEngine:
         return jnp.dtype(self.decoder.dtype) == jnp.float32 and cache_kernel_used()
 
     # --- the host side ---
+
+    @property
+    def row_use(self) -> float:
+        """Tokens generated per slot-step computed (1.0: no slot in a call ever sat idle); the
+        prefill's first token of each request is not counted."""
+        return self.tokens_generated / self.row_steps if self.row_steps else 0.0
 
     @property
     def idle(self) -> bool:
@@ -419,7 +430,11 @@ class FirstStageEngine:
         now = time.monotonic()
         results = []
         tokens = None
-        self.last_step_tokens += int(sum(lengths[slot] - self._lengths[slot] for slot in self.running))
+        grown = [int(lengths[slot] - self._lengths[slot]) for slot in self.running]
+        self.last_step_tokens += sum(grown)
+        self.steps_run += max(grown)
+        self.tokens_generated += sum(grown)
+        self.row_steps += rows * max(grown)
         for slot in sorted(self.running):
             self._lengths[slot] = lengths[slot]
             if not done[slot]:
