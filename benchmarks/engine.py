@@ -51,7 +51,7 @@ from mvjax.inference.decode import (
     next_pow2,
     prompt_bucket,
 )
-from mvjax.inference.engine import EngineRequest, FirstStageEngine
+from mvjax.inference.engine import DEFAULT_STEPS, EngineRequest, FirstStageEngine
 from mvjax.inference.keys import utterance_keys
 from mvjax.nn.kv_cache import KV_CACHE_KINDS
 
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None, help="comma-separated: medium, full (default: medium,full; --quick: medium)")
     p.add_argument("--modes", default="one,static,engine")
     p.add_argument("--concurrency", type=int, default=8, help="engine slots and static batch size")
-    p.add_argument("--steps", type=int, default=16, help="engine tokens per call")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"engine tokens per call (default {DEFAULT_STEPS})")
     p.add_argument("--requests", type=int, default=None, help="default 32 (--quick: 16)")
     p.add_argument("--rate", type=float, default=None,
                    help="arrivals per second (default 1; --quick 2: more than the machine serves, so "

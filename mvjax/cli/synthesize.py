@@ -26,6 +26,7 @@ from pathlib import Path
 from mvjax.audio.io import OUTPUT_FORMATS
 from mvjax.cli.common import exit_now, guarded
 from mvjax.core.errors import MvjaxError
+from mvjax.inference.engine import DEFAULT_STEPS
 
 DEMO_TEXT = "This is the mvjax demo. Its model has random weights, so what you hear is noise, not speech."
 DEMO_MAX_NEW_TOKENS = 150  # the random demo model never ends the audio by itself: about 1 s per chunk
@@ -112,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="first stage: engine = continuous batching, a chunk takes a slot as one frees up (one "
                           "device); static = batches decoded to their longest chunk (default: engine; a mesh of "
                           "several devices always uses static batches)")
-    dec.add_argument("--engine-steps", type=int, default=16, help="first-stage tokens per engine call (default 16)")
+    dec.add_argument("--engine-steps", type=int, default=DEFAULT_STEPS,
+                     help=f"first-stage tokens per engine call (default {DEFAULT_STEPS})")
     par = p.add_argument_group("multi-process")
     par.add_argument("--coordinator", help="HOST:PORT of process 0 (jax.distributed)")
     par.add_argument("--num-processes", type=int)

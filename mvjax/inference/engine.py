@@ -65,7 +65,7 @@ from mvjax.nn.kv_cache import (
 )
 
 DEFAULT_SLOTS = 8
-DEFAULT_STEPS = 16
+DEFAULT_STEPS = 8
 IDLE_SAMPLING = SamplingConfig(guidance=1.0, temperature=1.0, top_p=None)  # what a free slot holds
 
 

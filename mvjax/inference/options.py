@@ -13,6 +13,7 @@ from mvjax.inference.decode import (
     DEFAULT_TOP_P,
     SamplingConfig,
 )
+from mvjax.inference.engine import DEFAULT_STEPS
 from mvjax.inference.second_stage import (
     DEFAULT_STAGE2_TEMPERATURE,
     DEFAULT_STAGE2_TOP_K,
@@ -49,7 +50,7 @@ class SynthesisOptions:
     # First-stage scheduling: "engine" (continuous batching, batch_size slots, engine_steps tokens
     # per call; one device) or "static" (batches of batch_size decoded to their longest row; any mesh).
     batching: str = "engine"
-    engine_steps: int = 16
+    engine_steps: int = DEFAULT_STEPS
     progress: bool = False
 
     def __post_init__(self):

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 from mvjax.audio.stream import supported_formats
+from mvjax.inference.engine import DEFAULT_STEPS
 from mvjax.serve.voices import VoiceLimits
 
 OPENAI_SAMPLE_RATE = 24000  # what OpenAI's API (and clients playing its raw pcm) assume
@@ -25,7 +26,7 @@ class ServerSettings:
     # "engine": continuous batching (max_batch slots; a request joins between decode calls of
     # engine_steps tokens); "static": batches decoded to their longest chunk.
     batching: str = "engine"
-    engine_steps: int = 16
+    engine_steps: int = DEFAULT_STEPS
     timeout_s: float = 300.0  # a speech request's deadline
     # First-stage tokens per text chunk: a cap on the work one chunk may take (None: the block's
     # room); texts are still split into chunks at the speaking rate.

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mvjax.inference.engine import DEFAULT_STEPS
 from mvjax.inference.options import SynthesisOptions
 from mvjax.serve.jobs import (
     Cancelled,
@@ -70,7 +71,7 @@ class SpeechWorker:
 
     def __init__(self, tts, max_batch: int = 8, max_jobs: int = 64, on_batch: Optional[Callable] = None,
                  on_drop: Optional[Callable] = None, max_new_tokens: Optional[int] = None,
-                 batch_wait: float = 0.0, batching: str = "engine", engine_steps: int = 16):
+                 batch_wait: float = 0.0, batching: str = "engine", engine_steps: int = DEFAULT_STEPS):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if batching not in ("engine", "static"):
