@@ -10,9 +10,10 @@ row) and works in rounds, JetStream style:
   values, first token, key, sampling values, limit and speaker embedding are written into the
   slot, all in one jitted call that updates the engine's state in place (donated buffers);
 * **generate**: every slot advances by up to ``steps`` tokens in one jitted call (a
-  ``lax.while_loop``) on a copy of the cache's first positions, a static window just large
-  enough for the longest slot, so short utterances do not read a block-sized cache (on CPU the
-  attention kernel then reads, for each row, only the positions that row has reached);
+  ``lax.while_loop``). On CPU the attention kernel reads, for each row, only the positions that
+  row has reached, so a call over every slot works on the whole cache in place; a call over
+  fewer slots, or without the kernel, works on a copy of its rows' first positions, a static
+  window just large enough for the longest slot (XLA's attention reads the whole window);
 * **retire**: slots whose row produced end of audio or reached its limit hand back their tokens
   and become free for the next round.
 
