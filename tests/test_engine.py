@@ -132,7 +132,7 @@ def test_full_calls_read_the_whole_cache_and_row_use_counts_idle_slots(model):
     engine.run(requests)
     assert engine.steps_run == 8 and engine.tokens_generated == 16 and engine.row_use == 1.0
     full = [window for window, rows in engine._generate_fns if rows == 2]
-    if engine._kernel_attention():
+    if engine._whole_cache(2):
         assert full == [dec.config.block_size]
     else:
         assert full and max(full) < dec.config.block_size

@@ -55,12 +55,12 @@ from mvjax.inference.decode import (
     prompt_bucket,
     sampling_columns,
 )
-from mvjax.kernels.cache_attention import cache_kernel_used
 from mvjax.nn.gpt_decode import apply_tokens
 from mvjax.nn.kv_cache import (
     init_cache,
     put_rows,
     put_window_part,
+    step_kernel_used,
     take_rows,
     window_part,
 )
@@ -275,10 +275,11 @@ class FirstStageEngine:
                                         state.replace(cache=None))
         return merged.replace(cache=cache)
 
-    def _kernel_attention(self) -> bool:
-        """Whether decode steps attend through the CPU cache kernel (:func:`cache_kernel_used`; the
-        kernel reads float32 queries, :func:`mvjax.nn.kv_cache.attend`)."""
-        return jnp.dtype(self.decoder.dtype) == jnp.float32 and cache_kernel_used()
+    def _whole_cache(self, rows: int) -> bool:
+        """Whether a call over ``rows`` slots runs on the whole cache rather than a window copy: a
+        call over every slot when steps attend through the CPU kernel (:func:`step_kernel_used`),
+        which reads only the positions each row has reached, so a window would only add a copy."""
+        return rows == self.slots and step_kernel_used(self.decoder.dtype)
 
     # --- the host side ---
 
@@ -358,11 +359,10 @@ class FirstStageEngine:
         self.running[slot] = (request, time.monotonic())
         self._lengths[slot] = n + 1
 
-    def _window(self, rows: Optional[int] = None) -> int:
-        """The smallest window in which every running slot can take ``steps`` more tokens; the
-        whole block for a call over every slot when the attention kernel runs (it reads only the
-        positions each row has reached, so a window would only add a copy of the cache)."""
-        if rows == self.slots and self._kernel_attention():
+    def _window(self, rows: int) -> int:
+        """The smallest window in which every running slot can take ``steps`` more tokens, or the
+        whole block (:meth:`_whole_cache`)."""
+        if self._whole_cache(rows):
             return self.block_size
         longest = max(int(self._lengths[s]) for s in self.running)
         need = longest + self.steps - 1  # the last write position of this call, plus one
@@ -387,15 +387,14 @@ class FirstStageEngine:
                                          np.int32(0))
         state = self._move_fn(state, np.int32(min(1, self.slots - 1)), np.int32(0))
         rows = sorted({min(self.slots, 1 << i) for i in range(self.slots.bit_length() + 1)})
+        shapes = {}  # (window, rows) of every call, in order: calls over the whole cache share one
         for window in self.windows:
             for r in rows:
-                if r == self.slots and window < self.block_size and self._kernel_attention():
-                    continue  # such calls run over the whole block (:meth:`_window`)
-                state = self._generate_fn(window, r)(self.decoder.params, state)
+                shapes[self.block_size if self._whole_cache(r) else window, r] = None
             if max_window is not None and window >= max_window:
                 break
-        if self._kernel_attention():
-            state = self._generate_fn(self.block_size, self.slots)(self.decoder.params, state)
+        for window, r in shapes:
+            state = self._generate_fn(window, r)(self.decoder.params, state)
         jax.block_until_ready(state.lengths)
         return self.compile_count - before
 

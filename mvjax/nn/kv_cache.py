@@ -121,10 +121,17 @@ def write(entry, update: jnp.ndarray, positions: jnp.ndarray):
     return jax.lax.dynamic_update_slice(entry, update, (0,) * (entry.ndim - 1) + (positions[0, 0],))
 
 
+def step_kernel_used(dtype) -> bool:
+    """Whether one-token decode steps with ``dtype`` activations attend through the CPU cache kernel
+    (:func:`attend`), which reads, for each row, only the positions that row has reached, so the
+    length of the cache passed in costs nothing. Decided at trace time."""
+    return jnp.dtype(dtype) == jnp.float32 and cache_kernel_used()
+
+
 def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dtype) -> jnp.ndarray:
     """Causal attention of q (R, H, T, D) over the first ``length`` cache positions (each query sees
     slots <= its position) -> (R, H, T, D) in ``dtype``."""
-    if q.shape[2] == 1 and q.dtype == jnp.float32 and cache_kernel_used():
+    if q.shape[2] == 1 and step_kernel_used(q.dtype):
         scales = {}
         if isinstance(keys, dict):
             scales = {"key_scale": keys["scale"], "value_scale": values["scale"]}
