@@ -143,6 +143,35 @@ def test_full_calls_read_the_whole_cache_and_row_use_counts_idle_slots(model):
     assert engine.tokens_generated == 10 and engine.row_steps == 2 * 4 + 1 * 4 and engine.row_use == 10 / 12
 
 
+def test_a_waiting_request_ends_the_call_when_a_slot_frees(model):
+    """Two slots busy and a third request waiting: the call ends at the step in which the short
+    request finishes (2 of its 8 steps), the waiting request takes that slot at the next call, and
+    no slot-step is spent idle until the queue is empty. Without a waiting request the same short
+    request idles its slot to the call's end. Tokens equal decoding alone either way."""
+    dec, tok = model
+    requests = _requests(tok, seed=17)[:3]
+    for request, new in zip(requests, [3, 30, 20]):
+        request.max_new_tokens = new
+    engine = FirstStageEngine(dec, slots=2, steps=8)
+    for request in requests:
+        engine.submit(request)
+    first = engine.step()  # admits requests 0 and 1; request 2 waits
+    assert [r.tag for r in first] == [requests[0].tag] and len(engine.waiting) == 1
+    assert engine.steps_run == 2 and engine.row_steps == 4 and engine.row_use == 1.0
+    results = {r.tag: r for r in first}
+    while not engine.idle:
+        for result in engine.step():
+            results[result.tag] = result
+    for request in requests:
+        np.testing.assert_array_equal(results[request.tag].sequence, _alone(dec, request)[0])
+
+    engine = FirstStageEngine(dec, slots=2, steps=8)
+    out = engine.run(requests[:2])  # nobody waits: slot 0 idles after its 2 steps
+    assert engine.row_steps > engine.tokens_generated
+    for request, result in zip(requests[:2], out):
+        np.testing.assert_array_equal(result.sequence, _alone(dec, request)[0])
+
+
 def test_block_end_is_reported(converted):
     config, params, tok = load_gpt_stage(converted, "first_stage")
     dec = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 5)  # never produced

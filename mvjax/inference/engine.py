@@ -10,10 +10,11 @@ row) and works in rounds, JetStream style:
   values, first token, key, sampling values, limit and speaker embedding are written into the
   slot, all in one jitted call that updates the engine's state in place (donated buffers);
 * **generate**: every slot advances by up to ``steps`` tokens in one jitted call (a
-  ``lax.while_loop``). On CPU the attention kernel reads, for each row, only the positions that
-  row has reached, so a call over every slot works on the whole cache in place; a call over
-  fewer slots, or without the kernel, works on a copy of its rows' first positions, a static
-  window just large enough for the longest slot (XLA's attention reads the whole window);
+  ``lax.while_loop``; while requests wait for a slot, the call ends as soon as one finishes).
+  On CPU the attention kernel reads, for each row, only the positions that row has reached,
+  so a call over every slot works on the whole cache in place; a call over fewer slots, or
+  without the kernel, works on a copy of its rows' first positions, a static window just large
+  enough for the longest slot (XLA's attention reads the whole window);
 * **retire**: slots whose row produced end of audio or reached its limit hand back their tokens
   and become free for the next round.
 
@@ -233,12 +234,15 @@ class FirstStageEngine:
                                                        donate_argnums=(1,))
         return self._generate_fns[window, rows]
 
-    def _generate(self, params, state: SlotState, *, window: int, rows: int) -> SlotState:
+    def _generate(self, params, state: SlotState, hand_back, *, window: int, rows: int) -> SlotState:
         """Up to ``steps`` tokens for slots ``0 .. rows - 1`` (every running slot lies there),
-        attending to ``window`` cache positions. Unless that is the whole cache, the call works on a
-        copy of those rows' first ``window`` positions, made once and written back at the end: a
-        lightly loaded engine steps as fast as a small batch, and no step reads a strided slice of a
-        block-long cache (which XLA copies on every step)."""
+        attending to ``window`` cache positions. With ``hand_back`` (a request is waiting for a
+        slot) the call also ends after the step in which a running slot finishes, so the slot is
+        handed to the waiting request at once instead of idling until the call's last step. Unless
+        that is the whole cache, the call works on a copy of those rows' first ``window``
+        positions, made once and written back at the end: a lightly loaded engine steps as fast as
+        a small batch, and no step reads a strided slice of a block-long cache (which XLA copies on
+        every step)."""
         self.compile_count += 1  # runs only while tracing
         cfg, dtype = self.config, self.decoder.dtype
         whole = state
@@ -252,6 +256,7 @@ class FirstStageEngine:
             speaker_rows = jnp.stack([state.speaker, jnp.zeros_like(state.speaker)], axis=1).reshape(2 * rows, -1)
         advance = self._advance(state.prompt_lengths, state.limits, state.keys, state.sampling)
         index = jnp.arange(rows)
+        idle_at_start = state.done
 
         def body(carry):
             i, st = carry
@@ -265,7 +270,8 @@ class FirstStageEngine:
         def more(carry):
             i, st = carry
             next_write = jnp.where(st.done, 0, st.lengths - 1)
-            return (i < self.steps) & jnp.any(~st.done) & jnp.all(next_write < window)
+            retired = jnp.any(st.done & ~idle_at_start)
+            return (i < self.steps) & jnp.any(~st.done) & jnp.all(next_write < window) & ~(hand_back & retired)
 
         _, state = jax.lax.while_loop(more, body, (jnp.int32(0), state))
         if not sliced:
@@ -394,7 +400,7 @@ class FirstStageEngine:
             if max_window is not None and window >= max_window:
                 break
         for window, r in shapes:
-            state = self._generate_fn(window, r)(self.decoder.params, state)
+            state = self._generate_fn(window, r)(self.decoder.params, state, np.bool_(False))
         jax.block_until_ready(state.lengths)
         return self.compile_count - before
 
@@ -425,7 +431,9 @@ class FirstStageEngine:
             return []
         self._compact()
         rows = min(self.slots, next_pow2(max(self.running) + 1))
-        self._state = self._generate_fn(self._window(rows), rows)(self.decoder.params, self._state)
+        # Requests still waiting: every slot is taken, so end the call as soon as one frees up.
+        hand_back = np.bool_(bool(self.waiting))
+        self._state = self._generate_fn(self._window(rows), rows)(self.decoder.params, self._state, hand_back)
         done, lengths, finished = jax.device_get((self._state.done, self._state.lengths, self._state.finished))
         now = time.monotonic()
         results = []
