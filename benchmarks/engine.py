@@ -22,6 +22,11 @@ first arrival to the last retirement. Each mode prints one machine-readable line
 
     engine config=<c> mode=<one|static|engine> concurrency=<n> utt_per_min=<x> p50_s=<y> p95_s=<z> tokens_per_s=<t> kv_cache=<k> row_use=<u>
 
+With ``--repeats N`` each mode's timed run is repeated N times, the modes interleaved run by
+run (compiled once); each line then ends ``run=<i>``, and one ``run=median`` line per mode gives
+the median of each number over the runs. On a machine whose speed drifts from minute to minute,
+compare the medians (and the per-run ratios the log prints), not two single runs.
+
 ``row_use``: tokens generated per row-step computed (a static batch computes every padded row
 until its longest is done; the engine's calls compute their slots until the call ends). When
 steps cost the same in both modes, utterances/min of the engine over static cannot exceed
@@ -117,6 +122,7 @@ def serve_static(decoder, jobs, concurrency, steps, t0):
 
 def serve_engine(decoder, jobs, concurrency, steps, t0, engine=None):
     engine = engine or FirstStageEngine(decoder, slots=concurrency, steps=steps)
+    tokens_before, row_steps_before = engine.tokens_generated, engine.row_steps  # the engine may be reused
     done, next_job = {}, 0
     while next_job < len(jobs) or not engine.idle:
         if engine.idle:
@@ -129,7 +135,7 @@ def serve_engine(decoder, jobs, concurrency, steps, t0, engine=None):
             next_job += 1
         for result in engine.step():
             done[result.tag] = (time.perf_counter(), len(result.generated))
-    return done, engine.row_use
+    return done, (engine.tokens_generated - tokens_before) / max(engine.row_steps - row_steps_before, 1)
 
 
 MODES = {"one": serve_one, "static": serve_static, "engine": serve_engine}
@@ -171,9 +177,21 @@ def summarise(config: str, mode: str, concurrency: int, jobs: list[dict], done: 
 
 
 def line(s: dict) -> str:
-    return (f"engine config={s['config']} mode={s['mode']} concurrency={s['concurrency']} "
+    text = (f"engine config={s['config']} mode={s['mode']} concurrency={s['concurrency']} "
             f"utt_per_min={s['utt_per_min']:.2f} p50_s={s['p50_s']:.2f} p95_s={s['p95_s']:.2f} "
             f"tokens_per_s={s['tokens_per_s']:.1f} kv_cache={s['kv_cache']} row_use={s['row_use']:.3f}")
+    return text if "run" not in s else f"{text} run={s['run']}"
+
+
+METRICS = ("utt_per_min", "p50_s", "p95_s", "tokens_per_s", "row_use")
+
+
+def median_of(runs: list[dict]) -> dict:
+    """One summary of a mode's repeated runs: the median of each metric (``run=median``)."""
+    out = dict(runs[0], run="median")
+    for name in METRICS:
+        out[name] = float(np.median([r[name] for r in runs]))
+    return out
 
 
 def run_config(config_name: str, args) -> list[dict]:
@@ -186,27 +204,37 @@ def run_config(config_name: str, args) -> list[dict]:
                                 kv_cache=args.kv_cache)
     del params
     jobs = workload(args.requests, args.rate, args.min_tokens, args.max_tokens, config.vocab_sizes[0], args.seed)
-    out = []
+    engines = {"engine": FirstStageEngine(decoder, slots=args.concurrency, steps=args.steps)} \
+        if "engine" in args.modes else {}
     for mode in args.modes:
-        serve = MODES[mode]
-        kw = {}
-        if mode == "engine":
-            kw["engine"] = FirstStageEngine(decoder, slots=args.concurrency, steps=args.steps)
         t = time.perf_counter()
-        compiled = warm_up(mode, decoder, kw.get("engine"), jobs, args)
+        compiled = warm_up(mode, decoder, engines.get(mode), jobs, args)
         log(f"[{config_name}] {mode}: compiled {compiled} functions ahead in {time.perf_counter() - t:.1f} s")
-        log(f"[{config_name}] {mode}: {len(jobs)} requests, Poisson {args.rate}/s, kv_cache={decoder.kv_cache}")
-        t0 = time.perf_counter()
-        done, row_use = serve(decoder, jobs, args.concurrency, args.steps, t0, **kw)
-        s = summarise(config_name, mode, args.concurrency, jobs, done, t0)
-        s["kv_cache"], s["row_use"] = decoder.kv_cache, row_use
-        print(line(s), flush=True)
-        out.append(s)
-    by_mode = {s["mode"]: s for s in out}
-    if "static" in by_mode and "engine" in by_mode:
-        e, st = by_mode["engine"], by_mode["static"]
-        log(f"[{config_name}] engine vs static: {e['utt_per_min'] / st['utt_per_min']:.2f}x utt/min, "
-            f"p95 {e['p95_s']:.1f} s vs {st['p95_s']:.1f} s")
+    runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    for repeat in range(args.repeats):
+        # Modes interleaved run by run, so a slow spell of the machine falls on each of them alike.
+        for mode in args.modes:
+            log(f"[{config_name}] {mode}: {len(jobs)} requests, Poisson {args.rate}/s, kv_cache={decoder.kv_cache}"
+                + (f", run {repeat + 1} of {args.repeats}" if args.repeats > 1 else ""))
+            kw = {"engine": engines[mode]} if mode in engines else {}
+            t0 = time.perf_counter()
+            done, row_use = MODES[mode](decoder, jobs, args.concurrency, args.steps, t0, **kw)
+            s = summarise(config_name, mode, args.concurrency, jobs, done, t0)
+            s["kv_cache"], s["row_use"] = decoder.kv_cache, row_use
+            if args.repeats > 1:
+                s["run"] = repeat + 1
+            print(line(s), flush=True)
+            runs[mode].append(s)
+    out = [median_of(r) if args.repeats > 1 else r[0] for r in runs.values()]
+    if args.repeats > 1:
+        for s in out:
+            print(line(s), flush=True)
+    if "static" in runs and "engine" in runs:
+        ratios = [e["utt_per_min"] / st["utt_per_min"] for e, st in zip(runs["engine"], runs["static"])]
+        e, st = out[args.modes.index("engine")], out[args.modes.index("static")]
+        log(f"[{config_name}] engine vs static: {np.median(ratios):.2f}x utt/min"
+            + (f" (median of runs: {', '.join(f'{r:.2f}' for r in ratios)})" if args.repeats > 1 else "")
+            + f", p95 {e['p95_s']:.1f} s vs {st['p95_s']:.1f} s")
     for kind in args.kv_caches:
         out.append(long_utterance(config_name, decoder.with_kv_cache(kind), args))
     return out
@@ -251,6 +279,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-caches", default="float32,bf16,int8",
                    help="KV cache kinds for the long utterance ('' skips it)")
     p.add_argument("--long-tokens", type=int, default=1500, help="new tokens of the long utterance")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs of each mode, interleaved (one compilation); with more than one, each "
+                        "run's line ends run=<i> and a run=median line per mode follows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="medium model, fewer and shorter requests")
     args = p.parse_args(argv)
@@ -271,9 +302,9 @@ def main(argv=None) -> int:
     args.min_tokens = args.min_tokens or (32 if args.quick else 64)
     args.max_tokens = args.max_tokens or (256 if args.quick else 512)
     args.quantize = None if args.quantize == "none" else args.quantize
-    if args.concurrency < 1 or args.steps < 1 or args.requests < 1 or args.min_tokens < 1 \
+    if args.concurrency < 1 or args.steps < 1 or args.requests < 1 or args.repeats < 1 or args.min_tokens < 1 \
             or args.max_tokens < args.min_tokens:
-        p.error("concurrency, steps, requests and token counts must be positive (min <= max)")
+        p.error("concurrency, steps, requests, repeats and token counts must be positive (min <= max)")
     for name in args.configs:
         run_config(name, args)
     return 0

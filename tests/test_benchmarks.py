@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,56 @@ def test_engine_benchmark_smoke():
     assert float(modes[0].group(6)) == 1.0 and all(0 < float(m.group(6)) <= 1 for m in modes)
     kinds = [m for m in (KV_LINE.match(line) for line in res.stdout.splitlines()) if m]
     assert [(m.group(1), m.group(2)) for m in kinds] == [("float32", "40"), ("bf16", "40"), ("int8", "40")]
+
+
+REPEAT_LINE = re.compile(r"^engine config=tiny mode=(static|engine) concurrency=2 utt_per_min=([0-9.]+) "
+                         r"p50_s=([0-9.]+) p95_s=([0-9.]+) tokens_per_s=([0-9.]+) kv_cache=float32 "
+                         r"row_use=([0-9.]+) run=(\d+|median)$")
+
+
+def test_engine_benchmark_repeats_interleave_modes_and_report_medians():
+    """--repeats 3: static and engine alternate run by run, each run has its own line, and the
+    median lines hold each metric's median over the runs."""
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine", "--configs", "tiny", "--concurrency", "2", "--steps", "4",
+         "--requests", "3", "--rate", "20", "--min-tokens", "4", "--max-tokens", "8", "--kv-caches", "",
+         "--modes", "static,engine", "--repeats", "3"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [m for m in (REPEAT_LINE.match(line) for line in res.stdout.splitlines()) if m]
+    assert [(m.group(1), m.group(7)) for m in lines] == [
+        ("static", "1"), ("engine", "1"), ("static", "2"), ("engine", "2"), ("static", "3"), ("engine", "3"),
+        ("static", "median"), ("engine", "median")]
+    for median in lines[6:]:
+        runs = [m for m in lines[:6] if m.group(1) == median.group(1)]
+        for group in range(2, 7):
+            values = sorted(float(m.group(group)) for m in runs)
+            assert float(median.group(group)) == pytest.approx(values[1], abs=0.011)
+    assert all(0 < float(m.group(6)) <= 1 for m in lines)
+    assert "engine vs static" in res.stderr
+
+
+def test_engine_benchmark_row_use_is_per_run():
+    """The repeats share one engine: each run's row_use counts that run's slot-steps only, so a
+    run after another one reports what a fresh engine reports for the same arrivals."""
+    import jax.numpy as jnp
+
+    from benchmarks.decode import make_config, random_params
+    from benchmarks.engine import serve_engine, workload
+    from mvjax.inference.decode import FirstStageDecoder
+    from mvjax.inference.engine import FirstStageEngine
+
+    config = make_config("tiny")
+    decoder = FirstStageDecoder(config, random_params(config), end_of_audio=config.vocab_sizes[0] + 5,
+                                dtype=jnp.float32)
+    short = workload(2, 0.0, 3, 3, config.vocab_sizes[0], seed=1)  # all at t=0: the same rounds every time
+    mixed = workload(3, 0.0, 2, 11, config.vocab_sizes[0], seed=2)
+    engine = FirstStageEngine(decoder, slots=2, steps=4)
+    serve_engine(decoder, short, 2, 4, time.perf_counter(), engine=engine)
+    _, reused = serve_engine(decoder, mixed, 2, 4, time.perf_counter(), engine=engine)
+    _, fresh = serve_engine(decoder, mixed, 2, 4, time.perf_counter(), engine=FirstStageEngine(decoder, 2, 4))
+    assert reused == fresh < 1.0 and engine.row_use != fresh
 
 
 def test_decode_benchmark_rejects_too_few_tokens():
