@@ -233,7 +233,7 @@ def run_config(config_name: str, args) -> list[dict]:
         ratios = [e["utt_per_min"] / st["utt_per_min"] for e, st in zip(runs["engine"], runs["static"])]
         e, st = out[args.modes.index("engine")], out[args.modes.index("static")]
         log(f"[{config_name}] engine vs static: {np.median(ratios):.2f}x utt/min"
-            + (f" (median of runs: {', '.join(f'{r:.2f}' for r in ratios)})" if args.repeats > 1 else "")
+            + (f" (runs: {', '.join(f'{r:.2f}' for r in ratios)})" if args.repeats > 1 else "")
             + f", p95 {e['p95_s']:.1f} s vs {st['p95_s']:.1f} s")
     for kind in args.kv_caches:
         out.append(long_utterance(config_name, decoder.with_kv_cache(kind), args))
