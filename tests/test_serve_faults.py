@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from mvjax.serve.voices import UPLOAD_PREFIX
 from tests.serve_util import ServerProcess, ThreadServer, demo_server_app
 
 T = 30.0  # seconds: any single HTTP call
@@ -511,6 +512,10 @@ def _check_registry(srv: ServerProcess, voices: Path, a_sha: str, b_sha: str) ->
     return names
 
 
+def _upload_dirs(root: Path) -> list:
+    return [p for p in root.iterdir() if p.name.startswith(UPLOAD_PREFIX)]
+
+
 def test_kill_during_upload_keeps_registry(tmp_path):
     deadline = time.monotonic() + 200
     voices = tmp_path / "voices"
@@ -554,8 +559,10 @@ def test_kill_during_upload_keeps_registry(tmp_path):
         srv.kill()
         t.join(60)
         srv.stop()
+        orphans = _upload_dirs(scratch)
         srv = start()
         assert _check_registry(srv, voices, a_sha, b_sha) >= {"a"}
+        assert not any(p.exists() for p in orphans), "the restart left the killed server's upload copy"
         # 2) killed after the whole body is in (reading or embedding it)
         result = {}
 
@@ -572,8 +579,10 @@ def test_kill_during_upload_keeps_registry(tmp_path):
         srv.kill()
         t.join(60)
         srv.stop()
+        orphans += _upload_dirs(scratch)
         srv = start()
         names = _check_registry(srv, voices, a_sha, b_sha)
+        assert not any(p.exists() for p in orphans), "the restart left the killed server's upload copy"
         # "a" is usable after two kills
         r = speech(srv.url, input="Hi.", voice="a", seed=1, timeout=120)
         assert r.status_code == 200, r.text[:300]
@@ -584,4 +593,6 @@ def test_kill_during_upload_keeps_registry(tmp_path):
     finally:
         srv.stop()
     leftovers = list(scratch.rglob("*"))
-    print(f"temporary files left in TMPDIR by the killed servers: {len(leftovers)}")
+    print(f"upload copies the killed servers left, removed at restart: {len(orphans)}; "
+          f"anything else left in TMPDIR: {len(leftovers)}")
+    assert not _upload_dirs(scratch)

@@ -132,7 +132,7 @@ def test_too_large_refused_before_anything(make, tmp_path, tmpdir_, monkeypatch)
         raise AssertionError("must not be called")
 
     monkeypatch.setattr(voices_mod, "load_audio", boom)
-    monkeypatch.setattr(voices_mod.tempfile, "mkdtemp", boom)
+    monkeypatch.setattr(voices_mod, "make_owned_dir", boom)
     with pytest.raises(VoiceTooLarge) as e:
         reg.add("../bad name", b"\0" * 1001, "/etc/passwd")  # size is checked before the name
     assert e.value.status == 413

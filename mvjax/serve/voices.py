@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 import zipfile
@@ -36,6 +35,7 @@ import numpy as np
 from mvjax.audio.io import load_audio
 from mvjax.core.atomic import atomic_path
 from mvjax.core.errors import MvjaxError
+from mvjax.core.scratch import make_owned_dir, sweep_orphans
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 NORM_TOLERANCE = 1e-3
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SUFFIX_RE = re.compile(r"\.[A-Za-z0-9]{1,8}")
+UPLOAD_PREFIX = "mvjax-voice-"  # scratch directories of uploads being checked (mvjax.core.scratch)
 
 
 # --- Errors ----------------------------------------------------------------------------------
@@ -133,7 +134,8 @@ class VoiceRegistry:
     ``embed`` turns a recording file into a (S,) float32 unit embedding (the server passes
     ``SpeakerEncoder.embed_file``). ``dims``, when given, is the embedding size every voice must
     have. Uploads are written to private temporary files under ``temp_dir`` (the system's by
-    default), removed whatever happens.
+    default), removed whatever happens; what a killed server left there is removed when the next
+    registry starts (only directories whose owning process is gone: :mod:`mvjax.core.scratch`).
     """
 
     def __init__(self, directory: Optional[Path], embed: Callable[[Path], np.ndarray],
@@ -145,6 +147,7 @@ class VoiceRegistry:
         self.temp_dir = Path(temp_dir) if temp_dir is not None else None
         self._lock = threading.RLock()
         self._voices: dict[str, _Entry] = {}
+        sweep_orphans(UPLOAD_PREFIX, self.temp_dir)
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._load_directory()
@@ -290,7 +293,7 @@ class VoiceRegistry:
         suffix = Path(filename or "").suffix
         suffix = suffix.lower() if _SUFFIX_RE.fullmatch(suffix) else ".bin"
         try:
-            tmp_dir = tempfile.mkdtemp(prefix="mvjax-voice-", dir=self.temp_dir)
+            tmp_dir = make_owned_dir(UPLOAD_PREFIX, self.temp_dir)
         except OSError as exc:
             raise VoiceStoreUnavailable(f"cannot accept the upload: {exc.strerror or type(exc).__name__}") from None
         path = Path(tmp_dir) / f"upload{suffix}"
