@@ -181,10 +181,20 @@ def test_api_key_and_cors(tmp_path):
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "API key" in r.json()["error"]["message"]
         assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(url, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # With a key, /metrics needs it too (a scraper sends it as its bearer credentials); the
+        # page, health and docs stay open.
+        assert httpx.get(srv.url + "/metrics").status_code == 401
+        scraped = httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer s3cret"})
+        assert scraped.status_code == 200 and "mvjax_" in scraped.text
+        assert all(httpx.get(srv.url + path).status_code == 200 for path in ("/", "/health", "/docs"))
         ok = httpx.options(url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "GET"})
         assert ok.headers.get("access-control-allow-origin") == "http://app.example"
         other = httpx.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
         assert "access-control-allow-origin" not in other.headers
+    public, _ = demo_server_app(api_key="s3cret", public_metrics=True)
+    with ThreadServer(public) as srv:  # --public-metrics: /metrics open, the API still guarded
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+        assert httpx.get(srv.url + "/v1/audio/voices").status_code == 401
     plain, _ = demo_server_app()
     with ThreadServer(plain) as srv:  # CORS is off unless configured
         r = httpx.get(srv.url + "/v1/audio/voices", headers={"Origin": "http://app.example"})

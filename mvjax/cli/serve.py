@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
     net.add_argument("--port", type=int, default=8000)
     net.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    net.add_argument("--public-metrics", action="store_true",
+                     help="serve /metrics without the API key (by default it needs it when a key is set)")
     net.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                      help="allow browser calls from this origin (repeatable; CORS is off by default)")
     net.add_argument("--max-connections", type=int, default=None,
@@ -96,7 +98,7 @@ def build(args, tts=None):
         batching=args.batching, engine_steps=args.engine_steps,
         max_new_tokens=args.max_new_tokens, max_input_chars=args.max_input_chars, voice_limits=limits,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
-        log_text=args.log_text, decoder=args.decoder, enhance=not args.no_enhance,
+        public_metrics=args.public_metrics, log_text=args.log_text, decoder=args.decoder, enhance=not args.no_enhance,
         response_format=args.response_format,
     )
     if args.demo:

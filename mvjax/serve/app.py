@@ -48,7 +48,7 @@ from mvjax.serve.worker import SpeechWorker
 
 log = logging.getLogger("mvjax.serve")
 STATIC = Path(__file__).parent / "static"
-OPEN_PATHS = ("/", "/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
+OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
 UPLOAD_PATHS = ("/v1/voices", "/tts")
 
 
@@ -125,7 +125,7 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return error_response(413, f"the request body is over the limit of {limit} bytes")
-        if settings.api_key and not _open(path) and not _authorised(headers, settings.api_key):
+        if settings.api_key and not _open(path, settings) and not _authorised(headers, settings.api_key):
             return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                   headers={"WWW-Authenticate": "Bearer"})
         if self.state.draining and method != "GET":
@@ -180,8 +180,10 @@ def _install_middleware(app: FastAPI, state: State) -> None:
 _ROUTES = {"/", "/health", "/metrics", "/v1/audio/speech", "/v1/audio/voices", "/v1/voices", "/v1/models", "/tts"}
 
 
-def _open(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith("/static/")
+def _open(path: str, settings: ServerSettings) -> bool:
+    """Paths served without the API key: the page, health, docs; ``/metrics`` only when the
+    operator made it public (``--public-metrics``: a scraper without the key)."""
+    return path in OPEN_PATHS or path.startswith("/static/") or (path == "/metrics" and settings.public_metrics)
 
 
 def _authorised(headers: Headers, key: str) -> bool:

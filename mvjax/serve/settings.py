@@ -35,6 +35,7 @@ class ServerSettings:
     max_json_bytes: int = 64 * 1024  # a JSON request body
     voice_limits: VoiceLimits = VoiceLimits()
     api_key: Optional[str] = None
+    public_metrics: bool = False  # /metrics without the API key (it needs it when a key is set)
     cors_origins: tuple[str, ...] = ()
     log_text: bool = False
     decoder: str = "mbd"  # default decoder: mbd | encodec
