@@ -225,16 +225,17 @@ def run_config(config_name: str, args) -> list[dict]:
                 s["run"] = repeat + 1
             print(line(s), flush=True)
             runs[mode].append(s)
-    out = [median_of(r) if args.repeats > 1 else r[0] for r in runs.values()]
+    summary = {mode: median_of(r) if args.repeats > 1 else r[0] for mode, r in runs.items()}
     if args.repeats > 1:
-        for s in out:
+        for s in summary.values():
             print(line(s), flush=True)
     if "static" in runs and "engine" in runs:
         ratios = [e["utt_per_min"] / st["utt_per_min"] for e, st in zip(runs["engine"], runs["static"])]
-        e, st = out[args.modes.index("engine")], out[args.modes.index("static")]
+        e, st = summary["engine"], summary["static"]
         log(f"[{config_name}] engine vs static: {np.median(ratios):.2f}x utt/min"
             + (f" (runs: {', '.join(f'{r:.2f}' for r in ratios)})" if args.repeats > 1 else "")
             + f", p95 {e['p95_s']:.1f} s vs {st['p95_s']:.1f} s")
+    out = list(summary.values())
     for kind in args.kv_caches:
         out.append(long_utterance(config_name, decoder.with_kv_cache(kind), args))
     return out
