@@ -23,8 +23,12 @@ class AudioError(MvjaxError, ValueError):
 
 
 # Extensions libsndfile decodes itself; a failure to read one of these is a damaged file, not a
-# missing decoder.
+# missing decoder (MP3 only where libsndfile has its MPEG decoder, 1.1 and later).
 NATIVE_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+# Audio containers ffmpeg decodes and libsndfile does not: only for these does a failed read suggest
+# installing ffmpeg. Any other file that libsndfile cannot read is simply not readable audio.
+FFMPEG_SUFFIXES = {".m4a", ".m4b", ".mp4", ".aac", ".webm", ".weba", ".opus", ".mka", ".mkv", ".mov", ".wma",
+                   ".amr", ".ac3", ".3gp"}
 
 
 # --- Reading -----------------------------------------------------------------------------
@@ -41,10 +45,9 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if path.suffix.lower() in NATIVE_SUFFIXES and shutil.which("ffmpeg") is None:
-            # a format libsndfile reads itself: the file is damaged, no decoder is missing
-            raise AudioError(f"{path}: not a valid {path.suffix[1:].upper()} file ({reason})") from None
-        data, rate = _load_with_ffmpeg(path, reason=reason)
+        if shutil.which("ffmpeg") is None:
+            raise AudioError(_unreadable(path, reason)) from None
+        data, rate = _load_with_ffmpeg(path)
     data = np.ascontiguousarray(data.T)
     if data.shape[-1] == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
@@ -53,15 +56,25 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return data, int(rate)
 
 
-def _load_with_ffmpeg(path: Path, reason: str) -> tuple[np.ndarray, int]:
+def _unreadable(path: Path, reason: str) -> str:
+    """Why libsndfile could not read ``path`` (ffmpeg not installed): a damaged file of a format it reads,
+    a container only ffmpeg decodes (the one case that suggests installing it), or not audio at all."""
+    import soundfile as sf
+
+    suffix = path.suffix.lower()
+    # a libsndfile older than 1.1 has no MPEG decoder: MP3 then needs ffmpeg too
+    if suffix in FFMPEG_SUFFIXES or (suffix == ".mp3" and "MP3" not in sf.available_formats()):
+        return (f"{path}: cannot read this audio ({reason}); {suffix[1:].upper()} files need ffmpeg, which is not "
+                "installed (install it, e.g. apt-get install ffmpeg, or convert the file to WAV)")
+    if suffix in NATIVE_SUFFIXES:
+        return f"{path}: not a valid {suffix[1:].upper()} file ({reason})"
+    return f"{path}: not a readable audio file ({reason}; WAV, FLAC, OGG and MP3 are read)"
+
+
+def _load_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise AudioError(
-            f"{path}: cannot read this audio ({reason}); formats beyond WAV/FLAC/OGG/MP3 need ffmpeg, "
-            "which is not installed (install it, e.g. apt-get install ffmpeg, or convert the file to WAV)"
-        )
     with tempfile.TemporaryDirectory(prefix="mvjax-audio-") as tmp:
         out = Path(tmp) / "decoded.wav"
         proc = subprocess.run(
