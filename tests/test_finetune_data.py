@@ -401,6 +401,8 @@ def _write_cut_wav(path: Path, keep_bytes: int, subtype: str) -> None:
 
 
 def test_truncated_and_short_clips_are_skipped(demo_model, tmp_path, monkeypatch, capsys):
+    from mvjax.audio.io import wav_shortfall
+
     clips = tmp_path / "clips"
     clips.mkdir()
     sf.write(clips / "whole.wav", _voice(16000, 16000, seed=6), 16000, subtype="FLOAT")  # fact and PEAK chunks too
@@ -409,6 +411,8 @@ def test_truncated_and_short_clips_are_skipped(demo_model, tmp_path, monkeypatch
     sf.write(clips / "short.wav", _voice(4800, 16000, seed=7), 16000)  # 0.3 s
     (tmp_path / "train.csv").write_text("audio_files|captions\nclips/whole.wav|Whole.\nclips/cut.wav|Cut.\n"
                                         "clips/cut_float.wav|Cut too.\nclips/short.wav|Short.\n")
+    assert wav_shortfall(clips / "whole.wav") is None and wav_shortfall(clips / "short.wav") is None
+    assert wav_shortfall(clips / "cut.wav") == (1.0, 1956 / 32000)
     monkeypatch.setenv("MVJAX_CACHE", str(tmp_path / "cache"))
     base = ["prepare", "--model", str(demo_model), "--train", str(tmp_path / "train.csv"), "--ctx-window", "256",
             "--quiet"]

@@ -2,16 +2,19 @@
 
 ``load_audio`` reads what libsndfile reads (WAV, FLAC, OGG, MP3 ...) through soundfile and
 anything else through ffmpeg when it is installed; ``write_wav`` writes the container the
-extension names through :mod:`mvjax.core.atomic`.
+extension names through :mod:`mvjax.core.atomic`. ``wav_shortfall`` tells a WAV file cut short of
+the length its header gives (which libsndfile reads as a shorter clip, silently).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -54,6 +57,44 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if not np.all(np.isfinite(data)):
         raise AudioError(f"{path}: the audio holds non-finite samples (NaN or infinity)")
     return data, int(rate)
+
+
+def wav_shortfall(path: str | os.PathLike) -> Optional[tuple[float, float]]:
+    """(seconds the header promises, seconds the file holds) of a WAV file cut short, else None.
+
+    libsndfile clips a WAV's frame count to what the file holds and reads that much without a word,
+    so the header is walked here: the RIFF chunks up to ``data``, whose declared size is compared
+    with the bytes after it. A size of 0 or 0xFFFFFFFF (a stream written without seeking back)
+    promises nothing; a shortfall within one sample frame is a partial frame, not a cut file. Not a
+    WAV, or a header that cannot tell (no ``fmt `` chunk before ``data``, unreadable): None.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            total = os.fstat(fh.fileno()).st_size
+            byte_rate = block_align = 0
+            for _ in range(64):  # a WAV has a handful of chunks before its samples
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return None
+                name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if name == b"data":
+                    held = total - fh.tell()
+                    if size in (0, 0xFFFFFFFF) or size - held < max(block_align, 1) or not byte_rate:
+                        return None
+                    return size / byte_rate, held / byte_rate
+                if name == b"fmt " and size >= 16:
+                    fmt = fh.read(16)
+                    if len(fmt) < 16:
+                        return None
+                    byte_rate, block_align = struct.unpack("<8xIH2x", fmt)
+                    size -= 16
+                fh.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even length
+    except OSError:
+        return None  # unreadable: decoding says so
+    return None
 
 
 def _unreadable(path: Path, reason: str) -> str:

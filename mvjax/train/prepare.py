@@ -15,6 +15,10 @@ Listings (:func:`mvjax.train.data.read_listing`): the reference's ``|``-separate
 line, chosen by extension. Relative paths resolve against the listing's own folder. A caption
 that is a single word ending in ``.txt`` names a caption file, read as UTF-8 (a missing one
 skips the row); any other caption is the text itself.
+
+The module is long because every reason a clip is skipped is decided here, each before the work it
+would waste: a cut WAV or a short clip from its header, a repeated row before its encoding, a clip
+too long for the window before its samples are read.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from mvjax.audio.io import AudioError, load_audio
+from mvjax.audio.io import AudioError, load_audio, wav_shortfall
 from mvjax.audio.resample import ResampleError, resample_frac
 from mvjax.core.atomic import atomic_path
 from mvjax.core.errors import MvjaxError
@@ -327,43 +331,9 @@ def _check_short(seconds: float, layout: RowLayout) -> None:
 
 
 def _check_wav_complete(path: Path) -> None:
-    """Raise _Skip when ``path`` is a WAV file whose data chunk is cut short of the size its header gives.
-
-    libsndfile clips a WAV's frame count to what the file holds (and reads that much without a
-    word), so the header is walked here: the RIFF chunks up to ``data``, whose declared size is
-    compared with the bytes after it. A size of 0 or 0xFFFFFFFF (a stream written without seeking
-    back) promises nothing; a shortfall within one sample frame is a partial frame, not a cut file.
-    """
-    import struct
-
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(12)
-            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-                return
-            total = os.fstat(fh.fileno()).st_size
-            byte_rate = block_align = 0
-            for _ in range(64):  # a WAV has a handful of chunks before its samples
-                chunk = fh.read(8)
-                if len(chunk) < 8:
-                    return
-                name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-                if name == b"data":
-                    held = total - fh.tell()
-                    if size in (0, 0xFFFFFFFF) or size - held < max(block_align, 1):
-                        return
-                    promised = f"{size / byte_rate:.2f} s" if byte_rate else f"{size} bytes"
-                    holds = f"{held / byte_rate:.2f} s" if byte_rate else f"{held} bytes"
-                    raise _Skip("truncated audio", f"the WAV header promises {promised} of audio, the file holds {holds}")
-                if name == b"fmt " and size >= 16:
-                    fmt = fh.read(16)
-                    if len(fmt) < 16:
-                        return
-                    byte_rate, block_align = struct.unpack("<8xIH2x", fmt)
-                    size -= 16
-                fh.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even length
-    except OSError:
-        return  # unreadable: decoding says so next
+    cut = wav_shortfall(path)
+    if cut is not None:
+        raise _Skip("truncated audio", f"the WAV header promises {cut[0]:.2f} s of audio, the file holds {cut[1]:.2f} s")
 
 
 def _first_line(exc: BaseException) -> str:
