@@ -106,7 +106,8 @@ def test_empty_and_header_only_listings_say_so(demo_model, tmp_path, capsys):
         with pytest.raises(ListingError) as info:
             read_listing(tmp_path / name)
         assert str(info.value) == f"{tmp_path / name}: {needle}"
-        rc = main(["prepare", "--model", str(demo_model), "--train", str(tmp_path / name), "--out", str(tmp_path / "o")])
+        rc = main(["prepare", "--model", str(demo_model), "--train", str(tmp_path / name),
+                   "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1 and needle in err[0] and "above" not in err[0] and "None" not in err[0], err
     assert not (tmp_path / "o").exists()

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except Terminated:
-        fail("terminated (SIGTERM); nothing was written")
+        fail("terminated (SIGTERM)")
         return SIGTERM_STATUS
     finally:
         signal.signal(signal.SIGTERM, previous)

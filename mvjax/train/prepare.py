@@ -333,7 +333,8 @@ def _check_short(seconds: float, layout: RowLayout) -> None:
 def _check_wav_complete(path: Path) -> None:
     cut = wav_shortfall(path)
     if cut is not None:
-        raise _Skip("truncated audio", f"the WAV header promises {cut[0]:.2f} s of audio, the file holds {cut[1]:.2f} s")
+        raise _Skip("truncated audio",
+                    f"the WAV header promises {cut[0]:.2f} s of audio, the file holds {cut[1]:.2f} s")
 
 
 def _first_line(exc: BaseException) -> str:
