@@ -98,6 +98,42 @@ def test_listing_errors(tmp_path):
         read_listing(tmp_path / "h.csv")
 
 
+def test_empty_and_header_only_listings_say_so(demo_model, tmp_path, capsys):
+    """An empty file is 'empty', a header alone 'has no rows': not a header 'got None', nor 'see the reasons above'."""
+    for name, content, needle in (("e.csv", "", "the listing is empty"), ("e.jsonl", "\n \n", "the listing is empty"),
+                                  ("h.csv", "audio_files|captions\n\n", "the listing has no rows (only the header)")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ListingError) as info:
+            read_listing(tmp_path / name)
+        assert str(info.value) == f"{tmp_path / name}: {needle}"
+        rc = main(["prepare", "--model", str(demo_model), "--train", str(tmp_path / name),
+                   "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and needle in err[0] and "above" not in err[0] and "None" not in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_only_containers_libsndfile_cannot_read_get_the_install_hint(tmp_path, monkeypatch):
+    """Without ffmpeg, a text file given as audio is unreadable audio; an .m4a needs ffmpeg; a cut .flac is damaged."""
+    from mvjax.audio import io as audio_io
+
+    monkeypatch.setattr(audio_io.shutil, "which", lambda name: None)  # as on a machine without ffmpeg
+    text = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+    for name in ("passwd", "notes.txt", "clip.bin"):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(audio_io.AudioError, match="not a readable audio file") as info:
+            audio_io.load_audio(tmp_path / name)
+        assert "ffmpeg" not in str(info.value) and len(str(info.value).splitlines()) == 1
+    (tmp_path / "v.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00" + bytes(64))
+    with pytest.raises(audio_io.AudioError, match="M4A files need ffmpeg, which is not installed"):
+        audio_io.load_audio(tmp_path / "v.m4a")
+    sf.write(tmp_path / "v.flac", _voice(16000, 16000), 16000)
+    (tmp_path / "cut.flac").write_bytes((tmp_path / "v.flac").read_bytes()[:40])
+    with pytest.raises(audio_io.AudioError, match="not a valid FLAC file") as info:
+        audio_io.load_audio(tmp_path / "cut.flac")
+    assert "ffmpeg" not in str(info.value)
+
+
 # --- End to end on the demo model ---------------------------------------------------------
 
 
@@ -115,7 +151,7 @@ def dataset(tmp_path_factory):
     clips = root / "clips"
     clips.mkdir()
     sf.write(clips / "stereo.wav", _voice(11025, 22050, channels=2), 22050)  # resampled, then mono
-    sf.write(clips / "b.flac", _voice(6400, 16000, seed=1), 16000)
+    sf.write(clips / "b.flac", _voice(8000, 16000, seed=1), 16000)  # 0.5 s: --min-seconds' default
     sf.write(clips / "c.wav", _voice(12000, 24000, seed=2), 24000)
     sf.write(clips / "silent.wav", np.zeros(8000, np.float32), 16000)
     sf.write(clips / "long.wav", _voice(36000, 24000, seed=3), 24000)  # 113 frames: too long for ctx 128
@@ -188,7 +224,7 @@ def test_prepare_writes_the_documented_format(prepared, demo_model, dataset):
     np.testing.assert_allclose(np.linalg.norm(train.spk, axis=1), 1.0, atol=1e-5)
     assert train.texts.tolist() == ["Hello there, a stereo clip.", "A caption read from a file."]
     assert train.audio.tolist() == [str(dataset / "clips" / "stereo.wav"), str(dataset / "clips" / "b.flac")]
-    assert train.frames.tolist() == [38, 30]  # ceil(12000 / 320), ceil(9600 / 320) at 24 kHz
+    assert train.frames.tolist() == [38, 38]  # ceil(12000 / 320) at 24 kHz, both
     for row, text, frames in zip(train.tokens[:, 0], train.texts, train.frames):
         ids = tok.encode(normalize_text(str(text)))
         assert row[: len(ids)].tolist() == ids
@@ -354,3 +390,135 @@ def test_clips_too_long_for_the_window_are_skipped_from_their_header(demo_model,
     rc = main(["prepare", "--model", str(demo_model), "--train", str(tmp_path / "train.csv"),
                "--out", str(tmp_path / "DATA2"), "--ctx-window", "128", "--quiet"])
     assert rc == 1 and read == []  # every clip over the cap: nothing read, the split is empty, an error
+
+
+# --- Clips cut, too short or repeated; SIGTERM; temp directories of killed runs -------------------------------
+
+
+def _write_cut_wav(path: Path, keep_bytes: int, subtype: str) -> None:
+    """A 1 s WAV of which only the first ``keep_bytes`` bytes are kept: its header still promises 1 s."""
+    sf.write(path, _voice(16000, 16000, seed=6), 16000, subtype=subtype)
+    path.write_bytes(path.read_bytes()[:keep_bytes])
+
+
+def test_truncated_and_short_clips_are_skipped(demo_model, tmp_path, monkeypatch, capsys):
+    from mvjax.audio.io import wav_shortfall
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    sf.write(clips / "whole.wav", _voice(16000, 16000, seed=6), 16000, subtype="FLOAT")  # fact and PEAK chunks too
+    _write_cut_wav(clips / "cut.wav", 2000, "PCM_16")  # libsndfile reads 978 samples (4 frames) without a word
+    _write_cut_wav(clips / "cut_float.wav", 20000, "FLOAT")
+    sf.write(clips / "short.wav", _voice(4800, 16000, seed=7), 16000)  # 0.3 s
+    (tmp_path / "train.csv").write_text("audio_files|captions\nclips/whole.wav|Whole.\nclips/cut.wav|Cut.\n"
+                                        "clips/cut_float.wav|Cut too.\nclips/short.wav|Short.\n")
+    assert wav_shortfall(clips / "whole.wav") is None and wav_shortfall(clips / "short.wav") is None
+    assert wav_shortfall(clips / "cut.wav") == (1.0, 1956 / 32000)
+    monkeypatch.setenv("MVJAX_CACHE", str(tmp_path / "cache"))
+    base = ["prepare", "--model", str(demo_model), "--train", str(tmp_path / "train.csv"), "--ctx-window", "256",
+            "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "A")]) == 0
+    err = capsys.readouterr().err
+    assert "train.csv line 3: truncated audio (the WAV header promises 1.00 s of audio, the file holds 0.06 s)" in err
+    assert "train.csv line 5: too short (0.30 s of audio, less than --min-seconds 0.5)" in err
+    train = load_split(tmp_path / "A", "train")
+    assert train.manifest["splits"]["train"]["skipped"] == {"too short": 1, "truncated audio": 2}
+    assert train.audio.tolist() == [str(clips / "whole.wav")] and train.frames.tolist() == [75]
+    assert main(base + ["--out", str(tmp_path / "B"), "--min-seconds", "0.2"]) == 0
+    train = load_split(tmp_path / "B", "train")
+    assert train.manifest["splits"]["train"]["skipped"] == {"truncated audio": 2}
+    assert train.frames.tolist() == [75, 23]
+    capsys.readouterr()
+    for bad in ("-1", "nan", "inf"):
+        assert "--min-seconds" in _one_line(capsys, main(base + ["--out", str(tmp_path / "C"), "--min-seconds", bad]))
+    assert not (tmp_path / "C").exists()
+
+
+def test_duplicate_rows_are_reported_and_kept_once(demo_model, dataset, finetune_cache, tmp_path, monkeypatch, capsys):
+    """Same file content (another name too) and the same normalised text: one row, unless --keep-duplicates."""
+    import shutil
+
+    shutil.copy(dataset / "clips" / "c.wav", tmp_path / "copy.wav")
+    (tmp_path / "train.csv").write_text(
+        "audio_files|captions\n"
+        f"{dataset / 'clips' / 'c.wav'}|Hello there.\n"
+        f"{dataset / 'clips' / 'c.wav'}|  Hello   there.\n"  # the same after normalisation
+        "copy.wav|Hello there.\n"  # the same bytes under another name
+        "copy.wav|Hello there!\n"  # another text: another row
+    )
+    monkeypatch.setenv("MVJAX_CACHE", str(finetune_cache))
+    base = ["prepare", "--model", str(demo_model), "--train", str(tmp_path / "train.csv"), "--ctx-window", "128"]
+    assert main(base + ["--out", str(tmp_path / "A")]) == 0
+    err = capsys.readouterr().err
+    assert "train.csv line 3: duplicate (the same audio and text as train.csv line 2)" in err
+    assert "train.csv line 4: duplicate (the same audio and text as train.csv line 2)" in err
+    assert "train: 2 rows, 2 skipped (2 duplicate)" in err
+    train = load_split(tmp_path / "A", "train")
+    assert train.manifest["splits"]["train"] == {"rows": 2, "skipped": {"duplicate": 2}}
+    assert train.texts.tolist() == ["Hello there.", "Hello there!"]
+    assert main(base + ["--out", str(tmp_path / "B"), "--keep-duplicates"]) == 0
+    assert "train: 4 rows, 0 skipped, 2 duplicate(s) kept" in capsys.readouterr().err
+    train = load_split(tmp_path / "B", "train")
+    assert train.manifest["splits"]["train"] == {"rows": 4, "skipped": {}, "duplicates": 2}
+    np.testing.assert_array_equal(train.tokens[0], train.tokens[2])
+
+
+def _temp_dirs(parent: Path, out_name: str) -> list:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{out_name}.tmp-"))
+
+
+def test_sigterm_stops_prepare_with_one_line_and_no_leftovers(demo_model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rows = []
+    for i in range(10):  # one codec compilation per length: seconds of work to interrupt
+        sf.write(clips / f"c{i}.wav", _voice(8000 + 800 * i, 16000, seed=i), 16000)
+        rows.append(f"clips/c{i}.wav|Clip number {i}.")
+    (tmp_path / "train.csv").write_text("audio_files|captions\n" + "\n".join(rows) + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mvjax.finetune", "prepare", "--model", str(demo_model), "--train",
+         str(tmp_path / "train.csv"), "--out", str(tmp_path / "DATA"), "--ctx-window", "256", "--quiet"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "MVJAX_CACHE": str(tmp_path / "cache")},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _temp_dirs(tmp_path, "DATA"):  # the run has started its work
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "prepare never started"
+            time.sleep(0.02)
+        assert _temp_dirs(tmp_path, "DATA")[0].startswith(f".DATA.tmp-{proc.pid}.")  # named by its owner
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 143, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "SIGTERM" in lines[0], err
+    assert _temp_dirs(tmp_path, "DATA") == [] and not (tmp_path / "DATA").exists()
+
+
+def test_a_run_removes_temp_dirs_of_killed_runs_only(demo_model, dataset, finetune_cache, tmp_path, monkeypatch):
+    from mvjax.core.scratch import owner_token
+    from tests.test_scratch import _dead_token
+
+    dead = tmp_path / f".DATA.tmp-{_dead_token()}-abc123"
+    live = tmp_path / f".DATA.tmp-{owner_token()}-def456"  # this process: a run still going
+    other = tmp_path / f".OTHER.tmp-{_dead_token()}-abc123"  # another --out's: not this run's to judge
+    for path in (dead, live, other):
+        path.mkdir()
+        (path / "train.npz").write_bytes(b"partial")
+    (tmp_path / "train.csv").write_text(f"audio_files|captions\n{dataset / 'clips' / 'c.wav'}|Hello.\n")
+    monkeypatch.setenv("MVJAX_CACHE", str(finetune_cache))
+    assert main(["prepare", "--model", str(demo_model), "--train", str(tmp_path / "train.csv"),
+                 "--out", str(tmp_path / "DATA"), "--ctx-window", "128", "--quiet"]) == 0
+    assert not dead.exists() and (live / "train.npz").is_file() and (other / "train.npz").is_file()
+    assert _temp_dirs(tmp_path, "DATA") == [live.name] and load_split(tmp_path / "DATA", "train").tokens.shape[0] == 1

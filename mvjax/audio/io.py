@@ -2,16 +2,19 @@
 
 ``load_audio`` reads what libsndfile reads (WAV, FLAC, OGG, MP3 ...) through soundfile and
 anything else through ffmpeg when it is installed; ``write_wav`` writes the container the
-extension names through :mod:`mvjax.core.atomic`.
+extension names through :mod:`mvjax.core.atomic`. ``wav_shortfall`` tells a WAV file cut short of
+the length its header gives (which libsndfile reads as a shorter clip, silently).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -23,8 +26,12 @@ class AudioError(MvjaxError, ValueError):
 
 
 # Extensions libsndfile decodes itself; a failure to read one of these is a damaged file, not a
-# missing decoder.
+# missing decoder (MP3 only where libsndfile has its MPEG decoder, 1.1 and later).
 NATIVE_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+# Audio containers ffmpeg decodes and libsndfile does not: only for these does a failed read suggest
+# installing ffmpeg. Any other file that libsndfile cannot read is simply not readable audio.
+FFMPEG_SUFFIXES = {".m4a", ".m4b", ".mp4", ".aac", ".webm", ".weba", ".opus", ".mka", ".mkv", ".mov", ".wma",
+                   ".amr", ".ac3", ".3gp"}
 
 
 # --- Reading -----------------------------------------------------------------------------
@@ -41,10 +48,9 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if path.suffix.lower() in NATIVE_SUFFIXES and shutil.which("ffmpeg") is None:
-            # a format libsndfile reads itself: the file is damaged, no decoder is missing
-            raise AudioError(f"{path}: not a valid {path.suffix[1:].upper()} file ({reason})") from None
-        data, rate = _load_with_ffmpeg(path, reason=reason)
+        if shutil.which("ffmpeg") is None:
+            raise AudioError(_unreadable(path, reason)) from None
+        data, rate = _load_with_ffmpeg(path)
     data = np.ascontiguousarray(data.T)
     if data.shape[-1] == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
@@ -53,15 +59,63 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return data, int(rate)
 
 
-def _load_with_ffmpeg(path: Path, reason: str) -> tuple[np.ndarray, int]:
+def wav_shortfall(path: str | os.PathLike) -> Optional[tuple[float, float]]:
+    """(seconds the header promises, seconds the file holds) of a WAV file cut short, else None.
+
+    libsndfile clips a WAV's frame count to what the file holds and reads that much without a word,
+    so the header is walked here: the RIFF chunks up to ``data``, whose declared size is compared
+    with the bytes after it. A size of 0 or 0xFFFFFFFF (a stream written without seeking back)
+    promises nothing; a shortfall within one sample frame is a partial frame, not a cut file. Not a
+    WAV, or a header that cannot tell (no ``fmt `` chunk before ``data``, unreadable): None.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            total = os.fstat(fh.fileno()).st_size
+            byte_rate = block_align = 0
+            for _ in range(64):  # a WAV has a handful of chunks before its samples
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return None
+                name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if name == b"data":
+                    held = total - fh.tell()
+                    if size in (0, 0xFFFFFFFF) or size - held < max(block_align, 1) or not byte_rate:
+                        return None
+                    return size / byte_rate, held / byte_rate
+                if name == b"fmt " and size >= 16:
+                    fmt = fh.read(16)
+                    if len(fmt) < 16:
+                        return None
+                    byte_rate, block_align = struct.unpack("<8xIH2x", fmt)
+                    size -= 16
+                fh.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even length
+    except OSError:
+        return None  # unreadable: decoding says so
+    return None
+
+
+def _unreadable(path: Path, reason: str) -> str:
+    """Why libsndfile could not read ``path`` (ffmpeg not installed): a damaged file of a format it reads,
+    a container only ffmpeg decodes (the one case that suggests installing it), or not audio at all."""
+    import soundfile as sf
+
+    suffix = path.suffix.lower()
+    # a libsndfile older than 1.1 has no MPEG decoder: MP3 then needs ffmpeg too
+    if suffix in FFMPEG_SUFFIXES or (suffix == ".mp3" and "MP3" not in sf.available_formats()):
+        return (f"{path}: cannot read this audio ({reason}); {suffix[1:].upper()} files need ffmpeg, which is not "
+                "installed (install it, e.g. apt-get install ffmpeg, or convert the file to WAV)")
+    if suffix in NATIVE_SUFFIXES:
+        return f"{path}: not a valid {suffix[1:].upper()} file ({reason})"
+    return f"{path}: not a readable audio file ({reason}; WAV, FLAC, OGG and MP3 are read)"
+
+
+def _load_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise AudioError(
-            f"{path}: cannot read this audio ({reason}); formats beyond WAV/FLAC/OGG/MP3 need ffmpeg, "
-            "which is not installed (install it, e.g. apt-get install ffmpeg, or convert the file to WAV)"
-        )
     with tempfile.TemporaryDirectory(prefix="mvjax-audio-") as tmp:
         out = Path(tmp) / "decoded.wav"
         proc = subprocess.run(

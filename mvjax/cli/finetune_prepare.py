@@ -4,7 +4,10 @@
 
 Listings are the reference's ``audio_files|captions`` CSV or JSONL (``{"audio": ..., "text": ...}``
 per line); see :mod:`mvjax.train.prepare`. ``DATA`` is built beside itself and renamed into place
-when complete, so an interrupted run leaves the old directory (or none).
+when complete, so an interrupted run leaves the old directory (or none). The directory it is built in,
+``.DATA.tmp-<pid>.<start>-<random>`` beside ``DATA``, names its owner (:mod:`mvjax.core.scratch`): a run
+removes those of runs that were killed, never one of a run still going. SIGTERM stops a run as Ctrl-C
+does: one line, its temporary directory removed, exit status 143.
 """
 
 from __future__ import annotations
@@ -12,21 +15,34 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from mvjax.cli.common import fail
 from mvjax.core.atomic import replace_dir
 from mvjax.core.errors import MvjaxError
+from mvjax.core.scratch import make_owned_dir, sweep_orphans
+
+# The exit status of a run stopped by SIGTERM (128 + the signal's number, as a shell reports it).
+SIGTERM_STATUS = 128 + signal.SIGTERM
 
 
 class UsageError(MvjaxError, ValueError):
     """Arguments that cannot work together."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every ``finally`` removes what the run made."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mvjax.train.prepare import SKIP_REASONS
+    from mvjax.train.prepare import MIN_CLIP_SECONDS, SKIP_REASONS
 
     parser.epilog = ("A clip that cannot be used is skipped, named with its reason, and counted in the summary and "
                      "DATA/manifest.json: " + "; ".join(f"{k}: {v}" for k, v in SKIP_REASONS.items()) + ".")
@@ -46,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep clips whose text + audio tokens do not fit the window, cut at the window as the "
                              "reference does (their audio then has no end, which teaches the model never to stop); "
                              "by default they are skipped")
+    parser.add_argument("--min-seconds", type=float, default=MIN_CLIP_SECONDS,
+                        help=f"skip clips shorter than this (default {MIN_CLIP_SECONDS:g} s)")
+    parser.add_argument("--keep-duplicates", action="store_true",
+                        help="keep every copy of a row repeating an earlier one (same audio file content and the "
+                             "same text after normalisation); by default only the first is kept, the others are "
+                             "skipped as duplicate")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="print only skips, the summary and errors")
 
@@ -70,11 +92,24 @@ def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Prepare the data; SIGTERM is handled as Ctrl-C (one line, nothing left behind) with exit status 143."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    except Terminated:
+        fail("terminated (SIGTERM)")
+        return SIGTERM_STATUS
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from mvjax.train.data import read_listing
-    from mvjax.train.prepare import prepare_data
+    from mvjax.train.prepare import check_min_seconds, prepare_data
 
     if not args.demo and not args.model:
         raise UsageError("give --model (or --demo for the random demo model)")
+    check_min_seconds(args.min_seconds)
     listings = {"train": read_listing(args.train)}
     if args.val is not None:
         listings["val"] = read_listing(args.val)
@@ -113,11 +148,16 @@ def run(args: argparse.Namespace) -> int:
     apply_precision()
     enable_compilation_cache()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    prefix = f".{out.name}.tmp-"
+    stale = sweep_orphans(prefix, out.parent)  # left by runs that were killed (never a running one's)
+    if stale:
+        info(f"removed {stale} unfinished {prefix}* director{'y' if stale == 1 else 'ies'} of stopped runs")
+    tmp = Path(make_owned_dir(prefix, out.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # what a plain mkdir would give, not mkdtemp's 0o700
         manifest = prepare_data(model, listings, tmp, ctx_window=args.ctx_window, truncate_long=args.truncate_long,
-                                log=info, warn=log)
+                                log=info, warn=log, min_seconds=args.min_seconds,
+                                keep_duplicates=args.keep_duplicates)
         check_output(out, [], args.overwrite)  # nothing appeared there meanwhile
         replace_dir(tmp, out)
     finally:

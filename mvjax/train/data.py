@@ -161,7 +161,10 @@ def _entry(where: str, audio, caption, base: Path) -> Entry:
 
 
 def read_listing(path: str | os.PathLike) -> list[Entry]:
-    """The rows of a ``.csv`` (``audio_files|captions``) or ``.jsonl`` (``{"audio", "text"}``) listing."""
+    """The rows of a ``.csv`` (``audio_files|captions``) or ``.jsonl`` (``{"audio", "text"}``) listing.
+
+    An empty file, or one with no row (a CSV with only its header), is a :class:`ListingError`.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in LISTING_SUFFIXES:
@@ -172,6 +175,8 @@ def read_listing(path: str | os.PathLike) -> list[Entry]:
         content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ListingError(f"{path}: cannot read it as UTF-8 text ({str(exc).splitlines()[0]})") from None
+    if not content.strip():
+        raise ListingError(f"{path}: the listing is empty")
     base = path.parent
     entries = []
     if suffix == ".csv":
@@ -199,6 +204,8 @@ def read_listing(path: str | os.PathLike) -> list[Entry]:
                 entries.append(Entry(where, problem=("malformed row", "not a JSON object")))
                 continue
             entries.append(_entry(where, obj.get("audio"), obj.get("text"), base))
+    if not entries:
+        raise ListingError(f"{path}: the listing has no rows" + (" (only the header)" if suffix == ".csv" else ""))
     return entries
 
 

@@ -15,6 +15,10 @@ Listings (:func:`mvjax.train.data.read_listing`): the reference's ``|``-separate
 line, chosen by extension. Relative paths resolve against the listing's own folder. A caption
 that is a single word ending in ``.txt`` names a caption file, read as UTF-8 (a missing one
 skips the row); any other caption is the text itself.
+
+The module is long because every reason a clip is skipped is decided here, each before the work it
+would waste: a cut WAV or a short clip from its header, a repeated row before its encoding, a clip
+too long for the window before its samples are read.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from mvjax.audio.io import AudioError, load_audio
+from mvjax.audio.io import AudioError, load_audio, wav_shortfall
 from mvjax.audio.resample import ResampleError, resample_frac
 from mvjax.core.atomic import atomic_path
 from mvjax.core.errors import MvjaxError
@@ -48,6 +52,10 @@ SKIP_REASONS = {
     "empty text": "the text is empty after normalisation",
     "unsupported text": "the text holds characters outside Latin-1",
     "unreadable audio": "the audio cannot be decoded, or its sample rate cannot be resampled",
+    "truncated audio": "the WAV header promises more samples than the file holds (a cut copy or download)",
+    "too short": "the clip is shorter than --min-seconds (default 0.5 s)",
+    "duplicate": "the same audio (file content) and text (after normalisation) as an earlier row "
+                 "(--keep-duplicates keeps every copy)",
     "silent": "the audio's peak is below -60 dBFS",
     "too long": "text + 2 tokens per codec frame + end of audio exceed ctx_window + 1 (--truncate-long keeps it cut)",
     "encoding failed": "EnCodec could not encode the audio (e.g. out of memory)",
@@ -57,6 +65,8 @@ SILENCE_PEAK = 10 ** (-60 / 20)
 # Clips are read whole: anything longer than this is skipped from its header, before any allocation
 # (a training clip is a sentence or a few; the released model's window holds ~13 s of audio).
 MAX_CLIP_SECONDS = 600.0
+# Shorter clips are skipped (a few codec frames teach nothing but the end of audio); --min-seconds.
+MIN_CLIP_SECONDS = 0.5
 BANDWIDTH_KBPS = 6.0
 CODES_CACHE_VERSION = 1
 
@@ -137,6 +147,15 @@ class ClipCoder:
         cfg, _, _ = self._load()
         return math.ceil(samples / cfg.hop_length)
 
+    @property
+    def sample_rate(self) -> int:
+        return self._load()[0].sample_rate
+
+    @property
+    def seconds_per_frame(self) -> float:
+        cfg, _, _ = self._load()
+        return cfg.hop_length / cfg.sample_rate
+
     def encode(self, mono: np.ndarray, content_digest: str) -> np.ndarray:
         """codes (n_q, frames) int32 of 24 kHz mono audio; stored in the cache."""
         import jax.numpy as jnp
@@ -167,12 +186,15 @@ class PreparedSplit:
     frames: list = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    duplicates: int = 0  # rows kept that repeat an earlier one (--keep-duplicates)
     from_files: int = 0
 
     def summary(self) -> dict:
         entry = {"rows": len(self.tokens), "skipped": dict(sorted(self.skipped.items()))}
         if self.truncated:
             entry["truncated"] = self.truncated
+        if self.duplicates:
+            entry["duplicates"] = self.duplicates
         return entry
 
 
@@ -185,18 +207,25 @@ class RowLayout:
     pad_token: int
     codebook_size: int
     truncate_long: bool = False
+    min_seconds: float = MIN_CLIP_SECONDS
+    keep_duplicates: bool = False
 
 
 def prepare_split(entries: Iterable[Entry], layout: RowLayout, coder: ClipCoder, embed: Callable[[Path], np.ndarray],
                   warn: Callable[[str], None] = print, progress: Optional[bool] = None, label: str = "clips") -> PreparedSplit:
-    """Build the rows of one listing; unusable entries are reported through ``warn`` and counted, never raised."""
+    """Build the rows of one listing; unusable entries are reported through ``warn`` and counted, never raised.
+
+    A row repeating an earlier kept one (same file content, same normalised text: the same token row
+    and embedding) is skipped as ``duplicate`` unless ``layout.keep_duplicates``; then it is kept and counted.
+    """
     from tqdm import tqdm
 
     out = PreparedSplit()
     entries = list(entries)
+    kept: dict = {}  # (audio sha256, normalised text) -> where the first such row is
     for entry in tqdm(entries, desc=label, unit="clip", disable=None if progress is None else not progress):
         try:
-            tokens, spk, frames, truncated = _clip_row(entry, layout, coder, embed)
+            tokens, spk, frames, truncated, duplicate = _clip_row(entry, layout, coder, embed, kept)
         except _Skip as exc:
             out.skipped[exc.reason] += 1
             warn(f"skipped {entry.where}: {exc.reason} ({exc.detail})")
@@ -207,6 +236,7 @@ def prepare_split(entries: Iterable[Entry], layout: RowLayout, coder: ClipCoder,
         out.audio.append(str(entry.audio))
         out.frames.append(frames)
         out.truncated += truncated
+        out.duplicates += duplicate
         out.from_files += entry.caption_file is not None
     return out
 
@@ -217,8 +247,12 @@ class _Skip(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed) -> tuple[np.ndarray, np.ndarray, int, bool]:
-    """(tokens, spk, frames, truncated) of one entry; raises _Skip with the reason it cannot be used."""
+def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed,
+              kept: dict) -> tuple[np.ndarray, np.ndarray, int, bool, bool]:
+    """(tokens, spk, frames, truncated, duplicate) of one entry; raises _Skip with the reason it cannot be used.
+
+    ``kept`` maps (audio sha256, normalised text) to the first row kept with them; this row is added.
+    """
     if entry.problem is not None:
         raise _Skip(*entry.problem)
     try:
@@ -232,9 +266,15 @@ def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed) -> tuple
         digest = file_sha256(entry.audio)
     except OSError as exc:
         raise _Skip("unreadable audio", str(exc).splitlines()[0]) from None
+    key = (digest, normalized)
+    if key in kept and not layout.keep_duplicates:
+        raise _Skip("duplicate", f"the same audio and text as {kept[key]}")
+    _check_wav_complete(entry.audio)
+    seconds = _header_seconds(entry.audio)
+    if seconds is not None:
+        _check_short(seconds, layout)
     codes = coder.cached(digest)
     if codes is None:
-        seconds = _header_seconds(entry.audio)
         if seconds is not None:  # refuse what cannot be used before reading the samples
             if seconds > MAX_CLIP_SECONDS:
                 raise _Skip("too long", f"{seconds:.0f} s of audio; clips over {MAX_CLIP_SECONDS:.0f} s are not read")
@@ -243,6 +283,8 @@ def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed) -> tuple
             mono = coder.audio(entry.audio)
         except (AudioError, ResampleError) as exc:
             raise _Skip("unreadable audio", str(exc).splitlines()[0]) from None
+        if seconds is None:  # a format only ffmpeg reads: its length is known now
+            _check_short(mono.size / coder.sample_rate, layout)
         peak = float(np.max(np.abs(mono))) if mono.size else 0.0
         if peak < SILENCE_PEAK:
             raise _Skip("silent", f"peak {20 * math.log10(peak):.0f} dBFS" if peak > 0 else "every sample is zero")
@@ -252,6 +294,8 @@ def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed) -> tuple
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory on a huge clip: skip it, keep the run
             raise _Skip("encoding failed", _first_line(exc)) from None
     frames = int(codes.shape[1])
+    if seconds is None:  # cached codes of a format only ffmpeg reads: the length within one codec frame
+        _check_short(frames * coder.seconds_per_frame, layout)
     truncated = _check_length(len(text_ids), frames, layout)
     try:
         with warnings.catch_warnings():
@@ -265,7 +309,9 @@ def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed) -> tuple
         tokens = build_row(text_ids, codes, layout.ctx_window, layout.pad_token, layout.codebook_size)
     except DataError as exc:
         raise _Skip("unreadable audio", f"codes do not fit the first stage: {exc}") from None
-    return tokens, spk, frames, truncated
+    duplicate = key in kept
+    kept.setdefault(key, entry.where)
+    return tokens, spk, frames, truncated, duplicate
 
 
 def _header_seconds(path: Path) -> Optional[float]:
@@ -277,6 +323,18 @@ def _header_seconds(path: Path) -> Optional[float]:
     except Exception:  # noqa: BLE001 - not a libsndfile format (ffmpeg decodes it later) or damaged
         return None
     return info.frames / info.samplerate if info.samplerate > 0 and info.frames >= 0 else None
+
+
+def _check_short(seconds: float, layout: RowLayout) -> None:
+    if seconds < layout.min_seconds:
+        raise _Skip("too short", f"{seconds:.2f} s of audio, less than --min-seconds {layout.min_seconds:g}")
+
+
+def _check_wav_complete(path: Path) -> None:
+    cut = wav_shortfall(path)
+    if cut is not None:
+        raise _Skip("truncated audio",
+                    f"the WAV header promises {cut[0]:.2f} s of audio, the file holds {cut[1]:.2f} s")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -362,16 +420,25 @@ def check_ctx_window(ctx_window: Optional[int], block_size: int) -> int:
     return int(ctx_window)
 
 
+def check_min_seconds(min_seconds: float) -> float:
+    """The shortest clip kept, in seconds: finite, at least 0, below :data:`MAX_CLIP_SECONDS`."""
+    if isinstance(min_seconds, bool) or not math.isfinite(min_seconds) or not 0 <= min_seconds < MAX_CLIP_SECONDS:
+        raise PrepareError(f"--min-seconds must be a number from 0 to below {MAX_CLIP_SECONDS:g}, got {min_seconds}")
+    return float(min_seconds)
+
+
 def prepare_data(model_dir: str | os.PathLike, listings: dict[str, list[Entry]], out_dir: str | os.PathLike,
                  ctx_window: Optional[int] = None, truncate_long: bool = False, log: Callable[[str], None] = print,
                  warn: Optional[Callable[[str], None]] = None, progress: Optional[bool] = None,
-                 cache_dir: Optional[str | os.PathLike] = "default") -> dict:
+                 cache_dir: Optional[str | os.PathLike] = "default", min_seconds: float = MIN_CLIP_SECONDS,
+                 keep_duplicates: bool = False) -> dict:
     """Build every split of ``listings`` (name -> entries) into the existing directory ``out_dir``.
 
     Writes ``<split>.npz`` and ``manifest.json`` (:mod:`mvjax.train.data`); returns the manifest.
     ``log`` gets progress notes, ``warn`` (default: ``log``) each skipped clip and each split's summary.
     ``cache_dir``: where codes and embeddings are kept (``"default"``: ``cache_root()/finetune``;
     None: no cache). A split left with no rows is an error (nothing is written for it then).
+    Clips shorter than ``min_seconds`` are skipped; repeated rows too unless ``keep_duplicates``.
     """
     from mvjax.inference.speaker import SpeakerEncoder
     from mvjax.train.data import FORMAT, VERSION, write_manifest, write_split
@@ -379,10 +446,12 @@ def prepare_data(model_dir: str | os.PathLike, listings: dict[str, list[Entry]],
     warn = log if warn is None else warn
     facts = model_facts(model_dir)
     ctx = check_ctx_window(ctx_window, facts.block_size)
+    min_seconds = check_min_seconds(min_seconds)
     root = cache_root() / "finetune" if cache_dir == "default" else None if cache_dir is None else Path(cache_dir)
     coder = ClipCoder(facts.model_dir, facts.digests["encodec"], None if root is None else root / "codes")
     encoder = SpeakerEncoder.load(facts.model_dir, cache_dir=None if root is None else root / "speaker_embeddings")
-    layout = RowLayout(facts.tokenizer, ctx, facts.pad_token, facts.codebook_size, truncate_long)
+    layout = RowLayout(facts.tokenizer, ctx, facts.pad_token, facts.codebook_size, truncate_long, min_seconds,
+                       keep_duplicates)
     summaries, built = {}, {}
     for name, entries in listings.items():
         split = prepare_split(entries, layout, coder, encoder.embed_file, warn=warn, progress=progress, label=name)
@@ -390,7 +459,8 @@ def prepare_data(model_dir: str | os.PathLike, listings: dict[str, list[Entry]],
         skipped = sum(split.skipped.values())
         detail = ", ".join(f"{count} {reason}" for reason, count in sorted(split.skipped.items()))
         warn(f"{name}: {len(split.tokens)} rows, {skipped} skipped" + (f" ({detail})" if detail else "")
-            + (f", {split.truncated} cut to the window" if split.truncated else ""))
+            + (f", {split.truncated} cut to the window" if split.truncated else "")
+            + (f", {split.duplicates} duplicate(s) kept" if split.duplicates else ""))
         log(f"{name}: {split.from_files} captions read from .txt files, "
             f"{len(split.tokens) - split.from_files} used as text")
         if not split.tokens:
