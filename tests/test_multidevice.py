@@ -125,6 +125,31 @@ def test_auto_batch_counts_host_memory_once_over_forced_cpu_devices():
         assert per_device == 64 or 2 * per_device * 4 * need > usable, (stage, plan)  # and no smaller than that
 
 
+def test_diffusion_pieces_fit_one_host_memory_over_forced_cpu_devices():
+    """A diffusion batch too big for the free memory is decoded in pieces: on CPU devices, pieces that fit
+    the one host memory, not one such piece per device."""
+    script = textwrap.dedent("""
+        import json, jax, numpy as np
+        assert jax.local_device_count() == 4, jax.devices()
+        from mvjax.cli.demo import demo_model_dir
+        from mvjax.inference import stages, throughput
+        from mvjax.inference.pipeline import TTS
+        tts = TTS.load(demo_model_dir())
+        frames = stages.diffusion_frames_bucket(100)
+        per_row = throughput.diffusion_bytes_per_row(tts.diffusion, frames * tts.codec.config.hop_length, frames)
+        throughput.free_bytes = lambda device=None: 2.5 * per_row / 0.7  # two rows fit the host
+        pieces = []
+        stages._decode_piece = lambda codec, diffusion, piece, *rest: pieces.append(len(piece))
+        chunks = [stages.Chunk(0, (i,), "", np.zeros(2, np.uint32), all_codebooks=np.zeros((8, 100), np.int32))
+                  for i in range(8)]
+        stages.run_decoder(tts.codec, tts.diffusion, chunks, 2, stages.Batcher(tts.mesh), {})
+        print(json.dumps(pieces))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                         env=_clean_env(**FOUR_DEVICES), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [2, 2, 2, 2]  # 8 chunks, two at a time
+
 def _train(args, env, timeout=300):
     return subprocess.run([sys.executable, "-m", "mvjax.finetune", "train", *args], capture_output=True, text=True,
                           cwd=REPO, env=_clean_env(**env), timeout=timeout)
