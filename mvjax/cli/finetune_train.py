@@ -3,6 +3,8 @@
 Defaults are the reference recipe (``fam/llm/finetune.py``): the last block and the final norm
 train, AdamW at 3e-5 with betas 0.9/0.95 and weight decay 0.1 on matrices, gradients clipped to
 norm 1.0, batch 2, dropout 0.1, constant learning rate, loss over every position, two epochs.
+Training is one process: its batches split over the local devices (the default batch rounded up
+to a multiple of their count); a multi-task cluster job (Slurm, TPU pod) is refused.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def fit_devices(values: dict, explicit: dict, resume: bool, log=print) -> None:
     batch that splits over this process's devices: the default is rounded up to a multiple of the device
     count (and said), an explicit batch that does not split is an error. A resumed run keeps its recorded
     batch (the loop checks it against the devices)."""
-    from mvjax.core.parallel import local_mesh, padded_size, requested_processes
+    from mvjax.core.parallel import device_count, local_mesh, padded_size, requested_processes
 
     count, cluster = requested_processes()
     if count > 1:
@@ -178,11 +180,12 @@ def fit_devices(values: dict, explicit: dict, resume: bool, log=print) -> None:
     if resume:  # a resumed run keeps its recorded batch (the loop checks it against the devices)
         return
     mesh = local_mesh()
-    devices, batch = mesh.devices.size, values["batch_size"]
+    devices, batch = device_count(mesh), values["batch_size"]
     if batch % devices == 0:
         return
     if "batch_size" in explicit:
-        raise TrainUsageError(f"--batch-size {batch} does not split over {devices} devices: use a multiple of {devices}")
+        raise TrainUsageError(f"--batch-size {batch} does not split over {devices} devices: "
+                              f"use a multiple of {devices}")
     values["batch_size"] = padded_size(batch, mesh)
     log(f"batch size {values['batch_size']}: the default {batch} rounded up to split over {devices} devices")
 

@@ -9,8 +9,9 @@ checkpoints (converted once into the cache) or a Hugging Face repo id. Batch run
 whole pipeline in seconds: its output is noise, not speech.
 
 Several processes (``--num-processes N --process-id I --coordinator HOST:PORT``, the ``JAX_*``
-environment, or the tasks of a Slurm job / TPU pod, detected as ``jax.distributed`` does) each take every N-th line of the text file and write their own
-outputs; inside a process, batches are split over all local devices.
+environment, or the tasks of a Slurm job / TPU pod, detected as ``jax.distributed`` does) each
+take every N-th line of the text file and write their own outputs; inside a process, batches are
+split over all local devices.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ is padded to a multiple of the device count with copies of its first row (whose 
 are dropped), so every device gets the same number of rows. Each process builds its mesh
 from its own (addressable) devices: with several hosts, every process takes its own share
 of the inputs (:func:`process_share`) and writes its own outputs, so nothing crosses hosts.
+Processes find each other from explicit settings, the ``JAX_*`` variables, or a cluster that
+JAX itself detects (:func:`initialize_distributed`).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def detected_cluster() -> Optional[tuple[str, int]]:
     try:
         count = int(env.get_process_count())
     except (KeyError, ValueError, TypeError) as exc:
-        raise ClusterError(f"a {env.name} environment was detected but its process count cannot be read: {exc}") from None
+        raise ClusterError(f"a {env.name} environment was detected but its task count cannot be read: {exc}") from None
     return env.name, count
 
 
