@@ -3,6 +3,8 @@
 Defaults are the reference recipe (``fam/llm/finetune.py``): the last block and the final norm
 train, AdamW at 3e-5 with betas 0.9/0.95 and weight decay 0.1 on matrices, gradients clipped to
 norm 1.0, batch 2, dropout 0.1, constant learning rate, loss over every position, two epochs.
+Training is one process: its batches split over the local devices (the default batch rounded up
+to a multiple of their count); a multi-task cluster job (Slurm, TPU pod) is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class TrainUsageError(MvjaxError, ValueError):
 # flag -> (type, default, help). Defaults None mean "derived" (said in the help).
 OPTIONS = {
     "steps": (int, None, "optimiser steps (default: two epochs over the training rows, as the reference)"),
-    "batch_size": (int, 2, "rows per micro-batch (split over all local devices)"),
+    "batch_size": (int, 2, "rows per micro-batch, split over all local devices (when not given, rounded up to a "
+                           "multiple of their count)"),
     "grad_accum": (int, 1, "micro-batches per optimiser step (gradient accumulation)"),
     "learning_rate": (float, 3e-5, "peak learning rate"),
     "schedule": (str, "constant", "constant (the reference) or cosine (warmup, then cosine decay to --min-lr)"),
@@ -162,18 +165,44 @@ def build_configs(values: dict, n_train_rows: int):
     return spec, optim, loop
 
 
+def fit_devices(values: dict, explicit: dict, resume: bool, log=print) -> None:
+    """One process only (a multi-task cluster job is refused before it writes anything), and for a new run a
+    batch that splits over this process's devices: the default is rounded up to a multiple of the device
+    count (and said), an explicit batch that does not split is an error. A resumed run keeps its recorded
+    batch (the loop checks it against the devices)."""
+    from mvjax.core.parallel import device_count, local_mesh, padded_size, requested_processes
+
+    count, cluster = requested_processes()
+    if count > 1:
+        where = f"this {cluster} job has {count} tasks" if cluster else f"JAX_NUM_PROCESSES is {count}"
+        raise TrainUsageError(f"finetune train runs as one process (its batches split over every local device), "
+                              f"but {where}: start it as one task")
+    if resume:  # a resumed run keeps its recorded batch (the loop checks it against the devices)
+        return
+    mesh = local_mesh()
+    devices, batch = device_count(mesh), values["batch_size"]
+    if batch % devices == 0:
+        return
+    if "batch_size" in explicit:
+        raise TrainUsageError(f"--batch-size {batch} does not split over {devices} devices: "
+                              f"use a multiple of {devices}")
+    values["batch_size"] = padded_size(batch, mesh)
+    log(f"batch size {values['batch_size']}: the default {batch} rounded up to split over {devices} devices")
+
+
 def run(args) -> int:
     from mvjax.io.checkpoint import gpt_stage_config
     from mvjax.train.loop import train
     from mvjax.train.model import validate
 
     values, explicit = settings_from_args(args)
+    if not args.resume and (bool(args.model) == bool(args.demo) or not args.data):
+        raise TrainUsageError("a new run needs --data and one of --model / --demo (or --resume to continue --out)")
+    fit_devices(values, explicit, args.resume)
     out = Path(args.out)
     model_dir = data_dir = None
     n_rows = 1
     if not args.resume:
-        if bool(args.model) == bool(args.demo) or not args.data:
-            raise TrainUsageError("a new run needs --data and one of --model / --demo (or --resume to continue --out)")
         from mvjax.sources.resolve import resolve_model
         from mvjax.train.data import load_split
 

@@ -8,9 +8,10 @@ checkpoints (converted once into the cache) or a Hugging Face repo id. Batch run
 ``OUT_DIR/NNNN.wav``). ``--demo`` builds a small random model (no download) and runs the
 whole pipeline in seconds: its output is noise, not speech.
 
-Several processes (``--num-processes N --process-id I --coordinator HOST:PORT``, or the
-``JAX_*`` environment) each take every N-th line of the text file and write their own
-outputs; inside a process, batches are split over all local devices.
+Several processes (``--num-processes N --process-id I --coordinator HOST:PORT``, the ``JAX_*``
+environment, or the tasks of a Slurm job / TPU pod, detected as ``jax.distributed`` does) each
+take every N-th line of the text file and write their own outputs; inside a process, batches are
+split over all local devices.
 """
 
 from __future__ import annotations
@@ -297,10 +298,9 @@ def run(argv: list[str] | None = None) -> int:
         if not normalized:
             raise UsageError(f"{job['where']}: the text is empty" if args.text_file else "text is empty")
 
-    if args.coordinator or args.num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        from mvjax.core.parallel import initialize_distributed
+    from mvjax.core.parallel import initialize_distributed
 
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # flags, JAX_*, or Slurm/TPU pods
     import jax
 
     from mvjax.core.parallel import process_share

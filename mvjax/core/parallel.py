@@ -5,10 +5,13 @@ is padded to a multiple of the device count with copies of its first row (whose 
 are dropped), so every device gets the same number of rows. Each process builds its mesh
 from its own (addressable) devices: with several hosts, every process takes its own share
 of the inputs (:func:`process_share`) and writes its own outputs, so nothing crosses hosts.
+Processes find each other from explicit settings, the ``JAX_*`` variables, or a cluster that
+JAX itself detects (:func:`initialize_distributed`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence, TypeVar
 
@@ -16,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from mvjax.core.errors import MvjaxError
 
 DATA_AXIS = "data"
 T = TypeVar("T")
@@ -68,23 +73,78 @@ def put_batch(array, mesh: Optional[Mesh]):
     return jax.device_put(array, batch_sharded(mesh))
 
 
+class ClusterError(MvjaxError, RuntimeError):
+    """The multi-process setup cannot be worked out (a bad cluster environment)."""
+
+
+def detected_cluster() -> Optional[tuple[str, int]]:
+    """(name, process count) of the cluster environment ``jax.distributed.initialize()`` would detect by
+    itself (Slurm, Open MPI, Cloud TPU pods, Kubernetes; never the opt-in mpi4py), or None outside one.
+
+    JAX keeps its cluster environments in a private module; if a JAX release moves them, this says so
+    once (a warning) and returns None: the run is then one process unless told otherwise."""
+    try:
+        from jax._src.clusters import ClusterEnv
+
+        envs = [env for env in ClusterEnv._cluster_types if not env.opt_in_only_method]
+    except (ImportError, AttributeError) as exc:
+        logging.getLogger("mvjax").warning(
+            "cannot ask this JAX for its cluster environments (%s): Slurm/TPU pods are not detected; give "
+            "--coordinator/--num-processes/--process-id or the JAX_* variables for several processes", exc)
+        return None
+    env = next((env for env in envs if env.is_env_present()), None)
+    if env is None:
+        return None
+    try:
+        count = int(env.get_process_count())
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ClusterError(f"a {env.name} environment was detected but its task count cannot be read: {exc}") from None
+    return env.name, count
+
+
+def _env_int(name: str) -> Optional[int]:
+    text = os.environ.get(name)
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ClusterError(f"{name} must be an integer, not {text!r}") from None
+
+
+def requested_processes(num_processes: Optional[int] = None) -> tuple[int, Optional[str]]:
+    """(how many processes this run is one of, the cluster JAX detects or None): ``num_processes``,
+    else ``JAX_NUM_PROCESSES``, else the detected cluster's task count, else 1. Touches no device."""
+    cluster = detected_cluster()
+    if num_processes is None:
+        num_processes = _env_int("JAX_NUM_PROCESSES")
+    if num_processes is None:
+        num_processes = 1 if cluster is None else cluster[1]
+    return num_processes, None if cluster is None else cluster[0]
+
+
 def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
-    """``jax.distributed.initialize`` with explicit arguments, or auto-detected ones (Slurm, TPU pods,
-    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``) when none are given."""
-    kwargs = {}
+                           process_id: Optional[int] = None) -> bool:
+    """Start ``jax.distributed`` when this run is one of several processes; True if it did.
+
+    Explicit arguments or the ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``
+    variables are passed on (JAX fills in the rest from a cluster environment). Without them, a cluster
+    that JAX detects (:func:`detected_cluster`: Slurm, TPU pods, ...) with more than one task starts
+    ``jax.distributed.initialize()`` with no arguments, as JAX would; a one-task job needs no coordinator
+    and stays a plain single process. Call it before anything touches a device."""
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    if coordinator is not None:
-        kwargs["coordinator_address"] = coordinator
-    if num_processes is not None:
-        kwargs["num_processes"] = num_processes
-    if process_id is not None:
-        kwargs["process_id"] = process_id
-    jax.distributed.initialize(**kwargs)
+    given = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    count, cluster = requested_processes(given)
+    if coordinator is None:
+        if count <= 1:
+            return False
+        if cluster is None:
+            raise ClusterError("--num-processes needs --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS) outside "
+                               "a cluster that JAX detects (Slurm, TPU pods, ...)")
+    kwargs = {"coordinator_address": coordinator, "num_processes": given, "process_id": process_id}
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+    return True
 
 
 def process_share(items: Sequence[T], process_index: Optional[int] = None, process_count: Optional[int] = None) -> list[tuple[int, T]]:

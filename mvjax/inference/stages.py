@@ -211,7 +211,7 @@ def run_decoder(codec, diffusion, chunks: list[Chunk], batch_size: int, batcher:
     :func:`mvjax.inference.throughput.diffusion_bytes_per_row`) does not fit the free memory is
     decoded in pieces of the same padded length, so its noise and results do not change.
     """
-    from mvjax.inference.throughput import diffusion_bytes_per_row, rows_that_fit
+    from mvjax.inference.throughput import diffusion_bytes_per_row, memory_pools, rows_that_fit
 
     for c in chunks:
         if c.all_codebooks.shape[1] == 0:
@@ -222,7 +222,7 @@ def run_decoder(codec, diffusion, chunks: list[Chunk], batch_size: int, batcher:
         pieces = [group]
         if diffusion is not None and len(group) > 1:
             per_row = diffusion_bytes_per_row(diffusion, frames * codec.config.hop_length, frames)
-            fit = rows_that_fit(per_row) * (device_count(batcher.mesh) if batcher.mesh is not None else 1)
+            fit = rows_that_fit(per_row) * memory_pools(batcher.mesh)  # CPU devices share one memory
             if fit < len(group):
                 log.info("diffusion: %d chunks of %d frames need ~%.1f GB; decoding %d at a time", len(group), frames,
                          len(group) * per_row / 1e9, fit)

@@ -5,7 +5,8 @@ Each stage's working memory grows linearly with its batch: the first stage's KV 
 activations and logits, the decoder's activations over the waveform. :func:`plan_batch_sizes`
 estimates the bytes one utterance needs in each stage from the model's own sizes and picks,
 per stage, the largest power of two that fits in a fraction of the free memory (device memory
-on GPU/TPU, ``MemAvailable`` on CPU), after the weights already loaded.
+on GPU/TPU, ``MemAvailable`` on CPU, counted once however many CPU devices share it), after the
+weights already loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional
 
 import jax
 
+from mvjax.core.parallel import device_count
 from mvjax.nn.kv_cache import bytes_per_slot
 
 MAX_BATCH = 64
@@ -109,14 +111,25 @@ def rows_that_fit(bytes_per_row: int, available: Optional[int] = None, fraction:
     return max(1, int(budget // max(1, bytes_per_row)))
 
 
+def memory_pools(mesh) -> int:
+    """How many separate memories the devices of ``mesh`` draw on: one each for GPUs and TPUs, one in
+    all for CPU devices (forced host devices share the host's memory)."""
+    if mesh is None:
+        return 1
+    devices = list(mesh.devices.flat)
+    return 1 if all(d.platform == "cpu" for d in devices) else len(devices)
+
+
 def plan_batch_sizes(tts, frames: int, decoder: str = "mbd", available: Optional[int] = None,
                      fraction: float = 0.7, max_batch: int = MAX_BATCH) -> dict[str, int]:
-    """Per-stage batch sizes (per device): the largest power of two whose estimated working memory
-    fits in ``fraction`` of the free memory (``available`` bytes, measured when not given)."""
+    """Per-stage batch sizes (per device of ``tts.mesh``): the largest power of two whose estimated
+    working memory fits in ``fraction`` of the free memory (``available`` bytes, measured when not
+    given) of each device, or, for CPU devices, whose total over the devices fits the one host memory."""
     available = free_bytes() if available is None else available
+    devices, pools = device_count(tts.mesh), memory_pools(tts.mesh)
     out = {}
     for stage, need in per_utterance_bytes(tts, frames, decoder).items():
-        fit = min(max_batch, rows_that_fit(need, available, fraction))
+        fit = min(max_batch, max(1, rows_that_fit(need, available, fraction) * pools // devices))
         out[stage] = 1 << (fit.bit_length() - 1)  # the largest power of two <= fit
     return out
 
