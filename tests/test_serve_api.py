@@ -12,6 +12,7 @@ import soundfile as sf
 
 from tests.serve_util import (
     DEMO_ARGS,
+    LogWatch,
     TEST_MAX_NEW_TOKENS,
     ServerProcess,
     ThreadServer,
@@ -170,6 +171,81 @@ def test_metrics_health_docs(served):
         assert name in text
     batches = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("mvjax_batch_size_count")))
     assert batches >= 1
+
+
+FORGED = "2024-01-01 12:00:00,000 mvjax.serve INFO FORGED admin login ok"
+
+
+def test_client_text_cannot_forge_log_lines(served):
+    """Paths (and voice names in them) reach the access log escaped and capped: a %0A or NUL in
+    the request writes no line of the client's own."""
+    srv, _ = served
+    with LogWatch() as logs:
+        assert httpx.get(srv.url + "/x%0A" + FORGED + "%00%0D%1B[31m").status_code == 404
+        assert httpx.delete(srv.url + "/v1/voices/bob%0A" + FORGED).status_code == 404
+        assert httpx.get(srv.url + "/long" + "%0A" * 3000).status_code == 404
+        line = logs.wait_for("GET /x")
+        logs.wait_for("DELETE /v1/voices/bob")
+        long = logs.wait_for("GET /long")
+    assert line.startswith("GET /x\\n" + FORGED + "\\x00\\r\\x1b[31m 404 ")
+    assert len(long) < 500 and "..." in long
+    for text in logs.lines():
+        assert not text.startswith(("2024", "FORGED")) and not any(c in text for c in "\x00\r\x1b"), text
+
+
+def test_cross_site_requests_are_refused(served, voice_wav):
+    """With no API key, a page on another origin may not upload, speak or delete: JSON 403 before
+    any work; the server's own page (whatever host name reached it) and non-browser clients may."""
+    srv, _ = served
+    evil = {"Origin": "http://evil.example"}
+    speech = {"input": "", "voice": "demo"}  # refused after the origin check (400), so nothing is synthesised
+
+    def attempts(headers):
+        with open(voice_wav, "rb") as fh:
+            yield httpx.post(srv.url + "/v1/voices", data={"name": "x"}, files={"file": ("r.wav", fh, "audio/wav")},
+                             headers=headers, timeout=120)
+        with open(voice_wav, "rb") as fh:
+            yield httpx.post(srv.url + "/tts", data={"text": ""}, files={"audiodata": ("r.wav", fh, "audio/wav")},
+                             headers=headers, timeout=120)
+        yield httpx.post(srv.url + "/v1/audio/speech", json=speech, headers=headers, timeout=30)
+        yield httpx.delete(srv.url + "/v1/voices/nobody", headers=headers)
+
+    for r in attempts(evil):
+        assert r.status_code == 403, (r.request.url, r.text)
+        error = r.json()["error"]
+        assert "evil.example" in error["message"] and error["type"] == "invalid_request_error"
+    for r in attempts({"Sec-Fetch-Site": "cross-site"}):
+        assert r.status_code == 403 and "cross-site" in r.json()["error"]["message"]
+    assert "x" not in httpx.get(srv.url + "/v1/audio/voices").json()["voices"]
+    host = srv.url.removeprefix("http://")
+    port = host.rsplit(":", 1)[1]
+    for headers in ({}, {"Origin": srv.url, "Sec-Fetch-Site": "same-origin"},
+                    {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"}):
+        statuses = [r.status_code for r in attempts(headers)]
+        assert statuses[1:] == [400, 400, 404], (headers, statuses)
+        assert statuses[0] == 201
+        assert httpx.delete(srv.url + "/v1/voices/x", headers=headers).status_code == 200
+    # reads stay open to every origin (CORS decides whether the page may see the answer)
+    assert httpx.get(srv.url + "/v1/audio/voices", headers=evil).status_code == 200
+    preflight = httpx.options(srv.url + "/v1/audio/speech",
+                              headers={**evil, "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code >= 400 and "error" in preflight.json()
+
+
+def test_cors_origin_allows_that_origin_only():
+    app, _ = demo_server_app(cors_origins=("http://app.example",))
+    with ThreadServer(app) as srv:
+        url = srv.url + "/v1/audio/speech"
+        body = {"input": "", "voice": "demo"}
+        allowed = httpx.post(url, json=body, headers={"Origin": "http://app.example"})
+        assert allowed.status_code == 400 and allowed.headers["access-control-allow-origin"] == "http://app.example"
+        assert httpx.post(url, json=body, headers={"Origin": "http://app.example:8080"}).status_code == 403
+        assert httpx.post(url, json=body, headers={"Origin": "null"}).status_code == 403
+        ok = httpx.options(url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+        assert ok.status_code == 200
+        refused = httpx.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert refused.status_code == 400 and refused.headers["content-type"] == "application/json"
+        assert "CORS" in refused.json()["error"]["message"]
 
 
 def test_api_key_and_cors(tmp_path):

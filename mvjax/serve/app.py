@@ -21,6 +21,7 @@ import logging
 import time
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
@@ -30,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
 from mvjax.audio.stream import supported_formats
-from mvjax.serve.errors import ApiError, error_response, install_errors
+from mvjax.serve.errors import ApiError, error_response, install_errors, loggable
 from mvjax.serve.jobs import SpeechParams
 from mvjax.serve.metrics import Metrics
 from mvjax.serve.output import EnhancerPool
@@ -50,6 +51,7 @@ log = logging.getLogger("mvjax.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
 UPLOAD_PATHS = ("/v1/voices", "/tts")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else changes state or spends compute
 
 
 class State:
@@ -115,16 +117,21 @@ class BodyTooLarge(HTTPException):
 class Guard:
     """Plain ASGI middleware (it leaves the client's disconnect visible to the routes, which
     Starlette's ``BaseHTTPMiddleware`` hides): body size limits, the API key, refusal while
-    draining, the request counter and the access log line."""
+    draining, cross-site refusal, the request counter and the access log line."""
 
     def __init__(self, app, state: State):
         self.app, self.state = app, state
 
-    def _refusal(self, path: str, method: str, headers: Headers, limit: int) -> Optional[Response]:
+    def _refusal(self, scope, headers: Headers, limit: int) -> Optional[Response]:
         settings = self.state.settings
+        path, method = scope["path"], scope["method"]
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return error_response(413, f"the request body is over the limit of {limit} bytes")
+        if method not in SAFE_METHODS:
+            refused = _cross_site(headers, scope.get("scheme", "http"), settings.cors_origins)
+            if refused is not None:
+                return error_response(403, refused)
         if settings.api_key and not _open(path, settings) and not _authorised(headers, settings.api_key):
             return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                   headers={"WWW-Authenticate": "Bearer"})
@@ -157,7 +164,7 @@ class Guard:
             return message
 
         try:
-            refusal = self._refusal(path, method, Headers(scope=scope), limit)
+            refusal = self._refusal(scope, Headers(scope=scope), limit)
             if refusal is not None:
                 await refusal(scope, receive, send_counted)
             else:
@@ -165,14 +172,60 @@ class Guard:
         finally:
             route = path if path in _ROUTES else ("/v1/voices/{name}" if path.startswith("/v1/voices/") else "other")
             self.state.metrics.requests.labels(route, str(status[0])).inc()
-            log.info("%s %s %d %.0f ms", method, path, status[0], (time.monotonic() - start) * 1000)
+            log.info("%s %s %d %.0f ms", loggable(method, 16), loggable(path), status[0],
+                     (time.monotonic() - start) * 1000)
+
+
+def _origin(url: str) -> Optional[tuple[str, str, int]]:
+    """(scheme, host, port) of an http(s) origin, or None for anything else (``null``, garbage)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
+
+
+def _cross_site(headers: Headers, scheme: str, allowed: tuple[str, ...]) -> Optional[str]:
+    """Why a state-changing request comes from another site's page, or None when it may go on.
+
+    A browser names the page's origin in ``Origin``: it must be the server's own (the request's
+    scheme and ``Host``, however the server was reached) or one given with ``--cors-origin``.
+    Without ``Origin``, ``Sec-Fetch-Site: cross-site`` still marks another site's page; a client
+    that is not a browser sends neither and is let through (the API key guards it, when set)."""
+    origin = headers.get("origin")
+    if origin is None:
+        if headers.get("sec-fetch-site", "").strip().lower() == "cross-site":
+            return "cross-site request refused: it comes from another site's page"
+        return None
+    own = _origin(f"{scheme}://{headers.get('host', '')}")
+    theirs = _origin(origin)
+    if theirs is not None and (theirs == own or "*" in allowed or theirs in {_origin(o) for o in allowed}):
+        return None
+    return (f"cross-origin request refused: origin {loggable(origin, 100)!r} is neither this server's own "
+            "nor one allowed with --cors-origin")
+
+
+class JsonCors(CORSMiddleware):
+    """Starlette's CORS middleware answering a refused preflight in the server's JSON error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        kept = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        reason = bytes(response.body).decode(errors="replace").strip()
+        return error_response(response.status_code, f"CORS preflight refused: {reason}", headers=kept)
 
 
 def _install_middleware(app: FastAPI, state: State) -> None:
     settings = state.settings
     app.add_middleware(Guard, state=state)
     if settings.cors_origins:  # outside the guard: it answers preflight requests, which carry no key
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+        app.add_middleware(JsonCors, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["X-Seed", "X-Sample-Rate", "X-Time-To-First-Audio"])
 
