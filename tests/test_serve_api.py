@@ -248,6 +248,62 @@ def test_cors_origin_allows_that_origin_only():
         assert "CORS" in refused.json()["error"]["message"]
 
 
+def _upload(srv, path_or_bytes, name="v", url="/v1/voices", field="file", **data):
+    body = path_or_bytes if isinstance(path_or_bytes, bytes) else path_or_bytes.read_bytes()
+    return httpx.post(srv.url + url, data={"name": name, **data} if url == "/v1/voices" else data,
+                      files={field: ("rec.wav", body, "audio/wav")}, timeout=120)
+
+
+def _silent_wav(seconds=5.0, rate=16000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(seconds * rate), np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_control_characters_in_text_are_refused(served, voice_wav):
+    """NUL, escape, DEL ... in the text are a 400 naming the character (the form's text too, before
+    its upload is embedded); tab, newline and carriage return remain whitespace."""
+    from mvjax.serve.settings import ServerSettings
+    from mvjax.serve.speech import check_text
+
+    srv, _ = served
+    for char in ("\x00", "\x1b", "\x7f"):
+        r = httpx.post(srv.url + "/v1/audio/speech", json={"input": f"Hi{char} there.", "voice": "demo"}, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "input" and f"U+{ord(char):04X}" in error["message"]
+        assert "control character" in error["message"]
+    r = _upload(srv, _silent_wav(), url="/tts", field="audiodata", text="Hi\x00 there.")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "U+0000" in r.json()["error"]["message"]
+    check_text("Hello\tthere.\r\nYes.", ServerSettings())  # accepted
+
+
+def test_upload_errors_name_their_field_and_say_silent(served, voice_wav):
+    srv, _ = served
+    for bad in ("bad name!", "n" * 65, ".hidden"):
+        r = _upload(srv, voice_wav, name=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name", (bad, r.text)
+    for r, param in ((_upload(srv, _silent_wav()), "file"),
+                     (_upload(srv, _silent_wav(), url="/tts", field="audiodata", text="Hi."), "audiodata")):
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param, r.text
+        assert "is silent" in error["message"] and "AudioError" not in error["message"]
+
+
+def test_repeated_identical_upload_is_200_with_the_stored_voice(served, voice_wav):
+    srv, _ = served
+    first = _upload(srv, voice_wav, name="twice")
+    again = _upload(srv, voice_wav, name="twice")
+    try:
+        assert first.status_code == 201 and again.status_code == 200, (first.text, again.text)
+        assert again.json() == first.json()
+        other = _upload(srv, _silent_wav(), name="twice")  # other audio: refused before it is decoded
+        assert other.status_code == 409 and other.json()["error"]["param"] == "name"
+        assert _upload(srv, voice_wav, name="twice", replace="true").status_code == 200  # same audio: nothing to do
+    finally:
+        assert httpx.delete(srv.url + "/v1/voices/twice").status_code == 200
+
+
 def test_api_key_and_cors(tmp_path):
     app, _ = demo_server_app(api_key="s3cret", cors_origins=("http://app.example",))
     with ThreadServer(app) as srv:
@@ -262,7 +318,8 @@ def test_api_key_and_cors(tmp_path):
         assert httpx.get(srv.url + "/metrics").status_code == 401
         scraped = httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer s3cret"})
         assert scraped.status_code == 200 and "mvjax_" in scraped.text
-        assert all(httpx.get(srv.url + path).status_code == 200 for path in ("/", "/health", "/docs"))
+        assert all(httpx.get(srv.url + path).status_code == 200
+                   for path in ("/", "/health", "/docs", "/docs/assets/swagger-ui-bundle.js", "/docs/assets/favicon.png"))
         ok = httpx.options(url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "GET"})
         assert ok.headers.get("access-control-allow-origin") == "http://app.example"
         other = httpx.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})

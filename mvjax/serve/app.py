@@ -27,6 +27,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
@@ -40,17 +41,26 @@ from mvjax.serve.speech import (
     MAX_SEED,
     SpeechRequest,
     check_speech,
+    check_text,
     random_or,
     speak,
     voice_embedding,
 )
-from mvjax.serve.voices import VoiceError, VoiceRegistry
+from mvjax.serve.voices import (
+    InvalidVoiceName,
+    VoiceError,
+    VoiceExists,
+    VoiceProtected,
+    VoiceRegistry,
+)
 from mvjax.serve.worker import SpeechWorker
 
 log = logging.getLogger("mvjax.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
+DOCS_ASSETS = "/docs/assets"  # the docs page's script, style and icon (open like the page)
 UPLOAD_PATHS = ("/v1/voices", "/tts")
+NAME_ERRORS = (InvalidVoiceName, VoiceProtected, VoiceExists)  # upload refusals about the name, not the file
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else changes state or spends compute
 
 
@@ -84,8 +94,13 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
             state.worker.close()
             state.pool.close()
 
-    app = FastAPI(title="mvjax speech server", version="0.1.0", lifespan=lifespan,
-                  description="MetaVoice-1B text to speech on mvjax: an OpenAI-compatible API, voices, streaming.")
+    # /docs (Swagger UI) with its script, style and icon served from the installed fastapi-offline
+    # package under DOCS_ASSETS: the page works with no network (no CDN). No ReDoc: its page still
+    # loads an image from its vendor's CDN.
+    app = FastAPIOffline(title="mvjax speech server", version="0.1.0", lifespan=lifespan, static_url=DOCS_ASSETS,
+                         redoc_url=None,
+                         description="MetaVoice-1B text to speech on mvjax: an OpenAI-compatible API, voices, "
+                                     "streaming.")
     app.state.mvjax = state
     _install_middleware(app, state)
     install_errors(app)
@@ -234,9 +249,10 @@ _ROUTES = {"/", "/health", "/metrics", "/v1/audio/speech", "/v1/audio/voices", "
 
 
 def _open(path: str, settings: ServerSettings) -> bool:
-    """Paths served without the API key: the page, health, docs; ``/metrics`` only when the
+    """Paths served without the API key: the page, health, docs (and their assets); ``/metrics`` only when the
     operator made it public (``--public-metrics``: a scraper without the key)."""
-    return path in OPEN_PATHS or path.startswith("/static/") or (path == "/metrics" and settings.public_metrics)
+    return (path in OPEN_PATHS or path.startswith(("/static/", DOCS_ASSETS + "/"))
+            or (path == "/metrics" and settings.public_metrics))
 
 
 def _authorised(headers: Headers, key: str) -> bool:
@@ -276,10 +292,7 @@ def _speech_routes(app: FastAPI, state: State) -> None:
         if speaker_ref_path:
             raise ApiError(400, "speaker_ref_path is not supported: this server never opens a path or URL named in "
                            "a request; upload the recording as audiodata", "speaker_ref_path")
-        if len(text) > settings.max_input_chars:
-            raise ApiError(400, f"text is {len(text)} characters; the limit is {settings.max_input_chars}", "text")
-        if not text.strip():
-            raise ApiError(400, "text is empty", "text")
+        check_text(text, settings, "text")
         if audiodata is not None and audiodata.filename:
             data = await _read_upload(audiodata, settings.voice_limits.max_upload_bytes)
             try:
@@ -322,16 +335,21 @@ def _voice_routes(app: FastAPI, state: State) -> None:
     async def voices():
         return {"object": "list", "data": [_voice_json(v) for v in sorted(registry.list(), key=lambda v: v.name)]}
 
-    @app.post("/v1/voices", status_code=201, tags=["voices"])
-    async def add_voice(name: str = Form(..., description="1-64 of [A-Za-z0-9_.-]"),
+    @app.post("/v1/voices", status_code=201, tags=["voices"],
+              responses={200: {"description": "the same recording is stored under this name already: nothing "
+                                              "changed (an idempotent repeat)"}})
+    async def add_voice(response: Response, name: str = Form(..., description="1-64 of [A-Za-z0-9_.-]"),
                         file: UploadFile = File(..., description="a recording of the voice (wav, flac, ogg, mp3)"),
                         replace: bool = Form(False)):
-        """Add a voice from a recording: its speaker embedding is stored under ``name``."""
+        """Add a voice from a recording: its speaker embedding is stored under ``name`` (201); the
+        same recording under the same name again answers 200 with the stored voice."""
         data = await _read_upload(file, registry.limits.max_upload_bytes)
         try:
-            voice = await run_in_threadpool(registry.add, name, data, file.filename or "", replace)
+            voice, new = await run_in_threadpool(registry.put, name, data, file.filename or "", replace)
         except VoiceError as exc:
-            raise ApiError(exc.status, str(exc), "name" if exc.status in (403, 409) else "file") from None
+            raise ApiError(exc.status, str(exc), "name" if isinstance(exc, NAME_ERRORS) else "file") from None
+        if not new:
+            response.status_code = 200
         return _voice_json(voice)
 
     @app.delete("/v1/voices/{name}", tags=["voices"])
