@@ -8,6 +8,7 @@ the test process (shares one loaded model between tests; far quicker to start).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import socket
@@ -118,6 +119,47 @@ class ThreadServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class LogWatch(logging.Handler):
+    """The records a logger writes while the ``with`` block runs (at ``level``); :meth:`wait_for` waits
+    (on a condition the handler signals, not by sleeping) until one matches, since a server may log
+    a request's line after the client has its answer."""
+
+    def __init__(self, name: str = "mvjax.serve", level: int = logging.INFO):
+        super().__init__(level)
+        self.logger, self.records = logging.getLogger(name), []
+        self._level, self._changed = level, threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._changed:
+            self.records.append(record)
+            self._changed.notify_all()
+
+    def lines(self) -> list[str]:
+        """The log as an operator's file would hold it: every line of every formatted message."""
+        with self._changed:
+            return [line for r in self.records for line in r.getMessage().splitlines()]
+
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        """The first message containing ``text``; AssertionError after ``timeout`` seconds."""
+        def found():
+            return next((r.getMessage() for r in self.records if text in r.getMessage()), None)
+
+        with self._changed:
+            if not self._changed.wait_for(found, timeout):
+                raise AssertionError(f"no log message containing {text!r} within {timeout} s")
+            return found()
+
+    def __enter__(self) -> "LogWatch":
+        self._old = self.logger.level
+        self.logger.setLevel(min(self._old or logging.WARNING, self._level))
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self._old)
 
 
 # Tests cap the first stage's tokens per chunk: the random demo model seldom ends its audio, and

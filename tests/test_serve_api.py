@@ -12,6 +12,7 @@ import soundfile as sf
 
 from tests.serve_util import (
     DEMO_ARGS,
+    LogWatch,
     TEST_MAX_NEW_TOKENS,
     ServerProcess,
     ThreadServer,
@@ -172,6 +173,137 @@ def test_metrics_health_docs(served):
     assert batches >= 1
 
 
+FORGED = "2024-01-01 12:00:00,000 mvjax.serve INFO FORGED admin login ok"
+
+
+def test_client_text_cannot_forge_log_lines(served):
+    """Paths (and voice names in them) reach the access log escaped and capped: a %0A or NUL in
+    the request writes no line of the client's own."""
+    srv, _ = served
+    with LogWatch() as logs:
+        assert httpx.get(srv.url + "/x%0A" + FORGED + "%00%0D%1B[31m").status_code == 404
+        assert httpx.delete(srv.url + "/v1/voices/bob%0A" + FORGED).status_code == 404
+        assert httpx.get(srv.url + "/long" + "%0A" * 3000).status_code == 404
+        line = logs.wait_for("GET /x")
+        logs.wait_for("DELETE /v1/voices/bob")
+        long = logs.wait_for("GET /long")
+    assert line.startswith("GET /x\\n" + FORGED + "\\x00\\r\\x1b[31m 404 ")
+    assert len(long) < 500 and "..." in long
+    for text in logs.lines():
+        assert not text.startswith(("2024", "FORGED")) and not any(c in text for c in "\x00\r\x1b"), text
+
+
+def test_cross_site_requests_are_refused(served, voice_wav):
+    """With no API key, a page on another origin may not upload, speak or delete: JSON 403 before
+    any work; the server's own page (whatever host name reached it) and non-browser clients may."""
+    srv, _ = served
+    evil = {"Origin": "http://evil.example"}
+    speech = {"input": "", "voice": "demo"}  # refused after the origin check (400), so nothing is synthesised
+
+    def attempts(headers):
+        with open(voice_wav, "rb") as fh:
+            yield httpx.post(srv.url + "/v1/voices", data={"name": "x"}, files={"file": ("r.wav", fh, "audio/wav")},
+                             headers=headers, timeout=120)
+        with open(voice_wav, "rb") as fh:
+            yield httpx.post(srv.url + "/tts", data={"text": ""}, files={"audiodata": ("r.wav", fh, "audio/wav")},
+                             headers=headers, timeout=120)
+        yield httpx.post(srv.url + "/v1/audio/speech", json=speech, headers=headers, timeout=30)
+        yield httpx.delete(srv.url + "/v1/voices/nobody", headers=headers)
+
+    for r in attempts(evil):
+        assert r.status_code == 403, (r.request.url, r.text)
+        error = r.json()["error"]
+        assert "evil.example" in error["message"] and error["type"] == "invalid_request_error"
+    for r in attempts({"Sec-Fetch-Site": "cross-site"}):
+        assert r.status_code == 403 and "cross-site" in r.json()["error"]["message"]
+    assert "x" not in httpx.get(srv.url + "/v1/audio/voices").json()["voices"]
+    host = srv.url.removeprefix("http://")
+    port = host.rsplit(":", 1)[1]
+    for headers in ({}, {"Origin": srv.url, "Sec-Fetch-Site": "same-origin"},
+                    {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"}):
+        statuses = [r.status_code for r in attempts(headers)]
+        assert statuses[1:] == [400, 400, 404], (headers, statuses)
+        assert statuses[0] == 201
+        assert httpx.delete(srv.url + "/v1/voices/x", headers=headers).status_code == 200
+    # reads stay open to every origin (CORS decides whether the page may see the answer)
+    assert httpx.get(srv.url + "/v1/audio/voices", headers=evil).status_code == 200
+    preflight = httpx.options(srv.url + "/v1/audio/speech",
+                              headers={**evil, "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code >= 400 and "error" in preflight.json()
+
+
+def test_cors_origin_allows_that_origin_only():
+    app, _ = demo_server_app(cors_origins=("http://app.example",))
+    with ThreadServer(app) as srv:
+        url = srv.url + "/v1/audio/speech"
+        body = {"input": "", "voice": "demo"}
+        allowed = httpx.post(url, json=body, headers={"Origin": "http://app.example"})
+        assert allowed.status_code == 400 and allowed.headers["access-control-allow-origin"] == "http://app.example"
+        assert httpx.post(url, json=body, headers={"Origin": "http://app.example:8080"}).status_code == 403
+        assert httpx.post(url, json=body, headers={"Origin": "null"}).status_code == 403
+        ok = httpx.options(url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+        assert ok.status_code == 200
+        refused = httpx.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert refused.status_code == 400 and refused.headers["content-type"] == "application/json"
+        assert "CORS" in refused.json()["error"]["message"]
+
+
+def _upload(srv, path_or_bytes, name="v", url="/v1/voices", field="file", **data):
+    body = path_or_bytes if isinstance(path_or_bytes, bytes) else path_or_bytes.read_bytes()
+    return httpx.post(srv.url + url, data={"name": name, **data} if url == "/v1/voices" else data,
+                      files={field: ("rec.wav", body, "audio/wav")}, timeout=120)
+
+
+def _silent_wav(seconds=5.0, rate=16000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(seconds * rate), np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_control_characters_in_text_are_refused(served, voice_wav):
+    """NUL, escape, DEL ... in the text are a 400 naming the character (the form's text too, before
+    its upload is embedded); tab, newline and carriage return remain whitespace."""
+    from mvjax.serve.settings import ServerSettings
+    from mvjax.serve.speech import check_text
+
+    srv, _ = served
+    for char in ("\x00", "\x1b", "\x7f"):
+        r = httpx.post(srv.url + "/v1/audio/speech", json={"input": f"Hi{char} there.", "voice": "demo"}, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "input" and f"U+{ord(char):04X}" in error["message"]
+        assert "control character" in error["message"]
+    r = _upload(srv, _silent_wav(), url="/tts", field="audiodata", text="Hi\x00 there.")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "U+0000" in r.json()["error"]["message"]
+    check_text("Hello\tthere.\r\nYes.", ServerSettings())  # accepted
+
+
+def test_upload_errors_name_their_field_and_say_silent(served, voice_wav):
+    srv, _ = served
+    for bad in ("bad name!", "n" * 65, ".hidden"):
+        r = _upload(srv, voice_wav, name=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name", (bad, r.text)
+    for r, param in ((_upload(srv, _silent_wav()), "file"),
+                     (_upload(srv, _silent_wav(), url="/tts", field="audiodata", text="Hi."), "audiodata")):
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param, r.text
+        assert "is silent" in error["message"] and "AudioError" not in error["message"]
+
+
+def test_repeated_identical_upload_is_200_with_the_stored_voice(served, voice_wav):
+    srv, _ = served
+    first = _upload(srv, voice_wav, name="twice")
+    again = _upload(srv, voice_wav, name="twice")
+    try:
+        assert first.status_code == 201 and again.status_code == 200, (first.text, again.text)
+        assert again.json() == first.json()
+        other = _upload(srv, _silent_wav(), name="twice")  # other audio: refused before it is decoded
+        assert other.status_code == 409 and other.json()["error"]["param"] == "name"
+        assert _upload(srv, voice_wav, name="twice", replace="true").status_code == 200  # same audio: nothing to do
+    finally:
+        assert httpx.delete(srv.url + "/v1/voices/twice").status_code == 200
+
+
 def test_api_key_and_cors(tmp_path):
     app, _ = demo_server_app(api_key="s3cret", cors_origins=("http://app.example",))
     with ThreadServer(app) as srv:
@@ -186,7 +318,8 @@ def test_api_key_and_cors(tmp_path):
         assert httpx.get(srv.url + "/metrics").status_code == 401
         scraped = httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer s3cret"})
         assert scraped.status_code == 200 and "mvjax_" in scraped.text
-        assert all(httpx.get(srv.url + path).status_code == 200 for path in ("/", "/health", "/docs"))
+        assert all(httpx.get(srv.url + path).status_code == 200
+                   for path in ("/", "/health", "/docs", "/docs/assets/swagger-ui-bundle.js", "/docs/assets/favicon.png"))
         ok = httpx.options(url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "GET"})
         assert ok.headers.get("access-control-allow-origin") == "http://app.example"
         other = httpx.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})

@@ -420,10 +420,10 @@ def test_concurrent_uploads_of_one_name(server):
         assert str(npz["sha256"]) == shas[winner]
         np.testing.assert_array_equal(npz["embedding"], server.app.state.mvjax.registry.get("same"))
     assert sorted(p.name for p in server.voices.iterdir()) == ["same.npz"]
-    # the same bytes again: 201 with the stored voice, unchanged
+    # the same bytes again: 200 (an idempotent repeat) with the stored voice, unchanged
     r = httpx.post(server.url + "/v1/voices", data={"name": "same"},
                    files={"file": ("again.wav", uploads[winner], "audio/wav")}, timeout=120)
-    assert r.status_code == 201 and r.json()["sha256"] == shas[winner]
+    assert r.status_code == 200 and r.json()["sha256"] == shas[winner]
 
 
 # --- 5. a burst past the queue limit ---------------------------------------------------------

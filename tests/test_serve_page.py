@@ -8,6 +8,7 @@ is skipped, except under CI (``CI`` set), where ``.ci/run`` installs it and a mi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -149,6 +150,32 @@ def test_page_shows_the_servers_error(server, browser):
     assert state["bytesReceived"] == 0
     assert not browser.find_element(By.ID, "player").get_attribute("src")
     assert not browser.find_element(By.ID, "download").is_displayed()
+
+
+def _own_resources_only(driver, server) -> list[str]:
+    """Every resource the page loaded, asserted to come from the server itself."""
+    loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(url.startswith(server.url + "/") for url in loaded), loaded
+    return loaded
+
+
+def test_docs_render_offline_from_the_servers_own_files(server, browser):
+    """/docs (Swagger UI) loads its script, style and icon from the server, not a CDN: the machine
+    running the tests has no network, so the operation list appearing proves it. ReDoc, which
+    would still fetch from its CDN, is off."""
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    html = httpx.get(server.url + "/docs").text
+    assert not re.findall(r"(?:https?:)?//[A-Za-z0-9]", html), html
+    browser.get(server.url + "/docs")
+    paths = lambda: [e.get_attribute("data-path") for e in browser.find_elements(  # noqa: E731
+        By.CSS_SELECTOR, ".opblock .opblock-summary-path")]
+    assert "/v1/audio/speech" in _wait(paths, 60, "Swagger UI's operation list", server)
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert any(url.endswith(".js") for url in loaded)
+    assert all(url.startswith(server.url + "/") for url in loaded), loaded
+    assert httpx.get(server.url + "/redoc").status_code == 404
 
 
 def test_browser_skip_rule_is_strict_under_ci(monkeypatch):

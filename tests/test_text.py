@@ -27,6 +27,15 @@ def test_non_latin1_text_is_refused_naming_the_character():
     assert "\u4e16" in msg and "U+4E16" in msg and "U+20AC" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x0b", "\x1b", "\x7f", "\x85"])
+def test_control_characters_are_refused_naming_them(char):
+    with pytest.raises(TextError) as err:
+        normalize_text(f"Hello{char} there.")
+    msg = str(err.value)
+    assert f"U+{ord(char):04X}" in msg and "control character" in msg and "\n" not in msg and char not in msg
+    assert normalize_text("Hello\tthere.\r\nYes.") == "Hello there. Yes."  # tab, CR, LF stay whitespace
+
+
 def test_first_stage_tokenizer_matches_fixture_ids(converted, fixtures):
     s1 = np.load(fixtures / "stage1" / "stage1_cases.npz")
     _, _, tok = load_gpt_stage(converted, "first_stage")

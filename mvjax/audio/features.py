@@ -62,15 +62,19 @@ def frame_rms(audio: np.ndarray, frame_length: int = 2048, hop_length: int = 512
     return np.sqrt(power)
 
 
+class SilentAudioError(AudioError):
+    """Audio with nothing in it to keep (every sample zero): no speech to take a voice from."""
+
+
 def trim_silence(audio: np.ndarray, top_db: float = 20.0, frame_length: int = 2048, hop_length: int = 512):
     """librosa.effects.trim: keep frames within ``top_db`` of the loudest frame's RMS.
 
-    Returns (trimmed audio, (start, end)). All-silent audio raises :class:`AudioError`.
+    Returns (trimmed audio, (start, end)). All-silent audio raises :class:`SilentAudioError`.
     """
     rms = frame_rms(audio, frame_length, hop_length)
     peak = float(np.max(rms))
     if peak <= 0.0:
-        raise AudioError("the audio is silent (every sample is zero)")
+        raise SilentAudioError("the audio is silent (every sample is zero)")
     amin = 1e-10  # amplitude_to_db: power floor amin**2 = 1e-10 on squared values
     db = 10.0 * np.log10(np.maximum(amin, rms.astype(np.float64) ** 2)) - 10.0 * np.log10(max(amin, peak**2))
     loud = np.flatnonzero(db > -top_db)

@@ -21,16 +21,18 @@ import logging
 import time
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
 from mvjax.audio.stream import supported_formats
-from mvjax.serve.errors import ApiError, error_response, install_errors
+from mvjax.serve.errors import ApiError, error_response, install_errors, loggable
 from mvjax.serve.jobs import SpeechParams
 from mvjax.serve.metrics import Metrics
 from mvjax.serve.output import EnhancerPool
@@ -39,17 +41,27 @@ from mvjax.serve.speech import (
     MAX_SEED,
     SpeechRequest,
     check_speech,
+    check_text,
     random_or,
     speak,
     voice_embedding,
 )
-from mvjax.serve.voices import VoiceError, VoiceRegistry
+from mvjax.serve.voices import (
+    InvalidVoiceName,
+    VoiceError,
+    VoiceExists,
+    VoiceProtected,
+    VoiceRegistry,
+)
 from mvjax.serve.worker import SpeechWorker
 
 log = logging.getLogger("mvjax.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
+DOCS_ASSETS = "/docs/assets"  # the docs page's script, style and icon (open like the page)
 UPLOAD_PATHS = ("/v1/voices", "/tts")
+NAME_ERRORS = (InvalidVoiceName, VoiceProtected, VoiceExists)  # upload refusals about the name, not the file
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else changes state or spends compute
 
 
 class State:
@@ -82,8 +94,13 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
             state.worker.close()
             state.pool.close()
 
-    app = FastAPI(title="mvjax speech server", version="0.1.0", lifespan=lifespan,
-                  description="MetaVoice-1B text to speech on mvjax: an OpenAI-compatible API, voices, streaming.")
+    # /docs (Swagger UI) with its script, style and icon served from the installed fastapi-offline
+    # package under DOCS_ASSETS: the page works with no network (no CDN). No ReDoc: its page still
+    # loads an image from its vendor's CDN.
+    app = FastAPIOffline(title="mvjax speech server", version="0.1.0", lifespan=lifespan, static_url=DOCS_ASSETS,
+                         redoc_url=None,
+                         description="MetaVoice-1B text to speech on mvjax: an OpenAI-compatible API, voices, "
+                                     "streaming.")
     app.state.mvjax = state
     _install_middleware(app, state)
     install_errors(app)
@@ -115,16 +132,21 @@ class BodyTooLarge(HTTPException):
 class Guard:
     """Plain ASGI middleware (it leaves the client's disconnect visible to the routes, which
     Starlette's ``BaseHTTPMiddleware`` hides): body size limits, the API key, refusal while
-    draining, the request counter and the access log line."""
+    draining, cross-site refusal, the request counter and the access log line."""
 
     def __init__(self, app, state: State):
         self.app, self.state = app, state
 
-    def _refusal(self, path: str, method: str, headers: Headers, limit: int) -> Optional[Response]:
+    def _refusal(self, scope, headers: Headers, limit: int) -> Optional[Response]:
         settings = self.state.settings
+        path, method = scope["path"], scope["method"]
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return error_response(413, f"the request body is over the limit of {limit} bytes")
+        if method not in SAFE_METHODS:
+            refused = _cross_site(headers, scope.get("scheme", "http"), settings.cors_origins)
+            if refused is not None:
+                return error_response(403, refused)
         if settings.api_key and not _open(path, settings) and not _authorised(headers, settings.api_key):
             return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                   headers={"WWW-Authenticate": "Bearer"})
@@ -157,7 +179,7 @@ class Guard:
             return message
 
         try:
-            refusal = self._refusal(path, method, Headers(scope=scope), limit)
+            refusal = self._refusal(scope, Headers(scope=scope), limit)
             if refusal is not None:
                 await refusal(scope, receive, send_counted)
             else:
@@ -165,14 +187,60 @@ class Guard:
         finally:
             route = path if path in _ROUTES else ("/v1/voices/{name}" if path.startswith("/v1/voices/") else "other")
             self.state.metrics.requests.labels(route, str(status[0])).inc()
-            log.info("%s %s %d %.0f ms", method, path, status[0], (time.monotonic() - start) * 1000)
+            log.info("%s %s %d %.0f ms", loggable(method, 16), loggable(path), status[0],
+                     (time.monotonic() - start) * 1000)
+
+
+def _origin(url: str) -> Optional[tuple[str, str, int]]:
+    """(scheme, host, port) of an http(s) origin, or None for anything else (``null``, garbage)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
+
+
+def _cross_site(headers: Headers, scheme: str, allowed: tuple[str, ...]) -> Optional[str]:
+    """Why a state-changing request comes from another site's page, or None when it may go on.
+
+    A browser names the page's origin in ``Origin``: it must be the server's own (the request's
+    scheme and ``Host``, however the server was reached) or one given with ``--cors-origin``.
+    Without ``Origin``, ``Sec-Fetch-Site: cross-site`` still marks another site's page; a client
+    that is not a browser sends neither and is let through (the API key guards it, when set)."""
+    origin = headers.get("origin")
+    if origin is None:
+        if headers.get("sec-fetch-site", "").strip().lower() == "cross-site":
+            return "cross-site request refused: it comes from another site's page"
+        return None
+    own = _origin(f"{scheme}://{headers.get('host', '')}")
+    theirs = _origin(origin)
+    if theirs is not None and (theirs == own or "*" in allowed or theirs in {_origin(o) for o in allowed}):
+        return None
+    return (f"cross-origin request refused: origin {loggable(origin, 100)!r} is neither this server's own "
+            "nor one allowed with --cors-origin")
+
+
+class JsonCors(CORSMiddleware):
+    """Starlette's CORS middleware answering a refused preflight in the server's JSON error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        kept = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        reason = bytes(response.body).decode(errors="replace").strip()
+        return error_response(response.status_code, f"CORS preflight refused: {reason}", headers=kept)
 
 
 def _install_middleware(app: FastAPI, state: State) -> None:
     settings = state.settings
     app.add_middleware(Guard, state=state)
     if settings.cors_origins:  # outside the guard: it answers preflight requests, which carry no key
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+        app.add_middleware(JsonCors, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["X-Seed", "X-Sample-Rate", "X-Time-To-First-Audio"])
 
@@ -181,9 +249,10 @@ _ROUTES = {"/", "/health", "/metrics", "/v1/audio/speech", "/v1/audio/voices", "
 
 
 def _open(path: str, settings: ServerSettings) -> bool:
-    """Paths served without the API key: the page, health, docs; ``/metrics`` only when the
+    """Paths served without the API key: the page, health, docs (and their assets); ``/metrics`` only when the
     operator made it public (``--public-metrics``: a scraper without the key)."""
-    return path in OPEN_PATHS or path.startswith("/static/") or (path == "/metrics" and settings.public_metrics)
+    return (path in OPEN_PATHS or path.startswith(("/static/", DOCS_ASSETS + "/"))
+            or (path == "/metrics" and settings.public_metrics))
 
 
 def _authorised(headers: Headers, key: str) -> bool:
@@ -223,10 +292,7 @@ def _speech_routes(app: FastAPI, state: State) -> None:
         if speaker_ref_path:
             raise ApiError(400, "speaker_ref_path is not supported: this server never opens a path or URL named in "
                            "a request; upload the recording as audiodata", "speaker_ref_path")
-        if len(text) > settings.max_input_chars:
-            raise ApiError(400, f"text is {len(text)} characters; the limit is {settings.max_input_chars}", "text")
-        if not text.strip():
-            raise ApiError(400, "text is empty", "text")
+        check_text(text, settings, "text")
         if audiodata is not None and audiodata.filename:
             data = await _read_upload(audiodata, settings.voice_limits.max_upload_bytes)
             try:
@@ -269,16 +335,21 @@ def _voice_routes(app: FastAPI, state: State) -> None:
     async def voices():
         return {"object": "list", "data": [_voice_json(v) for v in sorted(registry.list(), key=lambda v: v.name)]}
 
-    @app.post("/v1/voices", status_code=201, tags=["voices"])
-    async def add_voice(name: str = Form(..., description="1-64 of [A-Za-z0-9_.-]"),
+    @app.post("/v1/voices", status_code=201, tags=["voices"],
+              responses={200: {"description": "the same recording is stored under this name already: nothing "
+                                              "changed (an idempotent repeat)"}})
+    async def add_voice(response: Response, name: str = Form(..., description="1-64 of [A-Za-z0-9_.-]"),
                         file: UploadFile = File(..., description="a recording of the voice (wav, flac, ogg, mp3)"),
                         replace: bool = Form(False)):
-        """Add a voice from a recording: its speaker embedding is stored under ``name``."""
+        """Add a voice from a recording: its speaker embedding is stored under ``name`` (201); the
+        same recording under the same name again answers 200 with the stored voice."""
         data = await _read_upload(file, registry.limits.max_upload_bytes)
         try:
-            voice = await run_in_threadpool(registry.add, name, data, file.filename or "", replace)
+            voice, new = await run_in_threadpool(registry.put, name, data, file.filename or "", replace)
         except VoiceError as exc:
-            raise ApiError(exc.status, str(exc), "name" if exc.status in (403, 409) else "file") from None
+            raise ApiError(exc.status, str(exc), "name" if isinstance(exc, NAME_ERRORS) else "file") from None
+        if not new:
+            response.status_code = 200
         return _voice_json(voice)
 
     @app.delete("/v1/voices/{name}", tags=["voices"])

@@ -27,6 +27,19 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.headers, self.code = status, message, param, headers, code
 
 
+LOG_TEXT_LIMIT = 200  # characters of one client-given string in a log line
+
+
+def loggable(text, limit: int = LOG_TEXT_LIMIT) -> str:
+    """Client-given text (a path, a name, a header, a message quoting input) made safe for a log
+    line: backslash escapes for line breaks, NUL, other control characters, non-ASCII and the
+    backslash itself (so no client can write a line of its own), at most ``limit`` characters
+    before escaping (then ``...``)."""
+    text = str(text)
+    escaped = text[:limit].encode("unicode_escape").decode("ascii")
+    return escaped + "..." if len(text) > limit else escaped
+
+
 def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 401:
@@ -71,5 +84,5 @@ def install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception):
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %s", loggable(request.method, 16), loggable(request.url.path), exc_info=exc)
         return error_response(500, "internal server error")

@@ -87,12 +87,22 @@ def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, boo
         incremental = [f for f in supported_formats() if streams_incrementally(f)]
         raise ApiError(400, f"response_format {fmt!r} cannot be streamed; stream wav, pcm or opus "
                        f"({', '.join(incremental)} here)", "response_format")
-    if len(req.input) > settings.max_input_chars:
-        raise ApiError(400, f"input is {len(req.input)} characters; the limit is {settings.max_input_chars}", "input")
-    if not req.input.strip():
-        raise ApiError(400, "input is empty", "input")
+    check_text(req.input, settings)
     enhance = settings.enhance if req.enhance is None else req.enhance
     return fmt, enhance
+
+
+def check_text(text: str, settings: ServerSettings, param: str = "input") -> None:
+    """The text to speak within the length limit, not empty, and free of characters the model
+    cannot read (outside Latin-1, control characters): a 400 naming ``param`` otherwise."""
+    if len(text) > settings.max_input_chars:
+        raise ApiError(400, f"{param} is {len(text)} characters; the limit is {settings.max_input_chars}", param)
+    if not text.strip():
+        raise ApiError(400, f"{param} is empty", param)
+    try:
+        normalised_texts([text])
+    except SynthesisError as exc:
+        raise ApiError(400, f"{param}: {exc}", param) from None
 
 
 def voice_embedding(state, name: str, param: str = "voice") -> np.ndarray:

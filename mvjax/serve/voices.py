@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mvjax.audio.features import SilentAudioError
 from mvjax.audio.io import load_audio
 from mvjax.core.atomic import atomic_path
 from mvjax.core.errors import MvjaxError
@@ -188,6 +189,11 @@ class VoiceRegistry:
 
         The same recording under the same name again returns the stored voice unchanged.
         """
+        return self.put(name, data, filename, replace)[0]
+
+    def put(self, name: str, data: bytes, filename: str = "", replace: bool = False) -> tuple[Voice, bool]:
+        """:meth:`add`, also saying whether the voice is new (False: the same recording was stored
+        under ``name`` already, and nothing changed)."""
         limits = self.limits
         if len(data) > limits.max_upload_bytes:
             raise VoiceTooLarge(f"the upload is {len(data)} bytes; the limit is {limits.max_upload_bytes} bytes")
@@ -196,16 +202,16 @@ class VoiceRegistry:
         with self._lock:
             existing = self._admit(name, sha, replace)
             if existing is not None:
-                return existing
+                return existing, False
         embedding = self._embed_upload(data, filename)
         with self._lock:
             # another request may have added the name while this one was embedding
             existing = self._admit(name, sha, replace)
             if existing is not None:
-                return existing
+                return existing, False
             voice = Voice(name, sha, time.time(), int(embedding.shape[0]))
             self._store(name, _Entry(voice, embedding))
-            return voice
+            return voice, True
 
     def embed_upload(self, data: bytes, filename: str = "") -> np.ndarray:
         """The embedding of an uploaded recording, checked as :meth:`add` checks one, not stored
@@ -323,6 +329,9 @@ class VoiceRegistry:
         self._check_duration(audio.shape[-1] / rate, what)
         try:
             embedding = np.array(self.embed(path), dtype=np.float32)
+        except SilentAudioError:
+            raise InvalidVoiceAudio(f"{what} is silent (every sample is zero): a voice needs a recording of "
+                                    "speech") from None
         except MvjaxError as exc:
             raise InvalidVoiceAudio(f"{what} could not be embedded ({type(exc).__name__})") from None
         problem = _unit_embedding(embedding, self.dims)

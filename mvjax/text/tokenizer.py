@@ -29,19 +29,30 @@ _UNICODE_REPLACEMENTS: dict[int, str] = {
 from mvjax.core.errors import MvjaxError
 
 _MULTI_SPACE = re.compile(r"\s\s+")
+# C0 controls other than tab, newline and carriage return (folded into spaces), DEL and C1 controls
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 class TextError(MvjaxError, ValueError):
     """Text the model cannot read."""
 
 
+def _listed(chars) -> str:
+    return ", ".join(f"{c!r} (U+{ord(c):04X})" for c in sorted(set(chars)))
+
+
 def normalize_text(text: str) -> str:
-    """Map typographic punctuation to ASCII, refuse characters outside Latin-1, fold whitespace."""
+    """Map typographic punctuation to ASCII, refuse characters outside Latin-1 and control
+    characters (NUL, escape, ...: tab, newline and carriage return are whitespace), fold whitespace."""
     text = text.translate(_UNICODE_REPLACEMENTS)
-    bad = sorted({c for c in text if ord(c) >= 256})
+    bad = [c for c in text if ord(c) >= 256]
     if bad:
-        listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad)
-        raise TextError(f"unsupported character(s) in text: {listed}; only Latin-1 (code points < 256) can be spoken")
+        raise TextError(f"unsupported character(s) in text: {_listed(bad)}; only Latin-1 (code points < 256) "
+                        "can be spoken")
+    controls = _CONTROL.findall(text)
+    if controls:
+        raise TextError(f"unsupported control character(s) in text: {_listed(controls)}; of those only tab, "
+                        "newline and carriage return are accepted")
     for ch in "\t\n\r*":
         text = text.replace(ch, " ")
     return _MULTI_SPACE.sub(" ", text.strip())
