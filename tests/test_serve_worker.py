@@ -142,3 +142,24 @@ def test_queue_limit_deadline_and_drain(demo):
             worker.submit(Job(["After."], voices[0], SpeechParams(seed=3), time.monotonic() + 600))
     finally:
         worker.close()
+
+
+def test_a_static_worker_never_calls_the_engine(demo, monkeypatch):
+    """``batching="static"`` decodes static batches: the engine is never built, fed or stepped, and
+    the requests still get their audio."""
+    from mvjax.inference.engine import FirstStageEngine
+
+    tts, voices = demo
+    calls = []
+    for name in ("__init__", "submit", "step", "run"):
+        monkeypatch.setattr(FirstStageEngine, name, lambda self, *a, name=name, **kw: calls.append(name))
+    worker = worker_for(tts, max_batch=2, batching="static")
+    try:
+        jobs = [worker.submit(Job(plan(tts, text), voices[0], SpeechParams(seed=5), time.monotonic() + 600))
+                for text in TEXTS[:2]]
+        results = [_collect(job) for job in jobs]
+    finally:
+        worker.close()
+    assert worker.batching == "static" and worker.engine is None
+    assert calls == []
+    assert all(events and all(isinstance(e, ChunkAudio) for e in events) for events in results)

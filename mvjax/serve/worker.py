@@ -77,13 +77,23 @@ class SpeechWorker:
         if batching not in ("engine", "static"):
             raise ValueError(f"batching must be 'engine' or 'static', not {batching!r}")
         self.tts = tts
-        # The continuous-batching engine needs one device; over a mesh the batches stay static.
+        # The continuous-batching engine needs one device; over a mesh the batches stay static, and
+        # the worker says so once (the log and ``batching_note``, which /health shows).
+        self.batching_note: Optional[str] = None
+        if batching == "engine" and not tts.engine_available:
+            from mvjax.core.parallel import device_count
+
+            self.batching_note = (f"the continuous-batching engine runs on one device and this model is spread "
+                                  f"over {device_count(tts.mesh)}: batches are static")
+            log.warning("%s", self.batching_note)
         self.engine = (tts.first_stage_engine(max_batch, engine_steps)
                        if batching == "engine" and tts.engine_available else None)
         self.batching = "engine" if self.engine is not None else "static"
         if self.engine is not None:
             self.engine.reset()  # one worker per model: the engine (and its compiled code) is the TTS's
-        self.options = SynthesisOptions(batch_size=max_batch, max_new_tokens=max_new_tokens)
+        # Static batches never go through the engine (the library's default for its first stage).
+        self.options = SynthesisOptions(batch_size=max_batch, max_new_tokens=max_new_tokens, batching=self.batching,
+                                        engine_steps=engine_steps)
         self.max_batch = int(max_batch)
         self.max_jobs = int(max_jobs)
         self.max_new_tokens = max_new_tokens
