@@ -1,0 +1,23 @@
+"""The speech server as a process: its command line, its start, and what it says about itself."""
+
+import json
+import os
+import re
+
+import httpx
+import pytest
+
+from tests.serve_util import DEMO_ARGS, ServerProcess
+
+
+def test_several_devices_say_batches_are_static(tmp_path):
+    """On two (forced host) devices the engine cannot run: the server says so once at start, in the
+    log (a WARNING naming the device count) and in /health (``batching: static`` and the note)."""
+    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=2"]))
+    with ServerProcess(DEMO_ARGS, tmp_path / "log", env={"XLA_FLAGS": flags}) as srv:
+        health = httpx.get(srv.url + "/health", timeout=30).json()
+    assert health["batching"] == "static"
+    assert "one device" in health["batching_note"] and "over 2" in health["batching_note"]
+    notes = [line for line in srv.output().splitlines() if health["batching_note"] in line]
+    assert len(notes) == 1 and " WARNING " in notes[0], srv.output()[-3000:]
+    assert "Traceback" not in srv.output()
