@@ -21,3 +21,28 @@ def test_several_devices_say_batches_are_static(tmp_path):
     notes = [line for line in srv.output().splitlines() if health["batching_note"] in line]
     assert len(notes) == 1 and " WARNING " in notes[0], srv.output()[-3000:]
     assert "Traceback" not in srv.output()
+
+
+def test_the_demo_voice_does_not_warn_a_short_upload_does(tmp_path):
+    """``--demo`` builds its voice without a ShortReferenceWarning about it; a user's short
+    recording still gets one."""
+    import io
+    import warnings
+
+    import soundfile as sf
+
+    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.cli.serve import _parser, build
+    from mvjax.inference.speaker import ShortReferenceWarning
+    from tests.serve_util import demo_tts
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, registry, _ = build(_parser().parse_args([*DEMO_ARGS, "--voices", str(tmp_path)]), tts=demo_tts())
+    assert "demo" in [v.name for v in registry.list()]
+    assert not [w for w in caught if issubclass(w.category, ShortReferenceWarning)]
+    audio, rate = demo_speaker_audio(seed=27, seconds=3.0)
+    upload = io.BytesIO()
+    sf.write(upload, audio, rate, format="WAV")
+    with pytest.warns(ShortReferenceWarning):
+        registry.embed_upload(upload.getvalue(), "short.wav")

@@ -111,9 +111,9 @@ def build(args, tts=None):
     encoder = tts.speaker_encoder  # voices need it; fail at start, not at the first upload
     registry = VoiceRegistry(args.voices, encoder.embed_file, limits, dims=tts.config1.speaker_emb_dim)
     if args.demo:
-        from mvjax.cli.demo import demo_speaker_audio
+        from mvjax.cli.demo import demo_voice_embedding
 
-        registry.add_embedding(DEMO_VOICE, tts.speaker_embedding(demo_speaker_audio()), builtin=True)
+        registry.add_embedding(DEMO_VOICE, demo_voice_embedding(tts), builtin=True)
     if args.warmup and len(registry):
         voice = registry.list()[0]
         tts.synthesize("Warm up.", registry.get(voice.name), decoder=settings.decoder, enhance=False,
