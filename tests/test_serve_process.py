@@ -1,6 +1,5 @@
 """The speech server as a process: its command line, its start, and what it says about itself."""
 
-import json
 import os
 import re
 
@@ -46,3 +45,35 @@ def test_the_demo_voice_does_not_warn_a_short_upload_does(tmp_path):
     sf.write(upload, audio, rate, format="WAV")
     with pytest.warns(ShortReferenceWarning):
         registry.embed_upload(upload.getvalue(), "short.wav")
+
+
+def _option_help(argv: list[str], capsys) -> dict[str, str]:
+    """``python -m <cli> <argv> --help``, run in-process: each option's invocation -> its help text
+    (wrapped lines joined)."""
+    import importlib
+
+    module, *rest = argv
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main([*rest, "--help"])
+    assert done.value.code == 0
+    blocks = re.findall(r"^  -.*(?:\n {3,}\S.*)*", capsys.readouterr().out, re.M)
+    assert blocks
+    options = {}
+    for block in blocks:
+        invocation, *text = re.split(r"\s{2,}", block.strip(), maxsplit=1)
+        options[invocation] = " ".join(" ".join(text).split())
+    return options
+
+
+@pytest.mark.parametrize("argv", [["mvjax.cli.serve"], ["mvjax.cli.synthesize"], ["mvjax.cli.finetune", "prepare"],
+                                  ["mvjax.cli.finetune", "train"], ["mvjax.cli.finetune", "export"]])
+def test_help_states_each_default_once(argv, capsys):
+    """No option's ``--help`` says its default twice; every server option has help text."""
+    options = _option_help(argv, capsys)
+    for invocation, text in options.items():
+        assert len(re.findall(r"\(default\b", text)) <= 1, (invocation, text)
+        if argv == ["mvjax.cli.serve"]:
+            assert text, f"{invocation} has no help text"
+    if argv == ["mvjax.cli.serve"]:
+        assert {"--quiet", "--port PORT", "--batching {engine,static}"} <= set(options)
+        assert options["--batching {engine,static}"].endswith("(default: engine)")
