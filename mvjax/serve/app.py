@@ -96,8 +96,8 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
 def _on_batch(state: State):
     def record(stats):
         state.metrics.batch(stats)
-        log.info("batch: %d chunks of %d requests (%d started), %d tokens, %.2f s (stage 1 %.2f s)", stats.chunks,
-                 stats.jobs, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
+        log.debug("batch: %d chunks of %d requests (%d started), %d tokens, %.2f s (stage 1 %.2f s)", stats.chunks,
+                  stats.jobs, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
 
     return record
 
