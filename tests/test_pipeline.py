@@ -78,7 +78,7 @@ def test_batch_with_mixed_lengths_and_speakers_equals_single_runs(tts, voice, fi
 
 def test_long_form_chunks_cover_the_text(tts, voice, caplog):
     """A paragraph needing >= 3 chunks gives one waveform; every chunk is present and none hit the block."""
-    caplog.set_level(logging.INFO, logger="mvjax")
+    caplog.set_level(logging.DEBUG, logger="mvjax.chunks")  # the per-chunk lines are DEBUG
     max_new = 40
     speech = tts.synthesize(LONG_TEXT, voice, seed=0, max_new_tokens=max_new, decoder="encodec", enhance=False)
     chunks = speech.chunks

@@ -142,3 +142,59 @@ def test_queue_limit_deadline_and_drain(demo):
             worker.submit(Job(["After."], voices[0], SpeechParams(seed=3), time.monotonic() + 600))
     finally:
         worker.close()
+
+
+def test_a_static_worker_never_calls_the_engine(demo, monkeypatch):
+    """``batching="static"`` decodes static batches: the engine is never built, fed or stepped, and
+    the requests still get their audio."""
+    from mvjax.inference.engine import FirstStageEngine
+
+    tts, voices = demo
+    calls = []
+    for name in ("__init__", "submit", "step", "run"):
+        monkeypatch.setattr(FirstStageEngine, name, lambda self, *a, name=name, **kw: calls.append(name))
+    worker = worker_for(tts, max_batch=2, batching="static")
+    try:
+        jobs = [worker.submit(Job(plan(tts, text), voices[0], SpeechParams(seed=5), time.monotonic() + 600))
+                for text in TEXTS[:2]]
+        results = [_collect(job) for job in jobs]
+    finally:
+        worker.close()
+    assert worker.batching == "static" and worker.engine is None
+    assert calls == []
+    assert all(events and all(isinstance(e, ChunkAudio) for e in events) for events in results)
+
+
+def test_one_info_line_per_request_rounds_at_debug(demo, caplog):
+    """Two requests through the engine with the server's round logger: exactly one INFO line per
+    request, when it completes (its id, voice, characters, chunks, tokens, seconds, status); the
+    engine rounds log at DEBUG only. A failed request gets its one line too."""
+    import logging
+    import types
+
+    from mvjax.serve.app import _on_batch
+    from mvjax.serve.metrics import Metrics
+
+    tts, voices = demo
+    caplog.set_level(logging.DEBUG, logger="mvjax")
+    worker = worker_for(tts, max_batch=8, on_batch=_on_batch(types.SimpleNamespace(metrics=Metrics())))
+    assert worker.batching == "engine" and worker.batching_note is None
+    try:
+        jobs = [worker.submit(Job(plan(tts, text), voices[0], SpeechParams(seed=3), time.monotonic() + 600, voice="demo"))
+                for text in TEXTS[:2]]
+        results = [_collect(job) for job in jobs]
+        late = worker.submit(Job(["Late."], voices[0], SpeechParams(seed=1), time.monotonic() - 1))
+        assert isinstance(_collect(late, 60)[-1], DeadlineExceeded)
+    finally:
+        worker.close()
+    records = [r for r in caplog.records if r.name.startswith("mvjax")]
+    info = [r.getMessage() for r in records if r.levelno >= logging.INFO]
+    rounds = [r for r in records if r.getMessage().startswith("batch:")]
+    assert len(info) == 3, info
+    for job, events, line in zip(jobs, results, info):
+        tokens = sum(e.generated_tokens for e in events)
+        assert line.startswith(f"job {job.id}: ok, voice demo, {sum(map(len, job.pieces))} characters in "
+                               f"{len(job.pieces)} chunks, {tokens} tokens, "), line
+        assert line.endswith(" s") and tokens > 0
+    assert info[2].startswith(f"job {late.id}: 504 DeadlineExceeded, voice -, ")
+    assert len(rounds) >= 2 and all(r.levelno == logging.DEBUG for r in rounds)

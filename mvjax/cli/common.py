@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
 
 from mvjax.core.errors import MvjaxError
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that states each option's default once: argparse's ``(default: X)`` is appended unless
+    the help already says what the default is, and left out where there is nothing to say (None, an
+    off switch, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False or action.default == []:
+            return text
+        return super()._get_help_string(action)
 
 
 def fail(message: str) -> int:

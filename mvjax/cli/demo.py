@@ -4,6 +4,7 @@ converted once into the cache, and a synthetic voice to clone.
     from mvjax.cli.demo import demo_model_dir, demo_speaker_audio
     model_dir = demo_model_dir()              # converted once, then reused from the cache
     audio, rate = demo_speaker_audio()        # ~4 s synthetic voice-like signal, 22.05 kHz
+    embedding = demo_voice_embedding(tts)     # its speaker embedding under a loaded TTS
 
 The model speaks noise: it only exercises the whole pipeline.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -153,3 +155,15 @@ def demo_speaker_audio(seed: int = 0, seconds: float = 4.0, rate: int = SPEAKER_
     out += 1e-3 * rng.standard_normal(n)  # room noise, far below the voice
     out *= 0.5 / np.max(np.abs(out))
     return out.astype(np.float32), rate
+
+
+def demo_voice_embedding(tts, seed: int = 0) -> np.ndarray:
+    """The speaker embedding of :func:`demo_speaker_audio` under ``tts`` (a loaded :class:`mvjax.TTS`).
+    The demo voice is short by design, so no ShortReferenceWarning is raised about it (only here:
+    a short recording from a user still warns)."""
+    from mvjax.inference.speaker import ShortReferenceWarning
+
+    audio = demo_speaker_audio(seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ShortReferenceWarning)
+        return tts.speaker_embedding(audio)

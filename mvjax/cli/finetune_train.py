@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, - or _); flags win")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, (kind, default, text) in OPTIONS.items():
-        shown = f" (default {default})" if default is not None else ""
+        shown = f" (default {default})" if default is not None and "(default" not in text else ""  # said once
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text + shown)
 
 

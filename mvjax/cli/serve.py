@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mvjax.cli.common import exit_now, fail, guarded
+from mvjax.cli.common import DefaultsHelpFormatter, exit_now, fail, guarded
 from mvjax.core.errors import MvjaxError
 
 API_KEY_ENV = "MVJAX_API_KEY"
@@ -29,13 +29,13 @@ def _parser() -> argparse.ArgumentParser:
 
     d = ServerSettings()
     p = argparse.ArgumentParser(prog="python -m mvjax.serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="converted model directory, released-checkpoint directory, or hub repo id")
     src.add_argument("--demo", action="store_true", help="a small random model (speaks noise) with a demo voice")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
-    net.add_argument("--port", type=int, default=8000)
+    net.add_argument("--port", type=int, default=8000, help="port to listen on")
     net.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     net.add_argument("--public-metrics", action="store_true",
                      help="serve /metrics without the API key (by default it needs it when a key is set)")
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="text chunks synthesised together across requests (1 = one at a time)")
     work.add_argument("--batching", choices=["engine", "static"], default=d.batching,
                       help="engine: continuous batching, a request joins between decode calls (one device); "
-                           "static: batches decoded to their longest chunk (default: engine)")
+                           "static: batches decoded to their longest chunk (always, on several devices)")
     work.add_argument("--engine-steps", type=int, default=d.engine_steps,
                       help="first-stage tokens per decode call of the engine: how soon a new request joins")
     work.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_s * 1000,
@@ -58,18 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds a speech request may take")
     work.add_argument("--max-new-tokens", type=int, default=None,
                       help="first-stage tokens per text chunk (default: as many as the block holds)")
-    work.add_argument("--max-input-chars", type=int, default=d.max_input_chars)
-    work.add_argument("--max-upload-mb", type=float, default=d.voice_limits.max_upload_bytes / 1e6)
+    work.add_argument("--max-input-chars", type=int, default=d.max_input_chars,
+                      help="characters of text one speech request may send")
+    work.add_argument("--max-upload-mb", type=float, default=d.voice_limits.max_upload_bytes / 1e6,
+                      help="largest voice recording an upload may send, in MB")
     work.add_argument("--decoder", choices=["mbd", "encodec"], default=d.decoder, help="default decoder")
     work.add_argument("--no-enhance", action="store_true", help="no DeepFilterNet3 by default")
-    work.add_argument("--response-format", choices=list(supported_formats()), default=default_format())
-    work.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="first-stage weight storage")
+    work.add_argument("--response-format", choices=list(supported_formats()), default=default_format(),
+                      help="audio format of a speech request that names none")
+    work.add_argument("--quantize", choices=["int8", "bf16"], default=None,
+                      help="first-stage weight storage (default: as stored)")
     work.add_argument("--kv-cache", choices=["float32", "bf16", "int8"], default=None,
                       help="first-stage KV cache storage (default float32)")
     work.add_argument("--warmup", action="store_true", help="before listening: synthesise once and compile every shape the engine can meet "
                            "(up to --max-new-tokens), so no request waits for a compilation")
     p.add_argument("--log-text", action="store_true", help="log request texts (off: only their length)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="log warnings and errors only (no request lines)")
     return p
 
 
@@ -111,9 +115,9 @@ def build(args, tts=None):
     encoder = tts.speaker_encoder  # voices need it; fail at start, not at the first upload
     registry = VoiceRegistry(args.voices, encoder.embed_file, limits, dims=tts.config1.speaker_emb_dim)
     if args.demo:
-        from mvjax.cli.demo import demo_speaker_audio
+        from mvjax.cli.demo import demo_voice_embedding
 
-        registry.add_embedding(DEMO_VOICE, tts.speaker_embedding(demo_speaker_audio()), builtin=True)
+        registry.add_embedding(DEMO_VOICE, demo_voice_embedding(tts), builtin=True)
     if args.warmup and len(registry):
         voice = registry.list()[0]
         tts.synthesize("Warm up.", registry.get(voice.name), decoder=settings.decoder, enhance=False,

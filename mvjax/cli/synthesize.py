@@ -50,6 +50,7 @@ def _logger(quiet: bool) -> logging.Logger:
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(_StderrHandler())
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("mvjax.chunks").setLevel(logging.WARNING if quiet else logging.DEBUG)  # the per-chunk lines
     log.propagate = False
     return log
 

@@ -36,6 +36,8 @@ from mvjax.text.layout import (
 )
 
 log = logging.getLogger("mvjax")
+# One line per chunk, at DEBUG (a server logs one INFO line per request; the synthesize CLI shows these).
+chunk_log = logging.getLogger("mvjax.chunks")
 
 
 @dataclasses.dataclass
@@ -142,8 +144,8 @@ def record_first_stage(c: Chunk, sequence: np.ndarray, finished: bool, hit_block
         text=c.text, prompt_tokens=len(c.prompt), generated_tokens=int(len(sequence) - len(c.prompt)),
         frames=min(frames, max(room, 0)), finished=finished, hit_block_end=hit_block_end, stage2_cut=frames > room,
     )
-    log.info("chunk %r: %d prompt tokens, %d generated, %d frames%s", c.text[:40], c.report.prompt_tokens,
-             c.report.generated_tokens, frames, " (block full)" if c.report.hit_block_end else "")
+    chunk_log.debug("chunk %r: %d prompt tokens, %d generated, %d frames%s", c.text[:40], c.report.prompt_tokens,
+                    c.report.generated_tokens, frames, " (block full)" if c.report.hit_block_end else "")
 
 
 def engine_request(c: Chunk, embedding: Optional[np.ndarray], sampling: SamplingConfig,

@@ -113,8 +113,8 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
 def _on_batch(state: State):
     def record(stats):
         state.metrics.batch(stats)
-        log.info("batch: %d chunks of %d requests (%d started), %d tokens, %.2f s (stage 1 %.2f s)", stats.chunks,
-                 stats.jobs, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
+        log.debug("batch: %d chunks of %d requests (%d started), %d tokens, %.2f s (stage 1 %.2f s)", stats.chunks,
+                  stats.jobs, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
 
     return record
 
@@ -373,6 +373,7 @@ def _service_routes(app: FastAPI, state: State) -> None:
         return {"status": "draining" if state.draining or (worker and not worker.accepting) else "ok",
                 "model": settings.model_name, "queue_depth": worker.depth if worker else 0,
                 "max_batch": settings.max_batch, "batching": worker.batching if worker else settings.batching,
+                "batching_note": worker.batching_note if worker else None,
                 "formats": list(supported_formats()),
                 "sample_rate": settings.sample_rate, "auth": bool(settings.api_key),
                 "voices": len(state.registry)}

@@ -79,8 +79,9 @@ class Job:
     EMPTY = _EMPTY  # what :meth:`poll` returns when no event is waiting
 
     def __init__(self, pieces: list[str], embedding: np.ndarray, params: SpeechParams, deadline: float,
-                 notify: Optional[Callable[[], None]] = None, stream: bool = False):
+                 notify: Optional[Callable[[], None]] = None, stream: bool = False, voice: Optional[str] = None):
         self.id = next(self._ids)
+        self.voice = voice  # the voice's name, for the log (None: an uploaded recording, or not said)
         self.stream = stream  # a streamed job has one chunk per batch: its first audio comes soonest
         self.notify = notify
         self.pieces = list(pieces)
@@ -98,6 +99,7 @@ class Job:
         self.parts: dict[int, list] = collections.defaultdict(list)  # planned chunk index -> finished pieces
         self.ready: dict[int, list[ChunkAudio]] = {}
         self.next_index = 0
+        self.tokens = 0  # first-stage tokens of the chunks delivered
         self.error: Optional[WorkerError] = None
         self._events: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -147,6 +149,7 @@ class Job:
 
     def _deliver(self, index: int, pieces: list[ChunkAudio]) -> None:
         self.ready[index] = pieces
+        self.tokens += sum(p.generated_tokens for p in pieces)
         out = []
         while self.next_index in self.ready:
             out += self.ready.pop(self.next_index)

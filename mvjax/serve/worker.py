@@ -21,6 +21,11 @@ The queue is bounded (:class:`QueueFull`, answered with 503 and Retry-After); a 
 deadline or cancelled (the client went away) is dropped before its next chunk is scheduled, so
 its remaining chunks are never computed. :meth:`SpeechWorker.drain` stops admitting jobs and
 waits for the ones in flight.
+
+A request logs one INFO line when it is over (id, voice, characters, chunks, tokens, seconds,
+status); batches and engine rounds are for ``on_batch`` (the server logs them at DEBUG). Over
+several devices the engine cannot run: ``batching="engine"`` falls back to static batches and
+says so once (a WARNING and :attr:`SpeechWorker.batching_note`).
 """
 
 from __future__ import annotations
@@ -77,13 +82,23 @@ class SpeechWorker:
         if batching not in ("engine", "static"):
             raise ValueError(f"batching must be 'engine' or 'static', not {batching!r}")
         self.tts = tts
-        # The continuous-batching engine needs one device; over a mesh the batches stay static.
+        # The continuous-batching engine needs one device; over a mesh the batches stay static, and
+        # the worker says so once (the log and ``batching_note``, which /health shows).
+        self.batching_note: Optional[str] = None
+        if batching == "engine" and not tts.engine_available:
+            from mvjax.core.parallel import device_count
+
+            self.batching_note = (f"the continuous-batching engine runs on one device and this model is spread "
+                                  f"over {device_count(tts.mesh)}: batches are static")
+            log.warning("%s", self.batching_note)
         self.engine = (tts.first_stage_engine(max_batch, engine_steps)
                        if batching == "engine" and tts.engine_available else None)
         self.batching = "engine" if self.engine is not None else "static"
         if self.engine is not None:
             self.engine.reset()  # one worker per model: the engine (and its compiled code) is the TTS's
-        self.options = SynthesisOptions(batch_size=max_batch, max_new_tokens=max_new_tokens)
+        # Static batches never go through the engine (the library's default for its first stage).
+        self.options = SynthesisOptions(batch_size=max_batch, max_new_tokens=max_new_tokens, batching=self.batching,
+                                        engine_steps=engine_steps)
         self.max_batch = int(max_batch)
         self.max_jobs = int(max_jobs)
         self.max_new_tokens = max_new_tokens
@@ -139,7 +154,7 @@ class SpeechWorker:
         with self._lock:
             self._accepting, self._stop = False, True
             for job in self._jobs:
-                job._fail(Draining("the server stopped before this request was finished"))
+                self._end(job, Draining("the server stopped before this request was finished"))
             self._jobs.clear()
             self._lock.notify_all()
         self._thread.join(timeout=60)
@@ -191,7 +206,7 @@ class SpeechWorker:
                    if not j.cancelled and not (j.stream and j.running))
 
     def _drop(self, job: Job, error: WorkerError) -> None:
-        job._fail(error)
+        self._end(job, error)
         self._jobs.remove(job)
         self.on_drop(job, error)
         self._lock.notify_all()
@@ -215,6 +230,26 @@ class SpeechWorker:
                 self._fail_jobs({id(j): j for j, _ in picked}.values(), exc)
             finally:
                 self._forget_finished()
+
+    @staticmethod
+    def _end(job: Job, error: Optional[WorkerError] = None) -> None:
+        """Under the lock: ``job`` is over, its audio all delivered or (``error``) failed; the
+        request's one INFO line (the rounds log at DEBUG)."""
+        if error is not None:
+            if job.done:
+                return
+            job._fail(error)
+        status = "ok" if job.error is None else f"{job.error.status} {type(job.error).__name__}"
+        log.info("job %d: %s, voice %s, %d characters in %d chunks, %d tokens, %.2f s", job.id, status,
+                 job.voice or "-", sum(len(p) for p in job.pieces), len(job.pieces), job.tokens,
+                 job.finished - job.submitted)
+
+    def _deliver(self, job: Job, index: int, parts: list) -> None:
+        """Under the lock: planned chunk ``index`` of ``job`` (its pieces, in order) is ready."""
+        job._deliver(index, [ChunkAudio(index, c.wav, c.report.frames, c.first_stage_codes, c.report.generated_tokens)
+                             for c in parts])
+        if job.done:
+            self._end(job)
 
     def _fail_jobs(self, jobs, exc: Exception) -> None:
         """``jobs`` were being computed when ``exc`` happened: each ends with a 500 (see the log)."""
@@ -263,8 +298,7 @@ class SpeechWorker:
                 tokens += sum(c.report.generated_tokens for c in parts)
                 if job.done:
                     continue
-                job._deliver(index, [ChunkAudio(index, c.wav, c.report.frames, c.first_stage_codes,
-                                                c.report.generated_tokens) for c in parts])
+                self._deliver(job, index, parts)
             self._lock.notify_all()
         self.on_batch(BatchStats(len(picked), len(jobs), tokens, stage1, time.perf_counter() - start, len(picked)))
 
@@ -359,7 +393,5 @@ class SpeechWorker:
                 job.leaves[index] -= 1
                 if job.leaves[index] or job.done:
                     continue
-                parts = sorted(job.parts.pop(index), key=lambda c: c.order)
-                job._deliver(index, [ChunkAudio(index, c.wav, c.report.frames, c.first_stage_codes,
-                                                c.report.generated_tokens) for c in parts])
+                self._deliver(job, index, sorted(job.parts.pop(index), key=lambda c: c.order))
             self._lock.notify_all()
