@@ -141,10 +141,14 @@ class LogWatch(logging.Handler):
         with self._changed:
             return [line for r in self.records for line in r.getMessage().splitlines()]
 
-    def wait_for(self, text: str, timeout: float = 30) -> str:
-        """The first message containing ``text``; AssertionError after ``timeout`` seconds."""
+    def wait_for(self, text, timeout: float = 30) -> str:
+        """The first message containing ``text`` (or, given a regular expression, matching it from its
+        start); AssertionError after ``timeout`` seconds."""
+        def matches(message: str) -> bool:
+            return text in message if isinstance(text, str) else text.match(message) is not None
+
         def found():
-            return next((r.getMessage() for r in self.records if text in r.getMessage()), None)
+            return next((r.getMessage() for r in self.records if matches(r.getMessage())), None)
 
         with self._changed:
             if not self._changed.wait_for(found, timeout):

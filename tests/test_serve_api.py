@@ -1,6 +1,8 @@
 """The speech server's HTTP API on the demo model, driven by the official OpenAI client and httpx."""
 
 import io
+import logging
+import re
 import signal
 import threading
 import time
@@ -191,6 +193,31 @@ def test_client_text_cannot_forge_log_lines(served):
     assert len(long) < 500 and "..." in long
     for text in logs.lines():
         assert not text.startswith(("2024", "FORGED")) and not any(c in text for c in "\x00\r\x1b"), text
+
+
+def test_each_request_logs_one_info_line_with_its_synthesis(served):
+    """A speech request, whole or streamed, writes one INFO line (any mvjax logger): its access line,
+    which carries the job's summary; the engine's rounds and each chunk log at DEBUG only."""
+    srv, _ = served
+    with LogWatch("mvjax", logging.DEBUG) as logs:
+        whole = httpx.post(srv.url + "/v1/audio/speech", timeout=300,
+                           json={"input": MULTI_CHUNK, "voice": "demo", "seed": 5, "response_format": "wav"})
+        with httpx.stream("POST", srv.url + "/v1/audio/speech", timeout=300,
+                          json={"input": ONE_CHUNK, "voice": "demo", "seed": 6, "response_format": "pcm",
+                                "stream": True}) as r:
+            streamed = r.read()
+        assert whole.status_code == 200 and r.status_code == 200 and streamed
+        logs.wait_for(re.compile(r"POST .* seed 6, "))  # the access line is written once the stream has ended
+    info = [rec for rec in logs.records if rec.levelno >= logging.INFO]
+    assert len(info) == 2, [rec.getMessage() for rec in info]
+    for rec, seed, text in zip(info, (5, 6), (MULTI_CHUNK, ONE_CHUNK)):
+        line = rec.getMessage()
+        assert re.fullmatch(rf"POST /v1/audio/speech 200 \d+ ms \(job \d+: ok, voice demo, seed {seed}, "
+                            rf"\d+ characters in \d+ chunks, [1-9]\d* tokens, first audio after [\d.]+ s, [\d.]+ s\)",
+                            line), line
+        assert text not in line  # the text itself only with --log-text
+    debug = [rec.getMessage() for rec in logs.records if rec.levelno == logging.DEBUG]
+    assert any(m.startswith("batch:") for m in debug) and any(m.startswith("chunk ") for m in debug)
 
 
 def test_cross_site_requests_are_refused(served, voice_wav):

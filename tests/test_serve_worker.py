@@ -165,10 +165,11 @@ def test_a_static_worker_never_calls_the_engine(demo, monkeypatch):
     assert all(events and all(isinstance(e, ChunkAudio) for e in events) for events in results)
 
 
-def test_one_info_line_per_request_rounds_at_debug(demo, caplog):
-    """Two requests through the engine with the server's round logger: exactly one INFO line per
-    request, when it completes (its id, voice, characters, chunks, tokens, seconds, status); the
-    engine rounds log at DEBUG only. A failed request gets its one line too."""
+def test_the_worker_logs_rounds_and_request_summaries_at_debug_only(demo, caplog):
+    """Two requests through the engine with the server's round logger: the worker writes nothing at
+    INFO (a server's one INFO line per request is its access line, which carries the job's summary);
+    each job's summary (id, outcome, voice, seed, characters, chunks, tokens, seconds) and the
+    engine rounds log at DEBUG. A failed request gets its summary too."""
     import logging
     import types
 
@@ -188,13 +189,15 @@ def test_one_info_line_per_request_rounds_at_debug(demo, caplog):
     finally:
         worker.close()
     records = [r for r in caplog.records if r.name.startswith("mvjax")]
-    info = [r.getMessage() for r in records if r.levelno >= logging.INFO]
-    rounds = [r for r in records if r.getMessage().startswith("batch:")]
-    assert len(info) == 3, info
-    for job, events, line in zip(jobs, results, info):
+    assert [r.getMessage() for r in records if r.levelno >= logging.INFO] == []
+    summaries = [r.getMessage() for r in records if r.getMessage().startswith("job ")]
+    assert len(summaries) == 3, summaries
+    for job, events, line in zip(jobs, results, summaries):
         tokens = sum(e.generated_tokens for e in events)
-        assert line.startswith(f"job {job.id}: ok, voice demo, {sum(map(len, job.pieces))} characters in "
-                               f"{len(job.pieces)} chunks, {tokens} tokens, "), line
-        assert line.endswith(" s") and tokens > 0
-    assert info[2].startswith(f"job {late.id}: 504 DeadlineExceeded, voice -, ")
+        assert line == job.summary() and tokens > 0
+        assert line.startswith(f"job {job.id}: ok, voice demo, seed 3, {sum(map(len, job.pieces))} characters in "
+                               f"{len(job.pieces)} chunks, {tokens} tokens, first audio after "), line
+        assert line.endswith(" s")
+    assert summaries[2].startswith(f"job {late.id}: 504 DeadlineExceeded, voice -, seed 1, ")
+    rounds = [r for r in records if r.getMessage().startswith("batch:")]
     assert len(rounds) >= 2 and all(r.levelno == logging.DEBUG for r in rounds)

@@ -187,8 +187,18 @@ class Guard:
         finally:
             route = path if path in _ROUTES else ("/v1/voices/{name}" if path.startswith("/v1/voices/") else "other")
             self.state.metrics.requests.labels(route, str(status[0])).inc()
-            log.info("%s %s %d %.0f ms", loggable(method, 16), loggable(path), status[0],
-                     (time.monotonic() - start) * 1000)
+            log.info("%s %s %d %.0f ms%s", loggable(method, 16), loggable(path), status[0],
+                     (time.monotonic() - start) * 1000, _job_words(scope, settings))
+
+
+def _job_words(scope, settings: ServerSettings) -> str:
+    """What a speech request's access line adds about its synthesis (the job the route left in the
+    request's state; with ``--log-text`` its text, escaped), so each request logs one INFO line."""
+    job = scope.get("state", {}).get("job")
+    if job is None:
+        return ""
+    text = f", text '{loggable(' '.join(job.pieces), settings.max_input_chars)}'" if settings.log_text else ""
+    return f" ({job.summary()}{text})"
 
 
 def _origin(url: str) -> Optional[tuple[str, str, int]]:
@@ -273,7 +283,7 @@ def _speech_routes(app: FastAPI, state: State) -> None:
         embedding = voice_embedding(state, req.voice)
         params = SpeechParams(seed=random_or(req.seed), temperature=float(req.temperature), top_p=float(req.top_p),
                               guidance=float(req.guidance_scale), decoder=req.decoder or settings.decoder)
-        return await speak(state, request, req.input, embedding, params, fmt, enhance, req.stream)
+        return await speak(state, request, req.input, embedding, params, fmt, enhance, req.stream, req.voice)
 
     @app.post("/tts", response_class=Response, tags=["speech"],
               responses={200: {"content": {"audio/wav": {}}}})
@@ -305,7 +315,8 @@ def _speech_routes(app: FastAPI, state: State) -> None:
             raise ApiError(400, "upload the reference speaker as audiodata (or name a registered voice)", "audiodata")
         params = SpeechParams(seed=random_or(seed), guidance=guidance, top_p=top_p if top_p > 0 else None,
                               decoder=settings.decoder)
-        return await speak(state, request, text, embedding, params, "wav", settings.enhance, stream=False)
+        return await speak(state, request, text, embedding, params, "wav", settings.enhance, stream=False,
+                           voice=None if audiodata is not None and audiodata.filename else voice)
 
 
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:

@@ -105,6 +105,19 @@ class Job:
         self._cond = threading.Condition()
         self._cancelled = threading.Event()
 
+    def summary(self) -> str:
+        """The job in a few words for its request's log line: id, outcome, voice, seed, size, tokens,
+        time to first audio and in all (no text)."""
+        if self.error is not None:
+            outcome = f"{self.error.status} {type(self.error).__name__}"
+        else:
+            outcome = "ok" if self.done else ("cancelled" if self.cancelled else "unfinished")
+        end = self.finished if self.finished is not None else time.monotonic()
+        first = "" if self.first_audio is None else f", first audio after {self.first_audio - self.submitted:.2f} s"
+        return (f"job {self.id}: {outcome}, voice {self.voice or '-'}, seed {self.params.seed}, "
+                f"{sum(len(p) for p in self.pieces)} characters in {len(self.pieces)} chunks, {self.tokens} tokens"
+                f"{first}, {end - self.submitted:.2f} s")
+
     # --- consumer side ---
 
     def next_event(self, timeout: Optional[float] = None):

@@ -151,9 +151,10 @@ class Waiter:
                 raise ApiError(504, "the request did not finish within the server's time limit")
 
 
-async def _submit(state, pieces: list[str], embedding, params: SpeechParams, waiter: Waiter, stream: bool) -> Job:
+async def _submit(state, pieces: list[str], embedding, params: SpeechParams, waiter: Waiter, stream: bool,
+                  voice: Optional[str]) -> Job:
     job = Job(pieces, embedding, params, time.monotonic() + state.settings.timeout_s, notify=waiter.notify,
-              stream=stream)
+              stream=stream, voice=voice)
     try:
         state.worker.submit(job)
     except WorkerError as exc:
@@ -168,22 +169,20 @@ def _worker_error(exc: WorkerError) -> ApiError:
 
 
 async def speak(state, request: Request, text: str, embedding, params: SpeechParams, fmt: str, enhance: bool,
-                stream: bool) -> Response:
-    """Queue a job and answer with its audio, whole or streamed."""
+                stream: bool, voice: Optional[str] = None) -> Response:
+    """Queue a job and answer with its audio, whole or streamed. The job goes into the request's state,
+    where the access log line finds it (``voice``: the voice's name for that line, if one was named)."""
     settings, metrics = state.settings, state.metrics
     arrived = time.monotonic()
     pieces = await run_in_threadpool(plan_text, state.tts, text)
     waiter = Waiter()
-    job = await _submit(state, pieces, embedding, params, waiter, stream)
+    job = await _submit(state, pieces, embedding, params, waiter, stream, voice)
+    request.state.job = job
     rate = settings.sample_rate
     headers = {"X-Seed": str(params.seed), "X-Sample-Rate": str(rate)}
     codec_rate = state.tts.sample_rate
-    if settings.log_text:
-        log.info("job %d: %d chunks, seed %d, %s%s, text %r", job.id, len(pieces), params.seed, fmt,
-                 " (stream)" if stream else "", text)
-    else:
-        log.info("job %d: %d characters in %d chunks, seed %d, %s%s", job.id, len(text), len(pieces), params.seed,
-                 fmt, " (stream)" if stream else "")
+    log.debug("job %d: %d characters in %d chunks, seed %d, %s%s", job.id, len(text), len(pieces), params.seed,
+              fmt, " (stream)" if stream else "")
     try:
         first = await waiter.next(job, request, job.deadline)
     except BaseException:
@@ -194,7 +193,7 @@ async def speak(state, request: Request, text: str, embedding, params: SpeechPar
     ttfa = time.monotonic() - arrived
     metrics.ttfa.observe(ttfa)
     headers["X-Time-To-First-Audio"] = f"{ttfa:.3f}"
-    log.info("job %d: first audio after %.2f s", job.id, ttfa)
+    log.debug("job %d: first audio after %.2f s", job.id, ttfa)
 
     if not stream:
         pieces_audio = [first.wav]
@@ -244,14 +243,14 @@ async def speak(state, request: Request, text: str, embedding, params: SpeechPar
             yield encoder.chunk(tail) + encoder.end()
             complete = True
         except ApiError as exc:
-            log.info("job %d: stream stopped: %s", job.id, exc.message)
+            log.debug("job %d: stream stopped: %s", job.id, exc.message)
         finally:
             job.cancel()  # no-op when finished; otherwise its remaining chunks are not computed
             assembler.__exit__(None, None, None)  # not awaited: this may run while being cancelled
             if complete:
                 metrics.latency.observe(time.monotonic() - arrived)
                 metrics.audio_seconds.inc(sent / rate)
-            log.info("job %d: streamed %.2f s of audio%s", job.id, sent / rate, "" if complete else " (cut short)")
+            log.debug("job %d: streamed %.2f s of audio%s", job.id, sent / rate, "" if complete else " (cut short)")
 
     return StreamingResponse(body(), media_type=content_type(fmt, rate), headers=headers)
 

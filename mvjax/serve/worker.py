@@ -234,15 +234,12 @@ class SpeechWorker:
     @staticmethod
     def _end(job: Job, error: Optional[WorkerError] = None) -> None:
         """Under the lock: ``job`` is over, its audio all delivered or (``error``) failed; the
-        request's one INFO line (the rounds log at DEBUG)."""
+        request's summary, at DEBUG (a server's one INFO line per request is its access line, which carries it)."""
         if error is not None:
             if job.done:
                 return
             job._fail(error)
-        status = "ok" if job.error is None else f"{job.error.status} {type(job.error).__name__}"
-        log.info("job %d: %s, voice %s, %d characters in %d chunks, %d tokens, %.2f s", job.id, status,
-                 job.voice or "-", sum(len(p) for p in job.pieces), len(job.pieces), job.tokens,
-                 job.finished - job.submitted)
+        log.debug("%s", job.summary())
 
     def _deliver(self, job: Job, index: int, parts: list) -> None:
         """Under the lock: planned chunk ``index`` of ``job`` (its pieces, in order) is ready."""
