@@ -201,3 +201,22 @@ def test_the_worker_logs_rounds_and_request_summaries_at_debug_only(demo, caplog
     assert summaries[2].startswith(f"job {late.id}: 504 DeadlineExceeded, voice -, seed 1, ")
     rounds = [r for r in records if r.getMessage().startswith("batch:")]
     assert len(rounds) >= 2 and all(r.levelno == logging.DEBUG for r in rounds)
+
+
+def test_the_access_line_adds_the_text_only_with_log_text_escaped():
+    """``--log-text`` puts the request's text (its chunks, joined) in its access line, escaped like any
+    client text; without it the line has the job's summary and no text."""
+    import dataclasses
+
+    from mvjax.serve.app import _job_words
+    from mvjax.serve.settings import ServerSettings
+
+    job = Job(["Hello\tthere.", "Bye \u00e9 now."], np.zeros(256, np.float32), SpeechParams(seed=9),
+              time.monotonic() + 60, voice="demo")
+    scope = {"state": {"job": job}}
+    plain = _job_words(scope, ServerSettings())
+    assert plain.startswith(f" (job {job.id}: unfinished, voice demo, seed 9, 22 characters in 2 chunks, 0 tokens, ")
+    assert "Hello" not in plain
+    logged = _job_words(scope, dataclasses.replace(ServerSettings(), log_text=True))
+    assert logged.endswith(", text 'Hello\\tthere. Bye \\xe9 now.')"), logged
+    assert _job_words({}, ServerSettings()) == "" and _job_words({"state": {}}, ServerSettings()) == ""
