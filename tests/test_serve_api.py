@@ -197,7 +197,7 @@ def test_client_text_cannot_forge_log_lines(served):
 
 def test_each_request_logs_one_info_line_with_its_synthesis(served):
     """A speech request, whole or streamed, writes one INFO line (any mvjax logger): its access line,
-    which carries the job's summary; the engine's rounds and each chunk log at DEBUG only."""
+    which carries the job's summary; the engine's rounds log at DEBUG only."""
     srv, _ = served
     with LogWatch("mvjax", logging.DEBUG) as logs:
         whole = httpx.post(srv.url + "/v1/audio/speech", timeout=300,
@@ -216,8 +216,8 @@ def test_each_request_logs_one_info_line_with_its_synthesis(served):
                             rf"\d+ characters in \d+ chunks, [1-9]\d* tokens, first audio after [\d.]+ s, [\d.]+ s\)",
                             line), line
         assert text not in line  # the text itself only with --log-text
-    debug = [rec.getMessage() for rec in logs.records if rec.levelno == logging.DEBUG]
-    assert any(m.startswith("batch:") for m in debug) and any(m.startswith("chunk ") for m in debug)
+    # the rounds are there, at DEBUG (per-chunk lines too, on a logger the synthesize CLI sets for itself)
+    assert any(rec.getMessage().startswith("batch:") for rec in logs.records if rec.levelno == logging.DEBUG)
 
 
 def test_cross_site_requests_are_refused(served, voice_wav):
