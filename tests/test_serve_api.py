@@ -14,8 +14,8 @@ import soundfile as sf
 
 from tests.serve_util import (
     DEMO_ARGS,
-    LogWatch,
     TEST_MAX_NEW_TOKENS,
+    LogWatch,
     ServerProcess,
     ThreadServer,
     demo_server_app,

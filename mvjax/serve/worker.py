@@ -22,8 +22,9 @@ deadline or cancelled (the client went away) is dropped before its next chunk is
 its remaining chunks are never computed. :meth:`SpeechWorker.drain` stops admitting jobs and
 waits for the ones in flight.
 
-A request logs one INFO line when it is over (id, voice, characters, chunks, tokens, seconds,
-status); batches and engine rounds are for ``on_batch`` (the server logs them at DEBUG). Over
+When a job is over the worker logs its summary (:meth:`Job.summary`) at DEBUG: a server's one INFO
+line per request is its access line, which carries that summary; batches and engine rounds are for
+``on_batch`` (the server logs them at DEBUG). Over
 several devices the engine cannot run: ``batching="engine"`` falls back to static batches and
 says so once (a WARNING and :attr:`SpeechWorker.batching_note`).
 """
@@ -85,14 +86,14 @@ class SpeechWorker:
         # The continuous-batching engine needs one device; over a mesh the batches stay static, and
         # the worker says so once (the log and ``batching_note``, which /health shows).
         self.batching_note: Optional[str] = None
-        if batching == "engine" and not tts.engine_available:
+        use_engine = batching == "engine" and tts.engine_available
+        if batching == "engine" and not use_engine:
             from mvjax.core.parallel import device_count
 
             self.batching_note = (f"the continuous-batching engine runs on one device and this model is spread "
                                   f"over {device_count(tts.mesh)}: batches are static")
             log.warning("%s", self.batching_note)
-        self.engine = (tts.first_stage_engine(max_batch, engine_steps)
-                       if batching == "engine" and tts.engine_available else None)
+        self.engine = tts.first_stage_engine(max_batch, engine_steps) if use_engine else None
         self.batching = "engine" if self.engine is not None else "static"
         if self.engine is not None:
             self.engine.reset()  # one worker per model: the engine (and its compiled code) is the TTS's
