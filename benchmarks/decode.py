@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import best_of, clock
-from mvjax.inference.decode import FirstStageDecoder, SamplingConfig  # noqa: E402
+from mvjax.inference.decode import FirstStageDecoder  # noqa: E402
+from mvjax.inference.options import SamplingConfig  # noqa: E402
 from mvjax.inference.keys import utterance_keys  # noqa: E402
 from mvjax.io.quantize import tree_nbytes  # noqa: E402
 from mvjax.nn.config import GPTConfig  # noqa: E402
@@ -149,7 +150,7 @@ def ours_generator(decoder, batch: int, prompt_len: int):
     config = decoder.config
     prompts = prompts_for(batch, prompt_len, config)
     spk = np.random.default_rng(1).standard_normal((batch, SPEAKER_DIM)).astype(np.float32)
-    sampling = SamplingConfig(guidance=3.0, temperature=1.0, top_p=0.95)
+    sampling = SamplingConfig(guidance_scale=3.0, temperature=1.0, top_p=0.95)
     keys = utterance_keys(0, batch)
 
     def gen(n):

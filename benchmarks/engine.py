@@ -52,12 +52,12 @@ import numpy as np
 from benchmarks.decode import END_OF_AUDIO, SPEAKER_DIM, make_config, random_params
 from mvjax.inference.decode import (
     FirstStageDecoder,
-    SamplingConfig,
     next_pow2,
     prompt_bucket,
 )
-from mvjax.inference.engine import DEFAULT_STEPS, EngineRequest, FirstStageEngine
+from mvjax.inference.engine import EngineRequest, FirstStageEngine
 from mvjax.inference.keys import utterance_keys
+from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
 from mvjax.nn.kv_cache import KV_CACHE_KINDS
 
 
@@ -82,7 +82,7 @@ def workload(n: int, rate: float, min_tokens: int, max_tokens: int, vocab: int, 
             "tokens": tokens,
             "speaker": rng.standard_normal(SPEAKER_DIM).astype(np.float32),
             "key": keys[i],
-            "sampling": SamplingConfig(guidance=3.0, temperature=1.0, top_p=0.95),
+            "sampling": SamplingConfig(guidance_scale=3.0, temperature=1.0, top_p=0.95),
         })
     return jobs
 

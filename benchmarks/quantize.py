@@ -75,7 +75,8 @@ import numpy as np
 
 from benchmarks.common import clock, proc_status  # noqa: E402
 from benchmarks.decode import SPEAKER_DIM, make_config, prompts_for, random_params  # noqa: E402
-from mvjax.inference.decode import FirstStageDecoder, SamplingConfig  # noqa: E402
+from mvjax.inference.decode import FirstStageDecoder  # noqa: E402
+from mvjax.inference.options import SamplingConfig  # noqa: E402
 from mvjax.inference.fidelity import compare_logits, guided_logits
 from mvjax.inference.keys import utterance_keys  # noqa: E402
 from mvjax.io.quantize import decoder_params, tree_nbytes  # noqa: E402
@@ -111,7 +112,7 @@ def decode_times(decoder, batch: int, new_tokens: int, prompt_len: int, repeats:
     """Seconds to generate 1 and ``new_tokens`` tokens per row, ``repeats`` times each (alternating)."""
     prompts = prompts_for(batch, prompt_len, decoder.config)
     spk = np.random.default_rng(1).standard_normal((batch, SPEAKER_DIM)).astype(np.float32)
-    sampling = SamplingConfig(guidance=3.0, temperature=1.0, top_p=0.95)
+    sampling = SamplingConfig(guidance_scale=3.0, temperature=1.0, top_p=0.95)
     keys = utterance_keys(0, batch)
 
     def run(n):
@@ -321,7 +322,7 @@ def greedy_continuations(decoder, cases: list[dict], budget: int) -> list[np.nda
     for g in sorted({c["guidance"] for c in cases}):
         idx = [i for i, c in enumerate(cases) if c["guidance"] == g]
         res = decoder.generate([cases[i]["prompt"].tolist() for i in idx], np.stack([cases[i]["spk"] for i in idx]),
-                               utterance_keys(0, len(idx)), SamplingConfig(guidance=g, temperature=0.0, top_p=None),
+                               utterance_keys(0, len(idx)), SamplingConfig(guidance_scale=g, temperature=0.0, top_p=None),
                                max_new_tokens=budget)
         for j, i in enumerate(idx):
             seqs[i] = res.sequences[j]

@@ -27,7 +27,7 @@ _EXPORTS = {
     "SpeakerEncoder": "mvjax.inference.speaker",
     "FirstStageDecoder": "mvjax.inference.decode",
     "SecondStageSampler": "mvjax.inference.second_stage",
-    "SamplingConfig": "mvjax.inference.decode",
+    "SamplingConfig": "mvjax.inference.options",
     "MultiBandDiffusion": "mvjax.inference.diffusion",
     "utterance_keys": "mvjax.inference.keys",
     "GPTConfig": "mvjax.nn.config",

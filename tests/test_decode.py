@@ -9,10 +9,10 @@ import pytest
 from mvjax.inference.decode import (
     BlockFullWarning,
     FirstStageDecoder,
-    SamplingConfig,
     decode_loop,
 )
 from mvjax.inference.keys import utterance_keys
+from mvjax.inference.options import SamplingConfig
 from mvjax.inference.sampling import (
     filter_logits,
     guide,
@@ -163,7 +163,7 @@ def test_compile_count_stays_one_within_a_bucket(decoder):
     for i, text in enumerate(["Hi.", "Hello there, friend.", "A slightly longer line"]):
         prompt = tok.encode(text)
         assert len(prompt) <= 16
-        sampling = SamplingConfig(guidance=2.0 + i, temperature=0.5 * i, top_p=0.9)
+        sampling = SamplingConfig(guidance_scale=2.0 + i, temperature=0.5 * i, top_p=0.9)
         dec.generate([prompt], spk, utterance_keys(i, 1), sampling, max_new_tokens=5 + i)
     assert dec.compile_count - before == 1
 
@@ -207,7 +207,7 @@ def test_end_of_audio_stops_a_row(decoder):
     dec, tok = decoder
     # Sample freely until some row emits end of audio; the sequence must end right there.
     prompts = _prompts(tok, ["Stop when done."] * 4)
-    result = dec.generate(prompts, None, utterance_keys(3, 4), SamplingConfig(guidance=1.0, temperature=3.0, top_p=None),
+    result = dec.generate(prompts, None, utterance_keys(3, 4), SamplingConfig(guidance_scale=1.0, temperature=3.0, top_p=None),
                           max_new_tokens=200)
     for seq, fin in zip(result.sequences, result.finished):
         hits = np.flatnonzero(seq[len(prompts[0]):] == dec.end_of_audio)

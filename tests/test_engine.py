@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mvjax.inference.decode import FirstStageDecoder, SamplingConfig
+from mvjax.inference.decode import FirstStageDecoder
+from mvjax.inference.options import SamplingConfig
 from mvjax.inference.engine import EngineRequest, FirstStageEngine
 from mvjax.inference.keys import utterance_keys
 from mvjax.io.checkpoint import load_gpt_stage
@@ -30,12 +31,12 @@ def _requests(tok, seed=5):
     keys = utterance_keys(seed, len(TEXTS))
     settings = [
         SamplingConfig(temperature=1.0, top_p=0.95),
-        SamplingConfig(guidance=1.5, temperature=0.7, top_p=0.8),
-        SamplingConfig(guidance=3.0, temperature=1.3, top_k=20, top_p=None),
+        SamplingConfig(guidance_scale=1.5, temperature=0.7, top_p=0.8),
+        SamplingConfig(guidance_scale=3.0, temperature=1.3, top_k=20, top_p=None),
         SamplingConfig(temperature=0.0),
-        SamplingConfig(guidance=2.0, temperature=1.0, top_p=0.9),
+        SamplingConfig(guidance_scale=2.0, temperature=1.0, top_p=0.9),
         SamplingConfig(temperature=1.0, top_p=0.95),
-        SamplingConfig(guidance=4.0, temperature=0.9, top_p=0.99),
+        SamplingConfig(guidance_scale=4.0, temperature=0.9, top_p=0.99),
     ]
     out = []
     for i, text in enumerate(TEXTS):
@@ -197,11 +198,12 @@ def test_bad_requests(model):
 
 
 def test_synthesis_through_the_engine_equals_static_batches():
-    """The pipeline's token stages over several texts (one planned into several chunks) give the same
-    codes with the engine (the default on one device, two slots here) as with static batches of two."""
+    """The scheduler over several texts (one planned into several chunks) gives the same codes with
+    the engine (the default on one device, two slots here) as with static batches of two."""
     from mvjax.cli.demo import demo_speaker_audio
     from mvjax.inference import keys as K
     from mvjax.inference.options import SynthesisOptions
+    from mvjax.inference.scheduler import Utterance
     from tests.serve_util import demo_tts
 
     tts = demo_tts()
@@ -210,14 +212,16 @@ def test_synthesis_through_the_engine_equals_static_batches():
              "Short one."]
     runs = {}
     for batching in ("engine", "static"):
-        chunks = []
-        for u, (text, key) in enumerate(zip(texts, K.keys_for(4, range(len(texts))))):
-            chunks += tts.chunks_for(u, tts.plan(text), key)
         opts = SynthesisOptions(batch_size=2, max_new_tokens=48, batching=batching, engine_steps=7)
-        runs[batching] = tts.run_token_stages(chunks, voices, opts, {"stage1": 2, "stage2": 2, "decoder": 2})
+        scheduler = tts.scheduler(opts, audio=False)
+        assert (scheduler.engine is not None) == (batching == "engine")
+        utterances = [Utterance(tts.plan(text), voices[u], key, opts.sampling) for u, (text, key)
+                      in enumerate(zip(texts, K.keys_for(4, range(len(texts)))))]
+        scheduler.run(utterances)
+        runs[batching] = [c for u in utterances for c in u.chunks]
     assert len(runs["engine"]) > len(texts) + 1
     for a, b in zip(runs["engine"], runs["static"], strict=True):
-        assert (a.utterance, a.order) == (b.utterance, b.order)
+        assert a.order == b.order and a.text == b.text
         np.testing.assert_array_equal(a.first_stage_codes, b.first_stage_codes)
         np.testing.assert_array_equal(a.all_codebooks, b.all_codebooks)
         assert a.report == b.report

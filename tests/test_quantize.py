@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from mvjax.inference import fidelity as F
-from mvjax.inference.decode import FirstStageDecoder, SamplingConfig
+from mvjax.inference.decode import FirstStageDecoder
+from mvjax.inference.options import SamplingConfig
 from mvjax.inference.keys import utterance_keys
 from mvjax.io import quantize as Q
 from mvjax.io.checkpoint import load_gpt_stage, read_manifest, tree_digest
@@ -262,7 +263,7 @@ def continuations(stage1, fixtures):
     out = []
     for prompt, spk, g in _cases(fixtures):
         res = dec.generate([prompt.tolist()], spk[None], utterance_keys(0, 1),
-                           SamplingConfig(guidance=g, temperature=0.0, top_p=None), max_new_tokens=60)
+                           SamplingConfig(guidance_scale=g, temperature=0.0, top_p=None), max_new_tokens=60)
         out.append((prompt, spk, g, res.sequences[0]))
     return out
 
@@ -309,7 +310,7 @@ def test_int8_decoder_generates_like_float32(stage1, continuations, kv_cache):
     assert Q.tree_nbytes(dec.params["layers"]) < 0.3 * Q.tree_nbytes(Q.decoder_params(config, params)["layers"])
     prompt, spk, g, want = continuations[0]
     res = dec.generate([prompt.tolist()], spk[None], utterance_keys(0, 1),
-                       SamplingConfig(guidance=g, temperature=0.0, top_p=None), max_new_tokens=60)
+                       SamplingConfig(guidance_scale=g, temperature=0.0, top_p=None), max_new_tokens=60)
     got = res.sequences[0]
     n = min(len(got), len(want))
     assert np.mean(got[:n] == want[:n]) >= 0.95

@@ -5,6 +5,8 @@ import time
 import numpy as np
 import pytest
 
+from mvjax.inference.options import SamplingConfig, SynthesisOptions
+from mvjax.inference.scheduler import Utterance
 from mvjax.serve.jobs import (
     Cancelled,
     ChunkAudio,
@@ -12,7 +14,6 @@ from mvjax.serve.jobs import (
     Draining,
     Job,
     QueueFull,
-    SpeechParams,
 )
 from mvjax.serve.worker import SpeechWorker
 from tests.serve_util import TEST_MAX_NEW_TOKENS as N
@@ -36,8 +37,14 @@ def demo():
     return tts, voices
 
 
-def worker_for(tts, **kw) -> SpeechWorker:
-    return SpeechWorker(tts, max_new_tokens=N, **kw)
+def worker_for(tts, max_batch=8, batching="engine", **kw) -> SpeechWorker:
+    options = SynthesisOptions(batch_size=max_batch, batching=batching, max_new_tokens=N)
+    return SpeechWorker(tts, options, **kw)
+
+
+def make_job(pieces, embedding, seed, deadline, sampling=SamplingConfig(), stream=False, **kw) -> Job:
+    """A job as the server makes one: its text's pieces as one utterance keyed by ``seed``."""
+    return Job(Utterance.seeded(pieces, embedding, seed, sampling=sampling, stream=stream), seed, deadline, **kw)
 
 
 def plan(tts, text):
@@ -53,9 +60,8 @@ def _collect(job: Job, timeout: float = 300) -> list:
         events.append(event)
 
 
-def _alone(tts, text, voice, params: SpeechParams) -> list[np.ndarray]:
-    speech = tts.tokens(text, voice, seed=params.seed, temperature=params.temperature, top_p=params.top_p,
-                        guidance_scale=params.guidance, max_new_tokens=N)
+def _alone(tts, text, voice, seed, sampling) -> list[np.ndarray]:
+    speech = tts.tokens(text, voice, seed=seed, sampling=sampling, max_new_tokens=N)
     return np.split(speech.first_stage_codes, np.cumsum([c.frames for c in speech.chunks])[:-1], axis=1)
 
 
@@ -65,24 +71,25 @@ def test_batched_requests_get_their_own_tokens(demo, batching):
     each request's tokens equal the library's for that request alone (same seed), and one round
     really held several requests."""
     tts, voices = demo
-    params = [SpeechParams(seed=11), SpeechParams(seed=12, temperature=0.7, top_p=0.8, guidance=1.5),
-              SpeechParams(seed=13, temperature=1.2, top_p=1.0, guidance=3.0)]
+    params = [(11, SamplingConfig()), (12, SamplingConfig(temperature=0.7, top_p=0.8, guidance_scale=1.5)),
+              (13, SamplingConfig(temperature=1.2, top_p=1.0, guidance_scale=3.0))]
     batches = []
     worker = worker_for(tts, max_batch=8, on_batch=batches.append, batching=batching)
     assert worker.batching == batching
     try:
-        jobs = [Job(plan(tts, t), voices[i % 2], p, time.monotonic() + 600) for i, (t, p) in enumerate(zip(TEXTS, params))]
+        jobs = [make_job(plan(tts, t), voices[i % 2], p[0], time.monotonic() + 600, p[1])
+                for i, (t, p) in enumerate(zip(TEXTS, params))]
         with worker._lock:  # all three are waiting when the first batch starts
             for job in jobs:
                 worker.submit(job)
         results = [_collect(job) for job in jobs]
     finally:
         worker.close()
-    assert max(b.jobs for b in batches) == 3
+    assert max(b.utterances for b in batches) == 3
     for text, voice, p, events in zip(TEXTS, [voices[0], voices[1], voices[0]], params, results):
         assert all(isinstance(e, ChunkAudio) for e in events)
         got = [e.tokens[:, : e.frames] for e in events]
-        want = _alone(tts, text, voice, p)
+        want = _alone(tts, text, voice, *p)
         assert len(got) == len(want)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
@@ -91,13 +98,13 @@ def test_batched_requests_get_their_own_tokens(demo, batching):
 
 def test_one_at_a_time_gives_the_same_tokens(demo):
     tts, voices = demo
-    p = SpeechParams(seed=12, temperature=0.7, top_p=0.8, guidance=1.5)
+    sampling = SamplingConfig(temperature=0.7, top_p=0.8, guidance_scale=1.5)
     worker = worker_for(tts, max_batch=1)
     try:
-        events = _collect(worker.submit(Job(plan(tts, TEXTS[1]), voices[1], p, time.monotonic() + 600)))
+        events = _collect(worker.submit(make_job(plan(tts, TEXTS[1]), voices[1], 12, time.monotonic() + 600, sampling)))
     finally:
         worker.close()
-    want = _alone(tts, TEXTS[1], voices[1], p)
+    want = _alone(tts, TEXTS[1], voices[1], 12, sampling)
     for e, w in zip(events, want, strict=True):
         np.testing.assert_array_equal(e.tokens[:, : e.frames], w)
 
@@ -111,7 +118,7 @@ def test_a_cancelled_job_stops_being_computed(demo):
     batches = []
     worker = worker_for(tts, max_batch=1, on_batch=batches.append)
     try:
-        job = worker.submit(Job(pieces, voices[0], SpeechParams(seed=1), time.monotonic() + 600))
+        job = worker.submit(make_job(pieces, voices[0], 1, time.monotonic() + 600))
         first = job.next_event(300)
         assert isinstance(first, ChunkAudio) and first.index == 0
         job.cancel()
@@ -130,16 +137,16 @@ def test_queue_limit_deadline_and_drain(demo):
     tts, voices = demo
     worker = worker_for(tts, max_batch=2, max_jobs=1)
     try:
-        late = worker.submit(Job(["Late."], voices[0], SpeechParams(seed=1), time.monotonic() - 1))
+        late = worker.submit(make_job(["Late."], voices[0], 1, time.monotonic() - 1))
         events = _collect(late, 60)
         assert len(events) == 1 and isinstance(events[0], DeadlineExceeded)
-        job = worker.submit(Job(["Hello there."], voices[0], SpeechParams(seed=1), time.monotonic() + 600))
+        job = worker.submit(make_job(["Hello there."], voices[0], 1, time.monotonic() + 600))
         with pytest.raises(QueueFull):
-            worker.submit(Job(["Another."], voices[0], SpeechParams(seed=2), time.monotonic() + 600))
+            worker.submit(make_job(["Another."], voices[0], 2, time.monotonic() + 600))
         assert worker.drain(300)  # waits for the admitted job
         assert job.done and job.error is None
         with pytest.raises(Draining):
-            worker.submit(Job(["After."], voices[0], SpeechParams(seed=3), time.monotonic() + 600))
+            worker.submit(make_job(["After."], voices[0], 3, time.monotonic() + 600))
     finally:
         worker.close()
 
@@ -155,7 +162,7 @@ def test_a_static_worker_never_calls_the_engine(demo, monkeypatch):
         monkeypatch.setattr(FirstStageEngine, name, lambda self, *a, name=name, **kw: calls.append(name))
     worker = worker_for(tts, max_batch=2, batching="static")
     try:
-        jobs = [worker.submit(Job(plan(tts, text), voices[0], SpeechParams(seed=5), time.monotonic() + 600))
+        jobs = [worker.submit(make_job(plan(tts, text), voices[0], 5, time.monotonic() + 600))
                 for text in TEXTS[:2]]
         results = [_collect(job) for job in jobs]
     finally:
@@ -181,10 +188,10 @@ def test_the_worker_logs_rounds_and_request_summaries_at_debug_only(demo, caplog
     worker = worker_for(tts, max_batch=8, on_batch=_on_batch(types.SimpleNamespace(metrics=Metrics())))
     assert worker.batching == "engine" and worker.batching_note is None
     try:
-        jobs = [worker.submit(Job(plan(tts, text), voices[0], SpeechParams(seed=3), time.monotonic() + 600, voice="demo"))
+        jobs = [worker.submit(make_job(plan(tts, text), voices[0], 3, time.monotonic() + 600, voice="demo"))
                 for text in TEXTS[:2]]
         results = [_collect(job) for job in jobs]
-        late = worker.submit(Job(["Late."], voices[0], SpeechParams(seed=1), time.monotonic() - 1))
+        late = worker.submit(make_job(["Late."], voices[0], 1, time.monotonic() - 1))
         assert isinstance(_collect(late, 60)[-1], DeadlineExceeded)
     finally:
         worker.close()
@@ -211,11 +218,10 @@ def test_the_access_line_adds_the_text_only_with_log_text_escaped():
     from mvjax.serve.app import _job_words
     from mvjax.serve.settings import ServerSettings
 
-    job = Job(["Hello\tthere.", "Bye \u00e9 now."], np.zeros(256, np.float32), SpeechParams(seed=9),
-              time.monotonic() + 60, voice="demo")
-    scope = {"state": {"job": job}}
+    one = make_job(["Hello\tthere.", "Bye \u00e9 now."], np.zeros(256, np.float32), 9, time.monotonic() + 60, voice="demo")
+    scope = {"state": {"job": one}}
     plain = _job_words(scope, ServerSettings())
-    assert plain.startswith(f" (job {job.id}: unfinished, voice demo, seed 9, 22 characters in 2 chunks, 0 tokens, ")
+    assert plain.startswith(f" (job {one.id}: unfinished, voice demo, seed 9, 22 characters in 2 chunks, 0 tokens, ")
     assert "Hello" not in plain
     logged = _job_words(scope, dataclasses.replace(ServerSettings(), log_text=True))
     assert logged.endswith(", text 'Hello\\tthere. Bye \\xe9 now.')"), logged

@@ -201,7 +201,7 @@ def _first_stage_decoder(fx: Fixture):
 
 def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
     """The reference fast path, greedy: sequences exact, guided step logits close."""
-    from mvjax.inference.decode import SamplingConfig
+    from mvjax.inference.options import SamplingConfig
     from mvjax.inference.keys import utterance_keys
 
     s1 = fx.npz("stage1/stage1_cases.npz")
@@ -227,7 +227,7 @@ def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
 
 def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
     """Three prompts of different lengths in one call, greedy, against the reference batched sampler."""
-    from mvjax.inference.decode import SamplingConfig
+    from mvjax.inference.options import SamplingConfig
     from mvjax.inference.keys import utterance_keys
 
     s1 = fx.npz("stage1/stage1_cases.npz")
@@ -236,7 +236,7 @@ def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
     total = ref.shape[-1]
     prompts = [prompts_in[i, 0, : lens[i]].tolist() for i in range(len(lens))]
     result = decoder.generate(
-        prompts, s1["batch_spk"], utterance_keys(0, len(prompts)), SamplingConfig(guidance=3.0, temperature=0.0, top_p=None),
+        prompts, s1["batch_spk"], utterance_keys(0, len(prompts)), SamplingConfig(guidance_scale=3.0, temperature=0.0, top_p=None),
         max_new_tokens=[total - int(n) for n in lens],
     )
     out = np.full(ref.shape, decoder.end_of_audio, np.int64)  # the reference pads finished rows with end of audio
@@ -248,7 +248,7 @@ def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
 def check_pipeline(fx: Fixture) -> Iterator[Check]:
     """Speaker embedding from the fixture voice, then both stages through :class:`mvjax.inference.pipeline.TTS`
     (greedy, the case's guidance / top-p / max_new_tokens, no chunking)."""
-    from mvjax.inference.decode import SamplingConfig
+    from mvjax.inference.options import SamplingConfig
     from mvjax.inference.keys import utterance_keys
     from mvjax.inference.pipeline import TTS
     from mvjax.text.tokenizer import normalize_text
@@ -272,7 +272,7 @@ def check_pipeline(fx: Fixture) -> Iterator[Check]:
     prompt = tts.tokenizers[0].encode(normalize_text(str(p["text"])))
     result = tts.first_stage_decoder.generate(
         [prompt], embedding[None], utterance_keys(0, 1),
-        SamplingConfig(guidance=float(p["guidance"]), temperature=0.0, top_p=top_p),
+        SamplingConfig(guidance_scale=float(p["guidance"]), temperature=0.0, top_p=top_p),
         max_new_tokens=int(p["max_new_tokens"]),
     )
     seq = exact_check("pipeline", "stage1-seq", result.sequences[0], p["stage1_seq"])

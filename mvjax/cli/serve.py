@@ -25,6 +25,7 @@ DEMO_VOICE = "demo"
 
 def _parser() -> argparse.ArgumentParser:
     from mvjax.audio.stream import supported_formats
+    from mvjax.inference.options import BATCHING, DECODERS
     from mvjax.serve.settings import ServerSettings, default_format
 
     d = ServerSettings()
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--voices", type=Path, default=None, help="voice directory: loaded at start, uploads stored here")
     work.add_argument("--max-batch", type=int, default=d.max_batch,
                       help="text chunks synthesised together across requests (1 = one at a time)")
-    work.add_argument("--batching", choices=["engine", "static"], default=d.batching,
+    work.add_argument("--batching", choices=BATCHING, default=d.batching,
                       help="engine: continuous batching, a request joins between decode calls (one device); "
                            "static: batches decoded to their longest chunk (always, on several devices)")
     work.add_argument("--engine-steps", type=int, default=d.engine_steps,
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="characters of text one speech request may send")
     work.add_argument("--max-upload-mb", type=float, default=d.voice_limits.max_upload_bytes / 1e6,
                       help="largest voice recording an upload may send, in MB")
-    work.add_argument("--decoder", choices=["mbd", "encodec"], default=d.decoder, help="default decoder")
+    work.add_argument("--decoder", choices=DECODERS, default=d.decoder, help="default decoder")
     work.add_argument("--no-enhance", action="store_true", help="no DeepFilterNet3 by default")
     work.add_argument("--response-format", choices=list(supported_formats()), default=default_format(),
                       help="audio format of a speech request that names none")
@@ -120,11 +121,10 @@ def build(args, tts=None):
         registry.add_embedding(DEMO_VOICE, demo_voice_embedding(tts), builtin=True)
     if args.warmup and len(registry):
         voice = registry.list()[0]
-        tts.synthesize("Warm up.", registry.get(voice.name), decoder=settings.decoder, enhance=False,
-                       max_new_tokens=settings.max_new_tokens)
+        tts.synthesize("Warm up.", registry.get(voice.name), options=dataclasses.replace(settings.options, enhance=False))
     if args.warmup and settings.batching == "engine" and tts.engine_available:
         # Every admit and generate shape the engine can meet, so no request waits for a compilation.
-        engine = tts.first_stage_engine(settings.max_batch, settings.engine_steps)
+        engine = tts.first_stage.engine(settings.max_batch, settings.engine_steps)
         cap = settings.max_new_tokens
         count = engine.precompile(max_prompt=WARMUP_MAX_PROMPT,
                                   max_window=None if cap is None else WARMUP_MAX_PROMPT + cap + settings.engine_steps)
@@ -144,8 +144,6 @@ def run(args) -> int:
         return fail(f"--port {args.port} is not a port number")
     if args.max_batch < 1 or args.max_queue < 1:
         return fail("--max-batch and --max-queue must be >= 1")
-    if not 1 <= args.engine_steps <= 1024:
-        return fail("--engine-steps must be between 1 and 1024")
     if args.voices is not None and args.voices.exists() and not args.voices.is_dir():
         return fail(f"--voices {args.voices} is not a directory")
     _logging(args.quiet)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 from mvjax.audio.io import OUTPUT_FORMATS
 from mvjax.cli.common import exit_now, guarded
 from mvjax.core.errors import MvjaxError
-from mvjax.inference.engine import DEFAULT_STEPS
+from mvjax.inference.options import BATCHING, DECODERS, DEFAULT_STEPS, SamplingConfig, SynthesisError, SynthesisOptions
 
 DEMO_TEXT = "This is the mvjax demo. Its model has random weights, so what you hear is noise, not speech."
 DEMO_MAX_NEW_TOKENS = 150  # the random demo model never ends the audio by itself: about 1 s per chunk
@@ -87,16 +88,20 @@ def _parser() -> argparse.ArgumentParser:
                                            "(a directory for --text-file: one .npz per output)")
     smp = p.add_argument_group("sampling")
     smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--temperature", type=float, default=1.0, help="first stage; 0 = greedy (default 1.0)")
-    smp.add_argument("--top-p", type=float, default=0.95, help="first stage nucleus (default 0.95)")
-    smp.add_argument("--guidance-scale", type=float, default=3.0, help="first stage speaker guidance (default 3.0)")
-    smp.add_argument("--stage2-temperature", type=float, default=1.0,
-                     help="second stage; 0 = greedy (default 1.0, which the reference's synthesis always uses)")
-    smp.add_argument("--stage2-top-k", type=int, default=200, help="second stage top-k (default 200; 0 = off)")
+    for name in ("temperature", "top_p", "guidance_scale"):
+        spec = SamplingConfig.spec(name)
+        smp.add_argument("--" + name.replace("_", "-"), type=float, default=spec.default,
+                         help=f"{spec.help} (default {spec.default}; {spec.low:g} to {spec.high:g})")
+    defaults = SynthesisOptions()
+    smp.add_argument("--stage2-temperature", type=float, default=defaults.stage2_temperature,
+                     help=f"second stage; 0 = greedy (default {defaults.stage2_temperature}, which the reference's "
+                          "synthesis always uses)")
+    smp.add_argument("--stage2-top-k", type=int, default=defaults.stage2_top_k,
+                     help=f"second stage top-k (default {defaults.stage2_top_k}; 0 = off)")
     smp.add_argument("--max-new-tokens", type=int, help="first-stage tokens per chunk (default: until end of audio "
                                                           "or the block is full)")
     dec = p.add_argument_group("decoding")
-    dec.add_argument("--decoder", choices=["mbd", "encodec"], default="mbd",
+    dec.add_argument("--decoder", choices=DECODERS, default=defaults.decoder,
                      help="multi-band diffusion (default) or the plain EnCodec decoder (fast)")
     dec.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 (output stays at 24 kHz)")
     dec.add_argument("--no-long-form", action="store_true", help="do not split long texts into chunks")
@@ -111,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                           "python -m mvjax.parity certifies; 'high'/'default' are faster on GPUs and TPUs)")
     dec.add_argument("--batch-size", default="8", help="utterances (chunks) per device per batch, or 'auto': the "
                                                        "largest each stage fits in free memory (throughput mode)")
-    dec.add_argument("--batching", choices=["engine", "static"], default="engine",
+    dec.add_argument("--batching", choices=BATCHING, default=defaults.batching,
                      help="first stage: engine = continuous batching, a chunk takes a slot as one frees up (one "
                           "device); static = batches decoded to their longest chunk (default: engine; a mesh of "
                           "several devices always uses static batches)")
@@ -167,31 +172,24 @@ def _read_jobs(args) -> list[dict]:
     return [{"text": text, "speaker": None, "out": Path(args.out), "index": 0, "where": "--text"}]
 
 
-SEED_RANGE = (0, 2**32 - 1)
-
-
-def _check_numbers(args) -> None:
-    """Every numeric option finite and in range, before anything loads: the sampling options through
-    :class:`~mvjax.inference.options.SynthesisOptions` (the one check the library applies too), the
-    seed and process options here."""
-    from mvjax.inference.options import SynthesisError, SynthesisOptions
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UsageError(message)
-
+def _options(args) -> SynthesisOptions:
+    """The synthesis options the flags ask for, checked by :class:`~mvjax.inference.options.SynthesisOptions`
+    (the one check the library applies too) before anything loads; the process options here."""
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UsageError("--num-processes must be >= 1")
+    if args.process_id is not None and (args.process_id < 0 or (args.num_processes is not None
+                                                                and args.process_id >= args.num_processes)):
+        raise UsageError("--process-id must be >= 0 and below --num-processes")
     try:
-        SynthesisOptions(temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
-                         stage2_temperature=args.stage2_temperature, stage2_top_k=args.stage2_top_k,
-                         max_new_tokens=args.max_new_tokens, batching=args.batching, engine_steps=args.engine_steps)
+        return SynthesisOptions.build(
+            seed=args.seed, temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
+            stage2_temperature=args.stage2_temperature, stage2_top_k=args.stage2_top_k,
+            max_new_tokens=args.max_new_tokens, long_form=not args.no_long_form, batch_size=args.batch_size,
+            batching=args.batching, engine_steps=args.engine_steps, decoder=args.decoder,
+            enhance=not args.no_enhance, progress=not args.quiet and sys.stderr.isatty())
     except SynthesisError as exc:  # name the flag, not the field
         flag = f"--{exc.option.replace('_', '-')}" if exc.option else ""
         raise UsageError(flag + str(exc)[len(exc.option or ""):]) from None
-    need(SEED_RANGE[0] <= args.seed <= SEED_RANGE[1], f"--seed must be in [0, {SEED_RANGE[1]}], not {args.seed}")
-    need(args.num_processes is None or args.num_processes >= 1, "--num-processes must be >= 1")
-    need(args.process_id is None or args.process_id >= 0, "--process-id must be >= 0")
-    need(args.process_id is None or args.num_processes is None or args.process_id < args.num_processes,
-         "--process-id must be below --num-processes")
 
 
 def _check_outputs(jobs: list[dict], args) -> None:
@@ -286,7 +284,7 @@ def run(argv: list[str] | None = None) -> int:
         resolve(args.matmul_precision)
     except PrecisionError as exc:
         raise UsageError(str(exc)) from None
-    _check_numbers(args)
+    options = _options(args)
     jobs = _read_jobs(args)
     _check_outputs(jobs, args)
     from mvjax.text.tokenizer import TextError, normalize_text
@@ -310,24 +308,22 @@ def run(argv: list[str] | None = None) -> int:
     log = _logger(args.quiet)
     enable_compilation_cache()
     demo_voice = None
-    max_new = args.max_new_tokens
-    enhance = not args.no_enhance
     if args.demo:
         from mvjax.cli.demo import demo_model_dir, demo_speaker_audio
 
         print("demo: a small model with random weights, built on the fly; the output is noise, not speech",
               file=sys.stderr)
-        if enhance:  # DeepFilterNet3 would remove that noise and leave a near-silent file
+        if options.enhance:  # DeepFilterNet3 would remove that noise and leave a near-silent file
             print("demo: DeepFilterNet3 enhancement skipped (it would filter the random model's noise away); "
                   "the output stays at 24 kHz", file=sys.stderr)
-            enhance = False
+            options = dataclasses.replace(options, enhance=False)
         model = demo_model_dir()
         demo_voice = demo_speaker_audio()
         from mvjax.inference.speaker import ShortReferenceWarning
 
         warnings.filterwarnings("ignore", category=ShortReferenceWarning)  # the demo voice is 4 s by design
-        if max_new is None:
-            max_new = DEMO_MAX_NEW_TOKENS
+        if options.max_new_tokens is None:
+            options = dataclasses.replace(options, max_new_tokens=DEMO_MAX_NEW_TOKENS)
     else:
         model = args.model
     share = process_share(jobs)
@@ -344,14 +340,8 @@ def run(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning) if args.quiet else None
-            results = tts.synthesize(
-                [job["text"] for _, job in share], speakers,
-                seed=args.seed, temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
-                stage2_top_k=args.stage2_top_k, stage2_temperature=args.stage2_temperature, max_new_tokens=max_new,
-                decoder=args.decoder,
-                enhance=enhance, long_form=not args.no_long_form, batch_size=args.batch_size,
-                batching=args.batching, engine_steps=args.engine_steps, utterance_ids=[job["index"] for _, job in share], progress=not args.quiet and sys.stderr.isatty(),
-            )
+            results = tts.synthesize([job["text"] for _, job in share], speakers, options=options,
+                                     utterance_ids=[job["index"] for _, job in share])
     finally:
         tts.close()
     for (i, job), speech in zip(share, results):

@@ -36,28 +36,19 @@ from mvjax.core.parallel import (
     put_batch,
     put_replicated,
 )
+from mvjax.inference.options import SamplingConfig
 from mvjax.inference.sampling import guide, sample
 from mvjax.io.quantize import decode_params_mode, decoder_params
 from mvjax.nn.config import GPTConfig
 from mvjax.nn.gpt_decode import apply_tokens
 from mvjax.nn.kv_cache import cache_kind, init_cache, put_window_part, window_part
 
-DEFAULT_GUIDANCE = 3.0
-DEFAULT_TOP_P = 0.95
 MIN_PROMPT_BUCKET = 16
 MIN_WINDOW = 64
 
 
 class BlockFullWarning(UserWarning):
     """A row reached the end of the block before producing end of audio."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    guidance: float = DEFAULT_GUIDANCE
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = DEFAULT_TOP_P  # None or <= 0 disables nucleus filtering
 
 
 @dataclasses.dataclass
@@ -92,7 +83,7 @@ def sampling_columns(settings: Sequence[SamplingConfig], vocab: int) -> dict[str
     """One array per sampling value, one entry per row, as the loop takes them: no top-k is
     ``vocab``, no (or non-positive) top-p is 1.0."""
     return {
-        "guidance": np.array([s.guidance for s in settings], np.float32),
+        "guidance": np.array([s.guidance_scale for s in settings], np.float32),
         "temperature": np.array([s.temperature for s in settings], np.float32),
         "top_k": np.array([vocab if s.top_k is None else s.top_k for s in settings], np.int32),
         "top_p": np.array([1.0 if s.top_p is None or s.top_p <= 0 else s.top_p for s in settings], np.float32),

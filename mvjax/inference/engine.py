@@ -48,27 +48,26 @@ import numpy as np
 from mvjax.core.parallel import device_count
 from mvjax.inference.decode import (
     FirstStageDecoder,
-    SamplingConfig,
     advance_rows,
     cache_windows,
+    decode_step,
     next_pow2,
     prefill,
     prompt_bucket,
     sampling_columns,
 )
+from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
 from mvjax.nn.gpt_decode import apply_tokens
 from mvjax.nn.kv_cache import (
     init_cache,
     put_rows,
-    put_window_part,
     step_kernel_used,
     take_rows,
     window_part,
 )
 
 DEFAULT_SLOTS = 8
-DEFAULT_STEPS = 8
-IDLE_SAMPLING = SamplingConfig(guidance=1.0, temperature=1.0, top_p=None)  # what a free slot holds
+IDLE_SAMPLING = SamplingConfig(guidance_scale=1.0, temperature=1.0, top_p=None)  # what a free slot holds
 
 
 @dataclasses.dataclass
@@ -209,8 +208,9 @@ class FirstStageEngine:
 
         one = prefill(logits_fn, small, prompt, prompt_length, limit, window,
                       self._advance(prompt_length, limit, key, sampling), block_size=self.block_size)
-        # The pair's rows [conditioned, unconditioned] land on cache rows 2 * slot, 2 * slot + 1.
-        cache = put_rows(state.cache, one.cache, 2 * slot)
+        # The pair's rows [conditioned, unconditioned] land on cache rows slot and slots + slot.
+        cache = put_rows(state.cache, take_rows(one.cache, 0, 1), slot)
+        cache = put_rows(cache, take_rows(one.cache, 1, 1), self.slots + slot)
         set_row = lambda whole, row: whole.at[slot].set(row[0])
         return state.replace(
             tokens=set_row(state.tokens, one.tokens), lengths=set_row(state.lengths, one.lengths),
@@ -223,7 +223,9 @@ class FirstStageEngine:
 
     def _move(self, state: SlotState, source, target) -> SlotState:
         """Slot ``source``'s request moved to slot ``target`` (cache rows and per-slot values)."""
-        cache = put_rows(state.cache, take_rows(state.cache, 2 * source, 2), 2 * target)
+        cache = state.cache
+        for half in (0, self.slots):
+            cache = put_rows(cache, take_rows(cache, half + source, 1), half + target)
         moved = jax.tree_util.tree_map(lambda a: a.at[target].set(a[source]),
                                        state.replace(cache=None, step_logits=None))
         return moved.replace(cache=cache, done=moved.done.at[source].set(True))
@@ -250,22 +252,19 @@ class FirstStageEngine:
         if sliced:
             cut = lambda a: a[:rows]
             state = jax.tree_util.tree_map(cut, state.replace(cache=None))
-            state = state.replace(cache=window_part(take_rows(whole.cache, 0, 2 * rows), window))
+            state = state.replace(cache=window_part(self._pairs(whole.cache, rows), window))
         speaker_rows = None
-        if state.speaker is not None:  # interleaved: each slot's conditioned row, then its unconditioned one
-            speaker_rows = jnp.stack([state.speaker, jnp.zeros_like(state.speaker)], axis=1).reshape(2 * rows, -1)
+        if state.speaker is not None:  # the decoder's row layout: [conditioned..., unconditioned...]
+            speaker_rows = jnp.concatenate([state.speaker, jnp.zeros_like(state.speaker)], axis=0)
         advance = self._advance(state.prompt_lengths, state.limits, state.keys, state.sampling)
-        index = jnp.arange(rows)
         idle_at_start = state.done
+
+        def logits_fn(cache, tokens, positions, attend):
+            return apply_tokens(cfg, params, tokens, positions, speaker_rows, cache, dtype, attend=attend)
 
         def body(carry):
             i, st = carry
-            last = jnp.maximum(st.lengths - 1, 0)
-            pair = lambda a: jnp.repeat(a, 2)[:, None]  # (rows,) -> (2 rows, 1), slot-major
-            logits, cache = apply_tokens(cfg, params, pair(st.tokens[index, last]), pair(last), speaker_rows,
-                                         st.cache, dtype, attend=window)
-            logits = logits[:, 0].reshape(rows, 2, -1).swapaxes(0, 1).reshape(2 * rows, -1)  # [cond..., uncond...]
-            return i + 1, advance(st.replace(cache=cache), logits)
+            return i + 1, decode_step(st, logits_fn, window, advance)
 
         def more(carry):
             i, st = carry
@@ -276,10 +275,17 @@ class FirstStageEngine:
         _, state = jax.lax.while_loop(more, body, (jnp.int32(0), state))
         if not sliced:
             return state
-        cache = put_window_part(whole.cache, state.cache)
+        # Back in place: each half's rows, first ``window`` positions (put_rows writes a smaller block as is).
+        cache = put_rows(whole.cache, take_rows(state.cache, 0, rows), 0)
+        cache = put_rows(cache, take_rows(state.cache, rows, rows), self.slots)
         merged = jax.tree_util.tree_map(lambda a, part: a.at[:rows].set(part), whole.replace(cache=None),
                                         state.replace(cache=None))
         return merged.replace(cache=cache)
+
+    def _pairs(self, cache: list, rows: int) -> list:
+        """The cache rows of slots ``0 .. rows - 1``: their conditioned rows, then their unconditioned ones."""
+        return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), take_rows(cache, 0, rows),
+                                      take_rows(cache, self.slots, rows))
 
     def _whole_cache(self, rows: int) -> bool:
         """Whether a call over ``rows`` slots runs on the whole cache rather than a window copy: a

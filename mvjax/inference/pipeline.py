@@ -5,42 +5,46 @@
     speech.save("hello.wav")
 
 :class:`TTS` loads each component once and keeps its jitted functions, so a second call with
-texts in the same length buckets does not recompile. It only wires the stages; each step
-lives in the module that owns it:
+texts in the same length buckets does not recompile. It holds the model and wires it:
 
 speaker embedding (:mod:`~mvjax.inference.speaker`) -> chunk plan (:mod:`~mvjax.inference.longform`)
--> first stage (:class:`~mvjax.inference.decode.FirstStageDecoder`, guidance + top-p) -> codebooks 1-2
--> second stage (:class:`~mvjax.inference.second_stage.SecondStageSampler`, top-k) -> all 8 codebooks
--> EnCodec latent -> multi-band diffusion (or the plain codec) -> crossfaded chunks -> loudness
-(-14 LUFS) -> DeepFilterNet3 (48 kHz). Batching and bucketing: :mod:`~mvjax.inference.stages`;
-randomness: :mod:`~mvjax.inference.keys`; token layout: :class:`~mvjax.text.layout.TokenLayout`.
-
-A chunk that still fills the first stage's block, or overflows the second's, is split in two
-and spoken again (up to :data:`~mvjax.inference.longform.MAX_RESPLITS` times), so no speech is cut.
+-> :class:`~mvjax.inference.scheduler.Scheduler`, which runs every chunk through the stage objects
+of :mod:`~mvjax.inference.stages` (first stage: guidance + top-p, static batches or the
+continuous-batching engine -> codebooks 1-2; second stage, top-k -> all 8 codebooks; EnCodec
+latent -> multi-band diffusion or the plain codec) and re-splits a chunk that overflows a block
+-> crossfaded chunks, loudness (-14 LUFS) and DeepFilterNet3 (48 kHz) (:mod:`mvjax.audio.finish`).
+Randomness: :mod:`~mvjax.inference.keys`; token layout: :class:`~mvjax.text.layout.TokenLayout`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvjax.audio.enhance import DeepFilterNet3
+from mvjax.audio.finish import CROSSFADE_SECONDS, crossfade_join, finish_audio
+from mvjax.core.parallel import device_count, local_mesh
+from mvjax.core.precision import apply as apply_precision
+from mvjax.core.precision import resolve as resolve_precision
 from mvjax.inference import keys as K
-from mvjax.inference import longform, stages
-from mvjax.inference.decode import (
-    BlockFullWarning,
-    FirstStageDecoder,
-)
+from mvjax.inference import longform
+from mvjax.inference.decode import FirstStageDecoder
+from mvjax.inference.diffusion import MultiBandDiffusion
 from mvjax.inference.options import SynthesisError, SynthesisOptions, normalised_texts
+from mvjax.inference.scheduler import Scheduler, Utterance
 from mvjax.inference.second_stage import SecondStageSampler
-from mvjax.inference.speaker import SpeakerSpec, embedding_from_spec, embeddings_for
+from mvjax.inference.speaker import SpeakerEncoder, SpeakerSpec, embedding_from_spec, embeddings_for
 from mvjax.inference.speech import Speech
+from mvjax.inference.stages import Codec, FirstStage, SecondStage, Timer, WaveDecoder
+from mvjax.inference.throughput import resolve_batch_sizes
+from mvjax.io.checkpoint import load_encodec, load_gpt_stage, load_mbd, model_components
 from mvjax.nn.kv_cache import cache_kind
+from mvjax.sources.resolve import resolve_model
 from mvjax.text.layout import TokenLayout
 
 log = logging.getLogger("mvjax")
@@ -67,8 +71,6 @@ class TTS:
         first stage's tree may be emptied while it is re-laid for decoding (it was loaded for us).
         ``kv_cache``: the first stage's KV cache, ``"float32"``, ``"bf16"`` or ``"int8"``
         (:mod:`mvjax.nn.kv_cache`; default: the compute dtype's)."""
-        from mvjax.core.precision import apply as apply_precision
-
         self.matmul_precision = apply_precision(matmul_precision)
         self.mesh = mesh
         (self.config1, params1, tokenizer1), (self.config2, params2, tokenizer2) = first_stage, second_stage
@@ -79,10 +81,12 @@ class TTS:
                                                      consume_params=consume_params, kv_cache=kv_cache)
         del params1  # the decoder keeps its own (re-laid) copy
         self.second_stage_sampler = SecondStageSampler(self.config2, params2, mesh=mesh, pad_token=self.layout.stage2_pad)
-        self.codec = stages.Codec(*codec, mesh=mesh) if codec is not None else None
+        self.codec = Codec(*codec, mesh=mesh) if codec is not None else None
         self.sample_rate = codec[0].sample_rate if codec is not None else 24000
+        self.first_stage = FirstStage(self.first_stage_decoder, tokenizer1, self.layout, self.config2.block_size)
+        self.second_stage = SecondStage(self.second_stage_sampler, tokenizer2, self.layout, self.config2.block_size)
+        self.wave_decoder = WaveDecoder(self.codec, lambda: self.diffusion) if self.codec is not None else None
         self._speaker_encoder, self._diffusion, self._enhancer = speaker_encoder, diffusion, None
-        self._engines: dict = {}
         self.last_timings: dict[str, float] = {}
 
     @classmethod
@@ -95,18 +99,6 @@ class TTS:
         every local device (or ``devices``) when there are several, ``None`` uses one device.
         ``quantize``: first-stage weights as ``"int8"`` or ``"bf16"``; ``kv_cache``: its KV cache as
         ``"float32"``, ``"bf16"`` or ``"int8"``."""
-        from mvjax.core.parallel import local_mesh
-        from mvjax.core.precision import resolve as resolve_precision
-        from mvjax.inference.diffusion import MultiBandDiffusion
-        from mvjax.inference.speaker import SpeakerEncoder
-        from mvjax.io.checkpoint import (
-            load_encodec,
-            load_gpt_stage,
-            load_mbd,
-            model_components,
-        )
-        from mvjax.sources.resolve import resolve_model
-
         resolve_precision(matmul_precision)  # a bad policy or cache kind fails before any download or conversion
         cache_kind(kv_cache)
         model_dir = resolve_model(path, cache_root=cache_root, log_fn=log_fn)
@@ -124,19 +116,11 @@ class TTS:
     @property
     def engine_available(self) -> bool:
         """The continuous-batching first stage runs on one device; over a mesh batches stay static."""
-        from mvjax.core.parallel import device_count
+        return self.first_stage.engine_available
 
-        return self.mesh is None or device_count(self.mesh) == 1
-
-    def first_stage_engine(self, slots: int, steps: int = 16):
-        """The :class:`mvjax.inference.engine.FirstStageEngine` with ``slots`` slots and ``steps`` tokens
-        per call (kept, with its compiled functions, for the next synthesis)."""
-        from mvjax.inference.engine import FirstStageEngine
-
-        key = (int(slots), int(steps))
-        if key not in self._engines:
-            self._engines[key] = FirstStageEngine(self.first_stage_decoder, slots=slots, steps=steps)
-        return self._engines[key]
+    @property
+    def devices(self) -> int:
+        return 1 if self.mesh is None else device_count(self.mesh)
 
     @property
     def speaker_encoder(self):
@@ -160,59 +144,57 @@ class TTS:
         """An embedding (E,) from an audio path, an ``(audio, rate)`` pair or an embedding array."""
         return embedding_from_spec(speaker, lambda: self.speaker_encoder, self.config1.speaker_emb_dim)
 
-    def plan(self, text: str, max_new_tokens: Optional[int] = None) -> list[str]:
-        """Chunks of normalised ``text`` that each fit both stages' blocks."""
-        return longform.plan_for_model(text, *self._plan_args, max_new_tokens)
-
-    def chunk_capacity(self, text: str, max_new_tokens: Optional[int] = None) -> tuple[int, int]:
-        """(estimated frames, frames both blocks leave room for) for one chunk of normalised text."""
-        return longform.chunk_capacity(text, *self._plan_args, max_new_tokens)
-
     @property
-    def _plan_args(self) -> tuple:
+    def plan_args(self) -> tuple:
+        """(tokenizers, both blocks, frame rate): what :mod:`~mvjax.inference.longform` plans with."""
         frame_rate = self.codec.config.frame_rate if self.codec is not None else 75.0
         return self.tokenizers, (self.config1.block_size, self.config2.block_size), frame_rate
 
-    def synthesize(self, text: Union[str, Sequence[str]], speaker=None, *, decoder: str = "mbd", enhance: bool = True,
-                   normalize: bool = True, utterance_ids: Optional[Sequence[int]] = None,
-                   **options) -> Union[Speech, list[Speech]]:
+    def plan(self, text: str, max_new_tokens: Optional[int] = None) -> list[str]:
+        """Chunks of normalised ``text`` that each fit both stages' blocks."""
+        return longform.plan_for_model(text, *self.plan_args, max_new_tokens)
+
+    def scheduler(self, options: SynthesisOptions, sizes: Optional[dict] = None, room: Optional[int] = None,
+                  lock=None, audio: bool = True) -> Scheduler:
+        """A :class:`~mvjax.inference.scheduler.Scheduler` over this model's stages (``sizes``: per-stage
+        batch sizes, default from ``options.batch_size``; ``audio``: make waveforms, not only tokens).
+        Stage timings go to :attr:`last_timings`."""
+        decoder = options.decoder if audio else None
+        sizes = sizes or resolve_batch_sizes(self, options.batch_size, decoder, options.max_new_tokens)
+        self.last_timings = {}
+        return Scheduler((self.first_stage, self.second_stage, self.wave_decoder if audio else None), options, sizes,
+                         room, lock, self.last_timings)
+
+    def synthesize(self, text: Union[str, Sequence[str]], speaker=None, *, options: Optional[SynthesisOptions] = None,
+                   utterance_ids: Optional[Sequence[int]] = None, **fields) -> Union[Speech, list[Speech]]:
         """Speak ``text`` (one string, or a list for a batch) in the voice of ``speaker`` (audio path,
         ``(audio, rate)``, embedding array or ``.npy`` path; one for all texts or one per text).
 
-        ``options``: the fields of :class:`~mvjax.inference.options.SynthesisOptions` (seed, both
-        stages' sampling, ``max_new_tokens``, ``long_form``, ``batch_size`` as an int, a per-stage
-        dict or ``"auto"``, ``batching`` (``"engine"``: the first stage through the continuous-batching
-        engine with ``batch_size`` slots, the default on one device; ``"static"``), ``engine_steps``,
-        ``progress``). ``decoder``: ``"mbd"`` or ``"encodec"``; ``enhance``:
-        DeepFilterNet3 (48 kHz output); ``normalize``: -14 LUFS. ``utterance_ids``: each text's index
-        for its random key (default 0, 1, ...). Returns one :class:`Speech` per text."""
-        if decoder not in ("mbd", "encodec"):
-            raise SynthesisError(f"decoder must be 'mbd' or 'encodec', not {decoder!r}")
+        ``options``: a :class:`~mvjax.inference.options.SynthesisOptions`, or its fields as keywords
+        (seed, both stages' sampling, ``max_new_tokens``, ``long_form``, ``batch_size`` as an int, a
+        per-stage dict or ``"auto"``, ``batching`` (``"engine"``: the first stage through the
+        continuous-batching engine with ``batch_size`` slots, the default on one device;
+        ``"static"``), ``engine_steps``, ``decoder`` (``"mbd"`` or ``"encodec"``), ``enhance``
+        (DeepFilterNet3, 48 kHz output), ``normalize`` (-14 LUFS), ``progress``). ``utterance_ids``:
+        each text's index for its random key (default 0, 1, ...). Returns one :class:`Speech` per text."""
         if self.codec is None:
             raise SynthesisError("this model has no EnCodec codec (encodec_24khz-*.th): it cannot make audio")
-        opts = SynthesisOptions(**options)
-        sizes = self._batch_sizes(opts, decoder)
-        normalised, embeddings, chunks = self._tokens(text, speaker, opts, sizes, utterance_ids)
-        self.decode_chunks(chunks, decoder, sizes["decoder"], opts.progress)
-        results = [self._finish(t, embeddings[u], [c for c in chunks if c.utterance == u], normalize, enhance)
-                   for u, t in enumerate(normalised)]
+        opts = _options(options, fields)
+        if opts.decoder == "mbd":
+            _ = self.diffusion  # a model without one fails before any token is sampled
+        utterances = self._run(text, speaker, opts, utterance_ids, audio=True)
+        results = [self._finish(u, opts) for u in utterances]
         return results[0] if isinstance(text, str) else results
 
-    def tokens(self, text: Union[str, Sequence[str]], speaker=None, *, utterance_ids=None,
-               **options) -> Union[Speech, list[Speech]]:
+    def tokens(self, text: Union[str, Sequence[str]], speaker=None, *, options: Optional[SynthesisOptions] = None,
+               utterance_ids=None, **fields) -> Union[Speech, list[Speech]]:
         """Both GPT stages only: :class:`Speech` objects whose ``audio`` is empty (no codec needed)."""
-        opts = SynthesisOptions(**options)
-        normalised, embeddings, chunks = self._tokens(text, speaker, opts, self._batch_sizes(opts, None), utterance_ids)
-        results = [self._speech(t, np.zeros(0, np.float32), self.sample_rate, embeddings[u],
-                                [c for c in chunks if c.utterance == u]) for u, t in enumerate(normalised)]
+        utterances = self._run(text, speaker, _options(options, fields), utterance_ids, audio=False)
+        results = [_speech(u, np.zeros(0, np.float32), self.sample_rate) for u in utterances]
         return results[0] if isinstance(text, str) else results
 
-    def _batch_sizes(self, opts: SynthesisOptions, decoder: Optional[str]) -> dict:
-        from mvjax.inference.throughput import resolve_batch_sizes
-
-        return resolve_batch_sizes(self, opts.batch_size, decoder, opts.max_new_tokens)
-
-    def _tokens(self, text, speaker, opts: SynthesisOptions, sizes: dict, utterance_ids):
+    def _run(self, text, speaker, opts: SynthesisOptions, utterance_ids, audio: bool) -> list[Utterance]:
+        """Every text planned into an :class:`Utterance` and run to the end through one scheduler."""
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise SynthesisError("no text given")
@@ -220,101 +202,40 @@ class TTS:
         if len(ids) != len(texts):
             raise SynthesisError(f"got {len(ids)} utterance ids for {len(texts)} texts")
         normalised = normalised_texts(texts)
-        self.last_timings = {}
-        with stages.Timer(self.last_timings, "speaker"):
+        scheduler = self.scheduler(opts, audio=audio)
+        with Timer(self.last_timings, "speaker"):
             embeddings = embeddings_for(speaker, len(texts), self.speaker_embedding)
-        chunks = []
+        utterances = []
         for u, (t, key) in enumerate(zip(normalised, K.keys_for(opts.seed, ids))):
             pieces = self.plan(t, opts.max_new_tokens) if opts.long_form else [t]
-            chunks += self.chunks_for(u, pieces, key)
             if len(pieces) > 1:
                 log.info("text %d: %d chunks of %s characters", u + 1, len(pieces), ", ".join(str(len(p)) for p in pieces))
-        return normalised, embeddings, self.run_token_stages(chunks, embeddings, opts, sizes)
+            utterances.append(Utterance(pieces, embeddings[u], key, opts.sampling, opts.decoder, index=u, text=t))
+        scheduler.run(utterances)
+        return utterances
 
-    @staticmethod
-    def chunks_for(utterance: int, pieces: Sequence[str], key, sampling=None) -> list:
-        """The :class:`~mvjax.inference.stages.Chunk` s of one utterance's planned ``pieces``: chunk ``j``
-        draws from ``fold(key, j)``, so it gets the same tokens in whatever batch it runs."""
-        return [stages.Chunk(utterance, (j,), piece, K.fold(key, j), sampling) for j, piece in enumerate(pieces)]
-
-    def run_token_stages(self, chunks: list, embeddings: np.ndarray, opts: SynthesisOptions, sizes: dict) -> list:
-        """Both GPT stages for ``chunks`` (any utterances; ``embeddings[c.utterance]`` is a chunk's
-        speaker): a chunk that overflows a block is split in two and run again. Returns the chunks
-        done, sorted by (utterance, order), with codes and reports filled in."""
-        batcher = stages.Batcher(self.mesh, opts.progress)
-        todo, done = chunks, []
-        for attempt in range(longform.MAX_RESPLITS + 1):
-            with stages.Timer(self.last_timings, "stage1"):
-                if opts.batching == "engine" and self.engine_available:
-                    stages.run_first_stage_engine(self.first_stage_engine(sizes["stage1"], opts.engine_steps),
-                                                  self.tokenizers, self.layout, self.config2.block_size, todo,
-                                                  embeddings, opts.first_stage_sampling, opts.max_new_tokens,
-                                                  opts.progress)
-                else:
-                    stages.run_first_stage(self.first_stage_decoder, self.tokenizers, self.layout,
-                                           self.config2.block_size, todo, embeddings, opts.first_stage_sampling,
-                                           opts.max_new_tokens, sizes["stage1"], batcher)
-            retry = []
-            for c in todo:
-                halves = self.overflow_halves(c, opts.long_form, attempt)
-                if halves is None:
-                    done.append(c)
-                else:
-                    retry += halves
-            if not retry:
-                break
-            todo = retry
-        chunks = sorted(done, key=lambda c: (c.utterance, c.order))
-        for c in chunks:
-            if c.report.hit_block_end or c.report.stage2_cut:
-                warnings.warn(f"text {c.utterance + 1}: a chunk filled the model's block and its speech is cut short: "
-                              f"{c.text[:60]!r}", BlockFullWarning, stacklevel=3)
-        self.second_stage(chunks, embeddings, opts, sizes["stage2"])
-        return chunks
-
-    @staticmethod
-    def overflow_halves(chunk, long_form: bool, attempt: int) -> Optional[list]:
-        """The two chunks to run instead of ``chunk`` when its first stage overflowed a block (and it
-        may still be split: long-form on, fewer than ``longform.MAX_RESPLITS`` splits so far); else None."""
-        overflow = chunk.report.hit_block_end or chunk.report.stage2_cut
-        if not (overflow and long_form and attempt < longform.MAX_RESPLITS):
-            return None
-        texts = longform.split_in_two(chunk.text)
-        if len(texts) == 1:
-            return None
-        log.info("chunk of %d characters overflowed a block; splitting it in two", len(chunk.text))
-        return chunk.halves(texts)
-
-    def second_stage(self, chunks: list, embeddings: np.ndarray, opts: SynthesisOptions, batch_size: int) -> None:
-        """Codebooks 3-8 (``all_codebooks``) for chunks whose first stage is done."""
-        with stages.Timer(self.last_timings, "stage2"):
-            stages.run_second_stage(self.second_stage_sampler, self.layout, self.config2.block_size, chunks, embeddings,
-                                    opts.stage2_temperature, opts.stage2_top_k, batch_size,
-                                    stages.Batcher(self.mesh, opts.progress))
-
-    def decode_chunks(self, chunks: list, decoder: str, batch_size: int, progress: bool = False) -> None:
-        """Each chunk's waveform (``wav``, (channels, samples) at :attr:`sample_rate`) from its codebooks."""
-        stages.run_decoder(self.codec, self.diffusion if decoder == "mbd" else None, chunks, batch_size,
-                           stages.Batcher(self.mesh, progress), self.last_timings)
-
-    def _finish(self, text, embedding, chunks, normalize, enhance) -> Speech:
-        wav = longform.crossfade_join([c.wav for c in chunks], self.sample_rate, longform.CROSSFADE_SECONDS)
-        if enhance and self._enhancer is None:
-            from mvjax.audio.enhance import DeepFilterNet3
-
+    def _finish(self, utterance: Utterance, opts: SynthesisOptions) -> Speech:
+        wav = crossfade_join([c.wav for c in utterance.chunks], self.sample_rate, CROSSFADE_SECONDS)
+        if opts.enhance and self._enhancer is None:
             self._enhancer = DeepFilterNet3()
-        wav, rate = stages.finish_audio(wav, self.sample_rate, normalize, self._enhancer if enhance else None,
-                                        self.last_timings)
-        return self._speech(text, wav.reshape(-1), rate, embedding, chunks)
-
-    @staticmethod
-    def _speech(text, audio, rate, embedding, chunks) -> Speech:
-        return Speech(text, np.asarray(audio, np.float32), rate, np.asarray(embedding, np.float32),
-                      np.concatenate([c.first_stage_codes for c in chunks], axis=1),
-                      np.concatenate([c.all_codebooks for c in chunks], axis=1), [c.report for c in chunks])
+        wav, rate = finish_audio(wav, self.sample_rate, opts.normalize, self._enhancer if opts.enhance else None,
+                                 self.last_timings)
+        return _speech(utterance, wav.reshape(-1), rate)
 
     def close(self) -> None:
         if self._enhancer is not None:
             self._enhancer.close()
             self._enhancer = None
 
+
+def _options(options: Optional[SynthesisOptions], fields: dict) -> SynthesisOptions:
+    if options is not None and fields:
+        raise SynthesisError(f"give options or keyword fields, not both ({', '.join(sorted(fields))})")
+    return options if options is not None else SynthesisOptions.build(**fields)
+
+
+def _speech(utterance: Utterance, audio: np.ndarray, rate: int) -> Speech:
+    chunks = utterance.chunks
+    return Speech(utterance.text, np.asarray(audio, np.float32), rate, utterance.embedding,
+                  np.concatenate([c.first_stage_codes for c in chunks], axis=1),
+                  np.concatenate([c.all_codebooks for c in chunks], axis=1), [c.report for c in chunks])

@@ -32,17 +32,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
 from mvjax.audio.stream import supported_formats
+from mvjax.inference.options import SamplingConfig
 from mvjax.serve.errors import ApiError, error_response, install_errors, loggable
-from mvjax.serve.jobs import SpeechParams
 from mvjax.serve.metrics import Metrics
 from mvjax.serve.output import EnhancerPool
 from mvjax.serve.settings import ServerSettings
 from mvjax.serve.speech import (
     MAX_SEED,
     SpeechRequest,
+    SpeechTask,
     check_speech,
     check_text,
     random_or,
+    sampling_of,
     speak,
     voice_embedding,
 )
@@ -56,6 +58,8 @@ from mvjax.serve.voices import (
 from mvjax.serve.worker import SpeechWorker
 
 log = logging.getLogger("mvjax.serve")
+# The reference server's form names the guidance scale "guidance"; its default and bounds are the library's.
+GUIDANCE, TOP_P = SamplingConfig.spec("guidance_scale"), SamplingConfig.spec("top_p")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
 DOCS_ASSETS = "/docs/assets"  # the docs page's script, style and icon (open like the page)
@@ -82,10 +86,9 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.worker = SpeechWorker(tts, settings.max_batch, settings.max_queue, on_batch=_on_batch(state),
+        state.worker = SpeechWorker(tts, settings.options, settings.max_queue, on_batch=_on_batch(state),
                                     on_drop=lambda job, error: metrics.dropped.labels(type(error).__name__).inc(),
-                                    max_new_tokens=settings.max_new_tokens, batch_wait=settings.batch_wait_s,
-                                    batching=settings.batching, engine_steps=settings.engine_steps)
+                                    batch_wait=settings.batch_wait_s)
         try:
             yield
         finally:
@@ -114,7 +117,7 @@ def _on_batch(state: State):
     def record(stats):
         state.metrics.batch(stats)
         log.debug("batch: %d chunks of %d requests (%d started), %d tokens, %.2f s (stage 1 %.2f s)", stats.chunks,
-                  stats.jobs, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
+                  stats.utterances, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
 
     return record
 
@@ -279,11 +282,13 @@ def _speech_routes(app: FastAPI, state: State) -> None:
     async def create_speech(req: SpeechRequest, request: Request):
         """Text to speech, OpenAI-compatible. ``stream: true`` sends audio as each chunk of the
         text is ready (chunked transfer; wav with a streaming header, raw pcm, or opus)."""
-        fmt, enhance = check_speech(req, settings)
+        fmt, enhance, text = check_speech(req, settings)
         embedding = voice_embedding(state, req.voice)
-        params = SpeechParams(seed=random_or(req.seed), temperature=float(req.temperature), top_p=float(req.top_p),
-                              guidance=float(req.guidance_scale), decoder=req.decoder or settings.decoder)
-        return await speak(state, request, req.input, embedding, params, fmt, enhance, req.stream, req.voice)
+        sampling = sampling_of("input", temperature=float(req.temperature), top_p=float(req.top_p),
+                               guidance_scale=float(req.guidance_scale))
+        task = SpeechTask(text, embedding, random_or(req.seed), sampling, req.decoder or settings.decoder, fmt, enhance,
+                          req.stream, req.voice)
+        return await speak(state, request, task)
 
     @app.post("/tts", response_class=Response, tags=["speech"],
               responses={200: {"content": {"audio/wav": {}}}})
@@ -292,8 +297,8 @@ def _speech_routes(app: FastAPI, state: State) -> None:
         text: str = Form(..., description="text to speak"),
         audiodata: Optional[UploadFile] = File(None, description="a recording of the reference speaker"),
         voice: Optional[str] = Form(None, description="or: a registered voice name"),
-        guidance: float = Form(3.0, ge=0.0, le=5.0),
-        top_p: float = Form(0.95, ge=0.0, le=1.0),
+        guidance: float = Form(GUIDANCE.default, ge=GUIDANCE.low, le=GUIDANCE.high, description=GUIDANCE.help),
+        top_p: float = Form(TOP_P.default, ge=0.0, le=TOP_P.high, description=TOP_P.help + " (0: off)"),
         seed: Optional[int] = Form(None, ge=0, le=MAX_SEED),
         speaker_ref_path: Optional[str] = Form(None, description="refused: this server never opens paths or URLs"),
     ):
@@ -302,7 +307,7 @@ def _speech_routes(app: FastAPI, state: State) -> None:
         if speaker_ref_path:
             raise ApiError(400, "speaker_ref_path is not supported: this server never opens a path or URL named in "
                            "a request; upload the recording as audiodata", "speaker_ref_path")
-        check_text(text, settings, "text")
+        text = check_text(text, settings, "text")
         if audiodata is not None and audiodata.filename:
             data = await _read_upload(audiodata, settings.voice_limits.max_upload_bytes)
             try:
@@ -313,10 +318,10 @@ def _speech_routes(app: FastAPI, state: State) -> None:
             embedding = voice_embedding(state, voice)
         else:
             raise ApiError(400, "upload the reference speaker as audiodata (or name a registered voice)", "audiodata")
-        params = SpeechParams(seed=random_or(seed), guidance=guidance, top_p=top_p if top_p > 0 else None,
-                              decoder=settings.decoder)
-        return await speak(state, request, text, embedding, params, "wav", settings.enhance, stream=False,
-                           voice=None if audiodata is not None and audiodata.filename else voice)
+        sampling = sampling_of("text", guidance_scale=guidance, top_p=top_p if top_p > 0 else None)
+        task = SpeechTask(text, embedding, random_or(seed), sampling, settings.decoder, "wav", settings.enhance,
+                          voice=None if audiodata is not None and audiodata.filename else voice)
+        return await speak(state, request, task)
 
 
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:

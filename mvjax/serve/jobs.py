@@ -1,4 +1,4 @@
-"""A speech request inside the server: :class:`Job` (its chunks, settings and events) and the errors
+"""A speech request inside the server: :class:`Job` (its utterance, deadline and events) and the errors
 that end one, each carrying the HTTP status the server answers with."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from mvjax.core.errors import MvjaxError
-from mvjax.inference import keys as K
-from mvjax.inference.decode import SamplingConfig
+from mvjax.inference.scheduler import Utterance
 
 
 class WorkerError(MvjaxError, RuntimeError):
@@ -39,21 +38,6 @@ class Cancelled(WorkerError):
     status = 499
 
 
-@dataclasses.dataclass(frozen=True)
-class SpeechParams:
-    """One request's settings (checked by the HTTP layer)."""
-
-    seed: int
-    temperature: float = 1.0
-    top_p: Optional[float] = 0.95
-    guidance: float = 3.0
-    decoder: str = "mbd"
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(guidance=self.guidance, temperature=self.temperature, top_p=self.top_p)
-
-
 @dataclasses.dataclass
 class ChunkAudio:
     """A finished piece of a job: planned chunk ``index`` (a chunk re-split after overflowing its
@@ -70,40 +54,41 @@ _EMPTY = object()
 
 
 class Job:
-    """One request's work and its results. Events are :class:`ChunkAudio` in order, a
-    :class:`WorkerError`, then None (the job is over). A thread consumer calls :meth:`next_event`;
-    an asyncio consumer passes ``notify`` (called from the worker thread whenever events arrive,
-    e.g. ``loop.call_soon_threadsafe`` of an ``asyncio.Event.set``) and calls :meth:`poll`."""
+    """One request's work and its results. ``utterance``: what the scheduler runs (planned text,
+    voice, key, sampling, decoder; its ``deliver`` is set here). Events are :class:`ChunkAudio` in
+    order, a :class:`WorkerError`, then None (the job is over). A thread consumer calls
+    :meth:`next_event`; an asyncio consumer passes ``notify`` (called from the worker thread
+    whenever events arrive, e.g. ``loop.call_soon_threadsafe`` of an ``asyncio.Event.set``) and
+    calls :meth:`poll`."""
 
     _ids = itertools.count(1)
     EMPTY = _EMPTY  # what :meth:`poll` returns when no event is waiting
 
-    def __init__(self, pieces: list[str], embedding: np.ndarray, params: SpeechParams, deadline: float,
-                 notify: Optional[Callable[[], None]] = None, stream: bool = False, voice: Optional[str] = None):
+    def __init__(self, utterance: Utterance, seed: int, deadline: float, notify: Optional[Callable[[], None]] = None,
+                 voice: Optional[str] = None):
         self.id = next(self._ids)
+        self.utterance = utterance
+        utterance.deliver = self._deliver
+        self.seed = seed
         self.voice = voice  # the voice's name, for the log (None: an uploaded recording, or not said)
-        self.stream = stream  # a streamed job has one chunk per batch: its first audio comes soonest
         self.notify = notify
-        self.pieces = list(pieces)
-        self.embedding = np.asarray(embedding, np.float32)
-        self.params = params
         self.deadline = deadline
-        self.key = K.keys_for(params.seed, [0])[0]
         self.submitted = time.monotonic()
-        self.started: Optional[float] = None
         self.first_audio: Optional[float] = None
         self.finished: Optional[float] = None
-        self.todo = collections.deque(range(len(self.pieces)))  # chunk indices not yet scheduled
-        self.running = 0  # chunks being computed (in a batch, or in the engine's slots or queue)
-        self.leaves: dict[int, int] = {}  # planned chunk index -> pieces still being computed (a re-split adds one)
-        self.parts: dict[int, list] = collections.defaultdict(list)  # planned chunk index -> finished pieces
-        self.ready: dict[int, list[ChunkAudio]] = {}
-        self.next_index = 0
         self.tokens = 0  # first-stage tokens of the chunks delivered
         self.error: Optional[WorkerError] = None
         self._events: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._cancelled = threading.Event()
+
+    @property
+    def pieces(self) -> list[str]:
+        return list(self.utterance.pieces)
+
+    @property
+    def stream(self) -> bool:
+        return self.utterance.stream
 
     def summary(self) -> str:
         """The job in a few words for its request's log line: id, outcome, voice, seed, size, tokens,
@@ -114,8 +99,9 @@ class Job:
             outcome = "ok" if self.done else ("cancelled" if self.cancelled else "unfinished")
         end = self.finished if self.finished is not None else time.monotonic()
         first = "" if self.first_audio is None else f", first audio after {self.first_audio - self.submitted:.2f} s"
-        return (f"job {self.id}: {outcome}, voice {self.voice or '-'}, seed {self.params.seed}, "
-                f"{sum(len(p) for p in self.pieces)} characters in {len(self.pieces)} chunks, {self.tokens} tokens"
+        pieces = self.utterance.pieces
+        return (f"job {self.id}: {outcome}, voice {self.voice or '-'}, seed {self.seed}, "
+                f"{sum(len(p) for p in pieces)} characters in {len(pieces)} chunks, {self.tokens} tokens"
                 f"{first}, {end - self.submitted:.2f} s")
 
     # --- consumer side ---
@@ -154,23 +140,22 @@ class Job:
         if self.notify is not None:
             self.notify()
 
-    def _fail(self, error: WorkerError) -> None:
+    def fail(self, error: WorkerError) -> None:
+        """The job ends with ``error`` (no-op once it is over)."""
         if self.finished is None:
             self.error, self.finished = error, time.monotonic()
-            self.todo.clear()
             self._push(error, None)
 
-    def _deliver(self, index: int, pieces: list[ChunkAudio]) -> None:
-        self.ready[index] = pieces
-        self.tokens += sum(p.generated_tokens for p in pieces)
-        out = []
-        while self.next_index in self.ready:
-            out += self.ready.pop(self.next_index)
-            self.next_index += 1
-        if out and self.first_audio is None:
+    def _deliver(self, utterance: Utterance, parts: list) -> None:
+        """The scheduler's callback: planned chunk ``parts[0].order[0]`` (its pieces, in order) is ready."""
+        if self.finished is not None:
+            return
+        out = [ChunkAudio(c.order[0], c.wav, c.report.frames, c.first_stage_codes, c.report.generated_tokens)
+               for c in parts]
+        self.tokens += sum(p.generated_tokens for p in out)
+        if self.first_audio is None:
             self.first_audio = time.monotonic()
-        if self.next_index == len(self.pieces):
+        if utterance.done:
             self.finished = time.monotonic()
             out.append(None)
-        if out:
-            self._push(*out)
+        self._push(*out)

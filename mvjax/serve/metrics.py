@@ -46,7 +46,7 @@ class Metrics:
     def batch(self, stats) -> None:
         self.chunks_started.inc(stats.started)
         self.batch_size.observe(stats.chunks)
-        self.batch_requests.observe(stats.jobs)
+        self.batch_requests.observe(stats.utterances)
         self.tokens.inc(stats.tokens)
         self.stage1_seconds.inc(stats.stage1_seconds)
         if stats.stage1_seconds > 0:

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Optional
 
 from mvjax.audio.stream import supported_formats
-from mvjax.inference.engine import DEFAULT_STEPS
+from mvjax.inference.options import DEFAULT_STEPS, SynthesisError, SynthesisOptions
 from mvjax.serve.voices import VoiceLimits
 
 OPENAI_SAMPLE_RATE = 24000  # what OpenAI's API (and clients playing its raw pcm) assume
@@ -47,20 +47,23 @@ class ServerSettings:
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
-        if self.batching not in ("engine", "static"):
-            raise ValueError(f"batching must be engine or static, not {self.batching!r}")
-        if not 1 <= self.engine_steps <= 1024:
-            raise ValueError("engine steps must be between 1 and 1024")
         if not 0 <= self.batch_wait_s <= 10:
             raise ValueError("batch wait must be between 0 and 10 s")
         if self.timeout_s <= 0 or self.max_input_chars < 1:
             raise ValueError("timeout and max_input_chars must be positive")
-        if self.max_new_tokens is not None and self.max_new_tokens < 2:
-            raise ValueError("max_new_tokens must be >= 2")
-        if self.decoder not in ("mbd", "encodec"):
-            raise ValueError(f"decoder must be mbd or encodec, not {self.decoder!r}")
+        try:  # batching, engine steps, token cap and decoder: the library's checks
+            self.options
+        except SynthesisError as exc:
+            raise ValueError(str(exc)) from None
         if self.response_format not in supported_formats():
             raise ValueError(f"response format {self.response_format!r} is not supported here")
+
+    @property
+    def options(self) -> SynthesisOptions:
+        """What the worker's scheduler runs with (requests bring their own sampling, seed and decoder)."""
+        return SynthesisOptions(batch_size=self.max_batch, batching=self.batching, engine_steps=self.engine_steps,
+                                max_new_tokens=self.max_new_tokens, decoder=self.decoder, enhance=self.enhance,
+                                normalize=self.normalize)
 
     @property
     def max_upload_body(self) -> int:

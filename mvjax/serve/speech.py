@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import secrets
@@ -37,15 +38,23 @@ from mvjax.audio.stream import (
     streams_incrementally,
     supported_formats,
 )
-from mvjax.inference.options import SynthesisError, normalised_texts
+from mvjax.inference.options import MAX_SEED, SamplingConfig, SynthesisError, normalised_texts
+from mvjax.inference.scheduler import Utterance
 from mvjax.serve.errors import ApiError
-from mvjax.serve.jobs import ChunkAudio, Job, SpeechParams, WorkerError
+from mvjax.serve.jobs import ChunkAudio, Job, WorkerError
 from mvjax.serve.output import StreamAssembler, finish_whole
 from mvjax.serve.settings import ServerSettings
 from mvjax.serve.voices import VoiceError
 
 log = logging.getLogger("mvjax.serve")
-MAX_SEED = 2**32 - 1
+
+
+def sampling_field(name: str):
+    """A request model's field for first-stage sampling value ``name``: default, bounds and meaning
+    from :class:`~mvjax.inference.options.SamplingConfig`."""
+    spec = SamplingConfig.spec(name)
+    low = {"gt": spec.low} if spec.low_open else {"ge": spec.low}
+    return Field(spec.default, le=spec.high, description=spec.help, **low)
 
 
 class SpeechRequest(BaseModel):
@@ -62,9 +71,9 @@ class SpeechRequest(BaseModel):
     stream_format: Optional[Literal["audio"]] = Field(None, description="only 'audio' (server-sent events are not offered)")
     stream: StrictBool = Field(False, description="send audio as each chunk is ready (wav, pcm or opus)")
     seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="default: a random seed (X-Seed header)")
-    temperature: StrictFloat | StrictInt = Field(1.0, ge=0, le=5, description="first-stage temperature; 0 = greedy")
-    top_p: StrictFloat | StrictInt = Field(0.95, gt=0, le=1, description="nucleus sampling")
-    guidance_scale: StrictFloat | StrictInt = Field(3.0, ge=0, le=10, description="classifier-free guidance")
+    temperature: StrictFloat | StrictInt = sampling_field("temperature")
+    top_p: StrictFloat | StrictInt = sampling_field("top_p")
+    guidance_scale: StrictFloat | StrictInt = sampling_field("guidance_scale")
     decoder: Optional[Literal["mbd", "encodec"]] = Field(None, description="multi-band diffusion or the plain codec")
     enhance: Optional[StrictBool] = Field(None, description="DeepFilterNet3 on the output")
 
@@ -72,8 +81,24 @@ class SpeechRequest(BaseModel):
 # --- speech ----------------------------------------------------------------------------------
 
 
-def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, bool]:
-    """(response format, enhance) after the checks pydantic cannot express."""
+@dataclasses.dataclass(frozen=True)
+class SpeechTask:
+    """One checked speech request: what to say (``text``, normalised), in which voice, how to sample,
+    and how to answer (format, enhancement, streamed or whole)."""
+
+    text: str
+    embedding: np.ndarray
+    seed: int
+    sampling: SamplingConfig
+    decoder: str
+    fmt: str
+    enhance: bool
+    stream: bool = False
+    voice: Optional[str] = None  # the voice's name, for the log line
+
+
+def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, bool, str]:
+    """(response format, enhance, normalised text) after the checks pydantic cannot express."""
     fmt = (req.response_format or settings.response_format).lower()
     if fmt not in supported_formats():
         raise ApiError(400, f"response_format {req.response_format!r} is not supported here; "
@@ -87,22 +112,31 @@ def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, boo
         incremental = [f for f in supported_formats() if streams_incrementally(f)]
         raise ApiError(400, f"response_format {fmt!r} cannot be streamed; stream wav, pcm or opus "
                        f"({', '.join(incremental)} here)", "response_format")
-    check_text(req.input, settings)
+    text = check_text(req.input, settings)
     enhance = settings.enhance if req.enhance is None else req.enhance
-    return fmt, enhance
+    return fmt, enhance, text
 
 
-def check_text(text: str, settings: ServerSettings, param: str = "input") -> None:
-    """The text to speak within the length limit, not empty, and free of characters the model
-    cannot read (outside Latin-1, control characters): a 400 naming ``param`` otherwise."""
+def check_text(text: str, settings: ServerSettings, param: str = "input") -> str:
+    """The text to speak, normalised: within the length limit, not empty, and free of characters the
+    model cannot read (outside Latin-1, control characters); a 400 naming ``param`` otherwise."""
     if len(text) > settings.max_input_chars:
         raise ApiError(400, f"{param} is {len(text)} characters; the limit is {settings.max_input_chars}", param)
     if not text.strip():
         raise ApiError(400, f"{param} is empty", param)
     try:
-        normalised_texts([text])
+        (normalised,) = normalised_texts([text])
     except SynthesisError as exc:
         raise ApiError(400, f"{param}: {exc}", param) from None
+    return normalised
+
+
+def sampling_of(param: str, **values) -> SamplingConfig:
+    """The first-stage sampling a request asks for; a 400 naming the field when out of range."""
+    try:
+        return SamplingConfig(**values)
+    except SynthesisError as exc:
+        raise ApiError(400, str(exc), exc.option or param) from None
 
 
 def voice_embedding(state, name: str, param: str = "voice") -> np.ndarray:
@@ -116,10 +150,9 @@ def voice_embedding(state, name: str, param: str = "voice") -> np.ndarray:
 
 
 def plan_text(tts, text: str) -> list[str]:
-    """Chunks at the speaking rate (a ``max_new_tokens`` cap only bounds the work per chunk)."""
+    """Chunks of normalised ``text`` at the speaking rate (a ``max_new_tokens`` cap only bounds the work per chunk)."""
     try:
-        (normalised,) = normalised_texts([text])
-        return tts.plan(normalised)
+        return tts.plan(text)
     except SynthesisError as exc:
         raise ApiError(400, f"input: {exc}", "input") from None
 
@@ -151,10 +184,11 @@ class Waiter:
                 raise ApiError(504, "the request did not finish within the server's time limit")
 
 
-async def _submit(state, pieces: list[str], embedding, params: SpeechParams, waiter: Waiter, stream: bool,
-                  voice: Optional[str]) -> Job:
-    job = Job(pieces, embedding, params, time.monotonic() + state.settings.timeout_s, notify=waiter.notify,
-              stream=stream, voice=voice)
+async def _submit(state, task: SpeechTask, waiter: Waiter) -> Job:
+    pieces = await run_in_threadpool(plan_text, state.tts, task.text)
+    utterance = Utterance.seeded(pieces, task.embedding, task.seed, sampling=task.sampling, decoder=task.decoder,
+                                 stream=task.stream)
+    job = Job(utterance, task.seed, time.monotonic() + state.settings.timeout_s, notify=waiter.notify, voice=task.voice)
     try:
         state.worker.submit(job)
     except WorkerError as exc:
@@ -168,20 +202,19 @@ def _worker_error(exc: WorkerError) -> ApiError:
     return ApiError(exc.status if exc.status != 499 else 500, str(exc))
 
 
-async def speak(state, request: Request, text: str, embedding, params: SpeechParams, fmt: str, enhance: bool,
-                stream: bool, voice: Optional[str] = None) -> Response:
+async def speak(state, request: Request, task: SpeechTask) -> Response:
     """Queue a job and answer with its audio, whole or streamed. The job goes into the request's state,
-    where the access log line finds it (``voice``: the voice's name for that line, if one was named)."""
+    where the access log line finds it."""
     settings, metrics = state.settings, state.metrics
     arrived = time.monotonic()
-    pieces = await run_in_threadpool(plan_text, state.tts, text)
     waiter = Waiter()
-    job = await _submit(state, pieces, embedding, params, waiter, stream, voice)
+    job = await _submit(state, task, waiter)
     request.state.job = job
+    fmt, enhance, stream = task.fmt, task.enhance, task.stream
     rate = settings.sample_rate
-    headers = {"X-Seed": str(params.seed), "X-Sample-Rate": str(rate)}
+    headers = {"X-Seed": str(task.seed), "X-Sample-Rate": str(rate)}
     codec_rate = state.tts.sample_rate
-    log.debug("job %d: %d characters in %d chunks, seed %d, %s%s", job.id, len(text), len(pieces), params.seed,
+    log.debug("job %d: %d characters in %d chunks, seed %d, %s%s", job.id, len(task.text), len(job.pieces), task.seed,
               fmt, " (stream)" if stream else "")
     try:
         first = await waiter.next(job, request, job.deadline)
