@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvjax.audio.finish import CROSSFADE_SECONDS, crossfade_join, finish_audio
 from mvjax.inference import keys as K
 from mvjax.inference import longform, stages
 from mvjax.inference.decode import (
@@ -298,13 +299,13 @@ class TTS:
                            stages.Batcher(self.mesh, progress), self.last_timings)
 
     def _finish(self, text, embedding, chunks, normalize, enhance) -> Speech:
-        wav = longform.crossfade_join([c.wav for c in chunks], self.sample_rate, longform.CROSSFADE_SECONDS)
+        wav = crossfade_join([c.wav for c in chunks], self.sample_rate, CROSSFADE_SECONDS)
         if enhance and self._enhancer is None:
             from mvjax.audio.enhance import DeepFilterNet3
 
             self._enhancer = DeepFilterNet3()
-        wav, rate = stages.finish_audio(wav, self.sample_rate, normalize, self._enhancer if enhance else None,
-                                        self.last_timings)
+        wav, rate = finish_audio(wav, self.sample_rate, normalize, self._enhancer if enhance else None,
+                                 self.last_timings)
         return self._speech(text, wav.reshape(-1), rate, embedding, chunks)
 
     @staticmethod

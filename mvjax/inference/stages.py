@@ -254,25 +254,6 @@ def _decode_piece(codec, diffusion, batch: list[Chunk], frames: int, mesh, timin
             c.wav = re_eq(diffused[i, :, :n], wav_codec[i, :, :n], codec.config.sample_rate)
 
 
-def finish_audio(wav: np.ndarray, rate: int, normalize: bool, enhancer, timings: dict) -> tuple[np.ndarray, int]:
-    """(channels, samples) -> loudness-normalised (-14 LUFS) and, with an ``enhancer`` (DeepFilterNet3),
-    cleaned at 48 kHz; returns the audio and its rate."""
-    wav = np.asarray(wav, np.float32)
-    if wav.shape[-1] > 0 and normalize:
-        from mvjax.audio.loudness import normalize_loudness
-
-        with Timer(timings, "loudness"):
-            wav = normalize_loudness(wav, rate)
-    if wav.shape[-1] > 0 and enhancer is not None:
-        from mvjax.audio.enhance import DF_SAMPLE_RATE
-        from mvjax.audio.features import resample
-
-        with Timer(timings, "enhance"):
-            wav = np.stack([enhancer.process_48k(resample(ch, rate, DF_SAMPLE_RATE)) for ch in wav])
-        rate = DF_SAMPLE_RATE
-    return wav, rate
-
-
 class Codec:
     """The EnCodec decoder of a model: codes -> (latent, waveform), jitted once, split over ``mesh``."""
 

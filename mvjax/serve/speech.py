@@ -30,6 +30,7 @@ from pydantic import (
 )
 from starlette.concurrency import run_in_threadpool
 
+from mvjax.audio.finish import StreamAssembler, finish_whole
 from mvjax.audio.stream import (
     StreamEncoder,
     content_type,
@@ -40,7 +41,6 @@ from mvjax.audio.stream import (
 from mvjax.inference.options import SynthesisError, normalised_texts
 from mvjax.serve.errors import ApiError
 from mvjax.serve.jobs import ChunkAudio, Job, SpeechParams, WorkerError
-from mvjax.serve.output import StreamAssembler, finish_whole
 from mvjax.serve.settings import ServerSettings
 from mvjax.serve.voices import VoiceError
 
