@@ -5,8 +5,8 @@ import logging
 import numpy as np
 import pytest
 
+from mvjax.audio.finish import crossfade_join
 from mvjax.inference.longform import (
-    crossfade_join,
     plan_chunks,
     split_clauses,
     split_in_two,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from mvjax.audio.enhance import DeepFilterNet3, EnhanceStream, enhance
+from mvjax.audio.finish import StreamAssembler, crossfade_join, finish_whole
 from mvjax.audio.loudness import integrated_loudness, normalize_loudness
-from mvjax.inference.longform import crossfade_join
-from mvjax.serve.output import EnhancerPool, StreamAssembler, finish_whole
+from mvjax.serve.output import EnhancerPool
 
 RATE = 24000
 

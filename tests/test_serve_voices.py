@@ -144,6 +144,9 @@ def test_durations(make, tmp_path, tmpdir_):
     with pytest.raises(VoiceDurationError) as e:
         reg.add("short", audio_bytes(0.5), "s.wav")
     assert e.value.status == 400 and "0.50 s" in str(e.value)
+    with pytest.raises(VoiceDurationError) as e:  # a header that declares no samples: 0 s long
+        reg.add("empty", audio_bytes(0.0), "e.wav")
+    assert e.value.status == 400 and "0.00 s" in str(e.value)
     with pytest.raises(VoiceDurationError) as e:
         reg.add("long", audio_bytes(4.0, fmt="FLAC"), "l.flac")
     assert "limit is 3 s" in str(e.value)

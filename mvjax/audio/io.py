@@ -2,8 +2,9 @@
 
 ``load_audio`` reads what libsndfile reads (WAV, FLAC, OGG, MP3 ...) through soundfile and
 anything else through ffmpeg when it is installed; ``write_wav`` writes the container the
-extension names through :mod:`mvjax.core.atomic`. ``wav_shortfall`` tells a WAV file cut short of
-the length its header gives (which libsndfile reads as a shorter clip, silently).
+extension names through :mod:`mvjax.core.atomic`. ``header_seconds`` reads a file's duration from its
+header; ``wav_shortfall`` tells a WAV file cut short of the length its header gives (which libsndfile
+reads as a shorter clip, silently).
 """
 
 from __future__ import annotations
@@ -57,6 +58,24 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if not np.all(np.isfinite(data)):
         raise AudioError(f"{path}: the audio holds non-finite samples (NaN or infinity)")
     return data, int(rate)
+
+
+def header_seconds(path: str | os.PathLike) -> Optional[float]:
+    """The duration in seconds a file's header declares, as libsndfile reads it, without decoding samples.
+
+    Rules: any format libsndfile opens (WAV, FLAC, OGG, MP3, AIFF ...) gives its frame count over its
+    sample rate; a header that declares no samples gives 0.0. None when the header cannot tell: the file
+    is missing or unreadable, is not audio, is a container only ffmpeg decodes, or states a sample rate
+    of 0. For a WAV cut short of its header libsndfile counts the frames the file holds, which is what
+    decoding gives (:func:`wav_shortfall` tells that case).
+    """
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - not a libsndfile format (ffmpeg may decode it) or damaged
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 and info.frames >= 0 else None
 
 
 def wav_shortfall(path: str | os.PathLike) -> Optional[tuple[float, float]]:

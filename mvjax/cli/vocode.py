@@ -73,7 +73,8 @@ def _run(argv: list[str] | None) -> int:
 
     import jax
 
-    from mvjax.inference.stages import Codec, finish_audio
+    from mvjax.audio.finish import finish_audio
+    from mvjax.inference.stages import Codec
     from mvjax.io.checkpoint import load_encodec, load_mbd
 
     cfg, params = load_encodec(args.model)  # a missing or damaged model: a one-line MvjaxError
@@ -109,7 +110,7 @@ def _run(argv: list[str] | None) -> int:
 
             enhancer = DeepFilterNet3()
         try:
-            finished = [finish_audio(w, cfg.sample_rate, True, enhancer, {}) for w in results]
+            finished = [finish_audio(w, cfg.sample_rate, True, enhancer) for w in results]
         finally:
             if enhancer is not None:
                 enhancer.close()

@@ -5,8 +5,8 @@ The first stage holds prompt + 2 tokens per audio frame in its block (2048 relea
 longer than that is spoken in chunks. Text is split at sentence ends, then (for a sentence
 that alone is too long) at clause punctuation, then between words; chunks are packed
 greedily up to the budget. Nothing is dropped: joining the chunks' words gives the text's
-words back (:func:`plan_chunks` checks this). Each chunk's waveform is joined to the next
-with a short equal-power crossfade.
+words back (:func:`plan_chunks` checks this). The chunks' waveforms are joined by
+:func:`mvjax.audio.finish.crossfade_join`.
 """
 
 from __future__ import annotations
@@ -103,34 +103,10 @@ def split_in_two(text: str) -> list[str]:
     return [text]
 
 
-def crossfade_join(pieces: Sequence[np.ndarray], rate: int, crossfade_s: float = 0.05) -> np.ndarray:
-    """Concatenate waveforms (..., samples) with equal-power crossfades of ``crossfade_s``
-    (shortened to half of the shorter neighbour when needed)."""
-    pieces = [np.asarray(p, np.float32) for p in pieces]
-    if not pieces:
-        raise ValueError("nothing to join")
-    out = pieces[0]
-    for piece in pieces[1:]:
-        n = int(min(round(crossfade_s * rate), out.shape[-1] // 2, piece.shape[-1] // 2))
-        if n <= 0:
-            out = np.concatenate([out, piece], axis=-1)
-            continue
-        out = np.concatenate([out[..., :-n], equal_power_fade(out[..., -n:], piece[..., :n]), piece[..., n:]], axis=-1)
-    return out
-
-
-def equal_power_fade(tail: np.ndarray, head: np.ndarray) -> np.ndarray:
-    """``tail`` faded out into ``head`` (equally long, (..., n)) with cos/sin gains, float32."""
-    n = tail.shape[-1]
-    t = (np.arange(n, dtype=np.float64) + 0.5) / n
-    return (tail * np.cos(t * np.pi / 2) + head * np.sin(t * np.pi / 2)).astype(np.float32)
-
-
 # Speaking rate used to budget chunks: slow English speech, so real speech rarely runs longer.
 CHARS_PER_SECOND = 12.0
 # How often a chunk that still overflows a block is split in two and spoken again.
 MAX_RESPLITS = 4
-CROSSFADE_SECONDS = 0.05
 
 
 def chunk_capacity(text: str, tokenizers, block_sizes: tuple[int, int], frame_rate: float,

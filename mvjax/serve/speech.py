@@ -31,6 +31,7 @@ from pydantic import (
 )
 from starlette.concurrency import run_in_threadpool
 
+from mvjax.audio.finish import StreamAssembler, finish_whole
 from mvjax.audio.stream import (
     StreamEncoder,
     content_type,
@@ -42,7 +43,6 @@ from mvjax.inference.options import MAX_SEED, SamplingConfig, SynthesisError, no
 from mvjax.inference.scheduler import Utterance
 from mvjax.serve.errors import ApiError
 from mvjax.serve.jobs import ChunkAudio, Job, WorkerError
-from mvjax.serve.output import StreamAssembler, finish_whole
 from mvjax.serve.settings import ServerSettings
 from mvjax.serve.voices import VoiceError
 

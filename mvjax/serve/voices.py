@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from mvjax.audio.features import SilentAudioError
-from mvjax.audio.io import load_audio
+from mvjax.audio.io import header_seconds, load_audio
 from mvjax.core.atomic import atomic_path
 from mvjax.core.errors import MvjaxError
 from mvjax.core.scratch import make_owned_dir, sweep_orphans
@@ -319,7 +319,7 @@ class VoiceRegistry:
 
     def _embed_file(self, path: Path, what: str) -> np.ndarray:
         """Check ``path`` is readable audio within the duration limits and embed it."""
-        seconds = _header_seconds(path)
+        seconds = header_seconds(path)
         if seconds is not None:
             self._check_duration(seconds, what)
         try:
@@ -442,19 +442,6 @@ class VoiceRegistry:
         except OSError as exc:
             log.warning("voices: could not cache the embedding of %s: %s", path.name, exc.strerror or exc)
         self._voices[name] = entry
-
-
-def _header_seconds(path: Path) -> Optional[float]:
-    """The duration the audio header states, or None when soundfile cannot read the header."""
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-    except Exception:
-        return None
-    if info.samplerate <= 0 or info.frames <= 0:
-        return None
-    return info.frames / info.samplerate
 
 
 def _quote(name) -> str:

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from mvjax.audio.io import AudioError, load_audio, wav_shortfall
+from mvjax.audio.io import AudioError, header_seconds, load_audio, wav_shortfall
 from mvjax.audio.resample import ResampleError, resample_frac
 from mvjax.core.atomic import atomic_path
 from mvjax.core.errors import MvjaxError
@@ -270,7 +270,7 @@ def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed,
     if key in kept and not layout.keep_duplicates:
         raise _Skip("duplicate", f"the same audio and text as {kept[key]}")
     _check_wav_complete(entry.audio)
-    seconds = _header_seconds(entry.audio)
+    seconds = header_seconds(entry.audio)
     if seconds is not None:
         _check_short(seconds, layout)
     codes = coder.cached(digest)
@@ -312,17 +312,6 @@ def _clip_row(entry: Entry, layout: RowLayout, coder: ClipCoder, embed,
     duplicate = key in kept
     kept.setdefault(key, entry.where)
     return tokens, spk, frames, truncated, duplicate
-
-
-def _header_seconds(path: Path) -> Optional[float]:
-    """The clip's duration from its header (libsndfile formats), or None when the header cannot tell."""
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-    except Exception:  # noqa: BLE001 - not a libsndfile format (ffmpeg decodes it later) or damaged
-        return None
-    return info.frames / info.samplerate if info.samplerate > 0 and info.frames >= 0 else None
 
 
 def _check_short(seconds: float, layout: RowLayout) -> None:
