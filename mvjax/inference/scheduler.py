@@ -335,15 +335,12 @@ class Scheduler:
             if u.left[index]:
                 return
             u.ready[index] = sorted(u.parts.pop(index), key=lambda c: c.order)
-            out = []
             while u.next_index in u.ready:
                 parts = u.ready.pop(u.next_index)
                 u.running -= len(parts)
-                out.append(parts)
-                u.next_index += 1
-            if u.done and u in self.utterances:
-                self.utterances.remove(u)
-            for parts in out:
+                u.next_index += 1  # ``done`` is true once the last planned chunk is handed over
+                if u.done and u in self.utterances:
+                    self.utterances.remove(u)
                 if u.deliver is not None:
                     u.deliver(u, parts)
                 else:
