@@ -199,8 +199,8 @@ class Scheduler:
             stats = self._engine_round(picked) if picked or not self.engine.idle else None
         else:
             picked = self._pick(None if self.room is None else max(0, self.room - len(self._resplit)))
-            stats = self._static_round(self._resplit + self._chunks(picked)) if picked or self._resplit else None
-            self._resplit = [] if stats is not None else self._resplit
+            chunks, self._resplit = self._resplit + self._chunks(picked), []
+            stats = self._static_round(chunks) if chunks else None
         self._tail()
         if stats is not None:
             stats.seconds = time.perf_counter() - start
