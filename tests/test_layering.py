@@ -105,3 +105,46 @@ def test_no_module_is_too_long_without_saying_why():
             if "long because" not in doc.lower():
                 long.append(f"{module}: {lines} lines")
     assert not long, "\n".join(long)
+
+
+# Inside mvjax.inference, the path of a text: the options and the stage objects, the scheduler that
+# runs chunks through them, and the TTS object on top that loads a model and wires it.
+INFERENCE_ORDER = ["options", "stages", "scheduler", "pipeline"]
+SERVE_MAY_USE = {"mvjax.inference.options", "mvjax.inference.scheduler"}  # the server reaches inference here
+
+
+def _inference_imports(path: Path) -> set[str]:
+    return {t for t, _ in _imports(path) if t.startswith("mvjax.inference.")}
+
+
+def test_the_scheduler_sits_between_the_stages_and_the_pipeline():
+    """stages -> scheduler -> pipeline, never back up; the server reaches inference only through
+    the scheduler and the options; the TTS module stays a wiring module (<= 300 lines)."""
+    problems = []
+    for i, name in enumerate(INFERENCE_ORDER):
+        path = REPO / "mvjax" / "inference" / f"{name}.py"
+        above = {f"mvjax.inference.{n}" for n in INFERENCE_ORDER[i + 1:]}
+        problems += [f"mvjax.inference.{name} imports {t}" for t in _inference_imports(path) & above]
+    for module, path in _modules():
+        if module.startswith("mvjax.inference.") and module.rsplit(".", 1)[1] not in INFERENCE_ORDER:
+            problems += [f"{module} imports {t}" for t in _inference_imports(path)
+                         if t.rsplit(".", 1)[1] in ("scheduler", "pipeline")]
+    serve = set().union(*(_inference_imports(p) for m, p in _modules() if m.startswith("mvjax.serve")))
+    assert serve <= SERVE_MAY_USE and len(serve) <= 3, serve
+    assert not problems, "\n".join(problems)
+    assert (REPO / "mvjax" / "inference" / "pipeline.py").read_text().count("\n") <= 300
+
+
+def test_stage_and_scheduler_functions_take_few_arguments():
+    """No function of the stage objects or the scheduler takes more than six arguments (self aside):
+    what travels together is a record (options, a chunk, a batcher)."""
+    many = []
+    for name in ("stages", "scheduler"):
+        tree = ast.parse((REPO / "mvjax" / "inference" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs if a.arg not in ("self", "cls")]
+                if len(names) > 6:
+                    many.append(f"{name}.{node.name}: {len(names)} arguments")
+    assert not many, "\n".join(many)
