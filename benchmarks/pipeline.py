@@ -95,7 +95,7 @@ def build_ours(ckpts: dict, unet: str, decoder: str, quantize=None):
 
 
 def reference_voice(seconds: float = 10.0):
-    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.sources.demo import demo_speaker_audio
 
     return demo_speaker_audio(seed=1, seconds=seconds)
 

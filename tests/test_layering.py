@@ -1,6 +1,7 @@
 """The package layers the README's "Layout" section states: every import (inside functions too)
 goes to the same package or a layer below, and the runtime reaches the converter only through
-``convert_weights``' named entry points (model sources convert, fine-tuning exports)."""
+``convert_weights``' named entry points (model sources convert, the demo writes random checkpoints,
+fine-tuning exports)."""
 
 import ast
 from pathlib import Path
@@ -24,10 +25,11 @@ LAYERS = {
     "mvjax": 9,  # the package face (public API) and the python -m entry points
     "mvjax.serve.__main__": 9,  # python -m mvjax.serve: calls the command in mvjax.cli.serve
 }
-ENTRY_POINT = {"convert_released", "released_components", "write_released_gpt"}
+ENTRY_POINT = {"convert_released", "released_components", "write_released_gpt", "write_random_released", "check_seed"}
 # The runtime layers that may reach the converter, and the entry points each may call.
 CONVERTER_USERS = {
-    "mvjax.sources": {"convert_released", "released_components"},  # converting released checkpoints
+    # converting released checkpoints; the demo model's random ones
+    "mvjax.sources": {"convert_released", "released_components", "write_random_released", "check_seed"},
     "mvjax.train": {"write_released_gpt"},  # exporting a fine-tuned first stage in the released layout
 }
 

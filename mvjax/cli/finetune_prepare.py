@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
             log(message)
 
     if args.demo:
-        from mvjax.cli.demo import demo_model_dir
+        from mvjax.sources.demo import demo_model_dir
 
         info("demo: a small model with random weights; prepared data from it only exercises the tools")
         model = demo_model_dir(log=info)

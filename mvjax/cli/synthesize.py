@@ -313,7 +313,7 @@ def run(argv: list[str] | None = None) -> int:
     max_new = args.max_new_tokens
     enhance = not args.no_enhance
     if args.demo:
-        from mvjax.cli.demo import demo_model_dir, demo_speaker_audio
+        from mvjax.sources.demo import demo_model_dir, demo_speaker_audio
 
         print("demo: a small model with random weights, built on the fly; the output is noise, not speech",
               file=sys.stderr)
