@@ -60,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import FIRST_STAGE_SHAPES, FIRST_STAGE_VOCAB
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL_VERSION = "v1"
 VOICE = "bench"
@@ -89,12 +91,12 @@ def checkpoints(config: str, seed: int, stop: int) -> dict:
 
     ranks = rc.train_bpe(rc.TRAINING_TEXT)
     if config == "medium":
-        args = rc.model_args(block_size=2048, vocab_sizes=[2562], n_layer=12, n_head=16, n_embd=1024)
+        args = rc.model_args(vocab_sizes=[FIRST_STAGE_VOCAB], **FIRST_STAGE_SHAPES["medium"])
     else:
         args = dict(rc.FIRST_STAGE_ARGS)
     first = rc.gpt_checkpoint(rc.component_rng(seed, 1), args, rc.FIRST_STAGE_TEXT_OFFSET, ranks,
-                              {"causal": True, "batch_size": 8, "learning_rate": 3e-4, "block_size": 2048},
-                              prefix="_orig_mod.")
+                              {"causal": True, "batch_size": 8, "learning_rate": 3e-4,
+                               "block_size": args["block_size"]}, prefix="_orig_mod.")
     # Make utterances end: a fixed direction u is added to the learned position embeddings,
     # ramping in from position ``stop`` / 2 to 2 * ``stop``, and the end-of-audio output row is u
     # (scaled): once u dominates the residual stream, end of audio wins the sampling.
