@@ -141,8 +141,8 @@ def _run(args: argparse.Namespace) -> int:
         model = resolve_model(args.model, log_fn=info)
     if _inside(model, out):
         raise UsageError(f"--out {out} would overwrite an input (the model {model}); choose another directory")
-    from mvjax.cli.synthesize import enable_compilation_cache
     from mvjax.core.atomic import current_umask
+    from mvjax.core.compile_cache import enable_compilation_cache
     from mvjax.core.precision import apply as apply_precision
 
     apply_precision()

@@ -103,7 +103,7 @@ def build(args, tts=None):
     """(tts, registry, settings) from the parsed arguments (``tts``: a model already loaded)."""
     import dataclasses
 
-    from mvjax.cli.synthesize import enable_compilation_cache
+    from mvjax.core.compile_cache import enable_compilation_cache
     from mvjax.inference.pipeline import TTS
     from mvjax.serve.settings import ServerSettings
     from mvjax.serve.voices import VoiceLimits, VoiceRegistry

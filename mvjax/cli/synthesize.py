@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mvjax.audio.io import OUTPUT_FORMATS
 from mvjax.cli.common import exit_now, guarded
+from mvjax.core.compile_cache import enable_compilation_cache
 from mvjax.core.errors import MvjaxError
 from mvjax.inference.engine import DEFAULT_STEPS
 
@@ -53,20 +54,6 @@ def _logger(quiet: bool) -> logging.Logger:
     logging.getLogger("mvjax.chunks").setLevel(logging.WARNING if quiet else logging.DEBUG)  # the per-chunk lines
     log.propagate = False
     return log
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk (``$MVJAX_CACHE/xla``) so later runs skip most compilation;
-    ``MVJAX_COMPILATION_CACHE=0`` turns it off."""
-    if os.environ.get("MVJAX_COMPILATION_CACHE", "1") == "0":
-        return
-    import jax
-
-    from mvjax.core.paths import cache_root
-
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _parser() -> argparse.ArgumentParser:
