@@ -3,7 +3,8 @@
 The runtime reaches this package only through its entry points: :func:`convert_released` and
 :func:`released_components` (model sources), :func:`write_random_released` and :func:`check_seed` (the
 demo model), :func:`write_released_gpt` (fine-tuning export); everything else here (the restricted
-unpickler, the mapping tables, the torch-free ``.pt`` writer, random released-layout checkpoints) is for the converter itself, its CLI, the benchmarks and the tests.
+unpickler, the mapping tables, the torch-free ``.pt`` writer, random released-layout checkpoints) is for
+the converter itself, its CLI, the benchmarks and the tests.
 """
 
 from __future__ import annotations

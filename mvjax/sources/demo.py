@@ -36,7 +36,7 @@ def _is_complete(model_dir: Path) -> bool:
         components = read_manifest(model_dir).get("components", {})
     except (ModelDirError, OSError):
         return False
-    return set(COMPONENTS) <= set(components) and all((model_dir / name / "config.json").is_file() for name in COMPONENTS)
+    return set(COMPONENTS) <= set(components) and all((model_dir / n / "config.json").is_file() for n in COMPONENTS)
 
 
 @contextlib.contextmanager
