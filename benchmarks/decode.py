@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import best_of, clock
+from benchmarks.common import FIRST_STAGE_SHAPES, FIRST_STAGE_VOCAB, best_of, clock
 from mvjax.inference.decode import FirstStageDecoder  # noqa: E402
 from mvjax.inference.options import SamplingConfig  # noqa: E402
 from mvjax.inference.keys import utterance_keys  # noqa: E402
@@ -66,16 +66,11 @@ END_OF_AUDIO = 2048
 
 def make_config(name: str) -> GPTConfig:
     base = dict(
-        vocab_sizes=(2562,), target_vocab_sizes=None, bias=False, causal=True, spk_emb_on_text=True,
+        vocab_sizes=(FIRST_STAGE_VOCAB,), target_vocab_sizes=None, bias=False, causal=True, spk_emb_on_text=True,
         norm_type="rmsnorm", rmsnorm_eps=1e-5, nonlinearity_type="swiglu", swiglu_multiple_of=256,
         speaker_emb_dim=SPEAKER_DIM,
     )
-    shapes = {
-        "tiny": dict(block_size=256, n_layer=2, n_head=4, n_embd=64),
-        "medium": dict(block_size=2048, n_layer=12, n_head=16, n_embd=1024),
-        "full": dict(block_size=2048, n_layer=24, n_head=16, n_embd=2048),
-    }
-    return GPTConfig(**base, **shapes[name])
+    return GPTConfig(**base, **FIRST_STAGE_SHAPES["released" if name == "full" else name])
 
 
 def random_params(config: GPTConfig, seed: int = 0, dtype=jnp.float32) -> dict:

@@ -72,19 +72,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import proc_status
+from benchmarks.common import FIRST_STAGE_SHAPES, FIRST_STAGE_VOCAB, proc_status
 
 SPEAKER_DIM = 256
 CODEBOOK = 1024
 PAD = 2 * CODEBOOK  # end of audio, also the padding id
 TEXT_OFFSET = PAD + 1  # 2049: the first-stage tokenizer's offset
-VOCAB = 2562
+VOCAB = FIRST_STAGE_VOCAB
 END_OF_TEXT = VOCAB - 1  # offset + 512 merges: the released tokenizer's end-of-text id
-SHAPES = {
-    "tiny": dict(block_size=256, n_layer=2, n_head=4, n_embd=64),
-    "medium": dict(block_size=2048, n_layer=12, n_head=16, n_embd=1024),
-    "released": dict(block_size=2048, n_layer=24, n_head=16, n_embd=2048),
-}
+SHAPES = FIRST_STAGE_SHAPES
 MODES = ("last-block", "lora")
 SIDES = ("ours", "reference", "reference-compiled")
 # The reference recipe's defaults (fam/llm/config/finetune_params.py).

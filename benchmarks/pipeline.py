@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import memory_mb
+from benchmarks.common import FIRST_STAGE_SHAPES, FIRST_STAGE_VOCAB, RELEASED_SECOND_STAGE, memory_mb
 
 TEXT = "Speed matters: this sentence is what both implementations speak, token for token."
 
@@ -56,10 +56,8 @@ def released_checkpoints(config: str, seed: int = 0) -> dict:
 
     ranks = random_checkpoints.train_bpe(random_checkpoints.TRAINING_TEXT)
     if config == "released":
-        first = random_checkpoints.model_args(block_size=2048, vocab_sizes=[2562], n_layer=24, n_head=16, n_embd=2048)
-        second = random_checkpoints.model_args(block_size=1024, vocab_sizes=[1538, 1025], target_vocab_sizes=[1025] * 6,
-                                  n_layer=6, n_head=6, n_embd=384, causal=False, norm_type="layernorm",
-                                  nonlinearity_type="gelu")
+        first = random_checkpoints.model_args(vocab_sizes=[FIRST_STAGE_VOCAB], **FIRST_STAGE_SHAPES["released"])
+        second = random_checkpoints.model_args(**RELEASED_SECOND_STAGE)
     else:
         first, second = random_checkpoints.FIRST_STAGE_ARGS, random_checkpoints.SECOND_STAGE_ARGS
     rng = lambda c: random_checkpoints.component_rng(seed, c)
@@ -95,7 +93,7 @@ def build_ours(ckpts: dict, unet: str, decoder: str, quantize=None):
 
 
 def reference_voice(seconds: float = 10.0):
-    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.sources.demo import demo_speaker_audio
 
     return demo_speaker_audio(seed=1, seconds=seconds)
 

@@ -60,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import FIRST_STAGE_SHAPES, FIRST_STAGE_VOCAB
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL_VERSION = "v1"
 VOICE = "bench"
@@ -89,12 +91,12 @@ def checkpoints(config: str, seed: int, stop: int) -> dict:
 
     ranks = rc.train_bpe(rc.TRAINING_TEXT)
     if config == "medium":
-        args = rc.model_args(block_size=2048, vocab_sizes=[2562], n_layer=12, n_head=16, n_embd=1024)
+        args = rc.model_args(vocab_sizes=[FIRST_STAGE_VOCAB], **FIRST_STAGE_SHAPES["medium"])
     else:
         args = dict(rc.FIRST_STAGE_ARGS)
     first = rc.gpt_checkpoint(rc.component_rng(seed, 1), args, rc.FIRST_STAGE_TEXT_OFFSET, ranks,
-                              {"causal": True, "batch_size": 8, "learning_rate": 3e-4, "block_size": 2048},
-                              prefix="_orig_mod.")
+                              {"causal": True, "batch_size": 8, "learning_rate": 3e-4,
+                               "block_size": args["block_size"]}, prefix="_orig_mod.")
     # Make utterances end: a fixed direction u is added to the learned position embeddings,
     # ramping in from position ``stop`` / 2 to 2 * ``stop``, and the end-of-audio output row is u
     # (scaled): once u dominates the residual stream, end of audio wins the sampling.
@@ -119,31 +121,23 @@ def checkpoints(config: str, seed: int, stop: int) -> dict:
 
 def model_dir(config: str, stop: int, seed: int = 0) -> Path:
     """The converted model directory for ``config`` (built on first use, then reused)."""
-    from convert_weights.convert import convert_directory
     from convert_weights.random_checkpoints import RELEASED_FILES
     from convert_weights.torch_writer import save_checkpoint
-    from mvjax.cli.demo import _build_lock, _is_complete
     from mvjax.core.paths import cache_root
+    from mvjax.sources.demo import build_model_dir
+
+    def write(tmp: Path) -> None:
+        for name, ckpt in checkpoints(config, seed, stop).items():
+            save_checkpoint(tmp / RELEASED_FILES[name], ckpt)
 
     out = cache_root() / "bench" / f"serve-{config}-{MODEL_VERSION}-stop{stop}-seed{seed}"
-    if _is_complete(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(out.parent / f".{out.name}.lock"):
-        if _is_complete(out):
-            return out
-        log(f"building the random {config} model in {out}")
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.src-", dir=out.parent) as tmp:
-            for name, ckpt in checkpoints(config, seed, stop).items():
-                save_checkpoint(Path(tmp) / RELEASED_FILES[name], ckpt)
-            convert_directory(tmp, out, log=log)
-    return out
+    return build_model_dir(out, write, f"random {config} model", log=log)
 
 
 def write_voice(directory: Path) -> None:
     import soundfile as sf
 
-    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.sources.demo import demo_speaker_audio
 
     audio, rate = demo_speaker_audio()
     sf.write(directory / f"{VOICE}.wav", audio, rate)

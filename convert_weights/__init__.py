@@ -1,9 +1,10 @@
 """Converting the released PyTorch checkpoints into mvjax's model format (``python -m convert_weights``).
 
 The runtime reaches this package only through its entry points: :func:`convert_released` and
-:func:`released_components` (model sources), :func:`write_released_gpt` (fine-tuning export); everything
-else here (the restricted unpickler, the mapping tables, the torch-free ``.pt`` writer, random
-released-layout checkpoints) is for the converter itself, its CLI, the demo and the tests.
+:func:`released_components` (model sources), :func:`write_random_released` and :func:`check_seed` (the
+demo model), :func:`write_released_gpt` (fine-tuning export); everything else here (the restricted
+unpickler, the mapping tables, the torch-free ``.pt`` writer, random released-layout checkpoints) is for
+the converter itself, its CLI, the benchmarks and the tests.
 """
 
 from __future__ import annotations
@@ -33,3 +34,20 @@ def write_released_gpt(path: str | Path, config, params, tokenizer_spec, extra_c
     from convert_weights.export import write_released_gpt as write
 
     return write(path, config, params, tokenizer_spec, extra_config, **kwargs)
+
+
+def write_random_released(directory: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the demo model's five checkpoints (released layouts, random weights) into ``directory``:
+    {component name: file path}; see :mod:`convert_weights.random_checkpoints`."""
+    from convert_weights.random_checkpoints import write_random_checkpoints
+
+    return write_random_checkpoints(directory, seed)
+
+
+def check_seed(seed) -> int:
+    """A seed as a non-negative int (ValueError otherwise)."""
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -30,7 +28,7 @@ from convert_weights.safe_pickle import (
     check_checkpoint,
     load_checkpoint,
 )
-from mvjax.core.atomic import missing_parents, replace_dir
+from mvjax.core.atomic import staged_dir
 from mvjax.nn.config import ConfigError
 from mvjax.text.tokenizer import TextError
 
@@ -198,12 +196,7 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
     quantize = check_mode(quantize)
     if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a converted model directory; refusing to replace it")
-    created = missing_parents(out.parent)
-    staging = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        staging.chmod(0o755)
+    with staged_dir(out) as staging:
         components = {}
         for fname, path in sorted(found.items()):
             check_stop()
@@ -217,16 +210,6 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
         manifest = {"format_version": FORMAT_VERSION, "components": components}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         check_stop()
-        replace_dir(staging, out)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for parent in created:  # deepest first; only if still empty
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        raise
     return manifest
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert_weights import check_seed
 from convert_weights.torch_writer import omegaconf_config, save_checkpoint
 
 # The released tokenizers' pre-tokenisation pattern (tiktoken syntax).
@@ -417,13 +418,6 @@ def mbd_checkpoint(rng) -> dict:
 
 
 # --- Writing and converting ---------------------------------------------------------------
-
-def check_seed(seed) -> int:
-    """A seed as a non-negative int (ValueError otherwise)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
 
 RELEASED_FILES = {
     "first_stage": "first_stage.pt",

@@ -175,8 +175,8 @@ DEMO_ARGS = ["--demo", "--decoder", "encodec", "--no-enhance", "--max-new-tokens
 @functools.lru_cache(maxsize=1)
 def demo_tts():
     """The demo model, loaded once per test session (its compiled programs are shared by every test)."""
-    from mvjax.cli.demo import demo_model_dir
     from mvjax.inference.pipeline import TTS
+    from mvjax.sources.demo import demo_model_dir
 
     return TTS.load(demo_model_dir())
 

@@ -106,7 +106,7 @@ def test_runtime_never_imports_torch(converted, fixtures):
 
 
 def _documented_keys(fx):
-    from mvjax.cli.parity_fixture import DOCUMENTED_KEYS
+    from mvjax.parity.fixture import DOCUMENTED_KEYS
 
     for rel in DOCUMENTED_KEYS:
         data = fx.npz(rel)
@@ -123,8 +123,8 @@ def _documented_keys(fx):
 
 def test_parity_fails_naming_each_missing_documented_key(fixtures, tmp_path):
     """Delete each documented fixture array in turn: the components reading that file FAIL naming it."""
-    from mvjax.cli.parity import run_checks
-    from mvjax.cli.parity_fixture import COMPONENT_FILES, Fixture, FixtureArrays
+    from mvjax.parity.checks import run_checks
+    from mvjax.parity.fixture import COMPONENT_FILES, Fixture, FixtureArrays
 
     fx = Fixture(fixtures, tmp_path)
     pairs = sorted(set(_documented_keys(fx)))
@@ -143,7 +143,7 @@ def test_parity_fails_naming_each_missing_documented_key(fixtures, tmp_path):
 
 
 def test_a_fully_masked_token_check_fails():
-    from mvjax.cli.parity_fixture import exact_check
+    from mvjax.parity.fixture import exact_check
 
     check = exact_check("stage2", "greedy", np.zeros((2, 3)), np.zeros((2, 3)), where=np.zeros((2, 3), bool))
     assert not check.passed and "nothing to compare" in check.note

@@ -1,4 +1,4 @@
-"""The torch-free checkpoint writer and the on-the-fly random demo model (mvjax.cli.demo)."""
+"""The torch-free checkpoint writer and the on-the-fly random demo model (mvjax.sources.demo)."""
 
 import collections
 import json
@@ -24,7 +24,7 @@ from convert_weights.torch_writer import (
     omegaconf_config,
     save_checkpoint,
 )
-from mvjax.cli import demo
+from mvjax.sources import demo
 
 ALL_DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.int32, np.bool_,
               np.float64, np.int16, np.int8, np.uint8]
@@ -290,7 +290,7 @@ def test_demo_dir_is_reused(demo_dir, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("rebuilt a complete demo directory")
 
-    monkeypatch.setattr(demo, "write_random_checkpoints", boom)
+    monkeypatch.setattr(demo, "write_random_released", boom)
     assert demo.demo_model_dir(demo_dir.parents[1], seed=0) == demo_dir
     assert (demo_dir / "manifest.json").stat().st_mtime_ns == stamp
 

@@ -200,10 +200,10 @@ def test_bad_requests(model):
 def test_synthesis_through_the_engine_equals_static_batches():
     """The scheduler over several texts (one planned into several chunks) gives the same codes with
     the engine (the default on one device, two slots here) as with static batches of two."""
-    from mvjax.cli.demo import demo_speaker_audio
     from mvjax.inference import keys as K
     from mvjax.inference.options import SynthesisOptions
     from mvjax.inference.scheduler import Utterance
+    from mvjax.sources.demo import demo_speaker_audio
     from tests.serve_util import demo_tts
 
     tts = demo_tts()

@@ -11,7 +11,7 @@ from mvjax.train.data import write_manifest, write_split
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    from mvjax.cli.demo import demo_model_dir
+    from mvjax.sources.demo import demo_model_dir
 
     return demo_model_dir(tmp_path_factory.mktemp("demo_cache"))
 

@@ -174,7 +174,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    from mvjax.cli.demo import demo_model_dir
+    from mvjax.sources.demo import demo_model_dir
 
     return demo_model_dir(tmp_path_factory.mktemp("demo_cache"))
 

@@ -1,6 +1,7 @@
 """The package layers the README's "Layout" section states: every import (inside functions too)
 goes to the same package or a layer below, and the runtime reaches the converter only through
-``convert_weights``' named entry points (model sources convert, fine-tuning exports)."""
+``convert_weights``' named entry points (model sources convert, the demo writes random checkpoints,
+fine-tuning exports)."""
 
 import ast
 from pathlib import Path
@@ -21,13 +22,16 @@ LAYERS = {
     "mvjax.train": 7,
     "mvjax.serve": 7,  # beside train: neither imports the other
     "mvjax.cli": 8,
+    "mvjax.parity": 8,  # the parity checks, beside cli: neither imports the other
     "mvjax": 9,  # the package face (public API) and the python -m entry points
     "mvjax.serve.__main__": 9,  # python -m mvjax.serve: calls the command in mvjax.cli.serve
+    "mvjax.parity.__main__": 9,  # python -m mvjax.parity: the command, on mvjax.cli.common's helpers
 }
-ENTRY_POINT = {"convert_released", "released_components", "write_released_gpt"}
+ENTRY_POINT = {"convert_released", "released_components", "write_released_gpt", "write_random_released", "check_seed"}
 # The runtime layers that may reach the converter, and the entry points each may call.
 CONVERTER_USERS = {
-    "mvjax.sources": {"convert_released", "released_components"},  # converting released checkpoints
+    # converting released checkpoints; the demo model's random ones
+    "mvjax.sources": {"convert_released", "released_components", "write_random_released", "check_seed"},
     "mvjax.train": {"write_released_gpt"},  # exporting a fine-tuned first stage in the released layout
 }
 
@@ -84,7 +88,7 @@ def test_every_import_goes_down_the_layers():
 def test_runtime_reaches_the_converter_only_through_its_entry_point():
     problems = []
     for module, path in _modules():
-        if not module.startswith("mvjax") or _package(module) in ("mvjax.cli", "mvjax"):
+        if not module.startswith("mvjax") or _package(module) in ("mvjax.cli", "mvjax.parity", "mvjax"):
             continue
         for target, names in _imports(path):
             if not target.startswith("convert_weights"):

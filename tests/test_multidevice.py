@@ -72,7 +72,7 @@ def test_slurm_is_detected_as_jax_does_and_one_task_needs_no_coordinator(no_clus
 
 def test_slurm_tasks_split_the_lines(tmp_path):
     """Two simulated Slurm tasks on one node, no mvjax flag: each synthesises its own two lines of four."""
-    from mvjax.cli.demo import demo_model_dir
+    from mvjax.sources.demo import demo_model_dir
 
     demo_model_dir()  # built once here, not raced by the two tasks
     text_file = tmp_path / "texts.txt"
@@ -102,7 +102,7 @@ def test_auto_batch_counts_host_memory_once_over_forced_cpu_devices():
     script = textwrap.dedent("""
         import json, jax
         assert jax.local_device_count() == 4, jax.devices()
-        from mvjax.cli.demo import demo_model_dir
+        from mvjax.sources.demo import demo_model_dir
         from mvjax.core.parallel import device_count
         from mvjax.inference import throughput
         from mvjax.inference.pipeline import TTS
@@ -131,7 +131,7 @@ def test_diffusion_pieces_fit_one_host_memory_over_forced_cpu_devices():
     script = textwrap.dedent("""
         import json, jax, numpy as np
         assert jax.local_device_count() == 4, jax.devices()
-        from mvjax.cli.demo import demo_model_dir
+        from mvjax.sources.demo import demo_model_dir
         from mvjax.inference import stages, throughput
         from mvjax.inference.pipeline import TTS
         tts = TTS.load(demo_model_dir())

@@ -199,7 +199,7 @@ ONE_MINUTE = " ".join([
 
 @pytest.fixture(scope="module")
 def demo_tts(tmp_path_factory):
-    from mvjax.cli.demo import demo_model_dir
+    from mvjax.sources.demo import demo_model_dir
 
     model = TTS.load(demo_model_dir(tmp_path_factory.mktemp("demo_cache")), mesh=None, speaker_cache_dir=None)
     yield model

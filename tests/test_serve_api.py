@@ -38,7 +38,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def voice_wav(tmp_path_factory):
-    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.sources.demo import demo_speaker_audio
 
     audio, rate = demo_speaker_audio(seed=3)
     path = tmp_path_factory.mktemp("rec") / "rec.wav"
@@ -54,7 +54,7 @@ def _client(srv, key="unused"):
 
 def _library_audio(tts, text, seed):
     """What mvjax.TTS.synthesize gives for the request (same decoder and post-processing)."""
-    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.sources.demo import demo_speaker_audio
 
     speech = tts.synthesize(text, tts.speaker_embedding(demo_speaker_audio()), seed=seed, decoder="encodec",
                             enhance=False, max_new_tokens=TEST_MAX_NEW_TOKENS)

@@ -37,7 +37,7 @@ LONG_TEXT = "This is a sentence of speech. " * 16  # the demo model plans it int
 
 def wav_bytes(seconds: float, seed: int = 0, subtype: str = "PCM_16") -> bytes:
     """A synthetic voice recording of ``seconds`` as a wav file."""
-    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.sources.demo import demo_speaker_audio
 
     audio, rate = demo_speaker_audio(seed=seed, seconds=seconds)
     buf = io.BytesIO()

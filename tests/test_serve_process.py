@@ -30,9 +30,9 @@ def test_the_demo_voice_does_not_warn_a_short_upload_does(tmp_path):
 
     import soundfile as sf
 
-    from mvjax.cli.demo import demo_speaker_audio
     from mvjax.cli.serve import _parser, build
     from mvjax.inference.speaker import ShortReferenceWarning
+    from mvjax.sources.demo import demo_speaker_audio
     from tests.serve_util import demo_tts
 
     with warnings.catch_warnings(record=True) as caught:

@@ -30,7 +30,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def demo():
-    from mvjax.cli.demo import demo_speaker_audio
+    from mvjax.sources.demo import demo_speaker_audio
 
     tts = demo_tts()
     voices = [tts.speaker_embedding(demo_speaker_audio(seed=s)) for s in (0, 1)]

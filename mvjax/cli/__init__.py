@@ -1,4 +1,4 @@
-"""Command-line entry points (python -m mvjax.synthesize / vocode / parity) and the demo model.
+"""Command-line entry points (python -m mvjax.synthesize / vocode / finetune / serve).
 
 May import anything.
 """

@@ -13,17 +13,15 @@ does: one line, its temporary directory removed, exit status 143.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import signal
 import sys
 from pathlib import Path
 from typing import Iterable
 
 from mvjax.cli.common import fail
-from mvjax.core.atomic import replace_dir
+from mvjax.core.atomic import staged_dir
 from mvjax.core.errors import MvjaxError
-from mvjax.core.scratch import make_owned_dir, sweep_orphans
+from mvjax.core.scratch import sweep_orphans
 
 # The exit status of a run stopped by SIGTERM (128 + the signal's number, as a shell reports it).
 SIGTERM_STATUS = 128 + signal.SIGTERM
@@ -131,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
             log(message)
 
     if args.demo:
-        from mvjax.cli.demo import demo_model_dir
+        from mvjax.sources.demo import demo_model_dir
 
         info("demo: a small model with random weights; prepared data from it only exercises the tools")
         model = demo_model_dir(log=info)
@@ -141,8 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         model = resolve_model(args.model, log_fn=info)
     if _inside(model, out):
         raise UsageError(f"--out {out} would overwrite an input (the model {model}); choose another directory")
-    from mvjax.cli.synthesize import enable_compilation_cache
-    from mvjax.core.atomic import current_umask
+    from mvjax.core.compile_cache import enable_compilation_cache
     from mvjax.core.precision import apply as apply_precision
 
     apply_precision()
@@ -152,16 +149,11 @@ def _run(args: argparse.Namespace) -> int:
     stale = sweep_orphans(prefix, out.parent)  # left by runs that were killed (never a running one's)
     if stale:
         info(f"removed {stale} unfinished {prefix}* director{'y' if stale == 1 else 'ies'} of stopped runs")
-    tmp = Path(make_owned_dir(prefix, out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # what a plain mkdir would give, not mkdtemp's 0o700
+    with staged_dir(out, prefix=prefix, owned=True) as tmp:  # named for sweep_orphans
         manifest = prepare_data(model, listings, tmp, ctx_window=args.ctx_window, truncate_long=args.truncate_long,
                                 log=info, warn=log, min_seconds=args.min_seconds,
                                 keep_duplicates=args.keep_duplicates)
         check_output(out, [], args.overwrite)  # nothing appeared there meanwhile
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     rows = ", ".join(f"{name} {entry['rows']}" for name, entry in manifest["splits"].items())
     info(f"wrote {out} ({rows} rows, ctx_window {manifest['ctx_window']})")
     return 0

@@ -209,7 +209,7 @@ def run(args) -> int:
         data_dir = Path(args.data)
         n_rows = len(load_split(data_dir, "train").tokens)
         if args.demo:
-            from mvjax.cli.demo import demo_model_dir
+            from mvjax.sources.demo import demo_model_dir
 
             model_dir = demo_model_dir()
         else:

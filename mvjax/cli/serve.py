@@ -85,11 +85,26 @@ def _logging(quiet: bool) -> None:
     logging.getLogger("mvjax").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def demo_voice_embedding(tts, seed: int = 0):
+    """The speaker embedding of the demo voice (:func:`mvjax.sources.demo.demo_speaker_audio`) under ``tts``.
+    The demo voice is short by design, so no ShortReferenceWarning is raised about it (only here:
+    a short recording from a user still warns)."""
+    import warnings
+
+    from mvjax.inference.speaker import ShortReferenceWarning
+    from mvjax.sources.demo import demo_speaker_audio
+
+    audio = demo_speaker_audio(seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ShortReferenceWarning)
+        return tts.speaker_embedding(audio)
+
+
 def build(args, tts=None):
     """(tts, registry, settings) from the parsed arguments (``tts``: a model already loaded)."""
     import dataclasses
 
-    from mvjax.cli.synthesize import enable_compilation_cache
+    from mvjax.core.compile_cache import enable_compilation_cache
     from mvjax.inference.pipeline import TTS
     from mvjax.serve.settings import ServerSettings
     from mvjax.serve.voices import VoiceLimits, VoiceRegistry
@@ -107,7 +122,7 @@ def build(args, tts=None):
         response_format=args.response_format,
     )
     if args.demo:
-        from mvjax.cli.demo import demo_model_dir
+        from mvjax.sources.demo import demo_model_dir
 
         model = demo_model_dir(log=log.info)
     else:
@@ -116,8 +131,6 @@ def build(args, tts=None):
     encoder = tts.speaker_encoder  # voices need it; fail at start, not at the first upload
     registry = VoiceRegistry(args.voices, encoder.embed_file, limits, dims=tts.config1.speaker_emb_dim)
     if args.demo:
-        from mvjax.cli.demo import demo_voice_embedding
-
         registry.add_embedding(DEMO_VOICE, demo_voice_embedding(tts), builtin=True)
     if args.warmup and len(registry):
         voice = registry.list()[0]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mvjax.audio.io import OUTPUT_FORMATS
 from mvjax.cli.common import exit_now, guarded
+from mvjax.core.compile_cache import enable_compilation_cache
 from mvjax.core.errors import MvjaxError
 from mvjax.inference.options import BATCHING, DECODERS, DEFAULT_STEPS, SamplingConfig, SynthesisError, SynthesisOptions
 
@@ -54,20 +55,6 @@ def _logger(quiet: bool) -> logging.Logger:
     logging.getLogger("mvjax.chunks").setLevel(logging.WARNING if quiet else logging.DEBUG)  # the per-chunk lines
     log.propagate = False
     return log
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk (``$MVJAX_CACHE/xla``) so later runs skip most compilation;
-    ``MVJAX_COMPILATION_CACHE=0`` turns it off."""
-    if os.environ.get("MVJAX_COMPILATION_CACHE", "1") == "0":
-        return
-    import jax
-
-    from mvjax.core.paths import cache_root
-
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -309,7 +296,7 @@ def run(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     demo_voice = None
     if args.demo:
-        from mvjax.cli.demo import demo_model_dir, demo_speaker_audio
+        from mvjax.sources.demo import demo_model_dir, demo_speaker_audio
 
         print("demo: a small model with random weights, built on the fly; the output is noise, not speech",
               file=sys.stderr)

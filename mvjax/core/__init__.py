@@ -1,4 +1,5 @@
-"""Foundations every layer may use: errors, the cache root, atomic writes, matmul precision, device meshes.
+"""Foundations every layer may use: errors, the cache root, atomic writes, matmul precision, device meshes,
+the compilation cache.
 
 Imports nothing from mvjax.
 """

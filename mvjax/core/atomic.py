@@ -61,7 +61,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 # --- Directories ---------------------------------------------------------------------------
 # A directory output (a converted model, prepared data, an export) is built in a staging
-# directory beside its target and renamed into place once complete.
+# directory beside its target and renamed into place once complete (:func:`staged_dir`).
 
 
 def missing_parents(directory: str | os.PathLike) -> list[Path]:
@@ -91,3 +91,43 @@ def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
         os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, prefix: str | None = None, owned: bool = False) -> Iterator[Path]:
+    """Build the directory ``out`` atomically: yield a new staging directory beside it, which replaces
+    ``out`` (:func:`replace_dir`) when the block ends cleanly. On any exception (Ctrl-C included) the
+    staging directory is removed, and so are the parents of ``out`` this call created (while empty);
+    ``out`` is left as it was.
+
+    The staging directory is named ``<prefix><random>`` (default prefix ``.<out name>.partial-``), with
+    the owning process in its name too when ``owned`` (:func:`mvjax.core.scratch.make_owned_dir`, for
+    :func:`~mvjax.core.scratch.sweep_orphans`). It gets the mode a plain ``mkdir`` would give
+    (``0o777`` less the process umask), which ``out`` keeps.
+    """
+    import shutil
+
+    out = Path(out)
+    prefix = f".{out.name}.partial-" if prefix is None else prefix
+    created = missing_parents(out.parent)
+    staging = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if owned:
+            from mvjax.core.scratch import make_owned_dir
+
+            staging = Path(make_owned_dir(prefix, out.parent))
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+        staging.chmod(0o777 & ~current_umask())
+        yield staging
+        replace_dir(staging, out)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # deepest first; only while still empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise

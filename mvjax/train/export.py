@@ -29,14 +29,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
-from mvjax.core.atomic import current_umask, missing_parents, replace_dir
+from mvjax.core.atomic import staged_dir
 from mvjax.core.errors import MvjaxError
 from mvjax.io.checkpoint import (
     MANIFEST,
@@ -196,12 +195,7 @@ def export_model(base_model: str | os.PathLike, config: GPTConfig, params: Mappi
     digest = tree_digest(tree)
     record = _provenance(base, manifest, provenance)
 
-    created = missing_parents(out.parent)
-    staging = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        staging.chmod(0o777 & ~current_umask())
+    with staged_dir(out) as staging:
         for name in sorted(manifest["components"]):
             if name != STAGE:
                 log(f"linking {base / name} -> {out / name}")
@@ -219,15 +213,5 @@ def export_model(base_model: str | os.PathLike, config: GPTConfig, params: Mappi
                         "finetuned": record}
         (staging / MANIFEST).write_text(json.dumps(new_manifest, indent=2, sort_keys=True) + "\n")
         check_out(out, base, overwrite)  # nothing appeared at OUT meanwhile
-        replace_dir(staging, out)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for parent in created:  # deepest first; only while empty
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        raise
     log(f"exported {out}")
     return out

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mvjax.cli.parity_fixture import Check, Fixture, close_check, exact_check
+from mvjax.parity.fixture import Check, Fixture, close_check, exact_check
 
 
 def _relative_check(component: str, name: str, got, ref, rel_tol: float) -> Check:

@@ -1,12 +1,12 @@
-"""The demo model: random released-layout checkpoints (:mod:`convert_weights.random_checkpoints`),
+"""The demo model: random released-layout checkpoints (:func:`convert_weights.write_random_released`),
 converted once into the cache, and a synthetic voice to clone.
 
-    from mvjax.cli.demo import demo_model_dir, demo_speaker_audio
+    from mvjax.sources.demo import demo_model_dir, demo_speaker_audio
     model_dir = demo_model_dir()              # converted once, then reused from the cache
     audio, rate = demo_speaker_audio()        # ~4 s synthetic voice-like signal, 22.05 kHz
-    embedding = demo_voice_embedding(tts)     # its speaker embedding under a loaded TTS
 
-The model speaks noise: it only exercises the whole pipeline.
+The model speaks noise: it only exercises the whole pipeline. :func:`build_model_dir` is the
+builder behind it, for any writer of released checkpoints (the benchmarks' bigger random models).
 """
 
 from __future__ import annotations
@@ -14,20 +14,17 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from convert_weights.random_checkpoints import (
-    RELEASED_FILES,
-    check_seed,
-    write_random_checkpoints,
-)
+from convert_weights import check_seed, convert_released, write_random_released
 
 DEMO_VERSION = "v1"
 SPEAKER_SAMPLE_RATE = 22050
+# The components of a complete converted model.
+COMPONENTS = ("first_stage", "second_stage", "speaker_encoder", "encodec", "mbd")
 
 
 def _is_complete(model_dir: Path) -> bool:
@@ -39,7 +36,7 @@ def _is_complete(model_dir: Path) -> bool:
         components = read_manifest(model_dir).get("components", {})
     except (ModelDirError, OSError):
         return False
-    return set(RELEASED_FILES) <= set(components) and all((model_dir / name / "config.json").is_file() for name in RELEASED_FILES)
+    return set(COMPONENTS) <= set(components) and all((model_dir / n / "config.json").is_file() for n in COMPONENTS)
 
 
 @contextlib.contextmanager
@@ -58,32 +55,41 @@ def _build_lock(lock_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def demo_model_dir(cache_root: str | os.PathLike | None = None, seed: int = 0,
-                   log: Callable[[str], None] = lambda s: None) -> Path:
-    """A converted demo model directory: ``<cache_root>/demo/v1-seed<seed>``, built on first use.
-
-    ``cache_root`` defaults to :func:`mvjax.core.paths.cache_root`. The checkpoints are written to a
-    temporary directory and converted with ``convert_weights.convert.convert_directory``
-    (which moves the result into place only when complete); a finished conversion is reused.
+def build_model_dir(out: str | os.PathLike, write_checkpoints: Callable[[Path], object], description: str,
+                    log: Callable[[str], None] = lambda s: None) -> Path:
+    """The converted model directory ``out``, built on first use: ``write_checkpoints(tmp)`` writes
+    released-layout checkpoints into a temporary directory beside ``out``, which
+    :func:`convert_weights.convert_released` converts (moving the result into place only when
+    complete). A complete ``out`` is reused; concurrent builds of one ``out`` wait for each other.
+    ``description`` names the model in the log line ("building the <description> in <out>").
     """
-    seed = check_seed(seed)
-    from mvjax.core.paths import cache_root as default_root
-
-    root = default_root(cache_root)
-    out = root / "demo" / f"{DEMO_VERSION}-seed{seed}"
+    out = Path(out)
     if _is_complete(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(out.parent / f".{out.name}.lock"):
         if _is_complete(out):  # built by another process while we waited
             return out
-        from convert_weights.convert import convert_directory
-
-        log(f"building the random demo model (seed {seed}) in {out}")
+        log(f"building the {description} in {out}")
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.src-", dir=out.parent) as tmp:
-            write_random_checkpoints(tmp, seed)
-            convert_directory(tmp, out, log=log)
+            write_checkpoints(Path(tmp))
+            convert_released(tmp, out, log=log)
     return out
+
+
+def demo_model_dir(cache_root: str | os.PathLike | None = None, seed: int = 0,
+                   log: Callable[[str], None] = lambda s: None) -> Path:
+    """A converted demo model directory: ``<cache_root>/demo/v1-seed<seed>``, built on first use
+    (:func:`build_model_dir`).
+
+    ``cache_root`` defaults to :func:`mvjax.core.paths.cache_root`.
+    """
+    seed = check_seed(seed)
+    from mvjax.core.paths import cache_root as default_root
+
+    out = default_root(cache_root) / "demo" / f"{DEMO_VERSION}-seed{seed}"
+    return build_model_dir(out, lambda tmp: write_random_released(tmp, seed),
+                           f"random demo model (seed {seed})", log=log)
 
 
 # --- Reference voice ----------------------------------------------------------------------
@@ -155,15 +161,3 @@ def demo_speaker_audio(seed: int = 0, seconds: float = 4.0, rate: int = SPEAKER_
     out += 1e-3 * rng.standard_normal(n)  # room noise, far below the voice
     out *= 0.5 / np.max(np.abs(out))
     return out.astype(np.float32), rate
-
-
-def demo_voice_embedding(tts, seed: int = 0) -> np.ndarray:
-    """The speaker embedding of :func:`demo_speaker_audio` under ``tts`` (a loaded :class:`mvjax.TTS`).
-    The demo voice is short by design, so no ShortReferenceWarning is raised about it (only here:
-    a short recording from a user still warns)."""
-    from mvjax.inference.speaker import ShortReferenceWarning
-
-    audio = demo_speaker_audio(seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=ShortReferenceWarning)
-        return tts.speaker_embedding(audio)

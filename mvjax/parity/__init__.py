@@ -1,0 +1,8 @@
+"""The parity tool, ``python -m mvjax.parity``: mvjax checked against a reference fixture directory (arrays
+the original PyTorch code produced from small random released-layout checkpoints).
+
+:mod:`~mvjax.parity.fixture` reads a fixture and compares results, :mod:`~mvjax.parity.checks` holds the
+checks of each component, :mod:`~mvjax.parity.finetune` the fine-tuning ones; :mod:`~mvjax.parity.__main__`
+is the command. Beside mvjax.cli: may import every runtime layer and any of convert_weights (the command
+may also import mvjax.cli.common).
+"""
