@@ -54,8 +54,8 @@ import numpy as np
 
 from benchmarks.common import FIRST_STAGE_SHAPES, FIRST_STAGE_VOCAB, best_of, clock
 from mvjax.inference.decode import FirstStageDecoder  # noqa: E402
-from mvjax.inference.options import SamplingConfig  # noqa: E402
 from mvjax.inference.keys import utterance_keys  # noqa: E402
+from mvjax.inference.options import SamplingConfig  # noqa: E402
 from mvjax.io.quantize import tree_nbytes  # noqa: E402
 from mvjax.nn.config import GPTConfig  # noqa: E402
 from mvjax.nn.gpt import abstract_params  # noqa: E402

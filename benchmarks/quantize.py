@@ -76,9 +76,9 @@ import numpy as np
 from benchmarks.common import clock, proc_status  # noqa: E402
 from benchmarks.decode import SPEAKER_DIM, make_config, prompts_for, random_params  # noqa: E402
 from mvjax.inference.decode import FirstStageDecoder  # noqa: E402
-from mvjax.inference.options import SamplingConfig  # noqa: E402
 from mvjax.inference.fidelity import compare_logits, guided_logits
 from mvjax.inference.keys import utterance_keys  # noqa: E402
+from mvjax.inference.options import SamplingConfig  # noqa: E402
 from mvjax.io.quantize import decoder_params, tree_nbytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from mvjax.inference.decode import FirstStageDecoder
-from mvjax.inference.options import SamplingConfig
 from mvjax.inference.engine import EngineRequest, FirstStageEngine
 from mvjax.inference.keys import utterance_keys
+from mvjax.inference.options import SamplingConfig
 from mvjax.io.checkpoint import load_gpt_stage
 
 TEXTS = [

@@ -15,8 +15,8 @@ import pytest
 
 from mvjax.inference import fidelity as F
 from mvjax.inference.decode import FirstStageDecoder
-from mvjax.inference.options import SamplingConfig
 from mvjax.inference.keys import utterance_keys
+from mvjax.inference.options import SamplingConfig
 from mvjax.io import quantize as Q
 from mvjax.io.checkpoint import load_gpt_stage, read_manifest, tree_digest
 from mvjax.kernels import cpu_int8 as cpu_kernels

@@ -184,8 +184,8 @@ def _first_stage_decoder(fx: Fixture):
 
 def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
     """The reference fast path, greedy: sequences exact, guided step logits close."""
-    from mvjax.inference.options import SamplingConfig
     from mvjax.inference.keys import utterance_keys
+    from mvjax.inference.options import SamplingConfig
 
     s1 = fx.npz("stage1/stage1_cases.npz")
     decoder = _first_stage_decoder(fx)
@@ -210,8 +210,8 @@ def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
 
 def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
     """Three prompts of different lengths in one call, greedy, against the reference batched sampler."""
-    from mvjax.inference.options import SamplingConfig
     from mvjax.inference.keys import utterance_keys
+    from mvjax.inference.options import SamplingConfig
 
     s1 = fx.npz("stage1/stage1_cases.npz")
     decoder = _first_stage_decoder(fx)
@@ -231,8 +231,8 @@ def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
 def check_pipeline(fx: Fixture) -> Iterator[Check]:
     """Speaker embedding from the fixture voice, then both stages through :class:`mvjax.inference.pipeline.TTS`
     (greedy, the case's guidance / top-p / max_new_tokens, no chunking)."""
-    from mvjax.inference.options import SamplingConfig
     from mvjax.inference.keys import utterance_keys
+    from mvjax.inference.options import SamplingConfig
     from mvjax.inference.pipeline import TTS
     from mvjax.text.tokenizer import normalize_text
 
