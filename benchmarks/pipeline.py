@@ -139,11 +139,15 @@ def time_decoders(tts, frames: int, decoder: str, repeats: int) -> tuple[dict, d
     pipeline's own path: (first call's timings, compile included; median of ``repeats`` more)."""
     import jax
 
-    from mvjax.inference import stages
+    from mvjax.inference.options import SynthesisOptions
+    from mvjax.inference.scheduler import Utterance
     from mvjax.inference.speech import ChunkReport
+    from mvjax.inference.stages import Batcher, Chunk
 
-    def chunk():
-        c = stages.Chunk(0, (0,), TEXT, np.asarray(jax.random.PRNGKey(0)))
+    key = np.asarray(jax.random.PRNGKey(0))
+
+    def chunk(owner):
+        c = Chunk(owner, (0,), TEXT, key, [], [])
         c.all_codebooks = np.random.default_rng(0).integers(0, 1024, (8, frames))
         c.first_stage_codes = c.all_codebooks[:2]
         c.report = ChunkReport(TEXT, 0, 0, frames, True, False, False)
@@ -152,10 +156,11 @@ def time_decoders(tts, frames: int, decoder: str, repeats: int) -> tuple[dict, d
     runs = []
     for _ in range(1 + repeats):  # the first compiles
         tts.last_timings = {}
-        c = chunk()
-        stages.run_decoder(tts.codec, tts.diffusion if decoder == "mbd" else None, [c], 1, stages.Batcher(),
-                           tts.last_timings)
-        tts._finish(TEXT, np.zeros(256, np.float32), [c], True, True)
+        utterance = Utterance([TEXT], np.zeros(256, np.float32), key, decoder=decoder, text=TEXT)
+        c = chunk(utterance)
+        (c.wav,) = tts.wave_decoder.run([c], decoder, Batcher(1, tts.mesh, tts.last_timings))
+        utterance.chunks = [c]
+        tts._finish(utterance, SynthesisOptions(decoder=decoder))
         runs.append(dict(tts.last_timings))
     return runs[0], _median_stages(runs[1:])
 
