@@ -71,3 +71,19 @@ def private_cache(tmp_path_factory):
         os.environ.pop("MVJAX_CACHE", None)
     else:
         os.environ["MVJAX_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tts(full_model):
+    """The fixture model loaded on one device (a test module's own ``tts`` fixture overrides it)."""
+    from mvjax.inference.pipeline import TTS
+
+    model = TTS.load(full_model, mesh=None, speaker_cache_dir=None)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def voice(tts, fixtures):
+    """The fixtures' reference speaker embedded by ``tts``."""
+    return tts.speaker_embedding(fixtures / "speaker" / "reference_speaker.wav")

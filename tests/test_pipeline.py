@@ -24,18 +24,6 @@ LONG_TEXT = (
 )
 
 
-@pytest.fixture(scope="module")
-def tts(full_model):
-    model = TTS.load(full_model, mesh=None, speaker_cache_dir=None)
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
-def voice(tts, fixtures):
-    return tts.speaker_embedding(fixtures / "speaker" / "reference_speaker.wav")
-
-
 def test_tokens_reproduce_pipeline_cases(tts, voice, fixtures):
     p = np.load(fixtures / "pipeline_cases.npz")
     cos = float(voice @ p["spk_emb"] / np.linalg.norm(voice) / np.linalg.norm(p["spk_emb"]))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from mvjax.inference.options import SamplingConfig, SynthesisOptions
-from mvjax.inference.pipeline import TTS
 from mvjax.inference.scheduler import Utterance
 from mvjax.serve.jobs import ChunkAudio, Job
 from mvjax.serve.worker import SpeechWorker
@@ -21,18 +20,6 @@ from tests.test_pipeline import LONG_TEXT
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 MAX_NEW = 40
 SAMPLING = SamplingConfig(temperature=0.9, top_p=0.9, guidance_scale=2.5)
-
-
-@pytest.fixture(scope="module")
-def tts(full_model):
-    model = TTS.load(full_model, mesh=None, speaker_cache_dir=None)
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
-def voice(tts, fixtures):
-    return tts.speaker_embedding(fixtures / "speaker" / "reference_speaker.wav")
 
 
 def _library(tts, voice, batching, **kw):

@@ -65,8 +65,6 @@ class Utterance:
     chunks: list = dataclasses.field(default_factory=list)  # delivered chunks (without ``deliver``)
 
     def __post_init__(self):
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
         self.embedding = np.asarray(self.embedding, np.float32)
         self.todo = collections.deque(range(len(self.pieces)))  # planned chunks not yet started
         self.running = 0  # chunks started and not delivered (a re-split adds one per half)

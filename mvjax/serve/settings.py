@@ -6,9 +6,10 @@ import dataclasses
 from typing import Optional
 
 from mvjax.audio.stream import supported_formats
-from mvjax.inference.options import DEFAULT_STEPS, SynthesisError, SynthesisOptions
+from mvjax.inference.options import SynthesisError, SynthesisOptions
 from mvjax.serve.voices import VoiceLimits
 
+LIBRARY = SynthesisOptions()  # the library's defaults, which the server's are
 OPENAI_SAMPLE_RATE = 24000  # what OpenAI's API (and clients playing its raw pcm) assume
 
 
@@ -20,13 +21,13 @@ def default_format() -> str:
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     model_name: str = "metavoice-1b"
-    max_batch: int = 8  # text chunks per model batch (1: no cross-request batching)
+    max_batch: int = LIBRARY.batch_size  # text chunks per model batch (1: no cross-request batching)
     max_queue: int = 64  # speech requests admitted at once (waiting or running); more get 503
     batch_wait_s: float = 0.1  # a batch that is not full waits this long for more requests
     # "engine": continuous batching (max_batch slots; a request joins between decode calls of
     # engine_steps tokens); "static": batches decoded to their longest chunk.
-    batching: str = "engine"
-    engine_steps: int = DEFAULT_STEPS
+    batching: str = LIBRARY.batching
+    engine_steps: int = LIBRARY.engine_steps
     timeout_s: float = 300.0  # a speech request's deadline
     # First-stage tokens per text chunk: a cap on the work one chunk may take (None: the block's
     # room); texts are still split into chunks at the speaking rate.
@@ -38,9 +39,9 @@ class ServerSettings:
     public_metrics: bool = False  # /metrics without the API key (it needs it when a key is set)
     cors_origins: tuple[str, ...] = ()
     log_text: bool = False
-    decoder: str = "mbd"  # default decoder: mbd | encodec
-    enhance: bool = True  # DeepFilterNet3 on the output
-    normalize: bool = True  # -14 LUFS
+    decoder: str = LIBRARY.decoder  # default decoder: mbd | encodec
+    enhance: bool = LIBRARY.enhance  # DeepFilterNet3 on the output
+    normalize: bool = LIBRARY.normalize  # -14 LUFS
     sample_rate: int = OPENAI_SAMPLE_RATE  # every response's rate
     response_format: str = dataclasses.field(default_factory=default_format)
 

@@ -39,7 +39,7 @@ from mvjax.audio.stream import (
     streams_incrementally,
     supported_formats,
 )
-from mvjax.inference.options import MAX_SEED, SamplingConfig, SynthesisError, normalised_texts
+from mvjax.inference.options import DECODERS, MAX_SEED, SamplingConfig, SynthesisError, normalised_texts
 from mvjax.inference.scheduler import Utterance
 from mvjax.serve.errors import ApiError
 from mvjax.serve.jobs import ChunkAudio, Job, WorkerError
@@ -74,7 +74,7 @@ class SpeechRequest(BaseModel):
     temperature: StrictFloat | StrictInt = sampling_field("temperature")
     top_p: StrictFloat | StrictInt = sampling_field("top_p")
     guidance_scale: StrictFloat | StrictInt = sampling_field("guidance_scale")
-    decoder: Optional[Literal["mbd", "encodec"]] = Field(None, description="multi-band diffusion or the plain codec")
+    decoder: Optional[Literal[DECODERS]] = Field(None, description="multi-band diffusion or the plain codec")
     enhance: Optional[StrictBool] = Field(None, description="DeepFilterNet3 on the output")
 
 
