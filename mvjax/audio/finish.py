@@ -137,14 +137,16 @@ class StreamAssembler:
             self._context.__exit__(*exc)
             self._context = None
 
-    def add(self, wav: np.ndarray) -> np.ndarray:
+    def add(self, wav: np.ndarray, continues: bool = False) -> np.ndarray:
+        """The audio ready to send after ``wav``: a chunk's waveform, crossfaded onto the previous
+        chunk, or (``continues``) the next samples of the chunk being streamed, joined as they are."""
         piece = np.asarray(wav, np.float32)
         piece = piece.mean(axis=0) if piece.ndim > 1 else piece
         if piece.shape[0] == 0:
             return np.zeros(0, np.float32)
         # crossfade_join's crossfade: as long as both neighbours allow (the held tail is the
         # crossfade's length unless the chunks are shorter than it).
-        n = int(min(self.crossfade, self._length // 2, piece.shape[0] // 2, self._held.shape[0]))
+        n = 0 if continues else int(min(self.crossfade, self._length // 2, piece.shape[0] // 2, self._held.shape[0]))
         if n > 0:
             joined = np.concatenate([self._held[:-n], equal_power_fade(self._held[-n:], piece[:n]), piece[n:]])
         else:

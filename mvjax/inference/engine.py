@@ -463,6 +463,15 @@ class FirstStageEngine:
                 hit_block_end=bool(not finished[slot] and n >= self.block_size), admitted=admitted, retired=now))
         return results
 
+    def partial(self, predicate) -> list[tuple[EngineRequest, np.ndarray]]:
+        """(request, tokens so far: prompt then generated) for every running request for which
+        ``predicate(request)`` is true: what a stream can already use of a request still decoding."""
+        slots = [slot for slot, (request, _) in self.running.items() if predicate(request)]
+        if not slots:
+            return []
+        tokens = np.asarray(jax.device_get(self._state.tokens))  # (slots, block) int32: one small transfer
+        return [(self.running[slot][0], tokens[slot, : int(self._lengths[slot])].copy()) for slot in slots]
+
     def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         """Decode ``requests`` to the end; results in request order."""
         for request in requests:

@@ -86,6 +86,32 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamSettings:
+    """Streaming within a chunk (continuous-batching first stage): every ``frames`` new codec frames
+    (``first_frames`` for a chunk's first piece; default ``frames``) the audio of the frames at least
+    ``lookahead`` behind the newest is sent, its codebooks 3-8 from a second-stage pass over the
+    frames so far. ``lookahead=None``: a chunk's audio is sent only when the chunk is done (exactly
+    the codes of a whole answer). A frame is 1/75 s at the released codec."""
+
+    frames: int = 16
+    first_frames: Optional[int] = None
+    lookahead: Optional[int] = 8
+
+    def __post_init__(self):
+        for name in ("frames", "first_frames", "lookahead"):
+            value = getattr(self, name)
+            low = 0 if name == "lookahead" else 1
+            if value is None and name != "frames":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 4096:
+                raise SynthesisError(f"{name} must be an integer in [{low}, 4096], not {value!r}", name)
+
+    def due(self, emitted: int) -> int:
+        """Frames a chunk that has sent ``emitted`` frames needs ready before its next piece."""
+        return self.frames if emitted or self.first_frames is None else self.first_frames
+
+
+@dataclasses.dataclass(frozen=True)
 class SynthesisOptions:
     """Everything :meth:`mvjax.TTS.synthesize` takes besides texts and speakers; invalid values raise
     :class:`SynthesisError` on construction. :meth:`build` also takes the sampling fields flat."""

@@ -35,12 +35,13 @@ from mvjax.inference import keys as K
 from mvjax.inference import longform
 from mvjax.inference.decode import FirstStageDecoder
 from mvjax.inference.diffusion import MultiBandDiffusion
-from mvjax.inference.options import SynthesisError, SynthesisOptions, normalised_texts
+from mvjax.inference.options import StreamSettings, SynthesisError, SynthesisOptions, normalised_texts
 from mvjax.inference.scheduler import Scheduler, Utterance
 from mvjax.inference.second_stage import SecondStageSampler
 from mvjax.inference.speaker import SpeakerEncoder, SpeakerSpec, embedding_from_spec, embeddings_for
 from mvjax.inference.speech import Speech
 from mvjax.inference.stages import Codec, FirstStage, SecondStage, Timer, WaveDecoder
+from mvjax.inference.streaming import SpeechStream
 from mvjax.inference.throughput import resolve_batch_sizes
 from mvjax.io.checkpoint import load_encodec, load_gpt_stage, load_mbd, model_components
 from mvjax.nn.kv_cache import cache_kind
@@ -193,8 +194,27 @@ class TTS:
         results = [_speech(u, np.zeros(0, np.float32), self.sample_rate) for u in utterances]
         return results[0] if isinstance(text, str) else results
 
+    def stream(self, text: str, speaker=None, *, options: Optional[SynthesisOptions] = None,
+               streaming: Optional[StreamSettings] = StreamSettings(), **fields) -> SpeechStream:
+        """Speak ``text`` as a stream: iterate the result for mono float32 pieces at its ``sample_rate``
+        as they are made (:mod:`mvjax.inference.streaming`). ``streaming``: audio within a chunk every
+        few frames (:class:`~mvjax.inference.options.StreamSettings`; None: whole chunks); ``options``
+        or keyword fields as for :meth:`synthesize`."""
+        opts = _options(options, fields)
+        if opts.decoder == "mbd":
+            _ = self.diffusion
+        (utterance,) = self._utterances(text, speaker, opts, None)
+        utterance.streaming = streaming
+        return SpeechStream(self.scheduler(opts), utterance, opts, self.sample_rate)
+
     def _run(self, text, speaker, opts: SynthesisOptions, utterance_ids, audio: bool) -> list[Utterance]:
         """Every text planned into an :class:`Utterance` and run to the end through one scheduler."""
+        scheduler = self.scheduler(opts, audio=audio)
+        utterances = self._utterances(text, speaker, opts, utterance_ids)
+        scheduler.run(utterances)
+        return utterances
+
+    def _utterances(self, text, speaker, opts: SynthesisOptions, utterance_ids) -> list[Utterance]:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise SynthesisError("no text given")
@@ -202,7 +222,6 @@ class TTS:
         if len(ids) != len(texts):
             raise SynthesisError(f"got {len(ids)} utterance ids for {len(texts)} texts")
         normalised = normalised_texts(texts)
-        scheduler = self.scheduler(opts, audio=audio)
         with Timer(self.last_timings, "speaker"):
             embeddings = embeddings_for(speaker, len(texts), self.speaker_embedding)
         utterances = []
@@ -211,7 +230,6 @@ class TTS:
             if len(pieces) > 1:
                 log.info("text %d: %d chunks of %s characters", u + 1, len(pieces), ", ".join(str(len(p)) for p in pieces))
             utterances.append(Utterance(pieces, embeddings[u], key, opts.sampling, opts.decoder, index=u, text=t))
-        scheduler.run(utterances)
         return utterances
 
     def _finish(self, utterance: Utterance, opts: SynthesisOptions) -> Speech:

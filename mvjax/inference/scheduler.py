@@ -41,7 +41,7 @@ import numpy as np
 from mvjax.inference import keys as K
 from mvjax.inference import longform
 from mvjax.inference.decode import BlockFullWarning
-from mvjax.inference.options import DECODERS, SamplingConfig, SynthesisOptions
+from mvjax.inference.options import DECODERS, SamplingConfig, StreamSettings, SynthesisOptions
 from mvjax.inference.stages import Batcher, Chunk, FirstStage, SecondStage, Timer, WaveDecoder
 
 log = logging.getLogger("mvjax")
@@ -60,6 +60,8 @@ class Utterance:
     decoder: str = "mbd"
     stream: bool = False
     deliver: Optional[Callable[["Utterance", list[Chunk]], None]] = None
+    streaming: Optional[StreamSettings] = None  # audio within a chunk as its frames are decoded
+    on_piece: Optional[Callable[["Utterance", "Piece"], None]] = None  # such audio, as it is made
     index: int = 0  # its place in a batch of texts (warnings name it)
     text: str = ""  # the whole normalised text (for the caller)
     chunks: list = dataclasses.field(default_factory=list)  # delivered chunks (without ``deliver``)
@@ -88,6 +90,18 @@ class Utterance:
     @property
     def busy(self) -> bool:
         return bool(self.running)
+
+
+@dataclasses.dataclass
+class Piece:
+    """Audio of a chunk whose first stage is still running (streaming within a chunk). ``continues``:
+    False for the chunk's first audio (joined to the previous chunk with the crossfade), True for
+    the samples after it. ``codes``: the frames' codebooks (n_q, frames)."""
+
+    chunk: Chunk
+    wav: np.ndarray
+    codes: np.ndarray
+    continues: bool
 
 
 @dataclasses.dataclass
@@ -242,6 +256,7 @@ class Scheduler:
         for result in results:
             self._first_done(result.tag, self.first.result(result.tag, result.sequence, result.finished,
                                                            result.hit_block_end))
+        self._stream_partials()
         return RoundStats(len(in_flight), len(set(map(id, in_flight))), engine.last_step_tokens,
                           time.perf_counter() - start, 0.0, len(picked))
 
@@ -285,6 +300,8 @@ class Scheduler:
         overflow = chunk.report.hit_block_end or chunk.report.stage2_cut
         if not (overflow and self.options.long_form and len(chunk.order) - 1 < longform.MAX_RESPLITS):
             return None
+        if chunk.emitted:  # its first audio is out: the rest is spoken as is (reported cut short)
+            return None
         texts = longform.split_in_two(chunk.text)
         if len(texts) == 1:
             return None
@@ -311,15 +328,53 @@ class Scheduler:
                               f"{c.text[:60]!r}", BlockFullWarning, stacklevel=4)
         opts = self.options
         codebooks = self.second.run(chunks, opts.stage2_temperature, opts.stage2_top_k, self.batcher("stage2"))
-        for c, codes in zip(chunks, codebooks):
-            c.all_codebooks = codes
+        for c, codes in zip(chunks, codebooks):  # frames already sent keep the codes they were sent with
+            c.all_codebooks = codes if c.played is None else np.concatenate([c.played, codes[:, c.emitted:]], axis=1)
         for decoder in DECODERS:
-            group = [c for c in chunks if c.owner.decoder == decoder]
+            group = [c for c in chunks if c.owner.decoder == decoder and not c.emitted]
             if group and self.decoder is not None:
                 for c, wav in zip(group, self.decoder.run(group, decoder, self.batcher("decoder"))):
                     c.wav = wav
         for c in chunks:
+            if c.emitted and self.decoder is not None:  # the rest of a streamed chunk: its last piece
+                c.wav = self.decoder.stream(c, c.all_codebooks[:, c.emitted:], last=True)
             self._deliver(c)
+
+    def _stream_partials(self) -> None:
+        """Audio for the frames of streamed chunks still in the engine (see :class:`StreamSettings`):
+        one second-stage pass over each due chunk's frames so far (batched), then the waveform of the
+        frames at least ``lookahead`` behind the newest, through the decoder's carried state."""
+        if self.engine is None or self.decoder is None:
+            return
+
+        def wanted(request) -> bool:
+            c = request.tag
+            u = c.owner
+            return (u.streaming is not None and u.streaming.lookahead is not None and not u.dropped
+                    and len(c.order) == 1 and c.order[0] == u.next_index and self.decoder.streams(u.decoder))
+
+        due = []
+        for request, sequence in self.engine.partial(wanted):
+            chunk, plan = request.tag, request.tag.owner.streaming
+            codes = self.first.codes(sequence)
+            frames = min(codes.shape[1], self.second.room(chunk))
+            upto = frames - plan.lookahead
+            if upto - chunk.emitted >= plan.due(chunk.emitted):
+                due.append((dataclasses.replace(chunk, first_stage_codes=codes[:, :frames]), chunk, upto))
+        if not due:
+            return
+        opts = self.options
+        codebooks = self.second.run([view for view, _, _ in due], opts.stage2_temperature, opts.stage2_top_k,
+                                    self.batcher("stage2"))
+        for (_, chunk, upto), books in zip(due, codebooks):
+            codes = books[:, chunk.emitted:upto]
+            wav = self.decoder.stream(chunk, codes, last=False)
+            piece = Piece(chunk, wav, codes, continues=chunk.emitted > 0)
+            chunk.played = codes if chunk.played is None else np.concatenate([chunk.played, codes], axis=1)
+            chunk.emitted += codes.shape[1]
+            with self.lock:
+                if chunk.owner.on_piece is not None and not chunk.owner.dropped:
+                    chunk.owner.on_piece(chunk.owner, piece)
 
     def _deliver(self, chunk: Chunk) -> None:
         """A chunk is done: once every piece of its planned chunk is, and every earlier planned chunk

@@ -58,7 +58,10 @@ class Chunk:
     first_stage_codes: Optional[np.ndarray] = None
     report: Optional[ChunkReport] = None
     all_codebooks: Optional[np.ndarray] = None
-    wav: Optional[np.ndarray] = None
+    wav: Optional[np.ndarray] = None  # (channels, samples); for a streamed chunk, the samples not yet sent
+    emitted: int = 0  # frames whose audio was sent while the first stage ran (streaming within a chunk)
+    played: Optional[np.ndarray] = None  # their codebooks (n_q, emitted)
+    stream_state: Any = None  # the waveform decoder's carried state for those frames
 
     @property
     def embedding(self) -> np.ndarray:
@@ -162,6 +165,10 @@ class FirstStage:
                                          bool(result.hit_block_end[i]))
         return [out[id(c)] for c in chunks]
 
+    def codes(self, sequence: np.ndarray) -> np.ndarray:
+        """Codebooks 1-2 (2, frames) of a first-stage sequence, finished or not."""
+        return split_first_stage_tokens(sequence, self.layout.codebook_size)[1]
+
     def request(self, chunk: Chunk, max_new_tokens: Optional[int]) -> EngineRequest:
         """The engine request for ``chunk`` (which rides along as its tag)."""
         return EngineRequest(chunk.prompt, K.fold(chunk.key, K.STAGE1), chunk.embedding, chunk.sampling,
@@ -187,8 +194,15 @@ class SecondStage:
     def __init__(self, sampler: SecondStageSampler, tokenizer, layout: TokenLayout, block_size: int):
         self.sampler, self.tokenizer, self.layout, self.block_size = sampler, tokenizer, layout, block_size
 
+    def room(self, chunk: Chunk) -> int:
+        """Frames of ``chunk`` the block holds after its text (and the closing pad)."""
+        return max(self.block_size - len(chunk.stage2_text) - 1, 0)
+
     def run(self, chunks: list[Chunk], temperature: float, top_k: Optional[int], batcher: Batcher) -> list[np.ndarray]:
-        """All codebooks, (n_q, frames), per chunk, in ``chunks``' order."""
+        """All codebooks, (n_q, frames), per chunk, in ``chunks``' order. The second stage sees the
+        whole block (text, frames, pads) and draws each position from the chunk's stage-2 key, so a
+        pass over a chunk's first frames draws those frames from the same numbers as the pass over
+        all of them."""
         out = []
         with batcher.timer("stage2"):
             for batch in batcher.batches(chunks, "stage 2"):
@@ -211,6 +225,8 @@ class Codec:
         self.params = put_replicated(params, mesh)
         self._decode_latent = jax.jit(lambda p, latent: encodec.decode_latent(config, p, latent))
 
+    streams = False  # incremental decoding with carried state (set once the codec supports it)
+
     def decode(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """codes (B, n_q, F) -> (latent (B, D, F), waveform (B, channels, F * hop)), numpy."""
         latent = np.asarray(encodec.codes_to_latent(self.params, codes))
@@ -224,6 +240,19 @@ class WaveDecoder:
 
     def __init__(self, codec: Codec, diffusion):
         self.codec, self._diffusion = codec, diffusion
+
+    def streams(self, decoder: str) -> bool:
+        """Whether ``decoder`` can make a chunk's audio a few frames at a time (:meth:`stream`)."""
+        return decoder == "encodec" and self.codec.streams
+
+    def stream(self, chunk: Chunk, codes: np.ndarray, last: bool) -> np.ndarray:
+        """The waveform (channels, samples) of ``codes`` (n_q, frames): the frames after those of
+        ``chunk`` already decoded, its decoder state carried on the chunk; ``last``: the chunk ends
+        here (the state's held samples come out too)."""
+        if chunk.stream_state is None:
+            chunk.stream_state = self.codec.stream_start()
+        chunk.stream_state, wav = self.codec.stream_step(chunk.stream_state, codes, last)
+        return wav
 
     def run(self, chunks: list[Chunk], decoder: str, batcher: Batcher) -> list[np.ndarray]:
         """A (channels, samples) waveform at the codec's rate per chunk, in ``chunks``' order.

@@ -48,6 +48,7 @@ class ChunkAudio:
     frames: int
     tokens: np.ndarray  # (2, frames) first-stage codes
     generated_tokens: int
+    continues: bool = False  # more audio of a chunk some of whose audio was already sent (streaming within it)
 
 
 _EMPTY = object()
@@ -68,7 +69,7 @@ class Job:
                  voice: Optional[str] = None):
         self.id = next(self._ids)
         self.utterance = utterance
-        utterance.deliver = self._deliver
+        utterance.deliver, utterance.on_piece = self._deliver, self._piece
         self.seed = seed
         self.voice = voice  # the voice's name, for the log (None: an uploaded recording, or not said)
         self.notify = notify
@@ -150,8 +151,8 @@ class Job:
         """The scheduler's callback: planned chunk ``parts[0].order[0]`` (its pieces, in order) is ready."""
         if self.finished is not None:
             return
-        out = [ChunkAudio(c.order[0], c.wav, c.report.frames, c.first_stage_codes, c.report.generated_tokens)
-               for c in parts]
+        out = [ChunkAudio(c.order[0], c.wav, c.report.frames - c.emitted, c.first_stage_codes[:, c.emitted:],
+                          c.report.generated_tokens, continues=c.emitted > 0) for c in parts]
         self.tokens += sum(p.generated_tokens for p in out)
         if self.first_audio is None:
             self.first_audio = time.monotonic()
@@ -159,3 +160,12 @@ class Job:
             self.finished = time.monotonic()
             out.append(None)
         self._push(*out)
+
+    def _piece(self, utterance: Utterance, piece) -> None:
+        """The scheduler's callback for audio of a chunk still being decoded (streaming within a chunk)."""
+        if self.finished is not None:
+            return
+        frames = piece.codes.shape[1]
+        if self.first_audio is None:
+            self.first_audio = time.monotonic()
+        self._push(ChunkAudio(piece.chunk.order[0], piece.wav, frames, piece.codes[:2], 0, continues=piece.continues))

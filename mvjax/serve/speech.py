@@ -260,7 +260,7 @@ async def speak(state, request: Request, task: SpeechTask) -> Response:
             event: object = first
             while True:
                 if isinstance(event, ChunkAudio):
-                    audio = await run_in_threadpool(assembler.add, event.wav)
+                    audio = await run_in_threadpool(assembler.add, event.wav, event.continues)
                     sent += audio.shape[0]
                     data = encoder.chunk(audio)
                     if data:
