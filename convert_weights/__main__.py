@@ -14,6 +14,9 @@ import signal
 import sys
 import threading
 
+from convert_weights.convert import convert_directory
+from mvjax.core.errors import MvjaxError
+
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -82,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace, log, ctrl_c: _CtrlC) -> int:
-    from convert_weights.convert import convert_directory
-    from mvjax.core.errors import MvjaxError
-
     try:
         manifest = convert_directory(args.model_dir, args.out, log=log, quantize=args.quantize,
                                      stop_requested=lambda: ctrl_c.requested)

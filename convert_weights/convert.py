@@ -38,6 +38,7 @@ GPT_FILES = {"first_stage.pt": "first_stage", "second_stage.pt": "second_stage"}
 
 def _write_component(dst: Path, kind: str, src: Path, config: dict, params, extra: dict | None = None) -> dict:
     """config.json (+ extra files) and the Orbax tree under ``dst``; returns the manifest entry."""
+    # jax: loaded only once every file is vetted (see the module docstring)
     from mvjax.io.checkpoint import save_tree, tree_digest
 
     dst.mkdir(parents=True)
@@ -90,6 +91,7 @@ def _check_gpt_meta(ckpt: Mapping, src: Path) -> None:
 def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
     """``quantize`` (causal first stage only): store the decoder's layout with int8 or bfloat16
     matrices (:mod:`mvjax.io.quantize`) instead of the float32 tree; the manifest entry records it."""
+    # jax: loaded only once every file is vetted (see the module docstring)
     from convert_weights.gpt import convert_gpt_checkpoint
 
     ckpt = _expect_mapping(load_checkpoint(src), src, "MetaVoice GPT")
@@ -98,6 +100,7 @@ def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
     del ckpt  # the raw storages: free them before the tree is written
     stored = {}
     if quantize is not None:
+        # jax: as above
         from mvjax.io.quantize import QUANTIZE_EMBEDDING, prepare_quantized_params
 
         params = prepare_quantized_params(config, params, quantize)
@@ -107,6 +110,7 @@ def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
 
 
 def _convert_speaker(src: Path, dst: Path) -> dict:
+    # jax: loaded only once every file is vetted (see the module docstring)
     from convert_weights.speaker import convert_speaker_checkpoint
 
     ckpt = _expect_mapping(load_checkpoint(src), src, "speaker-encoder")
@@ -116,6 +120,7 @@ def _convert_speaker(src: Path, dst: Path) -> dict:
 
 
 def _convert_encodec(src: Path, dst: Path) -> dict:
+    # jax: loaded only once every file is vetted (see the module docstring)
     from convert_weights.encodec import convert_encodec_state
 
     ckpt = _expect_mapping(load_checkpoint(src), src, "EnCodec")
@@ -125,6 +130,7 @@ def _convert_encodec(src: Path, dst: Path) -> dict:
 
 
 def _convert_mbd(src: Path, dst: Path) -> dict:
+    # jax: loaded only once every file is vetted (see the module docstring)
     from convert_weights.mbd import convert_mbd_checkpoint
 
     ckpt = _expect_mapping(load_checkpoint(src, OMEGACONF_ALLOWED), src, "multi-band diffusion")
@@ -190,6 +196,7 @@ def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str
     _check_out(out)
     vet_components(found)
 
+    # jax: the model-format modules load only now that every file is vetted (see the module docstring)
     from mvjax.io.checkpoint import FORMAT_VERSION, MANIFEST
     from mvjax.io.quantize import check_mode
 

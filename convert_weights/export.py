@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from convert_weights.gpt import gpt_rules
@@ -31,6 +32,7 @@ from convert_weights.mapping import flatten_tree, identity, linear_weight
 from convert_weights.torch_writer import save_checkpoint
 from mvjax.core.errors import MvjaxError
 from mvjax.nn.config import GPTConfig
+from mvjax.nn.gpt import abstract_params
 from mvjax.text.tokenizer import TokenizerSpec
 
 # Fields of the reference GPTConfig that ours does not keep (inference-irrelevant), at the values
@@ -45,10 +47,6 @@ class ExportError(MvjaxError, ValueError):
 def float_params(config: GPTConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``params`` flattened ('a/b/c' paths) as float32 numpy arrays, checked leaf by leaf against the
     converted layout of ``config``; a quantised or otherwise different tree is one :class:`ExportError`."""
-    import jax.numpy as jnp
-
-    from mvjax.nn.gpt import abstract_params
-
     flat = flatten_tree(params)
     expected = flatten_tree(abstract_params(config))
     for path, leaf in flat.items():

@@ -15,6 +15,7 @@ from convert_weights.mapping import (
     strip_prefix,
 )
 from mvjax.nn.config import GPTConfig
+from mvjax.nn.gpt import abstract_params
 from mvjax.text.tokenizer import TokenizerSpec
 
 _LAYER = r"transformer\.h\.(?P<layer>\d+)\."
@@ -68,8 +69,6 @@ def _check_tied(state: Mapping[str, np.ndarray], config: GPTConfig) -> None:
 
 def convert_gpt_checkpoint(ckpt: Mapping[str, Any], source: str = "checkpoint") -> tuple[GPTConfig, dict, TokenizerSpec]:
     """Turn a loaded released checkpoint dict into (config, params, tokenizer spec)."""
-    from mvjax.nn.gpt import abstract_params  # jax import deferred to conversion time
-
     for field in ("model", "model_args"):
         if field not in ckpt:
             raise ConversionError(f"{source}: no {field!r} entry; not a MetaVoice GPT checkpoint")

@@ -23,9 +23,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import regex  # tiktoken's own dependency; understands \\p{L}
 
 from convert_weights import check_seed
 from convert_weights.torch_writer import omegaconf_config, save_checkpoint
+from mvjax.audio.bands import lowpass_filters
 
 # The released tokenizers' pre-tokenisation pattern (tiktoken syntax).
 PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -72,8 +74,6 @@ def train_bpe(text: str, pat_str: str = PAT_STR, merges: int = BPE_MERGES) -> di
     adjacent pair of tokens (ties: the smallest merged bytes, then the smallest left part),
     so the result depends only on the text.
     """
-    import regex  # tiktoken's own dependency; understands \\p{L}
-
     words = collections.Counter(piece.encode("utf-8") for piece in regex.findall(pat_str, text))
     corpus = [(tuple(bytes([b]) for b in word), count) for word, count in sorted(words.items())]
     ranks = {bytes([i]): i for i in range(256)}
@@ -388,8 +388,6 @@ def _processor_state(rng, cfg: dict) -> collections.OrderedDict:
     p = cfg["processor"]
     if not p["use"]:
         return collections.OrderedDict()
-    from mvjax.audio.bands import lowpass_filters
-
     n, count = int(p["n_bands"]), float(p["num_samples"])
     std = (0.02 + 0.08 * rng.random(n)).astype(np.float64)
     mean = 0.01 * std * rng.standard_normal(n)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import numpy as np
+import soxr
 
 from mvjax.audio.io import AudioError
 
@@ -18,8 +19,6 @@ class StreamResampler:
     equal :func:`resample` of the whole signal; pass ``last=True`` with the final piece."""
 
     def __init__(self, orig_rate: int, target_rate: int):
-        import soxr
-
         self._soxr = soxr.ResampleStream(orig_rate, target_rate, 1, dtype="float32", quality="HQ")
 
     def __call__(self, audio: np.ndarray, last: bool = False) -> np.ndarray:
@@ -31,8 +30,6 @@ def resample(audio: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
     """librosa.resample's default: soxr "HQ", then cut or zero-pad to ``ceil(n * target / orig)``."""
     if orig_rate == target_rate:
         return audio
-    import soxr
-
     audio = np.asarray(audio)
     length = int(np.ceil(audio.shape[-1] * float(target_rate) / orig_rate))
     out = soxr.resample(audio, orig_rate, target_rate, quality="soxr_hq")

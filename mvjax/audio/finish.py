@@ -22,8 +22,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mvjax.audio.features import StreamResampler
-from mvjax.audio.loudness import apply_gain, loudness_gain_db
+from mvjax.audio.enhance import DF_SAMPLE_RATE, EnhanceStream
+from mvjax.audio.features import StreamResampler, resample
+from mvjax.audio.loudness import apply_gain, loudness_gain_db, normalize_loudness
 
 # Length of the crossfade between consecutive chunks' waveforms.
 CROSSFADE_SECONDS = 0.05
@@ -70,14 +71,9 @@ def finish_audio(wav: np.ndarray, rate: int, normalize: bool, enhancer,
     under "loudness" and "enhance"."""
     wav = np.asarray(wav, np.float32)
     if wav.shape[-1] > 0 and normalize:
-        from mvjax.audio.loudness import normalize_loudness
-
         with _timed(timings, "loudness"):
             wav = normalize_loudness(wav, rate)
     if wav.shape[-1] > 0 and enhancer is not None:
-        from mvjax.audio.enhance import DF_SAMPLE_RATE
-        from mvjax.audio.features import resample
-
         with _timed(timings, "enhance"):
             wav = np.stack([enhancer.process_48k(resample(ch, rate, DF_SAMPLE_RATE)) for ch in wav])
         rate = DF_SAMPLE_RATE
@@ -88,8 +84,6 @@ def finish_whole(pieces: list[np.ndarray], rate: int, normalize: bool, enhance: 
                  pool, out_rate: Optional[int] = None) -> np.ndarray:
     """Chunk waveforms (channels, samples) at the codec ``rate`` -> mono float32 at ``out_rate``
     (default: what the library gives, 48 kHz enhanced, else the codec's rate)."""
-    from mvjax.audio.features import resample
-
     wav = crossfade_join(pieces, rate, CROSSFADE_SECONDS)
     if enhance:
         with pool.get() as enhancer:
@@ -108,8 +102,6 @@ class StreamAssembler:
 
     def __init__(self, codec_rate: int, normalize: bool, enhance: bool, pool,
                  out_rate: Optional[int] = None, crossfade_s: float = CROSSFADE_SECONDS):
-        from mvjax.audio.enhance import DF_SAMPLE_RATE
-
         self.codec_rate = codec_rate
         made = DF_SAMPLE_RATE if enhance else codec_rate
         self.rate = out_rate or made
@@ -126,8 +118,6 @@ class StreamAssembler:
 
     def __enter__(self):
         if self._enhance:
-            from mvjax.audio.enhance import EnhanceStream
-
             self._context = self._pool.get()
             self._stream = EnhanceStream(self.codec_rate, self._context.__enter__())
         return self

@@ -9,6 +9,7 @@ reads as a shorter clip, silently).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import struct
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import soundfile as sf
 
+from mvjax.core.atomic import write_bytes
 from mvjax.core.errors import MvjaxError
 
 
@@ -40,8 +43,6 @@ FFMPEG_SUFFIXES = {".m4a", ".m4b", ".mp4", ".aac", ".webm", ".weba", ".opus", ".
 
 def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read an audio file as float32 ``(channels, samples)`` and its sample rate."""
-    import soundfile as sf
-
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"audio file not found: {path}")
@@ -69,8 +70,6 @@ def header_seconds(path: str | os.PathLike) -> Optional[float]:
     of 0. For a WAV cut short of its header libsndfile counts the frames the file holds, which is what
     decoding gives (:func:`wav_shortfall` tells that case).
     """
-    import soundfile as sf
-
     try:
         info = sf.info(str(path))
     except Exception:  # noqa: BLE001 - not a libsndfile format (ffmpeg may decode it) or damaged
@@ -119,8 +118,6 @@ def wav_shortfall(path: str | os.PathLike) -> Optional[tuple[float, float]]:
 def _unreadable(path: Path, reason: str) -> str:
     """Why libsndfile could not read ``path`` (ffmpeg not installed): a damaged file of a format it reads,
     a container only ffmpeg decodes (the one case that suggests installing it), or not audio at all."""
-    import soundfile as sf
-
     suffix = path.suffix.lower()
     # a libsndfile older than 1.1 has no MPEG decoder: MP3 then needs ffmpeg too
     if suffix in FFMPEG_SUFFIXES or (suffix == ".mp3" and "MP3" not in sf.available_formats()):
@@ -132,8 +129,6 @@ def _unreadable(path: Path, reason: str) -> str:
 
 
 def _load_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
     ffmpeg = shutil.which("ffmpeg")
     with tempfile.TemporaryDirectory(prefix="mvjax-audio-") as tmp:
         out = Path(tmp) / "decoded.wav"
@@ -182,12 +177,6 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int, subtype: st
     memory and written through :mod:`mvjax.core.atomic`, so a full disk is an ``AudioError`` naming
     the system error and never leaves a partial file.
     """
-    import io
-
-    import soundfile as sf
-
-    from mvjax.core.atomic import write_bytes
-
     path = Path(path)
     container, pcm16, floating = OUTPUT_FORMATS.get(path.suffix.lower(), (None, None, None))
     if container is None:

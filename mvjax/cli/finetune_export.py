@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # heavy (jax, orbax): python -m mvjax.finetune --help builds this command's parser
     from mvjax.train.checkpoints import restore_for_export
     from mvjax.train.export import check_out, export_model
 

@@ -18,10 +18,15 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from tqdm import tqdm
+
 from mvjax.cli.common import fail
 from mvjax.core.atomic import staged_dir
 from mvjax.core.errors import MvjaxError
+from mvjax.core.precision import apply as apply_precision
 from mvjax.core.scratch import sweep_orphans
+from mvjax.train.data import read_listing
+from mvjax.train.prepare import MIN_CLIP_SECONDS, SKIP_REASONS, check_min_seconds, prepare_data
 
 # The exit status of a run stopped by SIGTERM (128 + the signal's number, as a shell reports it).
 SIGTERM_STATUS = 128 + signal.SIGTERM
@@ -40,8 +45,6 @@ def _terminate(signum, frame) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mvjax.train.prepare import MIN_CLIP_SECONDS, SKIP_REASONS
-
     parser.epilog = ("A clip that cannot be used is skipped, named with its reason, and counted in the summary and "
                      "DATA/manifest.json: " + "; ".join(f"{k}: {v}" for k, v in SKIP_REASONS.items()) + ".")
     src = parser.add_mutually_exclusive_group()
@@ -102,9 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mvjax.train.data import read_listing
-    from mvjax.train.prepare import check_min_seconds, prepare_data
-
     if not args.demo and not args.model:
         raise UsageError("give --model (or --demo for the random demo model)")
     check_min_seconds(args.min_seconds)
@@ -120,14 +120,13 @@ def _run(args: argparse.Namespace) -> int:
     check_output(out, inputs, args.overwrite)
 
     def log(message: str) -> None:
-        from tqdm import tqdm
-
         tqdm.write(message, file=sys.stderr)
 
     def info(message: str) -> None:
         if not args.quiet:
             log(message)
 
+    # heavy (jax, the model loaders): loaded only once the listings and --out are checked
     if args.demo:
         from mvjax.sources.demo import demo_model_dir
 
@@ -139,8 +138,7 @@ def _run(args: argparse.Namespace) -> int:
         model = resolve_model(args.model, log_fn=info)
     if _inside(model, out):
         raise UsageError(f"--out {out} would overwrite an input (the model {model}); choose another directory")
-    from mvjax.core.compile_cache import enable_compilation_cache
-    from mvjax.core.precision import apply as apply_precision
+    from mvjax.core.compile_cache import enable_compilation_cache  # heavy (jax): as above
 
     apply_precision()
     enable_compilation_cache()

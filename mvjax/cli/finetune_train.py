@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from mvjax.core.errors import MvjaxError
+from mvjax.train.data import load_split
 
 
 class TrainUsageError(MvjaxError, ValueError):
@@ -78,7 +79,7 @@ def _read_config(path: str) -> dict:
     text = p.read_text()
     try:
         if p.suffix == ".toml":
-            import tomllib
+            import tomllib  # here: Python 3.11+ only (on 3.10 a .toml config is refused as unparsable)
 
             data = tomllib.loads(text)
         else:
@@ -143,6 +144,7 @@ def settings_from_args(args) -> tuple[dict, dict]:
 
 
 def build_configs(values: dict, n_train_rows: int):
+    # heavy (jax, flax, optax, orbax): python -m mvjax.finetune --help builds this command's parser
     from mvjax.train.model import TrainSpec
     from mvjax.train.optim import OptimConfig
     from mvjax.train.run import LoopConfig
@@ -170,7 +172,7 @@ def fit_devices(values: dict, explicit: dict, resume: bool, log=print) -> None:
     batch that splits over this process's devices: the default is rounded up to a multiple of the device
     count (and said), an explicit batch that does not split is an error. A resumed run keeps its recorded
     batch (the loop checks it against the devices)."""
-    from mvjax.core.parallel import device_count, local_mesh, padded_size, requested_processes
+    from mvjax.core.parallel import device_count, local_mesh, padded_size, requested_processes  # heavy (jax)
 
     count, cluster = requested_processes()
     if count > 1:
@@ -191,6 +193,7 @@ def fit_devices(values: dict, explicit: dict, resume: bool, log=print) -> None:
 
 
 def run(args) -> int:
+    # heavy (jax, the model and training stack): see build_configs
     from mvjax.io.checkpoint import gpt_stage_config
     from mvjax.train.loop import train
     from mvjax.train.model import validate
@@ -203,13 +206,12 @@ def run(args) -> int:
     model_dir = data_dir = None
     n_rows = 1
     if not args.resume:
-        from mvjax.sources.resolve import resolve_model
-        from mvjax.train.data import load_split
+        from mvjax.sources.resolve import resolve_model  # heavy: as above
 
         data_dir = Path(args.data)
         n_rows = len(load_split(data_dir, "train").tokens)
         if args.demo:
-            from mvjax.sources.demo import demo_model_dir
+            from mvjax.sources.demo import demo_model_dir  # heavy: as above (scipy too)
 
             model_dir = demo_model_dir()
         else:

@@ -10,24 +10,27 @@ finishes the ones in flight, then exits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
+from mvjax.audio.stream import supported_formats
 from mvjax.cli.common import DefaultsHelpFormatter, exit_now, fail, guarded
+from mvjax.core.compile_cache import enable_compilation_cache
 from mvjax.core.errors import MvjaxError
+from mvjax.inference.options import BATCHING, DECODERS
+from mvjax.serve.settings import ServerSettings, default_format
+from mvjax.serve.voices import VoiceLimits, VoiceRegistry
 
 API_KEY_ENV = "MVJAX_API_KEY"
 DEMO_VOICE = "demo"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from mvjax.audio.stream import supported_formats
-    from mvjax.inference.options import BATCHING, DECODERS
-    from mvjax.serve.settings import ServerSettings, default_format
-
     d = ServerSettings()
     p = argparse.ArgumentParser(prog="python -m mvjax.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
@@ -89,8 +92,7 @@ def demo_voice_embedding(tts, seed: int = 0):
     """The speaker embedding of the demo voice (:func:`mvjax.sources.demo.demo_speaker_audio`) under ``tts``.
     The demo voice is short by design, so no ShortReferenceWarning is raised about it (only here:
     a short recording from a user still warns)."""
-    import warnings
-
+    # heavy (the model stack): called with a model loaded; python -m mvjax.serve --help stays quick
     from mvjax.inference.speaker import ShortReferenceWarning
     from mvjax.sources.demo import demo_speaker_audio
 
@@ -102,12 +104,7 @@ def demo_voice_embedding(tts, seed: int = 0):
 
 def build(args, tts=None):
     """(tts, registry, settings) from the parsed arguments (``tts``: a model already loaded)."""
-    import dataclasses
-
-    from mvjax.core.compile_cache import enable_compilation_cache
-    from mvjax.inference.pipeline import TTS
-    from mvjax.serve.settings import ServerSettings
-    from mvjax.serve.voices import VoiceLimits, VoiceRegistry
+    from mvjax.inference.pipeline import TTS  # heavy (the model stack): loaded once the flags are checked
 
     enable_compilation_cache()
     log = logging.getLogger("mvjax")
@@ -122,7 +119,7 @@ def build(args, tts=None):
         response_format=args.response_format,
     )
     if args.demo:
-        from mvjax.sources.demo import demo_model_dir
+        from mvjax.sources.demo import demo_model_dir  # heavy: as TTS above
 
         model = demo_model_dir(log=log.info)
     else:
@@ -149,6 +146,7 @@ WARMUP_MAX_PROMPT = 128  # first-stage prompt tokens of the longest chunk the pl
 
 
 def run(args) -> int:
+    # optional (mvjax[serve]: uvicorn, fastapi) and heavy: loaded once the flags are parsed
     import uvicorn
 
     from mvjax.serve.app import create_app

@@ -19,17 +19,25 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
+
+import jax
+import numpy as np
 
 from mvjax.audio.io import OUTPUT_FORMATS
 from mvjax.cli.common import exit_now, guarded
 from mvjax.core.compile_cache import enable_compilation_cache
 from mvjax.core.errors import MvjaxError
+from mvjax.core.parallel import initialize_distributed, process_share
+from mvjax.core.precision import PrecisionError, resolve
 from mvjax.inference.options import BATCHING, DECODERS, DEFAULT_STEPS, SamplingConfig, SynthesisError, SynthesisOptions
+from mvjax.text.tokenizer import TextError, normalize_text
 
 DEMO_TEXT = "This is the mvjax demo. Its model has random weights, so what you hear is noise, not speech."
 DEMO_MAX_NEW_TOKENS = 150  # the random demo model never ends the audio by itself: about 1 s per chunk
@@ -135,8 +143,6 @@ def _read_jobs(args) -> list[dict]:
             raise UsageError(f"with --text-file, --out is a directory, not {out_dir}")
         jobs = []
         if path.suffix.lower() == ".csv":
-            import io
-
             reader = csv.DictReader(io.StringIO(raw, newline=""))
             if not reader.fieldnames or "text" not in reader.fieldnames:
                 raise UsageError(f"{path}: a .csv text file needs a header with a 'text' column (text,speaker,out)")
@@ -229,8 +235,6 @@ def _check_outputs(jobs: list[dict], args) -> None:
 
 
 def _speaker_for(job, args, demo_voice):
-    import numpy as np
-
     if job["speaker"]:
         spk = job["speaker"]
     elif args.speaker_embedding:
@@ -265,8 +269,6 @@ def run(argv: list[str] | None = None) -> int:
             raise UsageError(f"--batch-size must be a positive integer or 'auto', not {args.batch_size!r}") from None
         if args.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
-    from mvjax.core.precision import PrecisionError, resolve
-
     try:
         resolve(args.matmul_precision)
     except PrecisionError as exc:
@@ -274,7 +276,6 @@ def run(argv: list[str] | None = None) -> int:
     options = _options(args)
     jobs = _read_jobs(args)
     _check_outputs(jobs, args)
-    from mvjax.text.tokenizer import TextError, normalize_text
 
     for job in jobs:  # cheap text checks before any model loads; a bad line is named
         try:
@@ -284,20 +285,16 @@ def run(argv: list[str] | None = None) -> int:
         if not normalized:
             raise UsageError(f"{job['where']}: the text is empty" if args.text_file else "text is empty")
 
-    from mvjax.core.parallel import initialize_distributed
-
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # flags, JAX_*, or Slurm/TPU pods
-    import jax
-
-    from mvjax.core.parallel import process_share
+    # heavy (the model stack: flax, scipy, orbax): loaded only once the flags and texts are checked
     from mvjax.inference.pipeline import TTS
+    from mvjax.inference.speaker import ShortReferenceWarning
+    from mvjax.sources.demo import demo_model_dir, demo_speaker_audio
 
     log = _logger(args.quiet)
     enable_compilation_cache()
     demo_voice = None
     if args.demo:
-        from mvjax.sources.demo import demo_model_dir, demo_speaker_audio
-
         print("demo: a small model with random weights, built on the fly; the output is noise, not speech",
               file=sys.stderr)
         if options.enhance:  # DeepFilterNet3 would remove that noise and leave a near-silent file
@@ -306,8 +303,6 @@ def run(argv: list[str] | None = None) -> int:
             options = dataclasses.replace(options, enhance=False)
         model = demo_model_dir()
         demo_voice = demo_speaker_audio()
-        from mvjax.inference.speaker import ShortReferenceWarning
-
         warnings.filterwarnings("ignore", category=ShortReferenceWarning)  # the demo voice is 4 s by design
         if options.max_new_tokens is None:
             options = dataclasses.replace(options, max_new_tokens=DEMO_MAX_NEW_TOKENS)
@@ -321,7 +316,6 @@ def run(argv: list[str] | None = None) -> int:
     speakers = [_speaker_for(job, args, demo_voice) for _, job in share]
     tts = TTS.load(model, log_fn=log.info, quantize=args.quantize, matmul_precision=args.matmul_precision,
                    kv_cache=args.kv_cache)
-    import time
 
     started = time.perf_counter()
     try:

@@ -16,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mvjax.audio.enhance import DeepFilterNet3
+from mvjax.audio.io import output_format, write_wav
 from mvjax.cli.common import exit_now, guarded
 from mvjax.cli.common import fail as _fail
+from mvjax.core.precision import PrecisionError
+from mvjax.core.precision import apply as apply_precision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +41,6 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument("--matmul-precision", choices=["highest", "high", "default"],
                         help="float32 matmul precision (default: $MVJAX_MATMUL_PRECISION or 'highest'; see mvjax.core.precision)")
     args = parser.parse_args(argv)
-    from mvjax.core.precision import PrecisionError
-    from mvjax.core.precision import apply as apply_precision
-
     try:
         apply_precision(args.matmul_precision)
     except PrecisionError as exc:
@@ -48,8 +49,6 @@ def _run(argv: list[str] | None) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         return _fail(f"output directory {out.parent} does not exist")
-    from mvjax.audio.io import output_format
-
     output_format(out)  # an extension we cannot write: refused before any work
     if out.resolve() == Path(args.tokens).resolve():
         return _fail(f"output {out} is the tokens file; refusing to overwrite it")
@@ -71,9 +70,11 @@ def _run(argv: list[str] | None) -> int:
     if codes.ndim != 3 or codes.shape[-1] == 0 or not np.issubdtype(codes.dtype, np.integer):
         return _fail(f"all_codebooks must be integer codes of shape (n_q, frames) or (batch, n_q, frames), got {codes.shape}")
 
+    # heavy (the model stack): loaded only once the flags and the tokens file are checked
     import jax
 
     from mvjax.audio.finish import finish_audio
+    from mvjax.inference.diffusion import MultiBandDiffusion
     from mvjax.inference.stages import Codec
     from mvjax.io.checkpoint import load_encodec, load_mbd
 
@@ -84,8 +85,6 @@ def _run(argv: list[str] | None) -> int:
     latent, wav_codec = Codec(cfg, params).decode(codes)
     wav = wav_codec
     if args.decoder == "mbd":
-        from mvjax.inference.diffusion import MultiBandDiffusion
-
         model = MultiBandDiffusion(*load_mbd(args.model))
         noises = None
         if args.noises:
@@ -99,15 +98,11 @@ def _run(argv: list[str] | None) -> int:
                              f"{model.noise_count()} draws of shape {wav_codec.shape}")
         wav = model.tokens_to_wav(latent, wav_codec, noises=noises, key=jax.random.PRNGKey(args.seed))
 
-    from mvjax.audio.io import write_wav
-
     rate = cfg.sample_rate
     results = [np.asarray(w) for w in wav]  # each (channels, samples)
     if not args.raw:
         enhancer = None
         if not args.no_enhance:
-            from mvjax.audio.enhance import DeepFilterNet3
-
             enhancer = DeepFilterNet3()
         try:
             finished = [finish_audio(w, cfg.sample_rate, True, enhancer) for w in results]

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
+
+from mvjax.core.scratch import make_owned_dir
 
 _UMASK_LOCK = threading.Lock()
 
@@ -76,8 +79,6 @@ def missing_parents(directory: str | os.PathLike) -> list[Path]:
 def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
     """Rename the finished directory ``new`` to ``out``. An absent or empty ``out`` is replaced at once;
     an existing one is set aside first, put back if the rename fails, and removed once ``new`` is in place."""
-    import shutil
-
     new, out = Path(new), Path(out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         os.replace(new, out)
@@ -105,8 +106,6 @@ def staged_dir(out: str | os.PathLike, prefix: str | None = None, owned: bool = 
     :func:`~mvjax.core.scratch.sweep_orphans`). It gets the mode a plain ``mkdir`` would give
     (``0o777`` less the process umask), which ``out`` keeps.
     """
-    import shutil
-
     out = Path(out)
     prefix = f".{out.name}.partial-" if prefix is None else prefix
     created = missing_parents(out.parent)
@@ -114,8 +113,6 @@ def staged_dir(out: str | os.PathLike, prefix: str | None = None, owned: bool = 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if owned:
-            from mvjax.core.scratch import make_owned_dir
-
             staging = Path(make_owned_dir(prefix, out.parent))
         else:
             staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))

@@ -84,7 +84,7 @@ def detected_cluster() -> Optional[tuple[str, int]]:
     JAX keeps its cluster environments in a private module; if a JAX release moves them, this says so
     once (a warning) and returns None: the run is then one process unless told otherwise."""
     try:
-        from jax._src.clusters import ClusterEnv
+        from jax._src.clusters import ClusterEnv  # inside the try: a private module a JAX release may move
 
         envs = [env for env in ClusterEnv._cluster_types if not env.opt_in_only_method]
     except (ImportError, AttributeError) as exc:

@@ -41,7 +41,7 @@ def resolve(policy: Optional[str] = None) -> str:
 
 def apply(policy: Optional[str] = None) -> str:
     """Set JAX's default matmul precision to the resolved policy (process-wide); returns it."""
-    import jax
+    import jax  # heavy: the CLIs import this module at the top and check a policy before jax loads
 
     chosen = resolve(policy)
     jax.config.update("jax_default_matmul_precision", chosen)
@@ -50,6 +50,6 @@ def apply(policy: Optional[str] = None) -> str:
 
 def current() -> str:
     """The policy JAX runs with now ("default" when nothing set it)."""
-    import jax
+    import jax  # heavy: see apply
 
     return str(jax.config.jax_default_matmul_precision or "default")

@@ -19,8 +19,11 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mvjax.audio.bands import split_bands, torch_linspace_f32
+from mvjax.core.parallel import DATA_AXIS, put_batch, put_replicated
 from mvjax.nn.diffusion_config import (
     BandProcessorConfig,
     DiffusionConfig,
@@ -139,8 +142,6 @@ class MultiBandDiffusion:
     """All bands of a converted ``mbd`` component; ``generate`` runs them in one jitted call per band shape."""
 
     def __init__(self, config: DiffusionConfig, params: dict, mesh=None):
-        from mvjax.core.parallel import put_replicated
-
         self.config = config
         self.mesh = mesh
         self.params = put_replicated(params, mesh)
@@ -178,8 +179,6 @@ class MultiBandDiffusion:
 
         Noise: ``noises`` as given, else one key per row (``row_keys`` (B, 2)), else one ``key``
         for the whole batch. Over a mesh the batch (a multiple of the device count) is split."""
-        from mvjax.core.parallel import put_batch
-
         if noises is None and row_keys is not None:
             noises = self.row_noises(row_keys, shape)
         elif noises is None:
@@ -187,11 +186,6 @@ class MultiBandDiffusion:
             noises = jax.random.normal(key, (self.noise_count(),) + tuple(shape), jnp.float32)
         noises = jnp.asarray(noises, jnp.float32).reshape((self.noise_count(),) + tuple(shape))
         if self.mesh is not None:
-            from jax.sharding import NamedSharding
-            from jax.sharding import PartitionSpec as P
-
-            from mvjax.core.parallel import DATA_AXIS
-
             noises = jax.device_put(noises, NamedSharding(self.mesh, P(None, DATA_AXIS)))
         bands = np.asarray(self._jitted(self.params, put_batch(np.asarray(latent, np.float32), self.mesh), noises))
         total = np.zeros(bands.shape[1:], np.float32)

@@ -11,6 +11,7 @@ import numpy as np
 from mvjax.core.parallel import pad_rows, padded_size, put_batch, put_replicated
 from mvjax.inference.sampling import kth_largest, sample_inverse_cdf
 from mvjax.nn.config import GPTConfig
+from mvjax.nn.gpt import forward
 
 DEFAULT_STAGE2_TOP_K = 200
 # The reference's synthesis samples the second stage at temperature 1.0 whatever the first stage's.
@@ -45,8 +46,6 @@ class SecondStageSampler:
 
     def _run(self, params, inputs, speaker_emb, keys, temperature, *, top_k):
         self.compile_count += 1  # runs only while tracing
-        from mvjax.nn.gpt import forward
-
         logits = jnp.stack(forward(self.config, params, inputs, speaker_emb), axis=1)  # (B, heads, T, V)
         if self.pad_token is not None and self.pad_token < logits.shape[-1]:
             logits = jnp.where(jnp.arange(logits.shape[-1]) >= self.pad_token, -jnp.inf, logits)

@@ -28,8 +28,10 @@ import numpy as np
 
 from mvjax.audio.features import mel_power_spectrogram, resample, trim_silence
 from mvjax.audio.io import AudioError, load_audio, to_mono
+from mvjax.core.atomic import atomic_path
 from mvjax.core.paths import cache_root
 from mvjax.inference.options import SynthesisError
+from mvjax.io.checkpoint import load_speaker_encoder
 from mvjax.nn.speaker_encoder import SpeakerEncoderConfig, embed_partials
 
 RECOMMENDED_SECONDS = 30.0
@@ -71,8 +73,6 @@ class SpeakerEncoder:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = "default") -> "SpeakerEncoder":
-        from mvjax.io.checkpoint import load_speaker_encoder
-
         config, params, digest = load_speaker_encoder(model_dir)
         if cache_dir == "default":
             cache_dir = cache_root() / "speaker_embeddings"
@@ -146,8 +146,6 @@ class SpeakerEncoder:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    from mvjax.core.atomic import atomic_path
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:

@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 
+from mvjax.audio.io import write_wav
+from mvjax.core.atomic import atomic_path
+
 
 @dataclasses.dataclass
 class ChunkReport:
@@ -41,15 +44,11 @@ class Speech:
 
     def save(self, path: str | os.PathLike, subtype: str = "PCM_16") -> None:
         """Write the audio in the format ``path``'s extension names (WAV, FLAC, OGG), atomically."""
-        from mvjax.audio.io import write_wav
-
         write_wav(path, self.audio, self.sample_rate, subtype=subtype)
 
     def save_tokens(self, path: str | os.PathLike) -> None:
         """``.npz`` with ``first_stage`` (2, F), ``all_codebooks`` (8, F), ``speaker_embedding`` (E,),
         ``chunk_frames`` and ``text`` (written atomically)."""
-        from mvjax.core.atomic import atomic_path
-
         arrays = {
             "first_stage": self.first_stage_codes,
             "all_codebooks": self.all_codebooks,

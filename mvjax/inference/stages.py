@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mvjax.core.parallel import device_count, pad_rows, padded_size, put_batch, put_replicated
 from mvjax.inference import keys as K
 from mvjax.inference.decode import BlockFullWarning, FirstStageDecoder, next_pow2
+from mvjax.inference.diffusion import re_eq
 from mvjax.inference.engine import EngineRequest, FirstStageEngine
 from mvjax.inference.options import SamplingConfig
 from mvjax.inference.second_stage import SecondStageSampler
@@ -278,8 +279,6 @@ class WaveDecoder:
         return [out[id(c)] for c in chunks]
 
     def _decode(self, batch: list[Chunk], frames: int, diffusion, batcher: Batcher) -> list[np.ndarray]:
-        from mvjax.inference.diffusion import re_eq  # diffusion pulls in the U-Net stack; only mbd needs it
-
         hop = self.codec.config.hop_length
         codes = np.stack([np.pad(c.all_codebooks, ((0, 0), (0, frames - c.all_codebooks.shape[1])), mode="edge")
                           for c in batch])

@@ -11,12 +11,16 @@ weights already loaded.
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import Optional
 
 import jax
 
 from mvjax.core.parallel import device_count
+from mvjax.inference.options import SynthesisError
+from mvjax.nn.diffusion_unet import TRANSFORMER_HEADS
 from mvjax.nn.kv_cache import bytes_per_slot
 
 MAX_BATCH = 64
@@ -75,10 +79,6 @@ def unet_bytes_per_row(cfg, samples: int, latent_frames: int) -> int:
     attention term is quadratic in length: at 256 frames a stride-4, depth-2 U-Net has a
     5,120-step bottleneck, 0.84 GB of scores per head group per row.
     """
-    import math
-
-    from mvjax.nn.diffusion_unet import TRANSFORMER_HEADS
-
     total = cfg.chin * samples * 4 * 4  # input, noise, output, the sampler's running estimate
     length = samples
     for _, chout in cfg.channels():
@@ -137,10 +137,6 @@ def plan_batch_sizes(tts, frames: int, decoder: str = "mbd", available: Optional
 def resolve_batch_sizes(tts, batch_size, decoder: Optional[str], max_new_tokens: Optional[int]) -> dict[str, int]:
     """Per-stage batch sizes (per device) from an int (every stage), a dict ``{"stage1", "stage2",
     "decoder"}`` or ``"auto"`` (:func:`plan_batch_sizes` for the longest chunk ``max_new_tokens`` allows)."""
-    import logging
-
-    from mvjax.inference.options import SynthesisError
-
     if isinstance(batch_size, dict):
         sizes = dict(batch_size)
     elif batch_size == "auto":

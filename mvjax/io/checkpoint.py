@@ -16,15 +16,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from mvjax.core.errors import MvjaxError
+from mvjax.io.quantize import MODES, abstract_decode_params
 from mvjax.nn.config import GPTConfig
+from mvjax.nn.diffusion_config import DiffusionConfig
+from mvjax.nn.diffusion_unet import abstract_params as unet_shapes
+from mvjax.nn.encodec import EncodecConfig
+from mvjax.nn.encodec import abstract_params as encodec_shapes
+from mvjax.nn.gpt import abstract_params as gpt_shapes
+from mvjax.nn.speaker_encoder import SpeakerEncoderConfig
+from mvjax.nn.speaker_encoder import abstract_params as speaker_shapes
 from mvjax.text.tokenizer import Tokenizer, TokenizerSpec
 
 MANIFEST = "manifest.json"
@@ -49,8 +62,6 @@ def tree_digest(tree: Mapping[str, Any]) -> str:
 
 
 def save_tree(path: Path, tree: Mapping[str, Any]) -> None:
-    import orbax.checkpoint as ocp
-
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(Path(path).absolute(), tree)
 
@@ -58,10 +69,6 @@ def save_tree(path: Path, tree: Mapping[str, Any]) -> None:
 def _restore_window_gb(abstract) -> int:
     """Orbax's in-flight restore budget (whole GB, at least the largest leaf): read one large
     array at a time, so a 5 GB first stage peaks at ~7.2 GB instead of ~9 GB while loading."""
-    import math
-
-    import jax
-
     largest = max((math.prod(leaf.shape) * jax.numpy.dtype(leaf.dtype).itemsize
                    for leaf in jax.tree_util.tree_leaves(abstract)), default=0)
     return max(1, math.ceil(largest / 1e9))
@@ -85,18 +92,12 @@ class _StderrCapture:
     DRAIN_SECONDS = 1.0
 
     def __init__(self):
-        import sys
-        import tempfile
-
         sys.stderr.flush()
         self.file = tempfile.TemporaryFile()
         self.saved = os.dup(2)
         os.dup2(self.file.fileno(), 2)
 
     def release(self, replay: bool) -> None:
-        import sys
-        import time
-
         if not replay:
             time.sleep(self.DRAIN_SECONDS)
         sys.stderr.flush()
@@ -118,8 +119,6 @@ def _short_reason(exc: BaseException) -> str:
 
 def restore_tree(path: Path, abstract: Mapping[str, Any] | None = None) -> dict:
     """Restore an Orbax tree; a damaged or incomplete checkpoint is a one-line :class:`ModelDirError`."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     if abstract is None:
         ckptr, kwargs = ocp.StandardCheckpointer(), {}
@@ -200,31 +199,24 @@ def _restore_component(model_dir: Path, name: str, abstract, verify: bool) -> tu
 
 def load_speaker_encoder(model_dir: str | Path, verify: bool = False):
     """(SpeakerEncoderConfig, params, weights digest) from a converted directory."""
-    from mvjax.nn.speaker_encoder import SpeakerEncoderConfig, abstract_params
-
     model_dir = Path(model_dir)
     _component(model_dir, "speaker_encoder")
     config = SpeakerEncoderConfig.from_dict(component_config(model_dir, "speaker_encoder"))
-    params, entry = _restore_component(model_dir, "speaker_encoder", abstract_params(config), verify)
+    params, entry = _restore_component(model_dir, "speaker_encoder", speaker_shapes(config), verify)
     return config, params, entry["params_sha256"]
 
 
 def load_encodec(model_dir: str | Path, verify: bool = False):
     """(EncodecConfig, params) of the 24 kHz codec from a converted directory."""
-    from mvjax.nn.encodec import EncodecConfig, abstract_params
-
     model_dir = Path(model_dir)
     _component(model_dir, "encodec")
     config = EncodecConfig.from_dict(component_config(model_dir, "encodec"))
-    params, _ = _restore_component(model_dir, "encodec", abstract_params(config), verify)
+    params, _ = _restore_component(model_dir, "encodec", encodec_shapes(config), verify)
     return config, params
 
 
 def load_mbd(model_dir: str | Path, verify: bool = False):
     """(DiffusionConfig, params) of the multi-band diffusion decoder from a converted directory."""
-    from mvjax.nn.diffusion_config import DiffusionConfig
-    from mvjax.nn.diffusion_unet import abstract_params as unet_shapes
-
     model_dir = Path(model_dir)
     _component(model_dir, "mbd")
     config = DiffusionConfig.from_dict(component_config(model_dir, "mbd"))
@@ -245,20 +237,16 @@ def load_gpt_stage(model_dir: str | Path, stage: str, verify: bool = False) -> t
     A first stage converted with ``--quantize`` (its manifest entry names the mode) comes back
     as stored: already in the decoder's layout with quantised matrices (:mod:`mvjax.io.quantize`),
     which :class:`mvjax.inference.decode.FirstStageDecoder` uses as is; no float32 copy is built."""
-    from mvjax.nn.gpt import abstract_params
-
     model_dir = Path(model_dir)
     entry = _component(model_dir, stage)
     config = gpt_stage_config(model_dir, stage)
     tokenizer = Tokenizer(TokenizerSpec.from_json_file(model_dir / stage / "tokenizer.json"))
     if entry.get("quantize"):
-        from mvjax.io.quantize import MODES, abstract_decode_params
-
         if entry["quantize"] not in MODES or entry.get("layout") != "decode":
             raise ModelDirError(f"{model_dir / stage}: unknown quantisation {entry['quantize']!r} "
                                 f"(layout {entry.get('layout')!r}) in {MANIFEST}")
         abstract = abstract_decode_params(config, entry["quantize"], embedding=bool(entry.get("quantize_embedding")))
     else:
-        abstract = abstract_params(config)
+        abstract = gpt_shapes(config)
     params, _ = _restore_component(model_dir, stage, abstract, verify)
     return config, params, tokenizer

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from mvjax.nn.config import GPTConfig
+from mvjax.nn.gpt import abstract_params
+from mvjax.nn.gpt_decode import prepare_decode_params
 
 MODES = ("int8", "bf16")
 QUANTIZE_EMBEDDING = False  # default for wte: see the module docstring
@@ -83,8 +85,6 @@ def prepare_quantized_params(config: GPTConfig, params, mode: str, *, embedding:
                              consume: bool = False) -> dict:
     """A converted parameter tree -> the decode layout with quantised matrices, one matrix at a
     time (peak: ``params`` plus one layer in float32; ``consume``: see ``prepare_decode_params``)."""
-    from mvjax.nn.gpt_decode import prepare_decode_params
-
     mode = check_mode(mode)
     if mode is None:
         raise ValueError("prepare_quantized_params needs a mode: " + ", ".join(MODES))
@@ -109,8 +109,6 @@ def decoder_params(config: GPTConfig, params, dtype=None, quantize: Optional[str
     """What :class:`mvjax.inference.decode.FirstStageDecoder` keeps: ``params`` re-laid for decoding, quantised
     when asked. A tree already in the decode layout (a quantised model directory) is used as is.
     ``consume``: empty ``params`` while re-laying it (lower peak memory; see ``prepare_decode_params``)."""
-    from mvjax.nn.gpt_decode import prepare_decode_params
-
     quantize = check_mode(quantize)
     if is_decode_layout(params):
         stored = decode_params_mode(params)
@@ -124,9 +122,6 @@ def decoder_params(config: GPTConfig, params, dtype=None, quantize: Optional[str
 
 def abstract_decode_params(config: GPTConfig, mode: Optional[str], *, embedding: bool = QUANTIZE_EMBEDDING) -> dict:
     """Shapes and dtypes (``jax.ShapeDtypeStruct``) of :func:`prepare_quantized_params`' output."""
-    from mvjax.nn.gpt import abstract_params
-    from mvjax.nn.gpt_decode import prepare_decode_params
-
     if check_mode(mode) is None:
         fn = functools.partial(prepare_decode_params, config)
     else:

@@ -33,13 +33,16 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 from mvjax.core.atomic import atomic_path
+from mvjax.core.paths import cache_root
 
 log = logging.getLogger("mvjax")
 
@@ -59,8 +62,6 @@ TARGETS = {
 
 
 def kernel_source(name: str = SOURCE_FILES[0]) -> str:
-    from importlib import resources
-
     return resources.files("mvjax.kernels").joinpath(name).read_text()
 
 _lock = threading.Lock()
@@ -93,8 +94,6 @@ _CXXFLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-Wall"
 
 
 def _build(cache: Path, compiler: str) -> Path:
-    import jaxlib
-
     include = jax.ffi.include_dir()
     sources = {name: kernel_source(name) for name in SOURCE_FILES}
     key = hashlib.sha256("\0".join([*sources.values(), jaxlib.__version__, compiler, *_CXXFLAGS]).encode()).hexdigest()[:16]
@@ -132,8 +131,6 @@ def int8_matmul_available() -> bool:
             why = "no C++ compiler found (set CXX)"
         else:
             try:
-                from mvjax.core.paths import cache_root
-
                 lib = ctypes.cdll.LoadLibrary(str(_build(cache_root(), compiler)))
                 for target, symbol in TARGETS.items():
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")

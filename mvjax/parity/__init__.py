@@ -6,3 +6,18 @@ checks of each component, :mod:`~mvjax.parity.finetune` the fine-tuning ones; :m
 is the command. Beside mvjax.cli: may import every runtime layer and any of convert_weights (the command
 may also import mvjax.cli.common).
 """
+
+# The components the tool checks, in order (here, so that ``python -m mvjax.parity --help`` lists them
+# without loading the checks).
+COMPONENTS = (
+    "tokenizer",
+    "stage1-forward",
+    "stage1-decode",
+    "stage1-batch",
+    "stage2",
+    "speaker",
+    "encodec",
+    "mbd",
+    "pipeline",
+    "finetune",
+)

@@ -21,8 +21,7 @@ import sys
 
 from mvjax.cli.common import exit_now, fail
 from mvjax.core.errors import MvjaxError
-from mvjax.parity.checks import run
-from mvjax.parity.fixture import COMPONENTS
+from mvjax.parity import COMPONENTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"error: unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}", file=sys.stderr)
             return 2
+    from mvjax.parity.checks import run  # heavy (jax, the model stack): loaded once the flags are checked
+
     try:
         results = run(args.fixture_dir, only, matmul_precision=args.matmul_precision)
     except (MvjaxError, OSError) as exc:

@@ -7,12 +7,24 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 
+from mvjax.audio.bands import split_bands
+from mvjax.audio.io import load_audio
+from mvjax.core.precision import apply as apply_precision
+from mvjax.inference.decode import FirstStageDecoder
+from mvjax.inference.diffusion import MultiBandDiffusion, re_eq
+from mvjax.inference.keys import utterance_keys
+from mvjax.inference.options import SamplingConfig
+from mvjax.inference.pipeline import TTS
+from mvjax.nn import encodec
+from mvjax.nn.diffusion_unet import unet_apply
+from mvjax.nn.gpt import forward
+from mvjax.parity import COMPONENTS
 from mvjax.parity.finetune import check_finetune
 from mvjax.parity.fixture import (
     COMPONENT_FILES,
-    COMPONENTS,
     ENCODE_CODE_TOLERANCE,
     GREEDY_MARGIN,
     Check,
@@ -23,12 +35,11 @@ from mvjax.parity.fixture import (
     exact_check,
     within_check,
 )
+from mvjax.text.layout import build_second_stage_input, split_first_stage_tokens, tilted_decode
+from mvjax.text.tokenizer import normalize_text
 
 
 def check_tokenizer(fx: Fixture) -> Iterator[Check]:
-    from mvjax.text.layout import split_first_stage_tokens, tilted_decode
-    from mvjax.text.tokenizer import normalize_text
-
     s1 = fx.npz("stage1/stage1_cases.npz")
     _, _, tok1 = fx.stage("first_stage")
     ids = [tok1.encode(normalize_text(str(t))) for t in s1["texts"]]
@@ -55,8 +66,6 @@ def check_tokenizer(fx: Fixture) -> Iterator[Check]:
 
 
 def check_stage1_forward(fx: Fixture) -> Iterator[Check]:
-    from mvjax.nn.gpt import forward
-
     s1 = fx.npz("stage1/stage1_cases.npz")
     cfg, params, _ = fx.stage("first_stage")
     idx, spk = s1["fwd_idx"], s1["fwd_spk"]
@@ -67,10 +76,6 @@ def check_stage1_forward(fx: Fixture) -> Iterator[Check]:
 
 
 def check_stage2(fx: Fixture) -> Iterator[Check]:
-    from mvjax.nn.gpt import forward
-    from mvjax.text.layout import build_second_stage_input
-    from mvjax.text.tokenizer import normalize_text
-
     s2 = fx.npz("stage2/stage2_cases.npz")
     cfg, params, tok = fx.stage("second_stage")
     pad = tok.offset - 1
@@ -88,8 +93,6 @@ def check_stage2(fx: Fixture) -> Iterator[Check]:
 
 
 def check_speaker(fx: Fixture) -> Iterator[Check]:
-    from mvjax.audio.io import load_audio
-
     sp = fx.npz("speaker/speaker_cases.npz")
     wav_path = fx.root / "speaker" / "reference_speaker.wav"
     if not wav_path.is_file():
@@ -110,10 +113,6 @@ def check_speaker(fx: Fixture) -> Iterator[Check]:
 
 
 def check_encodec(fx: Fixture) -> Iterator[Check]:
-    import jax
-
-    from mvjax.nn import encodec
-
     mb = fx.npz("mbd/mbd_cases.npz")
     digest, cfg, params = fx.encodec()
     same = digest == str(mb["encodec_state_sha256"])
@@ -141,8 +140,6 @@ def check_encodec(fx: Fixture) -> Iterator[Check]:
 
 def check_splitbands(fx: Fixture) -> Iterator[Check]:
     """julius SplitBands at the codec rate, 8 and 32 bands (the band processor's and the EQ's)."""
-    from mvjax.audio.bands import split_bands
-
     mb = fx.npz("mbd/mbd_cases.npz")
     for n in (8, 32):
         got = split_bands(mb["splitbands_in"], 24000, n)
@@ -151,11 +148,6 @@ def check_splitbands(fx: Fixture) -> Iterator[Check]:
 
 def check_mbd(fx: Fixture) -> Iterator[Check]:
     """Band splitting, each band's U-Net at step 500, and the whole sampler + re-EQ with the fixture's noises."""
-    import jax
-
-    from mvjax.inference.diffusion import MultiBandDiffusion, re_eq
-    from mvjax.nn.diffusion_unet import unet_apply
-
     yield from check_splitbands(fx)
     mb = fx.npz("mbd/mbd_cases.npz")
     config, params = fx.mbd()
@@ -176,17 +168,12 @@ def check_mbd(fx: Fixture) -> Iterator[Check]:
 
 
 def _first_stage_decoder(fx: Fixture):
-    from mvjax.inference.decode import FirstStageDecoder
-
     cfg, params, tok = fx.stage("first_stage")
     return FirstStageDecoder(cfg, params, end_of_audio=tok.offset - 1)
 
 
 def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
     """The reference fast path, greedy: sequences exact, guided step logits close."""
-    from mvjax.inference.keys import utterance_keys
-    from mvjax.inference.options import SamplingConfig
-
     s1 = fx.npz("stage1/stage1_cases.npz")
     decoder = _first_stage_decoder(fx)
     for g in fx.gen_cases():
@@ -210,9 +197,6 @@ def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
 
 def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
     """Three prompts of different lengths in one call, greedy, against the reference batched sampler."""
-    from mvjax.inference.keys import utterance_keys
-    from mvjax.inference.options import SamplingConfig
-
     s1 = fx.npz("stage1/stage1_cases.npz")
     decoder = _first_stage_decoder(fx)
     prompts_in, lens, ref = s1["batch_prompt"], s1["batch_lens"], s1["batch_out"]
@@ -231,11 +215,6 @@ def check_stage1_batch(fx: Fixture) -> Iterator[Check]:
 def check_pipeline(fx: Fixture) -> Iterator[Check]:
     """Speaker embedding from the fixture voice, then both stages through :class:`mvjax.inference.pipeline.TTS`
     (greedy, the case's guidance / top-p / max_new_tokens, no chunking)."""
-    from mvjax.inference.keys import utterance_keys
-    from mvjax.inference.options import SamplingConfig
-    from mvjax.inference.pipeline import TTS
-    from mvjax.text.tokenizer import normalize_text
-
     p = fx.npz("pipeline_cases.npz")
     wav_path = fx.root / "speaker" / "reference_speaker.wav"
     if not wav_path.is_file():
@@ -289,8 +268,6 @@ def run(fixture_dir: str | Path, only: list[str] | None = None, emit: Callable[[
         matmul_precision: str | None = None) -> list[Check]:
     """Run the checks of ``only`` (default: every component) at the runtime's matmul policy
     (:mod:`mvjax.core.precision`; ``matmul_precision`` overrides it like the CLIs' flag)."""
-    from mvjax.core.precision import apply as apply_precision
-
     policy = apply_precision(matmul_precision)
     emit(f"matmul precision: {policy}")
     root = Path(fixture_dir)

@@ -6,7 +6,13 @@ from typing import Iterator
 
 import numpy as np
 
+from convert_weights.export import released_gpt_state
 from mvjax.parity.fixture import Check, Fixture, close_check, exact_check
+from mvjax.text.tokenizer import normalize_text
+from mvjax.train.data import build_row
+from mvjax.train.model import TrainSpec, merge_params, segments
+from mvjax.train.optim import OptimConfig
+from mvjax.train.trainer import Trainer
 
 
 def _relative_check(component: str, name: str, got, ref, rel_tol: float) -> Check:
@@ -21,13 +27,6 @@ def check_finetune(fx: Fixture) -> Iterator[Check]:
     """The reference fine-tuning recipe on the stage-1 fixture model: the data pipeline's token rows,
     then AdamW steps on the fixture's batches (losses, gradient norms, per-position losses, validation
     losses, the trained parameters under their checkpoint names)."""
-    from convert_weights.export import released_gpt_state
-    from mvjax.text.tokenizer import normalize_text
-    from mvjax.train.data import build_row
-    from mvjax.train.model import TrainSpec, merge_params, segments
-    from mvjax.train.optim import OptimConfig
-    from mvjax.train.trainer import Trainer
-
     ft = fx.npz("finetune/finetune_cases.npz")
     cfg, params, tok = fx.stage("first_stage")
     ctx, pad = int(ft["ctx_window"]), int(ft["pad_token"])

@@ -4,25 +4,17 @@ converter), the arrays every fixture must hold, and how results are compared and
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from convert_weights.convert import convert_directory
 from mvjax.core.errors import MvjaxError
+from mvjax.inference.speaker import SpeakerEncoder
+from mvjax.io.checkpoint import load_encodec, load_gpt_stage, load_mbd
 
-COMPONENTS = (
-    "tokenizer",
-    "stage1-forward",
-    "stage1-decode",
-    "stage1-batch",
-    "stage2",
-    "speaker",
-    "encodec",
-    "mbd",
-    "pipeline",
-    "finetune",
-)
 # Margin below which a greedy token is too close to call, per the fixture README.
 GREEDY_MARGIN = 1e-3
 # Fraction of EnCodec encoder codes allowed to differ (near-tie nearest-codeword choices; see check_encodec).
@@ -206,8 +198,6 @@ class Fixture:
         """Convert ``sub/filename`` of the fixture with our converter (once); the model directory."""
         out = self.workdir / name
         if not out.exists():
-            from convert_weights.convert import convert_directory
-
             if not (self.root / sub / filename).is_file():
                 raise FixtureError(f"missing fixture file {sub}/{filename}")
             convert_directory(self.root / sub, out)
@@ -215,8 +205,6 @@ class Fixture:
 
     def assembled(self, name: str, files: list[tuple[str, str]]) -> Path:
         """Several fixture checkpoints ((subdirectory, file name) pairs) converted into one model directory."""
-        from convert_weights.convert import convert_directory
-
         src = self.workdir / f"{name}-released"
         src.mkdir()
         for sub, filename in files:
@@ -234,20 +222,14 @@ class Fixture:
 
     def stage(self, name: str):
         """(config, params, tokenizer) of ``first_stage`` / ``second_stage``."""
-        from mvjax.io.checkpoint import load_gpt_stage
-
         sub = {"first_stage": "stage1", "second_stage": "stage2"}[name]
         return self.cached(name, lambda: load_gpt_stage(self.converted(sub, f"{name}.pt", name), name, verify=True))
 
     def speaker_encoder(self):
-        from mvjax.inference.speaker import SpeakerEncoder
-
         return self.cached("speaker", lambda: SpeakerEncoder.load(
             self.converted("speaker", "speaker_encoder.pt", "speaker_encoder"), cache_dir=None))
 
     def mbd(self):
-        from mvjax.io.checkpoint import load_mbd
-
         return self.cached("mbd", lambda: load_mbd(self.converted("mbd", "mbd_comp_8.pt", "mbd"), verify=True))
 
     def encodec(self):
@@ -255,11 +237,6 @@ class Fixture:
         return self.cached("encodec", self._build_encodec)
 
     def _build_encodec(self):
-        import subprocess
-
-        from convert_weights.convert import convert_directory
-        from mvjax.io.checkpoint import load_encodec
-
         recipe = self.root / "make_random_encodec.py"
         if not recipe.is_file():
             raise FixtureError("missing fixture file make_random_encodec.py")

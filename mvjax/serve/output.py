@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from mvjax.audio.enhance import DeepFilterNet3
+
 
 class EnhancerPool:
     """Fresh DeepFilterNet3 states for the request threads. A state carries memory of the audio it
@@ -24,8 +26,6 @@ class EnhancerPool:
 
     @staticmethod
     def _new():
-        from mvjax.audio.enhance import DeepFilterNet3
-
         return DeepFilterNet3()
 
     def _refill(self) -> None:

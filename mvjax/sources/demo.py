@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from scipy.signal import lfilter
 
 from convert_weights import check_seed, convert_released, write_random_released
+from mvjax.core.paths import cache_root as default_root
+from mvjax.io.checkpoint import ModelDirError, read_manifest
 
 DEMO_VERSION = "v1"
 SPEAKER_SAMPLE_RATE = 22050
@@ -28,8 +31,6 @@ COMPONENTS = ("first_stage", "second_stage", "speaker_encoder", "encodec", "mbd"
 
 
 def _is_complete(model_dir: Path) -> bool:
-    from mvjax.io.checkpoint import ModelDirError, read_manifest
-
     if not (model_dir / "manifest.json").is_file():
         return False
     try:
@@ -43,7 +44,7 @@ def _is_complete(model_dir: Path) -> bool:
 def _build_lock(lock_path: Path):
     """Serialise concurrent builds of one cache entry (POSIX advisory lock; a no-op elsewhere)."""
     try:
-        import fcntl
+        import fcntl  # inside the try: POSIX only
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
@@ -85,8 +86,6 @@ def demo_model_dir(cache_root: str | os.PathLike | None = None, seed: int = 0,
     ``cache_root`` defaults to :func:`mvjax.core.paths.cache_root`.
     """
     seed = check_seed(seed)
-    from mvjax.core.paths import cache_root as default_root
-
     out = default_root(cache_root) / "demo" / f"{DEMO_VERSION}-seed{seed}"
     return build_model_dir(out, lambda tmp: write_random_released(tmp, seed),
                            f"random demo model (seed {seed})", log=log)
@@ -102,8 +101,6 @@ _BANDWIDTHS = (80.0, 100.0, 140.0)
 
 def _resonator(signal: np.ndarray, freq: float, bandwidth: float, rate: int) -> np.ndarray:
     """Two-pole resonance at ``freq`` with unit gain at 0 Hz."""
-    from scipy.signal import lfilter
-
     r = np.exp(-np.pi * bandwidth / rate)
     a1, a2 = -2 * r * np.cos(2 * np.pi * freq / rate), r * r
     return lfilter([1 + a1 + a2], [1, a1, a2], signal)
@@ -117,8 +114,6 @@ def demo_speaker_audio(seed: int = 0, seconds: float = 4.0, rate: int = SPEAKER_
     between syllables, pauses between phrases and faint background noise. Deterministic
     in ``seed``; peak 0.5.
     """
-    from scipy.signal import lfilter
-
     seed = check_seed(seed)
     rng = np.random.default_rng([seed, 100])
     n = int(round(seconds * rate))

@@ -18,6 +18,7 @@ directory:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import urllib.error
@@ -25,6 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
+from convert_weights import convert_released, released_components
 from mvjax.core.atomic import atomic_path, write_bytes
 from mvjax.core.paths import cache_root
 from mvjax.io.checkpoint import MANIFEST, ModelDirError
@@ -54,8 +56,6 @@ def _file_digest(path: Path, index: dict) -> str:
 def _fingerprint(files: list[Path], root: Path) -> str:
     """A key for a set of released checkpoints from their names and contents only: the same files
     copied, moved or touched map to the same converted model; an edited file to a new one."""
-    import json
-
     index_path = root / "converted" / "digests.json"
     try:
         index = json.loads(index_path.read_text())
@@ -74,8 +74,6 @@ def _fingerprint(files: list[Path], root: Path) -> str:
 
 def convert_cached(source: Path, root: Optional[Path] = None, log_fn: Callable[[str], None] = print) -> Path:
     """Convert the released checkpoints in ``source`` into the cache once; return the converted directory."""
-    from convert_weights import convert_released, released_components
-
     found = released_components(source)
     if not found:
         raise ModelDirError(
@@ -95,7 +93,7 @@ def download_released(repo_id: str, root: Optional[Path] = None, log_fn: Callabl
     """Fetch the released checkpoints of ``repo_id`` plus the diffusion and codec weights; returns a
     directory holding (links to) all of them."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # optional: only hub ids need it
     except ImportError:
         raise ModelDirError(
             f"{repo_id!r} is not a local directory; downloading it needs huggingface_hub (pip install huggingface_hub)"

@@ -14,6 +14,10 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import tiktoken
+
+from mvjax.core.errors import MvjaxError
+
 # Code point -> replacement, as in the reference normaliser. (Its "TM" entry is keyed
 # by the decimal number 2122, not U+2122; kept as is for identical behaviour.)
 _UNICODE_REPLACEMENTS: dict[int, str] = {
@@ -25,8 +29,6 @@ _UNICODE_REPLACEMENTS: dict[int, str] = {
     8242: "'", 8243: '"', 8245: "'", 8246: '"',
     180: "'", 2122: "TM",
 }
-
-from mvjax.core.errors import MvjaxError
 
 _MULTI_SPACE = re.compile(r"\s\s+")
 # C0 controls other than tab, newline and carriage return (folded into spaces), DEL and C1 controls
@@ -110,8 +112,6 @@ class Tokenizer:
     """BPE tokenizer of one stage: ``encode`` gives model ids (offset added, end-of-text last)."""
 
     def __init__(self, spec: TokenizerSpec):
-        import tiktoken
-
         self.spec = spec
         self._enc = tiktoken.Encoding(
             name=spec.name,

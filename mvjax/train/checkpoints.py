@@ -6,7 +6,12 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Union
 
+import jax
+
 from mvjax.nn.config import GPTConfig
+from mvjax.train.loop import load_run_model
+from mvjax.train.model import merge_params, split_params
+from mvjax.train.optim import make_optimizer
 from mvjax.train.run import (
     RunError,
     checkpoint_manager,
@@ -15,6 +20,7 @@ from mvjax.train.run import (
     restore_checkpoint,
     run_configs,
 )
+from mvjax.train.trainer import new_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +36,6 @@ class ExportSource:
 
 def restore_for_export(run_dir: Union[str, Path], step: Optional[Union[int, str]] = None) -> ExportSource:
     """The first stage of checkpoint ``step`` (an int, ``"best"``, or None / ``"latest"``) of ``run_dir``."""
-    from mvjax.train.loop import load_run_model
-    from mvjax.train.model import merge_params, split_params
-    from mvjax.train.optim import make_optimizer
-
     run_dir = Path(run_dir)
     settings = read_run_file(run_dir)
     spec, optim, loop = run_configs(settings)
@@ -42,10 +44,6 @@ def restore_for_export(run_dir: Union[str, Path], step: Optional[Union[int, str]
     cfg, params, tok = load_run_model(settings)
     frozen, trainable = split_params(cfg, spec, params)
     del params
-    import jax
-
-    from mvjax.train.trainer import new_state
-
     abstract = jax.eval_shape(lambda: new_state(make_optimizer(optim, trainable), trainable))
     manager = checkpoint_manager(run_dir, loop.keep, read_only=True)
     try:

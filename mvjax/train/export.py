@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from convert_weights import write_released_gpt
 from mvjax.core.atomic import staged_dir
 from mvjax.core.errors import MvjaxError
 from mvjax.io.checkpoint import (
@@ -45,6 +46,7 @@ from mvjax.io.checkpoint import (
     tree_digest,
 )
 from mvjax.nn.config import GPTConfig
+from mvjax.nn.gpt import abstract_params
 from mvjax.text.tokenizer import TokenizerSpec
 
 STAGE = "first_stage"
@@ -89,8 +91,6 @@ def _plain(tree: Any) -> Any:
 
 def float_tree(config: GPTConfig, params: Mapping[str, Any]) -> dict:
     """``params`` as float32 numpy arrays, checked against the converted layout of ``config``."""
-    from mvjax.nn.gpt import abstract_params
-
     params = _plain(params)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for path, leaf in leaves:
@@ -203,8 +203,6 @@ def export_model(base_model: str | os.PathLike, config: GPTConfig, params: Mappi
         log(f"writing the fine-tuned first stage -> {out / STAGE}")
         _write_first_stage(base, staging, tree)
         if torch:
-            from convert_weights import write_released_gpt
-
             log(f"writing {out / TORCH_FILE} (released PyTorch layout)")
             extra = {f"mvjax_{k}": v for k, v in record.items() if isinstance(v, (bool, int, float, str))}
             write_released_gpt(staging / TORCH_FILE, config, tree, base_spec, extra)

@@ -8,6 +8,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import jax
+from tqdm import tqdm
+
+from mvjax.core.parallel import local_mesh
+from mvjax.io.checkpoint import load_gpt_stage, read_manifest
+from mvjax.train.data import load_split
 from mvjax.train.model import TrainSpec
 from mvjax.train.optim import OptimConfig
 from mvjax.train.run import (
@@ -22,11 +28,10 @@ from mvjax.train.run import (
     save_checkpoint,
     write_run_file,
 )
+from mvjax.train.trainer import Trainer
 
 
 def _model_digest(model_dir: Path) -> str:
-    from mvjax.io.checkpoint import read_manifest
-
     return read_manifest(model_dir)["components"]["first_stage"]["params_sha256"]
 
 
@@ -90,8 +95,6 @@ def _differs(a, b) -> bool:
 
 def load_run_model(settings: dict):
     """(config, params, tokenizer) of the run's base first stage, checked against the recorded digest."""
-    from mvjax.io.checkpoint import load_gpt_stage
-
     model_dir = Path(settings["model"])
     if _model_digest(model_dir) != settings.get("model_first_stage_sha256"):
         raise RunError(f"the base model {model_dir} changed since the run started (first-stage digest differs)")
@@ -102,12 +105,6 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
           loop: LoopConfig, resume: bool = False, changed: Optional[dict] = None,
           log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train (or resume) a run; returns a summary (final step, last losses, best validation loss)."""
-    import jax
-
-    from mvjax.core.parallel import local_mesh
-    from mvjax.train.data import load_split
-    from mvjax.train.trainer import Trainer
-
     run_dir = Path(run_dir)
     settings = open_run(run_dir, model_dir, data_dir, spec, optim, loop, resume, changed or {})
     spec, optim, loop = run_configs(settings)
@@ -189,8 +186,6 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, desc="training", unit="step", file=sys.stderr,
                 disable=not sys.stderr.isatty())
 

@@ -34,14 +34,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from mvjax.audio.io import AudioError, header_seconds, load_audio, wav_shortfall
 from mvjax.audio.resample import ResampleError, resample_frac
 from mvjax.core.atomic import atomic_path
 from mvjax.core.errors import MvjaxError
 from mvjax.core.paths import cache_root
-from mvjax.text.tokenizer import TextError, normalize_text
-from mvjax.train.data import DataError, Entry, build_row, fits
+from mvjax.text.tokenizer import TextError, Tokenizer, TokenizerSpec, normalize_text
+from mvjax.train.data import FORMAT, VERSION, DataError, Entry, build_row, fits, write_manifest, write_split
 
 # Why a clip is skipped: the key counted in the summary and the manifest, and what it means.
 SKIP_REASONS = {
@@ -98,6 +99,7 @@ class ClipCoder:
 
     def _load(self):
         if self._codec is None:
+            # heavy: python -m mvjax.finetune --help imports this module (its limits); jax loads at the first clip
             import jax
 
             from mvjax.io.checkpoint import load_encodec
@@ -158,7 +160,7 @@ class ClipCoder:
 
     def encode(self, mono: np.ndarray, content_digest: str) -> np.ndarray:
         """codes (n_q, frames) int32 of 24 kHz mono audio; stored in the cache."""
-        import jax.numpy as jnp
+        import jax.numpy as jnp  # heavy: see _load
 
         _, params, encode = self._load()
         codes = np.asarray(encode(params, jnp.asarray(mono[None, None])))[0].astype(np.int32)
@@ -218,8 +220,6 @@ def prepare_split(entries: Iterable[Entry], layout: RowLayout, coder: ClipCoder,
     A row repeating an earlier kept one (same file content, same normalised text: the same token row
     and embedding) is skipped as ``duplicate`` unless ``layout.keep_duplicates``; then it is kept and counted.
     """
-    from tqdm import tqdm
-
     out = PreparedSplit()
     entries = list(entries)
     kept: dict = {}  # (audio sha256, normalised text) -> where the first such row is
@@ -363,6 +363,7 @@ class ModelFacts:
 
 def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
     """Read the first stage's config and tokenizer, the codec's and speaker encoder's sizes, and the digests."""
+    # heavy (jax, orbax): python -m mvjax.finetune --help imports this module for its limits
     from mvjax.io.checkpoint import (
         ModelDirError,
         component_config,
@@ -370,7 +371,6 @@ def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
         model_components,
         read_manifest,
     )
-    from mvjax.text.tokenizer import Tokenizer, TokenizerSpec
 
     model_dir = Path(model_dir)
     needed = ("first_stage", "encodec", "speaker_encoder")
@@ -429,8 +429,7 @@ def prepare_data(model_dir: str | os.PathLike, listings: dict[str, list[Entry]],
     None: no cache). A split left with no rows is an error (nothing is written for it then).
     Clips shorter than ``min_seconds`` are skipped; repeated rows too unless ``keep_duplicates``.
     """
-    from mvjax.inference.speaker import SpeakerEncoder
-    from mvjax.train.data import FORMAT, VERSION, write_manifest, write_split
+    from mvjax.inference.speaker import SpeakerEncoder  # heavy: see model_facts
 
     warn = log if warn is None else warn
     facts = model_facts(model_dir)

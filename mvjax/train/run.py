@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from mvjax.core.atomic import write_bytes
 from mvjax.core.errors import MvjaxError
@@ -113,13 +115,6 @@ def run_configs(settings: dict) -> tuple[TrainSpec, OptimConfig, LoopConfig]:
 
 # Checkpoints ---------------------------------------------------------------------------------
 def checkpoint_manager(run_dir: Path, keep: int, read_only: bool = False):
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint.checkpoint_managers import (
-        AnyPreservationPolicy,
-        BestN,
-        LatestN,
-    )
-
     policy = AnyPreservationPolicy([
         LatestN(n=keep),
         BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
@@ -131,8 +126,6 @@ def checkpoint_manager(run_dir: Path, keep: int, read_only: bool = False):
 
 
 def save_checkpoint(manager, state: dict, meta: dict, val_loss: Optional[float]) -> None:
-    import orbax.checkpoint as ocp
-
     metrics = {"val_loss": float(val_loss)} if val_loss is not None and math.isfinite(val_loss) else None
     manager.save(int(meta["step"]), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                            meta=ocp.args.JsonSave(meta)), metrics=metrics)
@@ -146,8 +139,6 @@ def pick_step(manager, step) -> int:
     if step in (None, "latest"):
         return int(manager.latest_step())
     if step == "best":
-        import orbax.checkpoint as ocp
-
         scored = []
         for s in steps:
             meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -163,8 +154,6 @@ def pick_step(manager, step) -> int:
 
 
 def restore_checkpoint(manager, step: int, abstract_state: dict) -> tuple[dict, dict]:
-    import orbax.checkpoint as ocp
-
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                  meta=ocp.args.JsonRestore()))
@@ -193,7 +182,7 @@ class MetricsLog:
         self._fh = open(self.path, "a")
         self.writer = None
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # optional (mvjax[train]) and ~1 s to import
         except ImportError:
             log("TensorBoard events off: pip install 'mvjax[train]' (tensorboardX) to write them")
         else:
