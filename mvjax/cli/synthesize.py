@@ -26,6 +26,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import jax
 import numpy as np
@@ -36,7 +37,15 @@ from mvjax.core.compile_cache import enable_compilation_cache
 from mvjax.core.errors import MvjaxError
 from mvjax.core.parallel import initialize_distributed, process_share
 from mvjax.core.precision import PrecisionError, resolve
-from mvjax.inference.options import BATCHING, DECODERS, DEFAULT_STEPS, SamplingConfig, SynthesisError, SynthesisOptions
+from mvjax.inference.options import (
+    BATCHING,
+    DECODERS,
+    DEFAULT_STEPS,
+    SamplingConfig,
+    StreamSettings,
+    SynthesisError,
+    SynthesisOptions,
+)
 from mvjax.text.tokenizer import TextError, normalize_text
 
 DEMO_TEXT = "This is the mvjax demo. Its model has random weights, so what you hear is noise, not speech."
@@ -78,7 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     inp.add_argument("--speaker", help="reference voice audio (about 30 s; wav, flac, ogg, mp3, ...)")
     inp.add_argument("--speaker-embedding", help=".npy speaker embedding to use instead of audio")
     out = p.add_argument_group("output")
-    out.add_argument("--out", required=True, help="output audio file (a directory for --text-file)")
+    out.add_argument("--out", help="output audio file (a directory for --text-file)")
+    out.add_argument("--stream-to", metavar="-", help="instead of --out: write raw 16-bit little-endian mono PCM to "
+                     "standard output as it is made (give '-'; the rate is printed to stderr), e.g. "
+                     "| ffplay -f s16le -ar RATE -ac 1 -")
+    out.add_argument("--stream-frames", type=int, default=StreamSettings().frames,
+                     help="with --stream-to: audio every N codec frames (75 per second)")
+    out.add_argument("--stream-lookahead", type=int, default=StreamSettings().lookahead,
+                     help="with --stream-to: frames the second stage sees past those it sends (-1: whole chunks, "
+                          "the codes of --out)")
     out.add_argument("--save-tokens", help=".npz with first_stage, all_codebooks, speaker_embedding "
                                            "(a directory for --text-file: one .npz per output)")
     smp = p.add_argument_group("sampling")
@@ -162,7 +179,7 @@ def _read_jobs(args) -> list[dict]:
                 job["speaker"] = str(path.parent / job["speaker"]) if (path.parent / job["speaker"]).exists() else job["speaker"]
         return jobs
     text = DEMO_TEXT if args.text is None else args.text
-    return [{"text": text, "speaker": None, "out": Path(args.out), "index": 0, "where": "--text"}]
+    return [{"text": text, "speaker": None, "out": Path(args.out) if args.out else None, "index": 0, "where": "--text"}]
 
 
 def _options(args) -> SynthesisOptions:
@@ -274,8 +291,10 @@ def run(argv: list[str] | None = None) -> int:
     except PrecisionError as exc:
         raise UsageError(str(exc)) from None
     options = _options(args)
+    streaming = _streaming(args)
     jobs = _read_jobs(args)
-    _check_outputs(jobs, args)
+    if streaming is None:
+        _check_outputs(jobs, args)
 
     for job in jobs:  # cheap text checks before any model loads; a bad line is named
         try:
@@ -308,6 +327,10 @@ def run(argv: list[str] | None = None) -> int:
             options = dataclasses.replace(options, max_new_tokens=DEMO_MAX_NEW_TOKENS)
     else:
         model = args.model
+    if streaming is not None:
+        return _stream(TTS.load(model, log_fn=log.info, quantize=args.quantize, matmul_precision=args.matmul_precision,
+                                kv_cache=args.kv_cache), jobs[0]["text"], _speaker_for(jobs[0], args, demo_voice),
+                       options, streaming)
     share = process_share(jobs)
     if jax.process_count() > 1:
         log.info("process %d of %d: %d of %d texts", jax.process_index(), jax.process_count(), len(share), len(jobs))
@@ -338,6 +361,39 @@ def run(argv: list[str] | None = None) -> int:
         audio = sum(s.duration for s in results)
         log.info("%d utterances in %.1f s: %.1f utterances/min, real-time factor %.2f", len(share), elapsed,
                  60 * len(share) / elapsed, elapsed / max(audio, 1e-9))
+    return 0
+
+
+def _streaming(args) -> Optional[StreamSettings]:
+    """--stream-to's settings (None without it), checked before anything loads."""
+    if args.stream_to is None:
+        if not args.out:
+            raise UsageError("give --out (or --stream-to - for raw PCM on standard output)")
+        return None
+    if args.stream_to != "-":
+        raise UsageError("--stream-to takes '-' (standard output); use --out to write a file")
+    if args.out or args.text_file or args.save_tokens or args.num_processes:
+        raise UsageError("--stream-to - speaks one --text: no --out, --text-file, --save-tokens or --num-processes")
+    try:
+        lookahead = None if args.stream_lookahead is not None and args.stream_lookahead < 0 else args.stream_lookahead
+        return StreamSettings(frames=args.stream_frames, lookahead=lookahead)
+    except SynthesisError as exc:
+        raise UsageError(f"--stream-{exc.option.replace('_', '-')}{str(exc)[len(exc.option or ''):]}") from None
+
+
+def _stream(tts, text: str, speaker, options: SynthesisOptions, streaming: StreamSettings) -> int:
+    """Speak ``text`` to standard output as raw PCM while it is made."""
+    out = sys.stdout.buffer
+    try:
+        stream = tts.stream(text, speaker, options=options, streaming=streaming)
+        print(f"streaming raw PCM: 16-bit little-endian, mono, {stream.sample_rate} Hz", file=sys.stderr)
+        for piece in stream:
+            out.write((np.clip(piece, -1, 1) * 32767).round().astype("<i2").tobytes())
+            out.flush()
+    except BrokenPipeError:  # the player went away: stop quietly
+        return 0
+    finally:
+        tts.close()
     return 0
 
 

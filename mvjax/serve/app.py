@@ -39,6 +39,7 @@ from mvjax.serve.output import EnhancerPool
 from mvjax.serve.settings import ServerSettings
 from mvjax.serve.speech import (
     MAX_SEED,
+    STREAM_SSE,
     SpeechRequest,
     SpeechTask,
     check_speech,
@@ -46,6 +47,7 @@ from mvjax.serve.speech import (
     random_or,
     sampling_of,
     speak,
+    streaming_of,
     voice_embedding,
 )
 from mvjax.serve.voices import (
@@ -286,8 +288,9 @@ def _speech_routes(app: FastAPI, state: State) -> None:
         embedding = voice_embedding(state, req.voice)
         sampling = sampling_of("input", temperature=float(req.temperature), top_p=float(req.top_p),
                                guidance_scale=float(req.guidance_scale))
+        streaming = streaming_of(req)
         task = SpeechTask(text, embedding, random_or(req.seed), sampling, req.decoder or settings.decoder, fmt, enhance,
-                          req.stream, req.voice)
+                          streaming is not None, req.voice, streaming, req.stream_format == STREAM_SSE)
         return await speak(state, request, task)
 
     @app.post("/tts", response_class=Response, tags=["speech"],

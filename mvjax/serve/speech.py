@@ -9,8 +9,10 @@ away cancels its job, so chunks not yet started are never computed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import secrets
@@ -39,7 +41,14 @@ from mvjax.audio.stream import (
     streams_incrementally,
     supported_formats,
 )
-from mvjax.inference.options import DECODERS, MAX_SEED, SamplingConfig, SynthesisError, normalised_texts
+from mvjax.inference.options import (
+    DECODERS,
+    MAX_SEED,
+    SamplingConfig,
+    StreamSettings,
+    SynthesisError,
+    normalised_texts,
+)
 from mvjax.inference.scheduler import Utterance
 from mvjax.serve.errors import ApiError
 from mvjax.serve.jobs import ChunkAudio, Job, WorkerError
@@ -47,6 +56,7 @@ from mvjax.serve.settings import ServerSettings
 from mvjax.serve.voices import VoiceError
 
 log = logging.getLogger("mvjax.serve")
+STREAM_DEFAULTS = StreamSettings()
 
 
 def sampling_field(name: str):
@@ -68,8 +78,16 @@ class SpeechRequest(BaseModel):
     response_format: Optional[StrictStr] = Field(None, description="wav | pcm | flac | mp3 | opus (see /health)")
     speed: Optional[StrictFloat | StrictInt] = Field(1.0, description="only 1.0: MetaVoice has no rate control")
     instructions: Optional[StrictStr] = Field(None, description="not supported (must be empty)")
-    stream_format: Optional[Literal["audio"]] = Field(None, description="only 'audio' (server-sent events are not offered)")
-    stream: StrictBool = Field(False, description="send audio as each chunk is ready (wav, pcm or opus)")
+    stream_format: Optional[Literal["audio", "sse"]] = Field(
+        None, description="'audio': the audio bytes as they are made; 'sse': server-sent events "
+        "(speech.audio.delta with base64 audio, then speech.audio.done); either one streams")
+    stream: StrictBool = Field(False, description="send audio as it is made (wav, pcm or opus)")
+    stream_chunk_frames: Optional[StrictInt] = Field(
+        None, ge=1, le=4096, description=f"streaming: audio every N codec frames (75 per second; default "
+        f"{STREAM_DEFAULTS.frames})")
+    stream_lookahead: Optional[StrictInt] = Field(
+        None, ge=-1, le=4096, description=f"streaming: frames the second stage sees past those it sends (default "
+        f"{STREAM_DEFAULTS.lookahead}; -1: whole chunks only, the codes of a whole answer)")
     seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="default: a random seed (X-Seed header)")
     temperature: StrictFloat | StrictInt = sampling_field("temperature")
     top_p: StrictFloat | StrictInt = sampling_field("top_p")
@@ -79,6 +97,9 @@ class SpeechRequest(BaseModel):
 
 
 # --- speech ----------------------------------------------------------------------------------
+
+
+STREAM_SSE = "sse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +116,8 @@ class SpeechTask:
     enhance: bool
     stream: bool = False
     voice: Optional[str] = None  # the voice's name, for the log line
+    streaming: Optional[StreamSettings] = None  # audio within a chunk (streams only)
+    sse: bool = False  # server-sent events (OpenAI's stream_format "sse") instead of raw audio bytes
 
 
 def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, bool, str]:
@@ -108,13 +131,25 @@ def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, boo
                        "(only 1.0)", "speed")
     if req.instructions:
         raise ApiError(400, "instructions are not supported: MetaVoice takes the style from the voice", "instructions")
-    if req.stream and not streams_incrementally(fmt):
+    if (req.stream or req.stream_format == STREAM_SSE) and not streams_incrementally(fmt):
         incremental = [f for f in supported_formats() if streams_incrementally(f)]
         raise ApiError(400, f"response_format {fmt!r} cannot be streamed; stream wav, pcm or opus "
                        f"({', '.join(incremental)} here)", "response_format")
     text = check_text(req.input, settings)
     enhance = settings.enhance if req.enhance is None else req.enhance
     return fmt, enhance, text
+
+
+def streaming_of(req: SpeechRequest) -> Optional[StreamSettings]:
+    """The request's streaming within a chunk (None for a whole answer)."""
+    if not (req.stream or req.stream_format == STREAM_SSE):
+        return None
+    lookahead = STREAM_DEFAULTS.lookahead if req.stream_lookahead is None else req.stream_lookahead
+    try:
+        return StreamSettings(frames=req.stream_chunk_frames or STREAM_DEFAULTS.frames,
+                              first_frames=STREAM_DEFAULTS.first_frames, lookahead=None if lookahead < 0 else lookahead)
+    except SynthesisError as exc:
+        raise ApiError(400, str(exc), "stream_chunk_frames" if exc.option == "frames" else "stream_lookahead") from None
 
 
 def check_text(text: str, settings: ServerSettings, param: str = "input") -> str:
@@ -187,7 +222,7 @@ class Waiter:
 async def _submit(state, task: SpeechTask, waiter: Waiter) -> Job:
     pieces = await run_in_threadpool(plan_text, state.tts, task.text)
     utterance = Utterance.seeded(pieces, task.embedding, task.seed, sampling=task.sampling, decoder=task.decoder,
-                                 stream=task.stream)
+                                 stream=task.stream, streaming=task.streaming)
     job = Job(utterance, task.seed, time.monotonic() + state.settings.timeout_s, notify=waiter.notify, voice=task.voice)
     try:
         state.worker.submit(job)
@@ -285,7 +320,21 @@ async def speak(state, request: Request, task: SpeechTask) -> Response:
                 metrics.audio_seconds.inc(sent / rate)
             log.debug("job %d: streamed %.2f s of audio%s", job.id, sent / rate, "" if complete else " (cut short)")
 
+    if task.sse:
+        return StreamingResponse(sse_events(body(), job), media_type="text/event-stream", headers=headers)
     return StreamingResponse(body(), media_type=content_type(fmt, rate), headers=headers)
+
+
+async def sse_events(audio, job: Job):
+    """OpenAI's speech events around a stream of audio bytes: ``speech.audio.delta`` (base64 audio) per
+    piece, then ``speech.audio.done`` with the usage (input characters and first-stage tokens)."""
+    async for data in audio:
+        if data:
+            yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"
+    if job.done and job.error is None:
+        chars = sum(len(p) for p in job.pieces)
+        usage = {"input_tokens": chars, "output_tokens": job.tokens, "total_tokens": chars + job.tokens}
+        yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n"
 
 
 def random_or(seed: Optional[int]) -> int:
