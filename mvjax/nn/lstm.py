@@ -12,6 +12,11 @@ def lstm_layer(p, inputs):
     p: ``w_ih`` (in, 4H), ``w_hh`` (H, 4H), ``b_ih`` (4H,), ``b_hh`` (4H,).
     inputs (T, B, in) -> outputs (T, B, H).
     """
+    return lstm_scan(p, inputs)[0]
+
+
+def lstm_scan(p, inputs, state=None):
+    """One layer from ``state`` ((h, c), each (B, H); zeros when None): -> (outputs (T, B, H), final (h, c))."""
     hidden = p["w_hh"].shape[0]
     projected = jnp.einsum("tbi,ig->tbg", inputs, p["w_ih"]) + p["b_ih"]  # every step at once
 
@@ -23,9 +28,11 @@ def lstm_layer(p, inputs):
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return (h, c), h
 
-    zeros = jnp.zeros((inputs.shape[1], hidden), inputs.dtype)
-    _, outputs = jax.lax.scan(step, (zeros, zeros), projected)
-    return outputs
+    if state is None:
+        zeros = jnp.zeros((inputs.shape[1], hidden), inputs.dtype)
+        state = (zeros, zeros)
+    final, outputs = jax.lax.scan(step, state, projected)
+    return outputs, final
 
 
 def lstm_shapes(input_size: int, hidden: int) -> dict:
