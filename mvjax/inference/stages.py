@@ -226,7 +226,17 @@ class Codec:
         self.params = put_replicated(params, mesh)
         self._decode_latent = jax.jit(lambda p, latent: encodec.decode_latent(config, p, latent))
 
-    streams = False  # incremental decoding with carried state (set once the codec supports it)
+    streams = True  # causal: decoded a few frames at a time with carried state, same samples
+    STREAM_PIECE = 8  # frames per incremental decoder call (one compiled program per phase)
+
+    def stream_start(self) -> encodec.StreamingDecoder:
+        """A new one-row incremental decoding (its state is carried from piece to piece)."""
+        return encodec.StreamingDecoder(self.config, self.params, 1, piece_frames=self.STREAM_PIECE)
+
+    def stream_step(self, state: encodec.StreamingDecoder, codes: np.ndarray, last: bool):
+        """(state, waveform (channels, samples) now final) after the next frames' codes (n_q, frames)."""
+        latent = encodec.codes_to_latent(self.params, np.asarray(codes)[None])
+        return state, np.asarray(state.push(latent, last=last))[0].astype(np.float32)
 
     def decode(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """codes (B, n_q, F) -> (latent (B, D, F), waveform (B, channels, F * hop)), numpy."""

@@ -36,7 +36,7 @@ class FreshEnhancers:
 
 class SpeechStream:
     """Iterate for audio pieces (mono float32 at :attr:`sample_rate`); :attr:`first_audio_steps`
-    counts the scheduler rounds before the first non-empty piece."""
+    counts the scheduler rounds until the first non-empty piece, :attr:`steps` all of them."""
 
     def __init__(self, scheduler: Scheduler, utterance: Utterance, options: SynthesisOptions, codec_rate: int):
         self.scheduler, self.utterance = scheduler, utterance
@@ -47,6 +47,7 @@ class SpeechStream:
         self._assembler = StreamAssembler(codec_rate, options.normalize, options.enhance, FreshEnhancers())
         self.sample_rate = self._assembler.rate
         self.first_audio_steps = None
+        self.steps = 0
 
     def _piece(self, utterance: Utterance, piece: Piece) -> None:
         self._queue.append((piece.wav, piece.continues))
@@ -62,7 +63,7 @@ class SpeechStream:
             try:
                 while not scheduler.idle:
                     scheduler.step()
-                    steps += 1
+                    steps = self.steps = steps + 1
                     while self._queue:
                         out = assembler.add(*self._queue.popleft())
                         if out.size:
