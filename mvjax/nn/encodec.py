@@ -452,7 +452,8 @@ class StreamingDecoder:
     """
 
     def __init__(self, cfg: EncodecConfig, params, batch: int, piece_frames: int | None = None):
-        self.cfg, self.params, self.piece_frames = cfg, params, piece_frames
+        # On the device once: host (numpy) weights would be copied over on every step.
+        self.cfg, self.params, self.piece_frames = cfg, jax.device_put({"decoder": params["decoder"]}), piece_frames
         self.warmup = stream_warmup_frames(cfg)
         self.reset(batch)
 
