@@ -11,6 +11,9 @@ Semantics kept from the reference: causal convolutions pad on the left with refl
 convolutions trim ``kernel - stride`` samples on the right, residual blocks use a 1x1
 convolution shortcut, ELU activations, a 2-layer LSTM with a skip connection, and a
 residual vector quantizer whose decoding is the in-order sum of codebook vectors.
+
+The decoder also runs incrementally with carried state (:func:`decode_stream_step`,
+:class:`StreamingDecoder`): the concatenated pieces equal the whole decode within float32 rounding.
 """
 
 from __future__ import annotations
