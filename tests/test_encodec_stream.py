@@ -31,7 +31,8 @@ def codec(released_model, tmp_path_factory):
     (src / name).symlink_to(released_model / name)
     out = tmp_path_factory.mktemp("stream_codec") / "model"
     convert_directory(src, out)
-    return load_encodec(out, verify=True)
+    cfg, params = load_encodec(out, verify=True)
+    return cfg, jax.device_put(params)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,9 @@ Semantics kept from the reference: causal convolutions pad on the left with refl
 convolutions trim ``kernel - stride`` samples on the right, residual blocks use a 1x1
 convolution shortcut, ELU activations, a 2-layer LSTM with a skip connection, and a
 residual vector quantizer whose decoding is the in-order sum of codebook vectors.
+
+The decoder also runs incrementally with carried state (:func:`decode_stream_step`,
+:class:`StreamingDecoder`): the concatenated pieces equal the whole decode within float32 rounding.
 """
 
 from __future__ import annotations
@@ -452,7 +455,8 @@ class StreamingDecoder:
     """
 
     def __init__(self, cfg: EncodecConfig, params, batch: int, piece_frames: int | None = None):
-        self.cfg, self.params, self.piece_frames = cfg, params, piece_frames
+        # On the device once: host (numpy) weights would be copied over on every step.
+        self.cfg, self.params, self.piece_frames = cfg, jax.device_put({"decoder": params["decoder"]}), piece_frames
         self.warmup = stream_warmup_frames(cfg)
         self.reset(batch)
 
