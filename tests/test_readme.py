@@ -1,6 +1,7 @@
 """The README's new-user path stays true: the order of its set-up steps, the server limits it
 documents (read from the code that enforces them), and its curl example run against a server."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -81,8 +82,9 @@ def test_the_curl_example_gets_audio_in_the_documented_default_format(served, tm
     from mvjax.serve.settings import default_format
 
     curls = [b for b in _code_blocks(_section("Speech server"), "bash") if b.lstrip().startswith("curl ")]
-    assert len(curls) == 1, curls
-    argv = shlex.split(curls[0].replace("\\\n", " "))
+    whole = [c for c in curls if " -o " in c]
+    assert len(whole) == 1, curls
+    argv = shlex.split(whole[0].replace("\\\n", " "))
     argv = [a.replace("http://127.0.0.1:8000", served.url) for a in argv]
     out = tmp_path / argv[argv.index("-o") + 1]
     res = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -93,3 +95,19 @@ def test_the_curl_example_gets_audio_in_the_documented_default_format(served, tm
         assert data[:3] == b"ID3" or (data[0] == 0xFF and data[1] & 0xE0 == 0xE0), data[:16]
     info = sf.info(out)
     assert info.samplerate == 24000 and info.channels == 1 and info.frames > 0
+
+
+def test_the_streaming_curl_example_streams_pcm(served):
+    """The README's streaming curl example (its curl part; the player after the pipe is left out)
+    gets 16-bit PCM."""
+    curls = [b for b in _code_blocks(_section("Speech server"), "bash") if b.lstrip().startswith("curl ")]
+    streamed = [c for c in curls if '"stream": true' in c]
+    assert len(streamed) == 1, curls
+    command = streamed[0].replace("\\\n", " ").split(" | ")[0]
+    argv = [a.replace("http://127.0.0.1:8000", served.url) for a in shlex.split(command)]
+    res = subprocess.run(argv, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    body = json.loads(argv[argv.index("-d") + 1])
+    assert body["response_format"] == "pcm" and body["stream"] is True
+    samples = len(res.stdout) // 2  # 16-bit samples, at least one frame's (320) per chunk of the text
+    assert len(res.stdout) % 2 == 0 and samples >= 320

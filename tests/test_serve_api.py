@@ -79,7 +79,8 @@ def test_openai_client_streams_pcm(served):
     client = _client(srv)
     pieces = []
     with client.audio.speech.with_streaming_response.create(
-        model="tts-1", voice="demo", input=MULTI_CHUNK, response_format="pcm", extra_body={"stream": True, "seed": 9},
+        model="tts-1", voice="demo", input=MULTI_CHUNK, response_format="pcm",
+        extra_body={"stream": True, "seed": 9, "stream_lookahead": -1},
     ) as response:
         assert response.headers["x-sample-rate"] == "24000"
         assert response.headers["x-seed"] == "9"
@@ -99,12 +100,35 @@ def test_openai_client_streams_pcm(served):
 def test_streamed_wav_has_a_streaming_header_and_single_chunk_equals_whole(served):
     srv, _ = served
     body = {"input": ONE_CHUNK, "voice": "demo", "response_format": "wav", "seed": 2}
-    with httpx.stream("POST", srv.url + "/v1/audio/speech", json={**body, "stream": True}, timeout=300) as r:
-        assert r.status_code == 200
-        streamed = b"".join(r.iter_bytes())
+    streamed = {}
+    for lookahead in (-1, None):  # whole chunks (the whole answer's codes), then the default: audio within the chunk
+        extra = {} if lookahead is None else {"stream_lookahead": lookahead}
+        with httpx.stream("POST", srv.url + "/v1/audio/speech", json={**body, "stream": True, **extra},
+                          timeout=300) as r:
+            assert r.status_code == 200
+            streamed[lookahead] = b"".join(r.iter_bytes())
     whole = httpx.post(srv.url + "/v1/audio/speech", json=body, timeout=300).content
-    assert streamed[:4] == b"RIFF" and streamed[4:8] == b"\xff\xff\xff\xff"
-    assert streamed[44:] == whole[44:]  # one chunk: the stream's gain is the whole text's
+    assert streamed[-1][:4] == b"RIFF" and streamed[-1][4:8] == b"\xff\xff\xff\xff"
+    assert streamed[-1][44:] == whole[44:]  # one chunk: the stream's gain is the whole text's
+    # Streaming within the chunk changes some codebook 3-8 codes, never the length.
+    assert len(streamed[None]) == len(whole) and streamed[None][44:] != whole[44:]
+
+
+def test_sse_events_carry_the_streamed_audio(served):
+    """stream_format "sse": speech.audio.delta events whose base64 audio, joined, is the raw stream;
+    then one speech.audio.done with the usage."""
+    import base64
+    import json
+
+    srv, _ = served
+    body = {"input": ONE_CHUNK, "voice": "demo", "response_format": "pcm", "seed": 4, "stream_lookahead": -1}
+    with httpx.stream("POST", srv.url + "/v1/audio/speech", json={**body, "stream_format": "sse"}, timeout=300) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+    raw = httpx.post(srv.url + "/v1/audio/speech", json={**body, "stream": True}, timeout=300).content
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+    assert events[-1]["type"] == "speech.audio.done" and events[-1]["usage"]["output_tokens"] > 0
+    assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == raw
 
 
 def test_unsupported_values_are_named(served):

@@ -93,9 +93,11 @@ class StreamSettings:
     frames so far. ``lookahead=None``: a chunk's audio is sent only when the chunk is done (exactly
     the codes of a whole answer). A frame is 1/75 s at the released codec."""
 
+    # Defaults from benchmarks/RESULTS.md "stream lookahead": on random-weight models the lookahead
+    # hardly changes how many early codes equal the whole answer's, so the short one (earlier audio).
     frames: int = 16
-    first_frames: Optional[int] = None
-    lookahead: Optional[int] = 8
+    first_frames: Optional[int] = 8
+    lookahead: Optional[int] = 4
 
     def __post_init__(self):
         for name in ("frames", "first_frames", "lookahead"):
