@@ -55,7 +55,7 @@ from mvjax.inference.decode import (
     next_pow2,
     prompt_bucket,
 )
-from mvjax.inference.engine import EngineRequest, FirstStageEngine
+from mvjax.inference.engine import DEFAULT_PREFILL_CHUNK, EngineRequest, FirstStageEngine
 from mvjax.inference.keys import utterance_keys
 from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
 from mvjax.nn.kv_cache import KV_CACHE_KINDS
@@ -204,7 +204,8 @@ def run_config(config_name: str, args) -> list[dict]:
                                 kv_cache=args.kv_cache)
     del params
     jobs = workload(args.requests, args.rate, args.min_tokens, args.max_tokens, config.vocab_sizes[0], args.seed)
-    engines = {"engine": FirstStageEngine(decoder, slots=args.concurrency, steps=args.steps)} \
+    engines = {"engine": FirstStageEngine(decoder, slots=args.concurrency, steps=args.steps,
+                                          prefill_chunk=args.prefill_chunk)} \
         if "engine" in args.modes else {}
     for mode in args.modes:
         t = time.perf_counter()
@@ -268,6 +269,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="one,static,engine")
     p.add_argument("--concurrency", type=int, default=8, help="engine slots and static batch size")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"engine tokens per call (default {DEFAULT_STEPS})")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="engine prompt tokens per step while admitting next to running requests; 0: whole "
+                        f"prefill (default {DEFAULT_PREFILL_CHUNK}; stalls: benchmarks.admission)")
     p.add_argument("--requests", type=int, default=None, help="default 32 (--quick: 16)")
     p.add_argument("--rate", type=float, default=None,
                    help="arrivals per second (default 1; --quick 2: more than the machine serves, so "

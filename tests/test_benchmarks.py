@@ -239,3 +239,22 @@ def test_finetune_benchmark_smoke():
         assert lines[("last-block", "ours")][2]["trainable"] == lines[("last-block", "reference")][2]["trainable"]
         assert re.search(r"^finetune-ratio config=tiny mode=last-block batch=1 vs=reference speed=[0-9.]+ "
                          r"memory=[0-9.]+$", res.stdout, re.M)
+
+
+ADMISSION_LINE = re.compile(r"^admission config=tiny prefill_chunk=(none|8) slots=2 steps=1 prompt=20 "
+                            r"median_step_s=([0-9.]+) worst_gap_s=([0-9.]+) ratio=([0-9.]+) busy_ratio=([0-9.]+) "
+                            r"ttft_s=([0-9.]+) run=(1|median)$")
+
+
+def test_admission_benchmark_smoke():
+    """The admission benchmark on the tiny model, whole prefill and pieces of 8: one line per run and a
+    median line per setting (the gaps are the machine's, not checked)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.admission", "--config", "tiny", "--chunks", "none,8", "--slots", "2",
+         "--running", "1", "--arrivals", "1", "--prompt", "20", "--spacing", "4", "--repeats", "1"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [m for m in (ADMISSION_LINE.match(line) for line in res.stdout.splitlines()) if m]
+    assert [(m.group(1), m.group(7)) for m in lines] == [("none", "1"), ("8", "1"), ("none", "median"),
+                                                          ("8", "median")]

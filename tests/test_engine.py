@@ -97,6 +97,41 @@ def test_arrivals_between_steps_and_retirement_order(model):
     assert done[3][1] < done[2][1]
 
 
+
+@pytest.mark.parametrize("chunk", [1, 4, 16, 64])
+def test_a_request_admitted_while_others_run_is_prefilled_in_pieces(model, chunk):
+    """Two requests decode; two more arrive after the first call and are prefilled piece by piece inside
+    the next calls (pieces of 1, 4 and 16 tokens are shorter than their prompts, 64 covers a prompt's
+    bucket): every request's tokens equal decoding it alone (the pieces compute what the whole-prompt
+    prefill computes), and the running requests keep producing tokens in every call while the others
+    are admitted (no call without their tokens)."""
+    dec, tok = model
+    requests = _requests(tok, seed=21)[1:5]  # prompts of 8-22 tokens: buckets 16 and 32
+    engine = FirstStageEngine(dec, slots=4, steps=3, prefill_chunk=chunk)
+    for request in requests[:2]:
+        engine.submit(request)
+    results = {r.tag: r for r in engine.step()}
+    assert engine._prefill is None and len(engine.running) == 2
+    for request in requests[2:]:
+        engine.submit(request)
+    admitting_calls = 0
+    while not engine.idle:
+        before = dict(zip(engine.running, engine._lengths[list(engine.running)]))
+        was_admitting = engine._prefill is not None or bool(engine.waiting)
+        for result in engine.step():
+            results[result.tag] = result
+        if was_admitting or engine._prefill is not None:
+            admitting_calls += 1
+            running = [s for s in before if s != getattr(engine._prefill, "slot", None)
+                       and s in engine.running]
+            assert all(engine._lengths[s] > before[s] for s in running)
+    longest = max(len(r.prompt) for r in requests[2:])
+    assert admitting_calls >= (2 if chunk * engine.steps < longest else 1)
+    for request in requests:
+        expected, finished = _alone(dec, request)
+        np.testing.assert_array_equal(results[request.tag].sequence, expected, err_msg=f"request {request.tag}")
+        assert results[request.tag].finished == finished
+
 def test_requests_move_down_when_slots_free_up(model):
     """Four slots, the short requests in slots 0 and 2 retire first: the long one in slot 3 moves
     down to slot 0 so the next calls compute two slots instead of four; tokens still equal alone."""

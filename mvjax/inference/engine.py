@@ -5,10 +5,20 @@ request that arrives one step after it started waits for all of it. The engine i
 ``slots`` utterances in flight (each a guidance pair: a conditioned and an unconditioned cache
 row) and works in rounds, JetStream style:
 
-* **admit**: a waiting request takes a free slot: its prompt is prefilled on its own (two rows,
-  its prompt bucket, exactly the computation a batch of one does) and the resulting keys and
-  values, first token, key, sampling values, limit and speaker embedding are written into the
-  slot, all in one jitted call that updates the engine's state in place (donated buffers);
+* **admit**: a waiting request takes a free slot. When no slot is decoding, its prompt is
+  prefilled on its own (two rows, its prompt bucket, exactly the computation a batch of one does)
+  and the resulting keys and values, first token, key, sampling values, limit and speaker
+  embedding are written into the slot, all in one jitted call that updates the engine's state in
+  place (donated buffers). When slots are decoding, a whole-prompt prefill would stall every one
+  of them for its duration, so the prompt goes in piece by piece instead (``prefill_chunk``
+  tokens, one request at a time): each decode step of the generate calls also runs the next piece
+  in the same pass over the weights (the matrix products take the decode rows' tokens and the
+  piece's together; attention is per group: the decode rows through the cache kernel, the piece
+  over its own two cache rows, causal within the piece). After the last piece the slot's first
+  token is sampled from the prompt's last position and the slot decodes from the next step on.
+  The pieces compute what the whole-prompt prefill computes (same attention window; values equal
+  up to float32 rounding, the products being compiled over other columns), and the tokens are the
+  ones the request gets decoded alone (tested with pieces of 1 to 64 tokens);
 * **generate**: every slot advances by up to ``steps`` tokens in one jitted call (a
   ``lax.while_loop``; while requests wait for a slot, the call ends as soon as one finishes).
   On CPU the attention kernel reads, for each row, only the positions that row has reached,
@@ -48,6 +58,7 @@ import numpy as np
 from mvjax.core.parallel import device_count
 from mvjax.inference.decode import (
     FirstStageDecoder,
+    LoopState,
     advance_rows,
     cache_windows,
     decode_step,
@@ -57,7 +68,7 @@ from mvjax.inference.decode import (
     sampling_columns,
 )
 from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
-from mvjax.nn.gpt_decode import apply_tokens
+from mvjax.nn.gpt_decode import apply_tokens, apply_with_piece
 from mvjax.nn.kv_cache import (
     init_cache,
     put_rows,
@@ -67,6 +78,11 @@ from mvjax.nn.kv_cache import (
 )
 
 DEFAULT_SLOTS = 8
+# Prompt tokens per decode step while a request is admitted next to running ones (None: whole prefill).
+# Off by default: on this CPU pieces keep running streams' steps near their median but delay the admitted
+# request's first token about 2x (benchmarks/RESULTS.md, "admission"), and the pieces' logits differ from
+# a whole prefill's by float32 rounding (~2e-7), which could flip a sampling tie.
+DEFAULT_PREFILL_CHUNK = None
 IDLE_SAMPLING = SamplingConfig(guidance_scale=1.0, temperature=1.0, top_p=None)  # what a free slot holds
 
 
@@ -124,6 +140,18 @@ class SlotState:
     speaker: Optional[jnp.ndarray]  # (S, E) float32, zeros where a request has none; None without speaker_proj
 
 
+@dataclasses.dataclass
+class _Prefill:
+    """A request being admitted piece by piece: its slot, its prompt's length and bucket, the piece size,
+    the attention window a whole-prompt prefill of that bucket uses, and where the next piece starts."""
+
+    slot: int
+    length: int
+    piece: int
+    window: int
+    start: int = 0
+
+
 class FirstStageEngine:
     """Continuous batching over ``slots`` utterances for one :class:`FirstStageDecoder`.
 
@@ -131,17 +159,24 @@ class FirstStageEngine:
     :class:`EngineResult` objects it finished) to serve arrivals as they come, or :meth:`run` for a
     fixed list. ``steps``: tokens per slot per jitted call; the shorter it is, the sooner a
     new request is admitted and a finished one handed back, at the price of more host round trips.
+    ``prefill_chunk``: prompt tokens (a power of two) prefilled per decode step while a request is
+    admitted next to decoding slots, so they never wait for a whole prefill; None or 0: every
+    prompt is prefilled whole in its own call (the running slots wait for it).
     """
 
-    def __init__(self, decoder: FirstStageDecoder, slots: int = DEFAULT_SLOTS, steps: int = DEFAULT_STEPS):
+    def __init__(self, decoder: FirstStageDecoder, slots: int = DEFAULT_SLOTS, steps: int = DEFAULT_STEPS,
+                 prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK):
         if slots < 1 or steps < 1:
             raise ValueError("the engine needs at least one slot and one step per call")
+        if prefill_chunk and (prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1)):
+            raise ValueError(f"prefill_chunk must be a power of two (or None), not {prefill_chunk}")
         if decoder.mesh is not None and device_count(decoder.mesh) > 1:
             raise ValueError("the first-stage engine runs on one device; use static batches over a mesh")
         self.decoder = decoder
         self.config = decoder.config
         self.slots = int(slots)
         self.steps = int(steps)
+        self.prefill_chunk = int(prefill_chunk or 0)
         self.block_size = self.config.block_size
         self.windows = cache_windows(1, self.block_size)
         self.vocab = self.config.output_vocab_sizes[0]
@@ -152,10 +187,12 @@ class FirstStageEngine:
         self.running: dict[int, tuple[EngineRequest, float]] = {}  # slot -> (request, admitted)
         self._lengths = np.zeros(self.slots, np.int64)  # host copy of each running slot's length (for the window)
         self._state: Optional[SlotState] = None
+        self._prefill: Optional[_Prefill] = None  # the request being admitted piece by piece
         self._admit_fns: dict = {}
         self._generate_fns: dict = {}
         self._free = jax.jit(lambda state, mask: state.replace(done=state.done | mask), donate_argnums=(0,))
         self._move_fn = jax.jit(self._move, donate_argnums=(0,))
+        self._reserve_fn = jax.jit(self._reserve, donate_argnums=(0,))
         self.last_step_tokens = 0  # tokens the last :meth:`step` generated, over all slots
         self.last_admitted = 0  # requests the last :meth:`step` admitted
         self.moves = 0  # requests moved down to a lower slot (compaction)
@@ -221,6 +258,31 @@ class FirstStageEngine:
             speaker=None if state.speaker is None else set_row(state.speaker, speaker),
         )
 
+    def _reserve(self, state: SlotState, tokens, prompt_length, limit, speaker, key, sampling, slot) -> SlotState:
+        """Slot ``slot`` set up for a piece-by-piece prefill: its values, and its tokens row (1, block) holding
+        the prompt; it stays done (no decoding) until its last piece is in."""
+        set_row = lambda whole, row: whole.at[slot].set(row[0])
+        return state.replace(
+            tokens=set_row(state.tokens, tokens), lengths=set_row(state.lengths, prompt_length),
+            done=state.done.at[slot].set(True), finished=state.finished.at[slot].set(False),
+            prompt_lengths=set_row(state.prompt_lengths, prompt_length), limits=set_row(state.limits, limit),
+            keys=set_row(state.keys, key),
+            sampling={name: set_row(state.sampling[name], value) for name, value in sampling.items()},
+            speaker=None if state.speaker is None else set_row(state.speaker, speaker),
+        )
+
+    def _first_token(self, state: SlotState, logits, slot, now) -> SlotState:
+        """Where ``now``: slot ``slot`` after its prefill, its first token sampled from ``logits`` (2, V) (its
+        rows' last prompt position) as :func:`mvjax.inference.decode.prefill` samples a batch of one."""
+        n, limit = state.prompt_lengths[slot][None], state.limits[slot][None]
+        one = LoopState(tokens=state.tokens[slot][None], lengths=n, done=n >= limit, finished=jnp.zeros((1,), bool),
+                        cache=None, step_logits=None)
+        one = self._advance(n, limit, state.keys[slot][None],
+                            {name: value[slot][None] for name, value in state.sampling.items()})(one, logits)
+        put = lambda whole, row: whole.at[slot].set(jnp.where(now, row[0], whole[slot]))
+        return state.replace(tokens=put(state.tokens, one.tokens), lengths=put(state.lengths, one.lengths),
+                             done=put(state.done, one.done), finished=put(state.finished, one.finished))
+
     def _move(self, state: SlotState, source, target) -> SlotState:
         """Slot ``source``'s request moved to slot ``target`` (cache rows and per-slot values)."""
         cache = state.cache
@@ -230,13 +292,25 @@ class FirstStageEngine:
                                        state.replace(cache=None, step_logits=None))
         return moved.replace(cache=cache, done=moved.done.at[source].set(True))
 
-    def _generate_fn(self, window: int, rows: int):
-        if (window, rows) not in self._generate_fns:
-            self._generate_fns[window, rows] = jax.jit(functools.partial(self._generate, window=window, rows=rows),
-                                                       donate_argnums=(1,))
-        return self._generate_fns[window, rows]
+    def _generate_fn(self, window: int, rows: int, piece: Optional[tuple[int, int]] = None):
+        """The generate call over ``rows`` slots and ``window`` positions; ``piece``: (piece size, prefill
+        window) of a call that also prefills a slot piece by piece, None for decoding only."""
+        shape = (window, rows) if piece is None else (window, rows, piece)
+        if shape not in self._generate_fns:
+            fn = self._generate if piece is None else self._generate_with_prefill
+            kw = {} if piece is None else {"piece": piece}
+            self._generate_fns[shape] = jax.jit(functools.partial(fn, window=window, rows=rows, **kw),
+                                                donate_argnums=(1,))
+        return self._generate_fns[shape]
 
-    def _generate(self, params, state: SlotState, hand_back, *, window: int, rows: int) -> SlotState:
+    def _generate_with_prefill(self, params, state: SlotState, hand_back, start, slot, *, window: int, rows: int,
+                               piece: tuple[int, int]):
+        """:meth:`_generate`, whose first steps also prefill slot ``slot`` (reserved by :meth:`_reserve`) one
+        piece at a time from prompt position ``start``, until its prompt is in or the call's steps are
+        used up. Returns the state and the position the next piece starts at."""
+        return self._generate(params, state, hand_back, window=window, rows=rows, prefill=(start, slot, piece))
+
+    def _generate(self, params, state: SlotState, hand_back, *, window: int, rows: int, prefill=None):
         """Up to ``steps`` tokens for slots ``0 .. rows - 1`` (every running slot lies there),
         attending to ``window`` cache positions. With ``hand_back`` (a request is waiting for a
         slot) the call also ends after the step in which a running slot finishes, so the slot is
@@ -266,21 +340,55 @@ class FirstStageEngine:
             i, st = carry
             return i + 1, decode_step(st, logits_fn, window, advance)
 
+        def fits(st):
+            next_write = jnp.where(st.done, 0, st.lengths - 1)
+            return jnp.all(next_write < window)
+
         def more(carry):
             i, st = carry
-            next_write = jnp.where(st.done, 0, st.lengths - 1)
             retired = jnp.any(st.done & ~idle_at_start)
-            return (i < self.steps) & jnp.any(~st.done) & jnp.all(next_write < window) & ~(hand_back & retired)
+            return (i < self.steps) & jnp.any(~st.done) & fits(st) & ~(hand_back & retired)
 
-        _, state = jax.lax.while_loop(more, body, (jnp.int32(0), state))
+        start = steps_done = jnp.int32(0)
+        if prefill is not None:
+            start, slot, (size, prefill_window) = prefill
+            length = state.prompt_lengths[slot]
+            pair = (slot, rows + slot)  # the slot's conditioned and unconditioned cache rows in this call's layout
+            row_ids = jnp.arange(rows)
+
+            def piece_body(carry):
+                i, start, st = carry
+                # Decode rows as decode_step feeds them. The prefilling slot's pair writes its (ignored) step
+                # after the piece, at the next piece's first position or, after the last piece, at the first
+                # decode position: both are rewritten before anything reads them.
+                last_pos = jnp.maximum(st.lengths - 1, 0).at[slot].set(jnp.minimum(start + size, length))
+                tok = st.tokens[row_ids, last_pos]
+                piece = jax.lax.dynamic_slice_in_dim(st.tokens[slot], start, size)
+                logits, piece_logits, cache = apply_with_piece(
+                    cfg, params, jnp.concatenate([tok, tok])[:, None], jnp.concatenate([last_pos, last_pos])[:, None],
+                    speaker_rows, st.cache, jnp.stack([piece, piece]), start, pair,
+                    None if st.speaker is None else st.speaker[slot], prefill_window,
+                    jnp.clip(length - 1 - start, 0, size - 1), dtype, attend=window)
+                st = advance(st.replace(cache=cache), logits[:, 0])
+                return i + 1, start + size, self._first_token(st, piece_logits, slot, start + size >= length)
+
+            def piece_more(carry):
+                i, start, st = carry
+                return (i < self.steps) & (start < length) & fits(st)
+
+            steps_done, start, state = jax.lax.while_loop(piece_more, piece_body, (steps_done, start, state))
+            # Requests waiting: end the call once this prefill is in, so the next admission starts.
+            steps_done = jnp.where(hand_back, self.steps, steps_done)
+        _, state = jax.lax.while_loop(more, body, (steps_done, state))
         if not sliced:
-            return state
+            return state if prefill is None else (state, start)
         # Back in place: each half's rows, first ``window`` positions (put_rows writes a smaller block as is).
         cache = put_rows(whole.cache, take_rows(state.cache, 0, rows), 0)
         cache = put_rows(cache, take_rows(state.cache, rows, rows), self.slots)
         merged = jax.tree_util.tree_map(lambda a, part: a.at[:rows].set(part), whole.replace(cache=None),
                                         state.replace(cache=None))
-        return merged.replace(cache=cache)
+        merged = merged.replace(cache=cache)
+        return merged if prefill is None else (merged, start)
 
     def _pairs(self, cache: list, rows: int) -> list:
         """The cache rows of slots ``0 .. rows - 1``: their conditioned rows, then their unconditioned ones."""
@@ -313,6 +421,7 @@ class FirstStageEngine:
         """Forget every waiting and running request (after an error mid-run) and free the cache."""
         self.waiting.clear()
         self.running.clear()
+        self._prefill = None
         self._state = None
 
     def cancel(self, predicate) -> int:
@@ -328,6 +437,8 @@ class FirstStageEngine:
             self._state = self._free(self._state, mask)
             for slot in slots:
                 del self.running[slot]
+                if self._prefill is not None and self._prefill.slot == slot:
+                    self._prefill = None
         return dropped + len(slots)
 
     def release(self) -> None:
@@ -348,7 +459,9 @@ class FirstStageEngine:
             raise ValueError("this model has no speaker projection: give no speaker embedding")
         self.waiting.append(request)
 
-    def _admit(self, request: EngineRequest, slot: int) -> None:
+    def _admit(self, request: EngineRequest, slot: int, in_pieces: bool = False) -> None:
+        """``request`` into ``slot``: prefilled whole now, or (``in_pieces``) reserved for a piece-by-piece
+        prefill during the next generate calls."""
         if self._state is None:
             self._state = self._empty_state()
         prompt = np.asarray(request.prompt, np.int32)
@@ -365,25 +478,42 @@ class FirstStageEngine:
             if request.speaker is not None:
                 speaker[0] = np.asarray(request.speaker, np.float32).reshape(-1)
         key = np.asarray(request.key, np.uint32).reshape(1, 2)
+        if in_pieces:
+            row = np.zeros((1, self.block_size), np.int32)
+            row[0, :n] = prompt
+            self._state = self._reserve_fn(self._state, row, np.array([n], np.int32), np.array([limit], np.int32),
+                                           speaker, key, sampling, np.int32(slot))
+            self._prefill = _Prefill(slot, n, *self._piece_shape(plen))
+            self.running[slot] = (request, time.monotonic())
+            self._lengths[slot] = n
+            return
         self._state = self._admit_fn(plen)(
             self.decoder.params, self._state, padded, np.array([n], np.int32), np.array([limit], np.int32),
             speaker, key, sampling, np.int32(slot))
         self.running[slot] = (request, time.monotonic())
         self._lengths[slot] = n + 1
 
+    def _piece_shape(self, plen: int) -> tuple[int, int]:
+        """(piece size, attention window) of a piece-by-piece prefill of a prompt in bucket ``plen``: pieces
+        tile the bucket (both powers of two) and attend over the window a whole-prompt prefill of it uses."""
+        return min(self.prefill_chunk, plen), cache_windows(plen, self.block_size)[0]
+
     def _window(self, rows: int) -> int:
-        """The smallest window in which every running slot can take ``steps`` more tokens, or the
-        whole block (:meth:`_whole_cache`)."""
+        """The smallest window in which every running slot can take ``steps`` more tokens (and a slot being
+        prefilled can take its pieces), or the whole block (:meth:`_whole_cache`)."""
         if self._whole_cache(rows):
             return self.block_size
         longest = max(int(self._lengths[s]) for s in self.running)
         need = longest + self.steps - 1  # the last write position of this call, plus one
+        if self._prefill is not None:  # its pieces, and its first steps once they are in
+            need = max(need, self._prefill.window, self._prefill.length + self.steps)
         return next((w for w in self.windows if w >= need), self.block_size)
 
     def precompile(self, max_prompt: int = 128, max_window: Optional[int] = None) -> int:
         """Compile ahead what serving will meet: the admit call of every prompt bucket up to
         ``max_prompt`` tokens, and the generate call of every (window up to ``max_window``, power-of-two
-        rows) pair, by running each on idle slots (nothing is decoded). Only while idle. Returns the
+        rows) pair, with each piece shape of those buckets' piece-by-piece prefill too, by running
+        each on idle slots (nothing is decoded). Only while idle. Returns the
         number of functions compiled."""
         if not self.idle:
             raise RuntimeError("precompile needs an idle engine")
@@ -398,6 +528,10 @@ class FirstStageEngine:
                                          np.ones(1, np.int32), np.full(1, 2, np.int32), speaker, key, sampling,
                                          np.int32(0))
         state = self._move_fn(state, np.int32(min(1, self.slots - 1)), np.int32(0))
+        if self.prefill_chunk:
+            state = self._reserve_fn(state, np.zeros((1, self.block_size), np.int32), np.ones(1, np.int32),
+                                     np.full(1, 2, np.int32), speaker, key, sampling, np.int32(0))
+        pieces = sorted({self._piece_shape(plen) for plen in buckets}) if self.prefill_chunk else []
         rows = sorted({min(self.slots, 1 << i) for i in range(self.slots.bit_length() + 1)})
         shapes = {}  # (window, rows) of every call, in order: calls over the whole cache share one
         for window in self.windows:
@@ -407,6 +541,10 @@ class FirstStageEngine:
                 break
         for window, r in shapes:
             state = self._generate_fn(window, r)(self.decoder.params, state, np.bool_(False))
+            for piece in pieces:  # a prefill of slot 0 whose prompt is already in (its loop runs no step)
+                if piece[1] <= window:
+                    state, _ = self._generate_fn(window, r, piece)(self.decoder.params, state, np.bool_(False),
+                                                                   np.int32(1), np.int32(0))
         jax.block_until_ready(state.lengths)
         return self.compile_count - before
 
@@ -419,16 +557,25 @@ class FirstStageEngine:
             dest = free.pop(0)
             self._state = self._move_fn(self._state, np.int32(source), np.int32(dest))
             self.running[dest] = self.running.pop(source)
+            if self._prefill is not None and self._prefill.slot == source:
+                self._prefill.slot = dest
             self.moves += 1
             self._lengths[dest] = self._lengths[source]
 
     def step(self) -> list[EngineResult]:
-        """Admit waiting requests into free slots, run one generate call, retire finished slots."""
+        """Admit waiting requests into free slots, run one generate call, retire finished slots.
+
+        With ``prefill_chunk``, a request admitted while other slots decode is prefilled piece by
+        piece inside the generate calls (one such request at a time; the others wait for it)."""
         admitted = 0
+        decoding = bool(self.running)  # slots that have produced tokens: an admission must not stall them
         for slot in range(self.slots):
-            if not self.waiting:
+            if not self.waiting or self._prefill is not None:
                 break
             if slot not in self.running:
+                if self.prefill_chunk and decoding:
+                    self._admit(self.waiting.popleft(), slot, in_pieces=True)
+                    break
                 self._admit(self.waiting.popleft(), slot)
                 admitted += 1  # its first token came from the prefill
         self.last_step_tokens = admitted
@@ -437,21 +584,40 @@ class FirstStageEngine:
             return []
         self._compact()
         rows = min(self.slots, next_pow2(max(self.running) + 1))
-        # Requests still waiting: every slot is taken, so end the call as soon as one frees up.
+        # Requests still waiting: every slot is taken, so end the call as soon as one frees up; or a
+        # request is being prefilled in pieces, so end it once that is done and admit the next.
         hand_back = np.bool_(bool(self.waiting))
-        self._state = self._generate_fn(self._window(rows), rows)(self.decoder.params, self._state, hand_back)
-        done, lengths, finished = jax.device_get((self._state.done, self._state.lengths, self._state.finished))
+        window = self._window(rows)
+        prefill = self._prefill
+        if prefill is None:
+            self._state = self._generate_fn(window, rows)(self.decoder.params, self._state, hand_back)
+            start = None
+        else:
+            self._state, start = self._generate_fn(window, rows, (prefill.piece, prefill.window))(
+                self.decoder.params, self._state, hand_back, np.int32(prefill.start), np.int32(prefill.slot))
+        done, lengths, finished, start = jax.device_get(
+            (self._state.done, self._state.lengths, self._state.finished, start))
         now = time.monotonic()
         results = []
         tokens = None
-        grown = [int(lengths[slot] - self._lengths[slot]) for slot in self.running]
-        self.last_step_tokens += sum(grown)
-        self.steps_run += max(grown)
-        self.tokens_generated += sum(grown)
-        self.row_steps += rows * max(grown)
+        grown = {slot: int(lengths[slot] - self._lengths[slot]) for slot in self.running}
+        if prefill is not None:
+            prefill.start = int(start)
+            if prefill.start < prefill.length:  # still prefilling: not decoding yet
+                del grown[prefill.slot]
+            else:  # its first token came from the last piece
+                self._prefill = None
+                grown[prefill.slot] -= 1
+                self.last_admitted += 1
+                self.last_step_tokens += 1
+        self.last_step_tokens += sum(grown.values())
+        most = max(grown.values(), default=0)
+        self.steps_run += most
+        self.tokens_generated += sum(grown.values())
+        self.row_steps += rows * most
         for slot in sorted(self.running):
             self._lengths[slot] = lengths[slot]
-            if not done[slot]:
+            if not done[slot] or slot == getattr(self._prefill, "slot", None):
                 continue
             request, admitted = self.running.pop(slot)
             n = int(lengths[slot])

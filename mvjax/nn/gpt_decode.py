@@ -124,6 +124,62 @@ def _linear(p, x):
     return y
 
 
+def _embed(config: GPTConfig, params: dict, tokens: jnp.ndarray, positions: jnp.ndarray, speaker_term, dtype):
+    """Token plus position embeddings, feature-major (D, N) for flat ``tokens``/``positions`` (N,),
+    plus ``speaker_term`` (D, N) or None, cast to ``dtype``."""
+    x = _rows(params["wte"], tokens) + params["wpe"][positions].astype(jnp.float32)
+    x = x.T
+    if speaker_term is not None:
+        x = x + speaker_term
+    return x.astype(dtype)
+
+
+def _layers(config: GPTConfig, params: dict, x, cache: list, attention):
+    """The transformer blocks over x (D, N). ``attention(cache_k, cache_v, qkv) -> (y (D, N), cache_k, cache_v)``
+    writes each layer's keys and values and attends; returns (final-normed x, new cache)."""
+    new_cache = []
+    for lp, (cache_k, cache_v) in zip(params["layers"], cache):
+        h = _norm(config, lp["ln_1"], x)
+        qkv = _linear(lp["attn"]["c_attn"], h)
+        y, cache_k, cache_v = attention(cache_k, cache_v, qkv)
+        new_cache.append((cache_k, cache_v))
+        x = x + _linear(lp["attn"]["c_proj"], y)
+
+        h = _norm(config, lp["ln_2"], x)
+        mlp = lp["mlp"]
+        if config.nonlinearity_type == "swiglu":
+            h = jax.nn.silu(_linear(mlp["w1"], h)) * _linear(mlp["w3"], h)
+        else:
+            h = jax.nn.gelu(_linear(mlp["c_fc"], h), approximate=False)
+        x = x + _linear(mlp["c_proj"], h)
+    return _norm(config, params["ln_f"], x), new_cache
+
+
+def _head(params: dict, x):
+    """Logits (V, N) of the normed x (D, N). The barrier keeps XLA from folding a later transpose
+    into the dot: on CPU the transposed-output dot left the thread-pooled matmul library for a
+    single-threaded one (19 ms of a 224 ms step at the released shape, batch 1)."""
+    return jax.lax.optimization_barrier(_matmul(params["wte"], x))
+
+
+def _attention_block(config: GPTConfig, qkv, cache_k, cache_v, positions, cache_len: int, dtype, kernel: bool = True):
+    """One layer's attention for ``rows`` rows of ``length`` tokens each (qkv (3D, rows * length), column
+    r * length + t): keys and values written at ``positions`` (rows, length), then causal attention over
+    the first ``cache_len`` cache slots -> (y (D, rows * length), cache_k, cache_v)."""
+    width, heads, head_dim = config.n_embd, config.n_head, config.head_dim
+    rows, length = positions.shape
+
+    def split(a, last):  # (D, N) -> (R, H, T, hd), or the cache layout (R, H, hd, T) with ``last``
+        a = a.reshape(heads, head_dim, rows, length)
+        return a.transpose(2, 0, 1, 3) if last else a.transpose(2, 0, 3, 1)
+
+    q = split(qkv[:width], False)
+    k, v = split(qkv[width:2 * width], True), split(qkv[2 * width:], True)
+    cache_k, cache_v = kv_cache.write(cache_k, k, positions), kv_cache.write(cache_v, v, positions)
+    y = kv_cache.attend(q, cache_k, cache_v, positions, cache_len, dtype, kernel=kernel)
+    return y.transpose(1, 3, 0, 2).reshape(width, rows * length), cache_k, cache_v
+
+
 def apply_tokens(
     config: GPTConfig,
     params: dict,
@@ -141,48 +197,87 @@ def apply_tokens(
     below it); the cache itself keeps its full length and is updated in place.
     Returns (float32 logits (R, T, V), new cache)."""
     rows, length = tokens.shape
-    width, heads, head_dim = config.n_embd, config.n_head, config.head_dim
     n = rows * length
-
-    # Embedding, feature-major (D, N) with n = r * T + t.
-    x = _rows(params["wte"], tokens.reshape(n)) + params["wpe"][positions.reshape(n)].astype(jnp.float32)
-    x = x.T
-    if speaker_emb is not None:
-        speaker_term = _matmul(params["speaker_proj"], speaker_emb.T)  # (D, R)
-        x = x + jnp.repeat(speaker_term, length, axis=1)
-    x = x.astype(dtype)
-
+    speaker_term = None
+    if speaker_emb is not None:  # (D, R), repeated over each row's tokens (column n = r * T + t)
+        speaker_term = jnp.repeat(_matmul(params["speaker_proj"], speaker_emb.T), length, axis=1)
+    x = _embed(config, params, tokens.reshape(n), positions.reshape(n), speaker_term, dtype)
     cache_len = kv_cache.length(cache) if attend is None else min(attend, kv_cache.length(cache))
 
-    def split_heads(a):  # (D, N) -> (R, H, T, hd)
-        return a.reshape(heads, head_dim, rows, length).transpose(2, 0, 3, 1)
+    def attention(cache_k, cache_v, qkv):
+        return _attention_block(config, qkv, cache_k, cache_v, positions, cache_len, x.dtype)
 
-    def split_heads_positions_last(a):  # (D, N) -> (R, H, hd, T), the cache layout
-        return a.reshape(heads, head_dim, rows, length).transpose(2, 0, 1, 3)
+    x, new_cache = _layers(config, params, x, cache, attention)
+    return _head(params, x).T.reshape(rows, length, -1), new_cache
 
-    new_cache = []
-    for lp, (cache_k, cache_v) in zip(params["layers"], cache):
-        h = _norm(config, lp["ln_1"], x)
-        qkv = _linear(lp["attn"]["c_attn"], h)
-        q = split_heads(qkv[:width])
-        k, v = split_heads_positions_last(qkv[width:2 * width]), split_heads_positions_last(qkv[2 * width:])
-        cache_k, cache_v = kv_cache.write(cache_k, k, positions), kv_cache.write(cache_v, v, positions)
-        new_cache.append((cache_k, cache_v))
-        y = kv_cache.attend(q, cache_k, cache_v, positions, cache_len, x.dtype)
-        y = y.transpose(1, 3, 0, 2).reshape(width, n)
-        x = x + _linear(lp["attn"]["c_proj"], y)
 
-        h = _norm(config, lp["ln_2"], x)
-        mlp = lp["mlp"]
-        if config.nonlinearity_type == "swiglu":
-            h = jax.nn.silu(_linear(mlp["w1"], h)) * _linear(mlp["w3"], h)
-        else:
-            h = jax.nn.gelu(_linear(mlp["c_fc"], h), approximate=False)
-        x = x + _linear(mlp["c_proj"], h)
+def apply_with_piece(
+    config: GPTConfig,
+    params: dict,
+    tokens: jnp.ndarray,
+    positions: jnp.ndarray,
+    speaker_emb: Optional[jnp.ndarray],
+    cache: list,
+    piece: jnp.ndarray,
+    piece_start,
+    piece_rows: tuple,
+    piece_speaker: Optional[jnp.ndarray],
+    piece_window: int,
+    piece_last,
+    dtype=jnp.float32,
+    attend: Optional[int] = None,
+):
+    """One decode step for R cache rows plus a prefill piece for one more utterance, in one pass over the weights.
 
-    x = _norm(config, params["ln_f"], x)
-    # (V, N). The barrier keeps XLA from folding the transpose below into the dot: on CPU the
-    # transposed-output dot left the thread-pooled matmul library for a single-threaded one
-    # (19 ms of a 224 ms step at the released shape, batch 1).
-    logits = jax.lax.optimization_barrier(_matmul(params["wte"], x))
-    return logits.T.reshape(rows, length, -1), new_cache
+    ``tokens``, ``positions`` (R, 1), ``speaker_emb`` (R, S) or None: the decode rows, as :func:`apply_tokens`
+    with T == 1. ``piece`` (2, P): the utterance's conditioned and unconditioned rows of prompt tokens at
+    positions ``piece_start .. piece_start + P - 1``, kept in cache rows ``piece_rows`` (two traced row
+    indices). The piece is written before the decode rows: a decode row of that pair (the caller ignores its
+    output) must write where nothing is read before being rewritten (the next piece's or first step's position).
+    ``piece_speaker`` (S,) or None: its conditioned row's embedding. The piece attends through XLA over the
+    first ``piece_window`` slots of its two rows, as a whole-prompt prefill with that window does, so the
+    piece's keys, values and logits are the prefill's up to float32 rounding (XLA compiles the products over
+    a different set of columns; ~2e-7 on a random model). Every matrix product sees the decode rows' and the
+    piece's columns together (weights read once).
+    Returns (decode logits (R, 1, V), the piece's logits at ``piece_last`` (2, V), new cache)."""
+    rows = tokens.shape[0]
+    length = piece.shape[1]
+    piece_positions = jnp.broadcast_to(piece_start + jnp.arange(length, dtype=jnp.int32), piece.shape)
+    speaker_term = None
+    if speaker_emb is not None:
+        own = jnp.stack([piece_speaker, jnp.zeros_like(piece_speaker)])
+        term = _matmul(params["speaker_proj"], jnp.concatenate([speaker_emb, own]).T)  # (D, R + 2)
+        speaker_term = jnp.concatenate([term[:, :rows], jnp.repeat(term[:, rows:], length, axis=1)], axis=1)
+    x = _embed(config, params, jnp.concatenate([tokens.reshape(rows), piece.reshape(2 * length)]),
+               jnp.concatenate([positions.reshape(rows), piece_positions.reshape(2 * length)]), speaker_term, dtype)
+    cache_len = kv_cache.length(cache) if attend is None else min(attend, kv_cache.length(cache))
+
+    def attention(cache_k, cache_v, qkv):
+        # Every write before every read, so each layer's cache is updated in place (a read between two
+        # writes made XLA copy the whole cache).
+        q, k, v = _piece_heads(config, qkv[:, rows:], length)
+        cache_k = kv_cache.write_rows(cache_k, k, piece_rows, piece_start)
+        cache_v = kv_cache.write_rows(cache_v, v, piece_rows, piece_start)
+        y_rows, cache_k, cache_v = _attention_block(config, qkv[:, :rows], cache_k, cache_v, positions, cache_len,
+                                                    x.dtype)
+        own_k = kv_cache.read_rows(cache_k, piece_rows, piece_window)
+        own_v = kv_cache.read_rows(cache_v, piece_rows, piece_window)
+        y_piece = kv_cache.attend(q, own_k, own_v, piece_positions, piece_window, x.dtype, kernel=False)
+        y_piece = y_piece.transpose(1, 3, 0, 2).reshape(config.n_embd, 2 * length)
+        return jnp.concatenate([y_rows, y_piece], axis=1), cache_k, cache_v
+
+    x, new_cache = _layers(config, params, x, cache, attention)
+    last = jnp.array([0, length], jnp.int32) + piece_last
+    logits = _head(params, jnp.concatenate([x[:, :rows], x[:, rows + last]], axis=1)).T
+    return logits[:rows, None], logits[rows:], new_cache
+
+
+def _piece_heads(config: GPTConfig, qkv, length: int):
+    """A piece's queries (2, H, T, hd), keys and values (2, H, hd, T, the cache layout) from qkv (3D, 2T)."""
+    width, heads, head_dim = config.n_embd, config.n_head, config.head_dim
+
+    def split(a, last):
+        a = a.reshape(heads, head_dim, 2, length)
+        return a.transpose(2, 0, 1, 3) if last else a.transpose(2, 0, 3, 1)
+
+    return split(qkv[:width], False), split(qkv[width:2 * width], True), split(qkv[2 * width:], True)

@@ -128,10 +128,12 @@ def step_kernel_used(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.float32 and cache_kernel_used()
 
 
-def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dtype) -> jnp.ndarray:
+def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dtype,
+           kernel: bool = True) -> jnp.ndarray:
     """Causal attention of q (R, H, T, D) over the first ``length`` cache positions (each query sees
-    slots <= its position) -> (R, H, T, D) in ``dtype``."""
-    if q.shape[2] == 1 and step_kernel_used(q.dtype):
+    slots <= its position) -> (R, H, T, D) in ``dtype``. ``kernel=False``: XLA even for one-token
+    queries (a prefill piece of one token, computed as the whole prefill computes it)."""
+    if kernel and q.shape[2] == 1 and step_kernel_used(q.dtype):
         scales = {}
         if isinstance(keys, dict):
             scales = {"key_scale": keys["scale"], "value_scale": values["scale"]}
@@ -144,6 +146,27 @@ def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dt
     scores = jnp.einsum("rhtd,rhds->rhts", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
     return jnp.einsum("rhts,rhds->rhtd", probs.astype(dtype), v.astype(dtype))
+
+
+def write_rows(entry, update: jnp.ndarray, rows, start):
+    """``entry`` with ``update`` (2, H, D, T) stored in cache rows ``rows`` (two traced indices), positions
+    ``start .. start + T - 1`` (one slice update per row; the rest of the cache is left in place)."""
+    if isinstance(entry, dict):
+        new = quantize(update)
+        return {name: write_rows(entry[name], new[name], rows, start) for name in ("q", "scale")}
+    update = _to_bits(update) if entry.dtype == jnp.uint16 else update.astype(entry.dtype)
+    for i, row in enumerate(rows):
+        at = (row,) + (0,) * (entry.ndim - 2) + (start,)
+        entry = jax.lax.dynamic_update_slice(entry, update[i:i + 1], at)
+    return entry
+
+
+def read_rows(entry, rows, length: int):
+    """Cache rows ``rows`` (two traced indices), first ``length`` positions, stacked, in the stored kind."""
+    if isinstance(entry, dict):
+        return {name: read_rows(entry[name], rows, length) for name in ("q", "scale")}
+    size = (1,) + entry.shape[1:-1] + (length,)
+    return jnp.concatenate([jax.lax.dynamic_slice(entry, (row,) + (0,) * (entry.ndim - 1), size) for row in rows])
 
 
 def window_part(cache: list, window: int) -> list:
