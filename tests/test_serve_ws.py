@@ -142,6 +142,7 @@ def test_text_sent_word_by_word_is_spoken_before_the_last_word(served):
     assert session.first_audio is not None and session.first_audio < sent["last"], \
         f"first audio {session.first_audio - sent['last']:.2f} s after the last word was sent"
     done = session.event("audio.done")
+    print(f"first audio {sent['last'] - session.first_audio:.2f} s before the last word; audio.done: {done}")
     assert done["samples"] * 2 == len(session.audio) > 0  # pcm: 2 bytes a sample
     assert done["time_to_first_audio"] is not None and done["time_to_first_audio"] > 0
     sentences = split_sentences(PARAGRAPH)
