@@ -114,7 +114,8 @@ def test_no_module_is_too_long_without_saying_why():
 # Inside mvjax.inference, the path of a text: the options and the stage objects, the scheduler that
 # runs chunks through them, and the TTS object on top that loads a model and wires it.
 INFERENCE_ORDER = ["options", "stages", "scheduler", "streaming", "pipeline"]
-SERVE_MAY_USE = {"mvjax.inference.options", "mvjax.inference.scheduler"}  # the server reaches inference here
+# The server reaches inference here (longform: where sentences end, for text that arrives in pieces).
+SERVE_MAY_USE = {"mvjax.inference.options", "mvjax.inference.scheduler", "mvjax.inference.longform"}
 
 
 def _inference_imports(path: Path) -> set[str]:

@@ -194,7 +194,7 @@ def _malformed_cases() -> list[tuple[str, str, str, dict]]:
         "response_format": [1, ["wav"], "aac", "WAVE", "mp4", "wav;rate=8000", "../wav", "ogg"],
         "speed": ["fast", 0, 0.5, 2, 4.0, -1, 0.999, True, [1]],
         "instructions": ["speak slowly", 1, ["x"]],
-        "stream_format": ["sse", "", 1],
+        "stream_format": ["events", "", 1],  # "sse" is valid: server-sent events
         "stream": ["yes", 1, 0, "true", None, [True]],
         "seed": [-1, 2**32, 2**64, 1.5, "1", True, [1], -(2**63)],
         "temperature": [-0.1, 5.01, 100, "1", None, True, [1.0], float("nan"), float("inf"), -1e300],

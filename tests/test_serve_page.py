@@ -111,6 +111,10 @@ def test_page_speaks_and_plays_the_stream(server, browser):
     print("page state:", state)
     assert state["seed"] == "7"
     assert "first audio after" in browser.find_element(By.ID, "status").text
+    readout = browser.find_element(By.ID, "ttfa")  # the time to first audio stays on show
+    assert readout.is_displayed() and re.search(r"Time to first audio: \d+\.\d\d s \(server \d+\.\d\d s\)",
+                                                readout.text), readout.text
+    assert 0 < state["serverTtfa"] <= state["ttfa"]
 
     player = browser.find_element(By.ID, "player")
     src = player.get_attribute("src")

@@ -215,14 +215,14 @@ def test_the_access_line_adds_the_text_only_with_log_text_escaped():
     client text; without it the line has the job's summary and no text."""
     import dataclasses
 
-    from mvjax.serve.app import _job_words
+    from mvjax.serve.guard import job_words
     from mvjax.serve.settings import ServerSettings
 
     one = make_job(["Hello\tthere.", "Bye \u00e9 now."], np.zeros(256, np.float32), 9, time.monotonic() + 60, voice="demo")
     scope = {"state": {"job": one}}
-    plain = _job_words(scope, ServerSettings())
+    plain = job_words(scope, ServerSettings())
     assert plain.startswith(f" (job {one.id}: unfinished, voice demo, seed 9, 22 characters in 2 chunks, 0 tokens, ")
     assert "Hello" not in plain
-    logged = _job_words(scope, dataclasses.replace(ServerSettings(), log_text=True))
+    logged = job_words(scope, dataclasses.replace(ServerSettings(), log_text=True))
     assert logged.endswith(", text 'Hello\\tthere. Bye \\xe9 now.')"), logged
-    assert _job_words({}, ServerSettings()) == "" and _job_words({"state": {}}, ServerSettings()) == ""
+    assert job_words({}, ServerSettings()) == "" and job_words({"state": {}}, ServerSettings()) == ""

@@ -28,19 +28,36 @@ _ABBREVIATIONS = {
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+(?=-\s)")
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` (punctuation kept with its sentence)."""
-    pieces, start = [], 0
+def _sentence_ends(text: str):
+    """Where each sentence of ``text`` ends (after the whitespace that follows its punctuation)."""
+    start = 0
     for match in _SENTENCE_END.finditer(text):
         candidate = text[start:match.start()].rstrip()
         last_word = candidate.split()[-1] if candidate.split() else ""
         stem = last_word.rstrip(".!?\"')]").lower()
         if last_word.endswith(".") and (stem in _ABBREVIATIONS or (len(stem) == 1 and stem.isalpha())):
             continue
-        pieces.append(text[start:match.end()].strip())
         start = match.end()
+        yield start
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` (punctuation kept with its sentence)."""
+    pieces, start = [], 0
+    for end in _sentence_ends(text):
+        pieces.append(text[start:end].strip())
+        start = end
     pieces.append(text[start:].strip())
     return [p for p in pieces if p]
+
+
+def complete_sentences(text: str) -> tuple[str, str]:
+    """(the complete sentences at the start of ``text``, stripped; the rest) for text that arrives in
+    pieces: a sentence is complete once whitespace follows its end (so "3." may still become "3.5")."""
+    end = 0
+    for end in _sentence_ends(text):
+        pass
+    return text[:end].strip(), text[end:]
 
 
 def split_clauses(sentence: str) -> list[str]:

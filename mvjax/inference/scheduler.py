@@ -22,7 +22,10 @@ its tokens do not depend on what it was batched with. The library (:meth:`mvjax.
 adds its texts and steps until :attr:`Scheduler.idle`; the server's worker adds requests as they
 come, steps in its own thread and drops utterances whose client left (:meth:`Scheduler.drop`).
 A scheduler is driven from one thread; ``lock`` (the server's) guards its bookkeeping against
-readers in other threads.
+readers in other threads. An utterance may stay *open* for text still arriving (the server's
+WebSocket): :meth:`Scheduler.extend` adds planned pieces from another thread, :meth:`Scheduler.close_text`
+says no more will come. (The module is long because rounds, re-splits, streaming and delivery share
+one set of books.)
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ log = logging.getLogger("mvjax")
 class Utterance:
     """One text for the scheduler. ``pieces``: its planned chunk texts (normalised); ``key``: its
     (2,) uint32 key; ``deliver(utterance, chunks)``: called with each planned chunk's pieces, in
-    order, as they are ready (default: kept in :attr:`chunks`)."""
+    order, as they are ready (default: kept in :attr:`chunks`). ``open``: more pieces may still come
+    (:meth:`Scheduler.extend`); it is not :attr:`done` until :meth:`Scheduler.close_text`."""
 
     pieces: Sequence[str]
     embedding: np.ndarray
@@ -65,9 +69,12 @@ class Utterance:
     index: int = 0  # its place in a batch of texts (warnings name it)
     text: str = ""  # the whole normalised text (for the caller)
     chunks: list = dataclasses.field(default_factory=list)  # delivered chunks (without ``deliver``)
+    open: bool = False  # text still arriving: pieces may be added
 
     def __post_init__(self):
         self.embedding = np.asarray(self.embedding, np.float32)
+        if self.open:
+            self.pieces = list(self.pieces)
         self.todo = collections.deque(range(len(self.pieces)))  # planned chunks not yet started
         self.running = 0  # chunks started and not delivered (a re-split adds one per half)
         self.in_first = 0  # chunks in the first stage now
@@ -85,7 +92,7 @@ class Utterance:
 
     @property
     def done(self) -> bool:
-        return self.next_index == len(self.pieces)
+        return not self.open and self.next_index == len(self.pieces)
 
     @property
     def busy(self) -> bool:
@@ -150,6 +157,30 @@ class Scheduler:
             utterance.order = next(self._admitted)
             self.utterances.append(utterance)
         return utterance
+
+    def extend(self, utterance: Utterance, pieces: Sequence[str]) -> None:
+        """Add planned ``pieces`` to an open utterance (from any thread; nothing once it is dropped)."""
+        with self.lock:
+            if not utterance.open:
+                raise ValueError("only an open utterance takes more text")
+            if utterance.dropped:
+                return
+            first = len(utterance.pieces)
+            utterance.pieces.extend(pieces)
+            utterance.todo.extend(range(first, len(utterance.pieces)))
+
+    def close_text(self, utterance: Utterance) -> None:
+        """No more pieces for ``utterance``: it is done once what it has is delivered (at once, with no
+        chunks, when that already happened)."""
+        with self.lock:
+            if not utterance.open:
+                return
+            utterance.open = False
+            if utterance.done and not utterance.dropped:
+                if utterance in self.utterances:
+                    self.utterances.remove(utterance)
+                if utterance.deliver is not None:
+                    utterance.deliver(utterance, [])
 
     def drop(self, utterance: Utterance) -> None:
         """Stop working on ``utterance``: its chunks not started never are, its chunks in the engine

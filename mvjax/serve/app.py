@@ -7,7 +7,9 @@ Routes: ``POST /v1/audio/speech`` (OpenAI-compatible, plus ``seed``, ``temperatu
 ``guidance_scale``, ``decoder``, ``enhance`` and ``stream``), ``GET /v1/audio/voices`` and
 ``GET|POST /v1/voices``, ``DELETE /v1/voices/{name}``, the reference server's ``POST /tts`` form
 (without ``speaker_ref_path``: this server never opens a path or URL named in a request),
-``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``/docs``, and the web page at ``/``.
+``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``/docs``, the web page at ``/``, and the
+WebSocket ``/v1/audio/speech/stream`` (text in pieces, audio as it is made: :mod:`mvjax.serve.text_stream`).
+The guard in front of them all (limits, API key, cross-site refusal, access log) is :mod:`mvjax.serve.guard`.
 
 Every error is a JSON body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx
 status; no traceback reaches a client (unexpected failures are logged and answered with 500).
@@ -16,24 +18,20 @@ status; no traceback reaches a client (unexpected failures are logged and answer
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
-import time
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 
 from mvjax.audio.stream import supported_formats
 from mvjax.inference.options import SamplingConfig
-from mvjax.serve.errors import ApiError, error_response, install_errors, loggable
+from mvjax.serve.errors import ApiError, install_errors
+from mvjax.serve.guard import DOCS_ASSETS, install_middleware
 from mvjax.serve.metrics import Metrics
 from mvjax.serve.output import EnhancerPool
 from mvjax.serve.settings import ServerSettings
@@ -50,6 +48,8 @@ from mvjax.serve.speech import (
     streaming_of,
     voice_embedding,
 )
+from mvjax.serve.text_stream import PATH as SOCKET_PATH
+from mvjax.serve.text_stream import serve_socket
 from mvjax.serve.voices import (
     InvalidVoiceName,
     VoiceError,
@@ -63,11 +63,7 @@ log = logging.getLogger("mvjax.serve")
 # The reference server's form names the guidance scale "guidance"; its default and bounds are the library's.
 GUIDANCE, TOP_P = SamplingConfig.spec("guidance_scale"), SamplingConfig.spec("top_p")
 STATIC = Path(__file__).parent / "static"
-OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
-DOCS_ASSETS = "/docs/assets"  # the docs page's script, style and icon (open like the page)
-UPLOAD_PATHS = ("/v1/voices", "/tts")
 NAME_ERRORS = (InvalidVoiceName, VoiceProtected, VoiceExists)  # upload refusals about the name, not the file
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else changes state or spends compute
 
 
 class State:
@@ -107,7 +103,7 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
                          description="MetaVoice-1B text to speech on mvjax: an OpenAI-compatible API, voices, "
                                      "streaming.")
     app.state.mvjax = state
-    _install_middleware(app, state)
+    install_middleware(app, state)
     install_errors(app)
     _speech_routes(app, state)
     _voice_routes(app, state)
@@ -122,158 +118,6 @@ def _on_batch(state: State):
                   stats.utterances, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
 
     return record
-
-
-# --- middleware: body limits, auth, access log, CORS ----------------------------------------
-
-
-class BodyTooLarge(HTTPException):
-    """A request body that grew past its limit while it was read (no or a false Content-Length)."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body is over the limit of {limit} bytes")
-
-
-class Guard:
-    """Plain ASGI middleware (it leaves the client's disconnect visible to the routes, which
-    Starlette's ``BaseHTTPMiddleware`` hides): body size limits, the API key, refusal while
-    draining, cross-site refusal, the request counter and the access log line."""
-
-    def __init__(self, app, state: State):
-        self.app, self.state = app, state
-
-    def _refusal(self, scope, headers: Headers, limit: int) -> Optional[Response]:
-        settings = self.state.settings
-        path, method = scope["path"], scope["method"]
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return error_response(413, f"the request body is over the limit of {limit} bytes")
-        if method not in SAFE_METHODS:
-            refused = _cross_site(headers, scope.get("scheme", "http"), settings.cors_origins)
-            if refused is not None:
-                return error_response(403, refused)
-        if settings.api_key and not _open(path, settings) and not _authorised(headers, settings.api_key):
-            return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                  headers={"WWW-Authenticate": "Bearer"})
-        if self.state.draining and method != "GET":
-            return error_response(503, "the server is shutting down; try another instance",
-                                  headers={"Retry-After": "5", "Connection": "close"})
-        return None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.monotonic()
-        path, method = scope["path"], scope["method"]
-        settings = self.state.settings
-        limit = settings.max_upload_body if path in UPLOAD_PATHS else settings.max_json_bytes
-        status = [500]
-        received = [0]
-
-        async def send_counted(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        async def receive_bounded():
-            message = await receive()
-            if message["type"] == "http.request":
-                received[0] += len(message.get("body", b""))
-                if received[0] > limit:
-                    raise BodyTooLarge(limit)
-            return message
-
-        try:
-            refusal = self._refusal(scope, Headers(scope=scope), limit)
-            if refusal is not None:
-                await refusal(scope, receive, send_counted)
-            else:
-                await self.app(scope, receive_bounded, send_counted)
-        finally:
-            route = path if path in _ROUTES else ("/v1/voices/{name}" if path.startswith("/v1/voices/") else "other")
-            self.state.metrics.requests.labels(route, str(status[0])).inc()
-            log.info("%s %s %d %.0f ms%s", loggable(method, 16), loggable(path), status[0],
-                     (time.monotonic() - start) * 1000, _job_words(scope, settings))
-
-
-def _job_words(scope, settings: ServerSettings) -> str:
-    """What a speech request's access line adds about its synthesis (the job the route left in the
-    request's state; with ``--log-text`` its text, escaped), so each request logs one INFO line."""
-    job = scope.get("state", {}).get("job")
-    if job is None:
-        return ""
-    text = f", text '{loggable(' '.join(job.pieces), settings.max_input_chars)}'" if settings.log_text else ""
-    return f" ({job.summary()}{text})"
-
-
-def _origin(url: str) -> Optional[tuple[str, str, int]]:
-    """(scheme, host, port) of an http(s) origin, or None for anything else (``null``, garbage)."""
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        return None
-    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
-
-
-def _cross_site(headers: Headers, scheme: str, allowed: tuple[str, ...]) -> Optional[str]:
-    """Why a state-changing request comes from another site's page, or None when it may go on.
-
-    A browser names the page's origin in ``Origin``: it must be the server's own (the request's
-    scheme and ``Host``, however the server was reached) or one given with ``--cors-origin``.
-    Without ``Origin``, ``Sec-Fetch-Site: cross-site`` still marks another site's page; a client
-    that is not a browser sends neither and is let through (the API key guards it, when set)."""
-    origin = headers.get("origin")
-    if origin is None:
-        if headers.get("sec-fetch-site", "").strip().lower() == "cross-site":
-            return "cross-site request refused: it comes from another site's page"
-        return None
-    own = _origin(f"{scheme}://{headers.get('host', '')}")
-    theirs = _origin(origin)
-    if theirs is not None and (theirs == own or "*" in allowed or theirs in {_origin(o) for o in allowed}):
-        return None
-    return (f"cross-origin request refused: origin {loggable(origin, 100)!r} is neither this server's own "
-            "nor one allowed with --cors-origin")
-
-
-class JsonCors(CORSMiddleware):
-    """Starlette's CORS middleware answering a refused preflight in the server's JSON error shape."""
-
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
-        if response.status_code < 400:
-            return response
-        kept = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-        reason = bytes(response.body).decode(errors="replace").strip()
-        return error_response(response.status_code, f"CORS preflight refused: {reason}", headers=kept)
-
-
-def _install_middleware(app: FastAPI, state: State) -> None:
-    settings = state.settings
-    app.add_middleware(Guard, state=state)
-    if settings.cors_origins:  # outside the guard: it answers preflight requests, which carry no key
-        app.add_middleware(JsonCors, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type"],
-                           expose_headers=["X-Seed", "X-Sample-Rate", "X-Time-To-First-Audio"])
-
-
-_ROUTES = {"/", "/health", "/metrics", "/v1/audio/speech", "/v1/audio/voices", "/v1/voices", "/v1/models", "/tts"}
-
-
-def _open(path: str, settings: ServerSettings) -> bool:
-    """Paths served without the API key: the page, health, docs (and their assets); ``/metrics`` only when the
-    operator made it public (``--public-metrics``: a scraper without the key)."""
-    return (path in OPEN_PATHS or path.startswith(("/static/", DOCS_ASSETS + "/"))
-            or (path == "/metrics" and settings.public_metrics))
-
-
-def _authorised(headers: Headers, key: str) -> bool:
-    header = headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 def _speech_routes(app: FastAPI, state: State) -> None:
@@ -292,6 +136,11 @@ def _speech_routes(app: FastAPI, state: State) -> None:
         task = SpeechTask(text, embedding, random_or(req.seed), sampling, req.decoder or settings.decoder, fmt, enhance,
                           streaming is not None, req.voice, streaming, req.stream_format == STREAM_SSE)
         return await speak(state, request, task)
+
+    @app.websocket(SOCKET_PATH)
+    async def speech_stream(ws: WebSocket):
+        """Text in pieces, audio as it is made (see :mod:`mvjax.serve.text_stream`)."""
+        await serve_socket(state, ws)
 
     @app.post("/tts", response_class=Response, tags=["speech"],
               responses={200: {"content": {"audio/wav": {}}}})

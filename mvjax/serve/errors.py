@@ -51,6 +51,25 @@ def error_response(status: int, message: str, param=None, headers=None, code=Non
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def validation_message(errors: list, what: str) -> tuple[str, Optional[str]]:
+    """(message, field) for the first of pydantic's ``errors`` about a JSON object (``what``: how to name it)."""
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "form")]
+    param = loc[0] if loc else None  # the request's fields are flat; later parts name union members
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        message, param = f"{what} is not valid JSON", None
+    elif kind == "extra_forbidden":
+        message = f"unknown field {param!r}"
+    elif kind == "missing":
+        message = f"{param} is required"
+    elif kind in ("model_attributes_type", "dict_type"):
+        message = f"{what} must be a JSON object"
+    else:
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+    return message, param
+
+
 def install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -58,22 +77,7 @@ def install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "form")]
-        param = loc[0] if loc else None  # the request's fields are flat; later parts name union members
-        kind = first.get("type", "")
-        if kind == "json_invalid":
-            message, param = "the request body is not valid JSON", None
-        elif kind == "extra_forbidden":
-            message = f"unknown field {param!r}"
-        elif kind == "missing":
-            message = f"{param} is required"
-        elif kind in ("model_attributes_type", "dict_type"):
-            message = "the request body must be a JSON object"
-        else:
-            message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-        return error_response(400, message, param)
+        return error_response(400, *validation_message(exc.errors(), "the request body"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

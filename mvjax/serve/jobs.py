@@ -148,13 +148,14 @@ class Job:
             self._push(error, None)
 
     def _deliver(self, utterance: Utterance, parts: list) -> None:
-        """The scheduler's callback: planned chunk ``parts[0].order[0]`` (its pieces, in order) is ready."""
+        """The scheduler's callback: planned chunk ``parts[0].order[0]`` (its pieces, in order) is ready;
+        no parts: an open utterance was closed with everything delivered."""
         if self.finished is not None:
             return
         out = [ChunkAudio(c.order[0], c.wav, c.report.frames - c.emitted, c.first_stage_codes[:, c.emitted:],
                           c.report.generated_tokens, continues=c.emitted > 0) for c in parts]
         self.tokens += sum(p.generated_tokens for p in out)
-        if self.first_audio is None:
+        if self.first_audio is None and out:
             self.first_audio = time.monotonic()
         if utterance.done:
             self.finished = time.monotonic()

@@ -17,7 +17,7 @@ import logging
 import math
 import secrets
 import time
-from typing import Literal, Optional
+from typing import Awaitable, Callable, Literal, Optional
 
 import numpy as np
 from fastapi import Request
@@ -67,13 +67,13 @@ def sampling_field(name: str):
     return Field(spec.default, le=spec.high, description=spec.help, **low)
 
 
-class SpeechRequest(BaseModel):
-    """``POST /v1/audio/speech``: OpenAI's fields and mvjax's extensions."""
+class SpeechOptions(BaseModel):
+    """How to speak (every field of a speech request but its text): OpenAI's fields and mvjax's extensions.
+    The WebSocket's start message has them too."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr = Field("metavoice-1b", description="any name: this server serves one model")
-    input: StrictStr = Field(..., description="the text to speak (English)")
     voice: StrictStr = Field(..., description="a voice name from GET /v1/audio/voices")
     response_format: Optional[StrictStr] = Field(None, description="wav | pcm | flac | mp3 | opus (see /health)")
     speed: Optional[StrictFloat | StrictInt] = Field(1.0, description="only 1.0: MetaVoice has no rate control")
@@ -94,6 +94,12 @@ class SpeechRequest(BaseModel):
     guidance_scale: StrictFloat | StrictInt = sampling_field("guidance_scale")
     decoder: Optional[Literal[DECODERS]] = Field(None, description="multi-band diffusion or the plain codec")
     enhance: Optional[StrictBool] = Field(None, description="DeepFilterNet3 on the output")
+
+
+class SpeechRequest(SpeechOptions):
+    """``POST /v1/audio/speech``: the text and how to speak it."""
+
+    input: StrictStr = Field(..., description="the text to speak (English)")
 
 
 # --- speech ----------------------------------------------------------------------------------
@@ -122,7 +128,15 @@ class SpeechTask:
 
 def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, bool, str]:
     """(response format, enhance, normalised text) after the checks pydantic cannot express."""
-    fmt = (req.response_format or settings.response_format).lower()
+    fmt, enhance = check_options(req, settings, req.stream or req.stream_format == STREAM_SSE)
+    return fmt, enhance, check_text(req.input, settings)
+
+
+def check_options(req: SpeechOptions, settings: ServerSettings, stream: bool,
+                  default_format: Optional[str] = None) -> tuple[str, bool]:
+    """(response format, enhance) after the checks pydantic cannot express; ``stream``: the audio is
+    streamed (so its format must stream); ``default_format``: instead of the server's."""
+    fmt = (req.response_format or default_format or settings.response_format).lower()
     if fmt not in supported_formats():
         raise ApiError(400, f"response_format {req.response_format!r} is not supported here; "
                        f"supported: {', '.join(supported_formats())}", "response_format")
@@ -131,18 +145,17 @@ def check_speech(req: SpeechRequest, settings: ServerSettings) -> tuple[str, boo
                        "(only 1.0)", "speed")
     if req.instructions:
         raise ApiError(400, "instructions are not supported: MetaVoice takes the style from the voice", "instructions")
-    if (req.stream or req.stream_format == STREAM_SSE) and not streams_incrementally(fmt):
+    if stream and not streams_incrementally(fmt):
         incremental = [f for f in supported_formats() if streams_incrementally(f)]
         raise ApiError(400, f"response_format {fmt!r} cannot be streamed; stream wav, pcm or opus "
                        f"({', '.join(incremental)} here)", "response_format")
-    text = check_text(req.input, settings)
-    enhance = settings.enhance if req.enhance is None else req.enhance
-    return fmt, enhance, text
+    return fmt, settings.enhance if req.enhance is None else req.enhance
 
 
-def streaming_of(req: SpeechRequest) -> Optional[StreamSettings]:
-    """The request's streaming within a chunk (None for a whole answer)."""
-    if not (req.stream or req.stream_format == STREAM_SSE):
+def streaming_of(req: SpeechOptions, stream: Optional[bool] = None) -> Optional[StreamSettings]:
+    """The request's streaming within a chunk (None for a whole answer); ``stream``: whether it streams,
+    when not from its ``stream`` and ``stream_format`` fields."""
+    if not (stream if stream is not None else req.stream or req.stream_format == STREAM_SSE):
         return None
     lookahead = STREAM_DEFAULTS.lookahead if req.stream_lookahead is None else req.stream_lookahead
     try:
@@ -184,12 +197,15 @@ def voice_embedding(state, name: str, param: str = "voice") -> np.ndarray:
                        param) from None
 
 
-def plan_text(tts, text: str) -> list[str]:
+def plan_text(tts, text: str, param: str = "input") -> list[str]:
     """Chunks of normalised ``text`` at the speaking rate (a ``max_new_tokens`` cap only bounds the work per chunk)."""
     try:
         return tts.plan(text)
     except SynthesisError as exc:
-        raise ApiError(400, f"input: {exc}", "input") from None
+        raise ApiError(400, f"{param}: {exc}", param) from None
+
+
+Gone = Callable[[], Awaitable[bool]]  # whether the client went away (e.g. an HTTP request's is_disconnected)
 
 
 class Waiter:
@@ -200,7 +216,8 @@ class Waiter:
         self.event = asyncio.Event()
         self.notify = lambda: loop.call_soon_threadsafe(self.event.set)
 
-    async def next(self, job: Job, request: Request, deadline: float):
+    async def next(self, job: Job, gone: Gone, deadline: float):
+        """The job's next event; ApiError 499 (and the job cancelled) once ``gone()``, 504 past ``deadline``."""
         while True:
             event = job.poll()
             if event is not Job.EMPTY:
@@ -211,7 +228,7 @@ class Waiter:
                 return event
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.event.wait(), 0.25)
-            if await request.is_disconnected():
+            if await gone():
                 job.cancel()
                 raise ApiError(499, "the client went away")
             if time.monotonic() > deadline + 5:
@@ -233,7 +250,7 @@ async def _submit(state, task: SpeechTask, waiter: Waiter) -> Job:
     return job
 
 
-def _worker_error(exc: WorkerError) -> ApiError:
+def worker_error(exc: WorkerError) -> ApiError:
     return ApiError(exc.status if exc.status != 499 else 500, str(exc))
 
 
@@ -252,12 +269,12 @@ async def speak(state, request: Request, task: SpeechTask) -> Response:
     log.debug("job %d: %d characters in %d chunks, seed %d, %s%s", job.id, len(task.text), len(job.pieces), task.seed,
               fmt, " (stream)" if stream else "")
     try:
-        first = await waiter.next(job, request, job.deadline)
+        first = await waiter.next(job, request.is_disconnected, job.deadline)
     except BaseException:
         job.cancel()
         raise
     if isinstance(first, WorkerError):
-        raise _worker_error(first)
+        raise worker_error(first)
     ttfa = time.monotonic() - arrived
     metrics.ttfa.observe(ttfa)
     headers["X-Time-To-First-Audio"] = f"{ttfa:.3f}"
@@ -267,11 +284,11 @@ async def speak(state, request: Request, task: SpeechTask) -> Response:
         pieces_audio = [first.wav]
         try:
             while True:
-                event = await waiter.next(job, request, job.deadline)
+                event = await waiter.next(job, request.is_disconnected, job.deadline)
                 if event is None:
                     break
                 if isinstance(event, WorkerError):
-                    raise _worker_error(event)
+                    raise worker_error(event)
                 pieces_audio.append(event.wav)
         except BaseException:
             job.cancel()
@@ -283,38 +300,19 @@ async def speak(state, request: Request, task: SpeechTask) -> Response:
         metrics.audio_seconds.inc(audio.shape[0] / rate)
         return Response(body, media_type=content_type(fmt, rate), headers=headers)
 
-    encoder = StreamEncoder(fmt, rate)
-    assembler = StreamAssembler(codec_rate, settings.normalize, enhance, state.pool, rate)
+    audio_stream = AudioStream(state, job, waiter, request.is_disconnected, fmt, enhance)
 
     async def body():
-        sent = 0
-        complete = False
         try:
-            await run_in_threadpool(assembler.__enter__)
-            yield encoder.header()
-            event: object = first
-            while True:
-                if isinstance(event, ChunkAudio):
-                    audio = await run_in_threadpool(assembler.add, event.wav, event.continues)
-                    sent += audio.shape[0]
-                    data = encoder.chunk(audio)
-                    if data:
-                        yield data
-                elif isinstance(event, WorkerError):
-                    log.warning("job %d: stream cut short: %s", job.id, event)
-                    return
-                else:  # None: the job is over
-                    break
-                event = await waiter.next(job, request, job.deadline)
-            tail = await run_in_threadpool(assembler.end)
-            sent += tail.shape[0]
-            yield encoder.chunk(tail) + encoder.end()
-            complete = True
+            async with contextlib.aclosing(audio_stream.chunks(first)) as chunks:
+                async for data in chunks:
+                    yield data
+            if audio_stream.error is not None:
+                log.warning("job %d: stream cut short: %s", job.id, audio_stream.error)
         except ApiError as exc:
             log.debug("job %d: stream stopped: %s", job.id, exc.message)
         finally:
-            job.cancel()  # no-op when finished; otherwise its remaining chunks are not computed
-            assembler.__exit__(None, None, None)  # not awaited: this may run while being cancelled
+            sent, complete = audio_stream.samples, audio_stream.complete
             if complete:
                 metrics.latency.observe(time.monotonic() - arrived)
                 metrics.audio_seconds.inc(sent / rate)
@@ -323,6 +321,57 @@ async def speak(state, request: Request, task: SpeechTask) -> Response:
     if task.sse:
         return StreamingResponse(sse_events(body(), job), media_type="text/event-stream", headers=headers)
     return StreamingResponse(body(), media_type=content_type(fmt, rate), headers=headers)
+
+
+class AudioStream:
+    """A streamed job's audio as encoded bytes while it is made (:meth:`chunks`: the format's header
+    first), its chunks joined, loudness and enhancement as the server's settings say. ``gone``: whether
+    the client went away. After the iteration: ``samples`` sent, ``complete`` (the job's audio all
+    went out), ``error`` (the WorkerError that cut it short, if one did), ``first_audio`` (when the
+    first audio bytes were handed out, time.monotonic)."""
+
+    def __init__(self, state, job: Job, waiter: Waiter, gone: Gone, fmt: str, enhance: bool):
+        settings = state.settings
+        self.job, self.waiter, self.gone = job, waiter, gone
+        self.rate = settings.sample_rate
+        self.encoder = StreamEncoder(fmt, self.rate)
+        self.assembler = StreamAssembler(state.tts.sample_rate, settings.normalize, enhance, state.pool, self.rate)
+        self.samples = 0
+        self.complete = False
+        self.error: Optional[WorkerError] = None
+        self.first_audio: Optional[float] = None
+
+    async def chunks(self, first=Job.EMPTY):
+        """The bytes to send, as they are ready; ``first``: the job's first event when the caller already
+        has it. Raises ApiError when the client is gone or the deadline passed; the job is cancelled
+        when this ends before it is over (its remaining chunks are not computed)."""
+        job, waiter, encoder, assembler = self.job, self.waiter, self.encoder, self.assembler
+        try:
+            await run_in_threadpool(assembler.__enter__)
+            yield encoder.header()
+            event = first if first is not Job.EMPTY else await waiter.next(job, self.gone, job.deadline)
+            while True:
+                if isinstance(event, ChunkAudio):
+                    audio = await run_in_threadpool(assembler.add, event.wav, event.continues)
+                    self.samples += audio.shape[0]
+                    data = encoder.chunk(audio)
+                    if data:
+                        if self.first_audio is None:
+                            self.first_audio = time.monotonic()
+                        yield data
+                elif isinstance(event, WorkerError):
+                    self.error = event
+                    return
+                else:  # None: the job is over
+                    break
+                event = await waiter.next(job, self.gone, job.deadline)
+            tail = await run_in_threadpool(assembler.end)
+            self.samples += tail.shape[0]
+            yield encoder.chunk(tail) + encoder.end()
+            self.complete = True
+        finally:
+            job.cancel()  # no-op when finished; otherwise its remaining chunks are not computed
+            assembler.__exit__(None, None, None)  # not awaited: this may run while being cancelled
 
 
 async def sse_events(audio, job: Job):

@@ -15,9 +15,11 @@ and its tokens do not depend on what it was batched with.
 The queue is bounded (:class:`QueueFull`, answered with 503 and Retry-After); a job past its
 deadline or cancelled (the client went away) is dropped before the next round, so its remaining
 chunks are never computed. :meth:`SpeechWorker.drain` stops admitting jobs and waits for the ones
-in flight. When a job is over the worker logs its summary (:meth:`Job.summary`) at DEBUG (a
-server's one INFO line per request is its access line, which carries it); rounds are for
-``on_batch``. Over several devices the engine cannot run: ``batching="engine"`` falls back to
+in flight. A job whose text is still arriving (the WebSocket's) is open: :meth:`SpeechWorker.extend`
+adds its chunks as sentences complete, :meth:`SpeechWorker.close_text` ends its text, and an idle
+worker still wakes for its deadline. When a job is over the worker logs its summary
+(:meth:`Job.summary`) at DEBUG (a server's one INFO line per request is its access line, which
+carries it); rounds are for ``on_batch``. Over several devices the engine cannot run: ``batching="engine"`` falls back to
 static batches and says so once (a WARNING and :attr:`SpeechWorker.batching_note`).
 """
 
@@ -32,6 +34,7 @@ from mvjax.inference.options import SynthesisOptions
 from mvjax.serve.jobs import Cancelled, DeadlineExceeded, Draining, Job, QueueFull, WorkerError
 
 log = logging.getLogger("mvjax.serve")
+DEADLINE_CHECK_S = 1.0  # an idle worker looks at its jobs' deadlines this often
 
 
 class SpeechWorker:
@@ -81,6 +84,24 @@ class SpeechWorker:
             self._lock.notify_all()
         return job
 
+    def extend(self, job: Job, pieces: list[str]) -> None:
+        """More planned pieces for a job whose text is still arriving (its utterance is open)."""
+        with self._lock:
+            self.scheduler.extend(job.utterance, pieces)
+            self._lock.notify_all()
+
+    def close_text(self, job: Job) -> None:
+        """No more text for ``job``: it ends once the pieces it has are delivered."""
+        with self._lock:
+            self.scheduler.close_text(job.utterance)
+            self._lock.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job`` (its client went away) and wake the worker, which drops it before its next round."""
+        job.cancel()
+        with self._lock:
+            self._lock.notify_all()
+
     @property
     def depth(self) -> int:
         """Jobs admitted and not finished (waiting or running)."""
@@ -119,14 +140,16 @@ class SpeechWorker:
 
     def _work(self) -> bool:
         """Under the lock: something for the next round to do (or a job to drop or forget)."""
+        now = time.monotonic()
         return (self._stop or self.scheduler.busy or self.scheduler.startable() > 0
-                or any(j.done or j.cancelled for j in self._jobs))
+                or any(j.done or j.cancelled or now > j.deadline for j in self._jobs))
 
     def _run(self) -> None:
         scheduler = self.scheduler
         while True:
             with self._lock:
-                self._lock.wait_for(self._work)
+                while not self._lock.wait_for(self._work, DEADLINE_CHECK_S):
+                    pass  # a job waiting for text has no round to wake the worker at its deadline
                 if self.batch_wait > 0 and not scheduler.busy and scheduler.startable() < self.max_batch:
                     self._lock.wait_for(lambda: self._stop or scheduler.startable() >= self.max_batch,
                                         self.batch_wait)

@@ -7,7 +7,8 @@
   const KEY_STORE = "mvjax.apiKey";
   const state = {
     bytesReceived: 0, samplesReceived: 0, chunksPlayed: 0, done: false, error: null,
-    busy: false, audioContext: null, ttfa: null, seed: null, sampleRate: 24000, auth: false, formats: ["wav"],
+    busy: false, audioContext: null, ttfa: null, serverTtfa: null, seed: null, sampleRate: 24000, auth: false,
+    formats: ["wav"],
   };
   window.mvjaxState = state;
 
@@ -25,6 +26,15 @@
   }
 
   function setStatus(text) { $("status").textContent = text; }
+
+  // The time to first audio: measured here (request sent -> first audio bytes) and the server's own
+  // (X-Time-To-First-Audio: arrival -> first audio ready); hidden until a stream has audio.
+  function showTtfa(seconds, serverSeconds) {
+    $("ttfa").hidden = seconds == null;
+    if (seconds == null) return;
+    $("ttfa-value").textContent = seconds.toFixed(2) + " s" +
+      (serverSeconds != null ? " (server " + serverSeconds.toFixed(2) + " s)" : "");
+  }
 
   function showError(message) {
     state.error = message;
@@ -134,7 +144,8 @@
     showError("");
     resetOutput();
     Object.assign(state, { bytesReceived: 0, samplesReceived: 0, chunksPlayed: 0, done: false, error: null,
-                           ttfa: null, seed: null, busy: true, audioContext: null });
+                           ttfa: null, serverTtfa: null, seed: null, busy: true, audioContext: null });
+    showTtfa(null);
     $("speak").disabled = true;
     $("stop").disabled = false;
 
@@ -160,6 +171,7 @@
       rate = Number(r.headers.get("X-Sample-Rate")) || rate;
       state.seed = r.headers.get("X-Seed");
       const serverTtfa = r.headers.get("X-Time-To-First-Audio");
+      state.serverTtfa = serverTtfa ? Number(serverTtfa) : null;
       const reader = r.body.getReader();
       for (;;) {
         const { value, done } = await reader.read();
@@ -192,6 +204,7 @@
         if (firstAudio === null) {
           firstAudio = (performance.now() - started) / 1000;
           state.ttfa = firstAudio;
+          showTtfa(firstAudio, state.serverTtfa);
         }
         setStatus("playing \u00b7 first audio after " + firstAudio.toFixed(2) + " s" +
                   (serverTtfa ? " (server " + Number(serverTtfa).toFixed(2) + " s)" : "") +
