@@ -14,6 +14,8 @@ residual vector quantizer whose decoding is the in-order sum of codebook vectors
 
 The decoder also runs incrementally with carried state (:func:`decode_stream_step`,
 :class:`StreamingDecoder`): the concatenated pieces equal the whole decode within float32 rounding.
+The module is long because the whole and the incremental decoder walk the same layer list
+(:func:`layers`) with the same padding rules; apart, each would restate the other's.
 """
 
 from __future__ import annotations
