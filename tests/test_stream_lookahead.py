@@ -18,12 +18,9 @@ TOP_K = 200
 
 
 @pytest.fixture(scope="module")
-def model(converted):
-    from mvjax.inference.pipeline import TTS
-
-    tts = TTS.load(converted, mesh=None, speaker_cache_dir=None)
-    yield tts
-    tts.close()
+def model(tts):
+    """The fixture model (conftest's ``tts``)."""
+    return tts
 
 
 @pytest.fixture(scope="module")
