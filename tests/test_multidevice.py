@@ -139,10 +139,11 @@ def test_diffusion_pieces_fit_one_host_memory_over_forced_cpu_devices():
         per_row = throughput.diffusion_bytes_per_row(tts.diffusion, frames * tts.codec.config.hop_length, frames)
         throughput.free_bytes = lambda device=None: 2.5 * per_row / 0.7  # two rows fit the host
         pieces = []
-        stages._decode_piece = lambda codec, diffusion, piece, *rest: pieces.append(len(piece))
-        chunks = [stages.Chunk(0, (i,), "", np.zeros(2, np.uint32), all_codebooks=np.zeros((8, 100), np.int32))
+        decoder = stages.WaveDecoder(tts.codec, lambda: tts.diffusion)
+        decoder._decode = lambda piece, *rest: pieces.append(len(piece)) or [np.zeros((1, 0), np.float32)] * len(piece)
+        chunks = [stages.Chunk(None, (i,), "", np.zeros(2, np.uint32), [], [], all_codebooks=np.zeros((8, 100), np.int32))
                   for i in range(8)]
-        stages.run_decoder(tts.codec, tts.diffusion, chunks, 2, stages.Batcher(tts.mesh), {})
+        decoder.run(chunks, "mbd", stages.Batcher(2, tts.mesh))
         print(json.dumps(pieces))
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,

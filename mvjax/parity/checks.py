@@ -179,7 +179,7 @@ def check_stage1_decode(fx: Fixture) -> Iterator[Check]:
     for g in fx.gen_cases():
         top_p = float(s1[f"{g}_top_p"])
         sampling = SamplingConfig(
-            guidance=float(s1[f"{g}_guidance"]), temperature=0.0, top_p=top_p if top_p > 0 else None
+            guidance_scale=float(s1[f"{g}_guidance"]), temperature=0.0, top_p=top_p if top_p > 0 else None
         )
         result = decoder.generate(
             [s1[f"{g}_prompt"].tolist()], s1[f"{g}_spk"], utterance_keys(0, 1), sampling,
