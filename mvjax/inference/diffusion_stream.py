@@ -43,9 +43,11 @@ FADES = ("power", "amplitude")
 
 @dataclasses.dataclass(frozen=True)
 class WindowSettings:
-    """Window geometry in frames and how windows are matched and joined (see the module)."""
+    """Window geometry in frames and how windows are matched and joined (see the module). The defaults
+    are the choice of benchmarks/RESULTS.md (fixture model: 19.8 dB SI-SDR against the whole decode,
+    first audio after 24 frames, 1.6x the whole decode's frames diffused)."""
 
-    window: int = 32
+    window: int = 16
     overlap: int = 4
     lookahead: int = 4
     eq: str = "running"
