@@ -6,7 +6,7 @@ diffused over its core, O frames of left context and ``lookahead`` (R) frames of
 context, W + O + R frames in all, so it runs once O + (k+1)W + R frames have arrived; the
 window that holds the chunk's last frame runs at the end, with more left context to keep the
 same length. Every window thus has one shape (one compiled program), except in a chunk shorter
-than W + O + R, whose windows (one, or two when it is longer than W + O) each span all of it.
+than W + O + R, whose windows (more than one when it is longer than W + O) each span all of it.
 
 Noise: each window takes its samples' noise from one whole-length draw for the row
 (``noises``, e.g. :func:`row_noise`), sliced at the window's samples, so a sample's noise
