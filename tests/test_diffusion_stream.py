@@ -19,11 +19,11 @@ from mvjax.io.checkpoint import load_mbd
 HOP = 320
 # Small windows: W + O + R = 20 frames per window, three windows over the case's 40 frames.
 SMALL = WindowSettings(window=12, overlap=4, lookahead=4)
-# benchmarks/RESULTS.md (2026-12-07) measured SI-SDR against the whole decode, on this chunk and these
-# settings, of 20.6 (running EQ) and 19.9 dB (window EQ), 14.8-19.8 dB over W 8-75 on the 152-frame chunk;
-# the computation is deterministic given the key, so only float32 rounding across machines moves it
-# (by far less than a dB): 12 dB keeps a wide margin yet fails on a broken join (a dropped or doubled
-# window: ~0 dB or below; no crossfade at all: the O = 0 rows, still above it, are not this setting).
+# Measured on this case with SMALL (2026-12-07): 22.4 dB (running EQ), 22.5 dB (window EQ); 22.6-23.3 dB with
+# other row keys; 15-27 dB over W 8-75, O 0-8 on the benchmark's 152-frame chunk (benchmarks/RESULTS.md). The
+# computation is deterministic given the key, so only float32 rounding moves it between machines (relative
+# 1e-6-ish changes in both decodes: far below 0.1 dB). 12 dB keeps a 10 dB margin and still fails a broken
+# join (by estimate, a dropped window of three, or one shifted by a hop, gives about 3 dB).
 SI_SDR_BOUND = 12.0
 
 

@@ -5,8 +5,8 @@ window k's core is frames [O + kW, O + (k+1)W) (the first starts at 0). Each win
 diffused over its core, O frames of left context and ``lookahead`` (R) frames of right
 context, W + O + R frames in all, so it runs once O + (k+1)W + R frames have arrived; the
 window that holds the chunk's last frame runs at the end, with more left context to keep the
-same length. Every window thus has one shape (one compiled program), except a chunk shorter
-than W + O + R, which is one window.
+same length. Every window thus has one shape (one compiled program), except in a chunk shorter
+than W + O + R, whose windows (more than one when it is longer than W + O) each span all of it.
 
 Noise: each window takes its samples' noise from one whole-length draw for the row
 (``noises``, e.g. :func:`row_noise`), sliced at the window's samples, so a sample's noise
@@ -16,7 +16,7 @@ Join: a window's left context covers the previous window's last O frames, which 
 window held back; the two are crossfaded there (``fade="power"``: equal-power cos/sin gains
 as between chunks; ``"amplitude"``: cos^2/sin^2 gains, which sum to one and so keep the
 level where the two windows agree, as windows diffused from the same noise mostly do).
-A sample is final once the window after it has run (the last O frames of a window wait).
+A window's last O frames are final once the next window has run.
 
 Re-EQ (the whole decode matches each of 32 bands' deviation to the plain codec decoding):
 ``eq="running"`` matches each window to the band statistics of all core samples so far
@@ -43,9 +43,11 @@ FADES = ("power", "amplitude")
 
 @dataclasses.dataclass(frozen=True)
 class WindowSettings:
-    """Window geometry in frames and how windows are matched and joined (see the module)."""
+    """Window geometry in frames and how windows are matched and joined (see the module). The defaults
+    are the choice of benchmarks/RESULTS.md (fixture model: 19.8 dB SI-SDR against the whole decode,
+    first audio after 24 frames, 1.6x the whole decode's frames diffused)."""
 
-    window: int = 32
+    window: int = 16
     overlap: int = 4
     lookahead: int = 4
     eq: str = "running"
