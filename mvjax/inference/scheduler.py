@@ -94,10 +94,6 @@ class Utterance:
     def done(self) -> bool:
         return not self.open and self.next_index == len(self.pieces)
 
-    @property
-    def busy(self) -> bool:
-        return bool(self.running)
-
 
 @dataclasses.dataclass
 class Piece:
