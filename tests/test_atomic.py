@@ -1,11 +1,13 @@
 """staged_dir: a directory output appears complete or not at all, with the permissions mkdir would give."""
 
 import os
+import signal
 import stat
+import time
 
 import pytest
 
-from mvjax.core.atomic import staged_dir
+from mvjax.core.atomic import interrupts_deferred, staged_dir
 from mvjax.core.scratch import owner_token
 
 
@@ -60,3 +62,29 @@ def test_owned_staging_names_its_process(tmp_path):
     with staged_dir(tmp_path / "data", prefix=".data.tmp-", owned=True) as staging:
         assert staging.name.startswith(f".data.tmp-{owner_token()}-")
     assert (tmp_path / "data").is_dir()
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test (a test runner's worker may have installed another)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupts_deferred_holds_ctrl_c_until_the_block_ends(python_sigint):
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a signal handler runs at the next bytecode boundary: give it several
+            steps.append("after the signal")
+        steps.append("after the block")  # not reached: the held interrupt surfaces as the block ends
+    assert steps == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the old handler is back
+
+
+def test_interrupts_deferred_without_a_signal_changes_nothing(python_sigint):
+    with interrupts_deferred():
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

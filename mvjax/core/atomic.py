@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -29,6 +30,30 @@ def current_umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the length of the block, then deliver it.
+
+    For writes that libraries finish in background threads (Orbax saves): a KeyboardInterrupt
+    raised in the middle of one leaves those threads writing into a directory that the caller's
+    cleanup is already removing. Inside the block a SIGINT is only noted; when the block ends, the
+    handler that was installed before it gets the signal (so a CLI's own handler, or Python's
+    KeyboardInterrupt, sees it at a point where nothing is half-written). Signals reach the main
+    thread only, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mvjax.core.atomic import interrupts_deferred
 from mvjax.core.errors import MvjaxError
 from mvjax.io.quantize import MODES, abstract_decode_params
 from mvjax.nn.config import GPTConfig
@@ -62,7 +63,11 @@ def tree_digest(tree: Mapping[str, Any]) -> str:
 
 
 def save_tree(path: Path, tree: Mapping[str, Any]) -> None:
-    with ocp.StandardCheckpointer() as ckptr:
+    """Write ``tree`` as an Orbax checkpoint at ``path``; returns once every file is written. Orbax
+    finishes saves in background threads, so a Ctrl-C is held until they are done
+    (:func:`~mvjax.core.atomic.interrupts_deferred`): nothing writes into ``path`` after the
+    interrupt surfaces."""
+    with interrupts_deferred(), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(Path(path).absolute(), tree)
 
 
