@@ -8,6 +8,7 @@ from mvjax.audio.metrics import si_sdr
 from mvjax.inference.diffusion import MultiBandDiffusion
 from mvjax.inference.diffusion_stream import (
     DiffusionStream,
+    RowNoise,
     WindowSettings,
     amplitude_fade,
     decode_whole,
@@ -44,6 +45,21 @@ def test_row_noise_is_what_generate_draws_for_the_row(case):
     assert noise.shape == (diffusion.noise_count(), 1, latent.shape[1] * HOP)
     drawn = np.asarray(diffusion.row_noises(np.array([[0, 7]], np.uint32), (1, 1, latent.shape[1] * HOP)))
     np.testing.assert_array_equal(noise, drawn[:, 0])
+
+
+def test_a_samples_noise_does_not_depend_on_the_length_drawn(case):
+    """A padded batch, a longer bucket and a stream that does not know its length all give sample t the same
+    noise: the draw for more samples extends the draw for fewer."""
+    diffusion = case[0]
+    keys = np.array([[0, 7], [3, 1]], np.uint32)
+    short = np.asarray(diffusion.row_noises(keys, (2, 1, 1000)))
+    long = np.asarray(diffusion.row_noises(keys, (2, 1, 2600)))
+    np.testing.assert_array_equal(short, long[..., :1000])
+    assert not np.array_equal(short[:, 0], short[:, 1])  # rows keep their own noise
+    grown = RowNoise(diffusion, keys[1], minimum=512)
+    first = grown(700).copy()  # a 1024-sample draw
+    np.testing.assert_array_equal(grown(1900), long[:, 1, :, :1900])  # regrown to 2048, first 700 unchanged
+    np.testing.assert_array_equal(first, long[:, 1, :, :700])
 
 
 @pytest.mark.parametrize("settings", [WindowSettings(window=40, overlap=0, lookahead=0, eq="window"),

@@ -138,6 +138,14 @@ def re_eq(wav: np.ndarray, ref: np.ndarray, sample_rate: int, n_bands: int = EQ_
     return out.astype(np.float32)
 
 
+def time_major_noise(key, draws: int, channels: int, samples: int) -> jnp.ndarray:
+    """Standard normal noise (draws, channels, samples) whose first n samples do not depend on
+    ``samples``: drawn as (samples, channels, draws) and transposed."""
+    if not jax.config.jax_threefry_partitionable:  # the prefix property needs element-indexed bits
+        raise RuntimeError("diffusion noise needs jax_threefry_partitionable (JAX's default since 0.5)")
+    return jnp.transpose(jax.random.normal(key, (samples, channels, draws), jnp.float32), (2, 1, 0))
+
+
 class MultiBandDiffusion:
     """All bands of a converted ``mbd`` component; ``generate`` runs them in one jitted call per band shape."""
 
@@ -168,9 +176,13 @@ class MultiBandDiffusion:
         return jnp.stack(outputs)
 
     def row_noises(self, row_keys, shape: tuple[int, ...]) -> jnp.ndarray:
-        """Noise drawn per batch row from its own key: (draws, B, C, T), independent of batch packing."""
+        """Noise drawn per batch row from its own key: (draws, B, C, T), independent of batch packing and
+        of T: a row's noise at sample t is the same in a batch of any length (padded buckets, a stream
+        that does not know its length yet). Drawn time-major, (T, C, draws), so that with JAX's
+        partitionable threefry (each element's bits from its flat index) a longer draw extends a
+        shorter one; see :func:`time_major_noise`."""
         draws = self.noise_count()
-        per_row = jax.vmap(lambda k: jax.random.normal(k, (draws,) + tuple(shape[1:]), jnp.float32))(jnp.asarray(row_keys))
+        per_row = jax.vmap(lambda k: time_major_noise(k, draws, shape[1], shape[2]))(jnp.asarray(row_keys))
         return jnp.moveaxis(per_row, 0, 1)
 
     def generate(self, latent, shape: tuple[int, ...], noises: Optional[np.ndarray] = None, key=None,

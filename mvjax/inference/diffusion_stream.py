@@ -8,9 +8,10 @@ window that holds the chunk's last frame runs at the end, with more left context
 same length. Every window thus has one shape (one compiled program), except in a chunk shorter
 than W + O + R, whose windows (more than one when it is longer than W + O) each span all of it.
 
-Noise: each window takes its samples' noise from one whole-length draw for the row
-(``noises``, e.g. :func:`row_noise`), sliced at the window's samples, so a sample's noise
-does not depend on the windowing. A window covering the whole chunk is the whole decode.
+Noise: each window takes its samples' noise from the row's draw (``noises``: :func:`row_noise`, or
+:class:`RowNoise` drawing it as the chunk grows), sliced at the window's samples, so a sample's
+noise does not depend on the windowing or on the chunk's length; it is the noise the whole decode
+gives that sample. A window covering the whole chunk is the whole decode.
 
 Join: a window's left context covers the previous window's last O frames, which that
 window held back; the two are crossfaded there (``fade="power"``: equal-power cos/sin gains
@@ -31,11 +32,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax.numpy as jnp
 import numpy as np
 
 from mvjax.audio.bands import split_bands
 from mvjax.audio.finish import equal_power_fade
-from mvjax.inference.diffusion import EQ_BANDS, MultiBandDiffusion, re_eq
+from mvjax.inference.diffusion import EQ_BANDS, MultiBandDiffusion, re_eq, time_major_noise
 
 EQ_MODES = ("running", "window", "none")
 FADES = ("power", "amplitude")
@@ -78,10 +80,26 @@ def amplitude_fade(tail: np.ndarray, head: np.ndarray) -> np.ndarray:
 
 
 def row_noise(diffusion: MultiBandDiffusion, row_key, samples: int, channels: int = 1) -> np.ndarray:
-    """One row's whole-length noise (draws, channels, samples), as ``generate(row_keys=...)`` draws it for a
-    batch of that many samples (the draw depends on ``samples``: pass the whole decode's length)."""
-    shape = (1, channels, samples)
-    return np.asarray(diffusion.row_noises(np.asarray(row_key)[None], shape))[:, 0]
+    """One row's noise (draws, channels, samples), as ``generate(row_keys=...)`` draws it for that row in
+    a batch of any length (a sample's noise does not depend on ``samples``)."""
+    return np.asarray(time_major_noise(jnp.asarray(row_key), diffusion.noise_count(), channels, samples))
+
+
+class RowNoise:
+    """One row's noise drawn on demand: ``noise(n)`` is :func:`row_noise` for ``n`` samples, for a stream
+    that does not know its length. Draws grow in powers of two (few programs to compile), each
+    extending the last."""
+
+    def __init__(self, diffusion: MultiBandDiffusion, row_key, channels: int = 1, minimum: int = 1 << 15):
+        self.key, self.channels, self.minimum = jnp.asarray(row_key), channels, minimum
+        self.draws = diffusion.noise_count()
+        self._drawn = np.zeros((self.draws, channels, 0), np.float32)
+
+    def __call__(self, samples: int) -> np.ndarray:
+        if samples > self._drawn.shape[-1]:
+            n = max(self.minimum, 1 << max(samples - 1, 1).bit_length())
+            self._drawn = np.asarray(time_major_noise(self.key, self.draws, self.channels, n))
+        return self._drawn[..., :samples]
 
 
 class _BandStats:
@@ -107,15 +125,21 @@ class DiffusionStream:
     decoding, get back the samples that became final; :meth:`finish` at the chunk's end returns the rest.
     The joined output has the whole decode's length (frames * hop).
 
-    ``noises``: the row's whole-length noise (draws, channels, samples >= the chunk's samples)."""
+    ``noises``: the row's noise, (draws, channels, samples >= the chunk's samples), or a :class:`RowNoise`
+    that draws it as the chunk grows."""
 
-    def __init__(self, diffusion: MultiBandDiffusion, noises: np.ndarray, settings: WindowSettings, hop: int):
+    def __init__(self, diffusion: MultiBandDiffusion, noises, settings: WindowSettings, hop: int):
         self.diffusion, self.settings, self.hop = diffusion, settings, hop
-        self.noises = np.asarray(noises, np.float32)
-        if self.noises.ndim != 3 or self.noises.shape[0] != diffusion.noise_count():
-            raise ValueError(f"noises must be (draws={diffusion.noise_count()}, channels, samples), not {self.noises.shape}")
+        if isinstance(noises, RowNoise):
+            self._noise, self._noise_limit, channels = noises, None, noises.channels
+        else:
+            given = np.asarray(noises, np.float32)
+            if given.ndim != 3 or given.shape[0] != diffusion.noise_count():
+                raise ValueError(f"noises must be (draws={diffusion.noise_count()}, channels, samples), "
+                                 f"not {given.shape}")
+            self._noise, self._noise_limit, channels = (lambda n: given[..., :n]), given.shape[-1], given.shape[1]
         self._latent: Optional[np.ndarray] = None  # (D, frames so far)
-        self._codec = np.zeros((self.noises.shape[1], 0), np.float32)  # (channels, samples so far)
+        self._codec = np.zeros((channels, 0), np.float32)  # (channels, samples so far)
         self._next = 0  # index of the next window
         self._tail: Optional[np.ndarray] = None  # the last window's held-back overlap
         self._stats = _BandStats(EQ_BANDS)
@@ -137,8 +161,8 @@ class DiffusionStream:
             raise ValueError(f"codec decoding {wav_codec.shape} does not match {latent.shape[1]} frames")
         self._latent = latent if self._latent is None else np.concatenate([self._latent, latent], axis=1)
         self._codec = np.concatenate([self._codec, wav_codec], axis=1)
-        if self.frames * self.hop > self.noises.shape[-1]:
-            raise ValueError(f"{self.frames} frames need more noise than the {self.noises.shape[-1]} samples given")
+        if self._noise_limit is not None and self.frames * self.hop > self._noise_limit:
+            raise ValueError(f"{self.frames} frames need more noise than the {self._noise_limit} samples given")
         s = self.settings
         out = []
         while s.overlap + (self._next + 1) * s.window + s.lookahead <= self.frames:
@@ -176,7 +200,7 @@ class DiffusionStream:
         self.windows_run += 1
 
         latent = self._latent[None, :, start:stop]
-        noises = self.noises[:, None, :, start * hop : stop * hop]
+        noises = self._noise(stop * hop)[:, None, :, start * hop :]
         diffused = self.diffusion.generate(latent, (1,) + noises.shape[2:], noises=noises)[0]
         codec = self._codec[:, start * hop : stop * hop]
         if s.eq == "window":

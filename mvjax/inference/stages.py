@@ -26,8 +26,9 @@ from mvjax.core.parallel import device_count, pad_rows, padded_size, put_batch, 
 from mvjax.inference import keys as K
 from mvjax.inference.decode import BlockFullWarning, FirstStageDecoder, next_pow2
 from mvjax.inference.diffusion import re_eq
+from mvjax.inference.diffusion_stream import DiffusionStream, RowNoise, WindowSettings
 from mvjax.inference.engine import EngineRequest, FirstStageEngine
-from mvjax.inference.options import SamplingConfig
+from mvjax.inference.options import DECODERS, SamplingConfig
 from mvjax.inference.second_stage import SecondStageSampler
 from mvjax.inference.speech import ChunkReport
 from mvjax.inference.throughput import diffusion_bytes_per_row, memory_pools, rows_that_fit
@@ -234,14 +235,34 @@ class Codec:
         return encodec.StreamingDecoder(self.config, self.params, 1, piece_frames=self.STREAM_PIECE)
 
     def stream_step(self, state: encodec.StreamingDecoder, codes: np.ndarray, last: bool):
-        """(state, waveform (channels, samples) now final) after the next frames' codes (n_q, frames)."""
+        """The next frames' codes (n_q, frames) through the stream ``state`` (advanced in place):
+        (their latent (D, frames), the waveform samples now final (channels, samples))."""
         latent = encodec.codes_to_latent(self.params, np.asarray(codes)[None])
-        return state, np.asarray(state.push(latent, last=last))[0].astype(np.float32)
+        return np.asarray(latent)[0], np.asarray(state.push(latent, last=last))[0].astype(np.float32)
 
     def decode(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """codes (B, n_q, F) -> (latent (B, D, F), waveform (B, channels, F * hop)), numpy."""
         latent = np.asarray(encodec.codes_to_latent(self.params, codes))
         return latent, np.asarray(self._decode_latent(self.params, put_batch(latent, self.mesh)))
+
+
+@dataclasses.dataclass(eq=False)
+class _WaveStream:
+    """A streamed chunk's waveform decoding: the codec's carried state and, for ``"mbd"``, the
+    diffusion windows with the latent frames whose codec samples have not come out yet."""
+
+    codec: Any
+    diffusion: Optional[DiffusionStream] = None
+    latent: Optional[np.ndarray] = None  # (D, frames) waiting for their codec samples
+    wav: Optional[np.ndarray] = None  # (channels, samples) codec samples of frames not yet diffused
+
+    def diffuse(self, latent: np.ndarray, wav: np.ndarray, hop: int, last: bool) -> np.ndarray:
+        self.latent = latent if self.latent is None else np.concatenate([self.latent, latent], axis=1)
+        self.wav = wav if self.wav is None else np.concatenate([self.wav, wav], axis=1)
+        ready = self.latent.shape[1] if last else min(self.latent.shape[1], self.wav.shape[1] // hop)
+        out = self.diffusion.push(self.latent[:, :ready], self.wav[:, : ready * hop])
+        self.latent, self.wav = self.latent[:, ready:], self.wav[:, ready * hop :]
+        return np.concatenate([out, self.diffusion.finish()], axis=1) if last else out
 
 
 class WaveDecoder:
@@ -253,17 +274,26 @@ class WaveDecoder:
         self.codec, self._diffusion = codec, diffusion
 
     def streams(self, decoder: str) -> bool:
-        """Whether ``decoder`` can make a chunk's audio a few frames at a time (:meth:`stream`)."""
-        return decoder == "encodec" and self.codec.streams
+        """Whether ``decoder`` can make a chunk's audio a few frames at a time (:meth:`stream`): the codec
+        always (it is causal); diffusion in windows over the codec's stream
+        (:mod:`~mvjax.inference.diffusion_stream`)."""
+        return decoder in DECODERS and self.codec.streams
 
     def stream(self, chunk: Chunk, codes: np.ndarray, last: bool) -> np.ndarray:
         """The waveform (channels, samples) of ``codes`` (n_q, frames): the frames after those of
         ``chunk`` already decoded, its decoder state carried on the chunk; ``last``: the chunk ends
-        here (the state's held samples come out too)."""
-        if chunk.stream_state is None:
-            chunk.stream_state = self.codec.stream_start()
-        chunk.stream_state, wav = self.codec.stream_step(chunk.stream_state, codes, last)
-        return wav
+        here (the state's held samples come out too). With ``"mbd"`` the samples lag further: a
+        diffusion window runs once its frames and lookahead have arrived from the codec."""
+        state = chunk.stream_state
+        if state is None:
+            diffusion = None
+            if chunk.owner.decoder == "mbd":
+                mbd, hop = self._diffusion(), self.codec.config.hop_length
+                noise = RowNoise(mbd, K.fold(chunk.key, K.DIFFUSION), self.codec.config.channels)
+                diffusion = DiffusionStream(mbd, noise, WindowSettings(), hop)
+            state = chunk.stream_state = _WaveStream(self.codec.stream_start(), diffusion)
+        latent, wav = self.codec.stream_step(state.codec, codes, last)
+        return wav if state.diffusion is None else state.diffuse(latent, wav, self.codec.config.hop_length, last)
 
     def run(self, chunks: list[Chunk], decoder: str, batcher: Batcher) -> list[np.ndarray]:
         """A (channels, samples) waveform at the codec's rate per chunk, in ``chunks``' order.
