@@ -15,7 +15,7 @@ STREAM_TARGET = re.compile(r"^serve-stream-target concurrency=2 ttfa_vs_whole_c1
                            r"throughput_vs_whole=([0-9.]+) pass=(yes|no)", re.M)
 
 
-@pytest.mark.slow  # ~3 min (builds its own model, starts two servers); `pytest -m slow` runs it
+@pytest.mark.slow  # ~1 min (builds its own model, starts two servers); `pytest -m slow` runs it
 def test_serve_benchmark_smoke(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.serve", "--config", "demo", "--requests", "4", "--rate", "4",
