@@ -9,17 +9,17 @@ import pytest
 from tests.serve_util import DEMO_ARGS, ServerProcess
 
 
-def test_several_devices_say_batches_are_static(tmp_path):
-    """On two (forced host) devices the engine cannot run: the server says so once at start, in the
-    log (a WARNING naming the device count) and in /health (``batching: static`` and the note)."""
+def test_several_devices_serve_through_the_engine(tmp_path):
+    """On two (forced host) devices the server runs one engine per device: /health says so, and a
+    request is answered."""
     flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=2"]))
     with ServerProcess(DEMO_ARGS, tmp_path / "log", env={"XLA_FLAGS": flags}) as srv:
         health = httpx.get(srv.url + "/health", timeout=30).json()
-    assert health["batching"] == "static"
-    assert "one device" in health["batching_note"] and "over 2" in health["batching_note"]
-    notes = [line for line in srv.output().splitlines() if health["batching_note"] in line]
-    assert len(notes) == 1 and " WARNING " in notes[0], srv.output()[-3000:]
-    assert "Traceback" not in srv.output()
+        answer = httpx.post(srv.url + "/v1/audio/speech", timeout=300,
+                            json={"input": "Two devices.", "voice": "demo", "response_format": "pcm", "seed": 1})
+    assert health["batching"] == "engine" and health["devices"] == 2
+    assert answer.status_code == 200 and len(answer.content) > 0
+    assert "Traceback" not in srv.output() and " WARNING " not in srv.output(), srv.output()[-3000:]
 
 
 def test_the_demo_voice_does_not_warn_a_short_upload_does(tmp_path):

@@ -186,7 +186,7 @@ def test_the_worker_logs_rounds_and_request_summaries_at_debug_only(demo, caplog
     tts, voices = demo
     caplog.set_level(logging.DEBUG, logger="mvjax")
     worker = worker_for(tts, max_batch=8, on_batch=_on_batch(types.SimpleNamespace(metrics=Metrics())))
-    assert worker.batching == "engine" and worker.batching_note is None
+    assert worker.batching == "engine" and worker.devices == 1
     try:
         jobs = [worker.submit(make_job(plan(tts, text), voices[0], 3, time.monotonic() + 600, voice="demo"))
                 for text in TEXTS[:2]]

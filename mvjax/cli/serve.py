@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--max-batch", type=int, default=d.max_batch,
                       help="text chunks synthesised together across requests (1 = one at a time)")
     work.add_argument("--batching", choices=BATCHING, default=d.batching,
-                      help="engine: continuous batching, a request joins between decode calls (one device); "
-                           "static: batches decoded to their longest chunk (always, on several devices)")
+                      help="engine: continuous batching, a request joins between decode calls (one engine per "
+                           "device); static: batches decoded to their longest chunk")
     work.add_argument("--engine-steps", type=int, default=d.engine_steps,
                       help="first-stage tokens per decode call of the engine: how soon a new request joins")
     work.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_s * 1000,
@@ -132,7 +132,7 @@ def build(args, tts=None):
     if args.warmup and len(registry):
         voice = registry.list()[0]
         tts.synthesize("Warm up.", registry.get(voice.name), options=dataclasses.replace(settings.options, enhance=False))
-    if args.warmup and settings.batching == "engine" and tts.engine_available:
+    if args.warmup and settings.batching == "engine":
         # Every admit and generate shape the engine can meet, so no request waits for a compilation.
         engine = tts.first_stage.engine(settings.max_batch, settings.engine_steps)
         cap = settings.max_new_tokens

@@ -130,8 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                                                        "largest each stage fits in free memory (throughput mode)")
     dec.add_argument("--batching", choices=BATCHING, default=defaults.batching,
                      help="first stage: engine = continuous batching, a chunk takes a slot as one frees up (one "
-                          "device); static = batches decoded to their longest chunk (default: engine; a mesh of "
-                          "several devices always uses static batches)")
+                          "engine per device); static = batches decoded to their longest chunk (default: engine)")
     dec.add_argument("--engine-steps", type=int, default=DEFAULT_STEPS,
                      help=f"first-stage tokens per engine call (default {DEFAULT_STEPS})")
     par = p.add_argument_group("multi-process")

@@ -242,6 +242,14 @@ def decode_loop(
     return state.replace(cache=None)
 
 
+def _replica(array, device):
+    """The copy of a replicated ``array`` held by ``device``."""
+    for shard in array.addressable_shards:
+        if shard.device == device:
+            return shard.data
+    raise ValueError(f"{device} holds no replica of this array")
+
+
 class FirstStageDecoder:
     """Jitted first-stage sampler for one converted model.
 
@@ -268,6 +276,14 @@ class FirstStageDecoder:
         self.quantize = decode_params_mode(self.params)
         self.compile_count = 0
         self._jitted = {}
+
+    def on_device(self, device) -> "FirstStageDecoder":
+        """This decoder on one ``device`` of its mesh alone (no mesh), its weights that device's replica
+        of the replicated tree (no copy), compiled afresh."""
+        other = copy.copy(self)
+        other.mesh, other.compile_count, other._jitted = None, 0, {}
+        other.params = jax.tree_util.tree_map(lambda a: _replica(a, device), self.params)
+        return other
 
     def with_kv_cache(self, kind: str) -> "FirstStageDecoder":
         """This decoder (sharing its weights) with another KV cache kind, compiled afresh."""

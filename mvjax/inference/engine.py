@@ -34,8 +34,8 @@ decoded alone with the same key, whatever it shared the slots with (tested). A s
 rows keep stale values from earlier occupants beyond its current position; attention only reads
 positions at or below a row's own, and each of those is rewritten before it is read.
 
-The engine is single-device (one process decodes its slots; a mesh of several devices keeps
-the static, data-parallel batches).
+One engine runs on one device; over a mesh, :class:`mvjax.inference.engines.DeviceEngines`
+runs one engine per device behind the same interface.
 
 This module is long because the jitted functions that change the slots' state and the host
 bookkeeping that decides which slot holds what (admission, compaction, windows, retirement) are
@@ -45,6 +45,7 @@ one state machine; split apart, each half would have to know the other's invaria
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import time
@@ -165,14 +166,16 @@ class FirstStageEngine:
     """
 
     def __init__(self, decoder: FirstStageDecoder, slots: int = DEFAULT_SLOTS, steps: int = DEFAULT_STEPS,
-                 prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK, device=None):
         if slots < 1 or steps < 1:
             raise ValueError("the engine needs at least one slot and one step per call")
         if prefill_chunk and (prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1)):
             raise ValueError(f"prefill_chunk must be a power of two (or None), not {prefill_chunk}")
         if decoder.mesh is not None and device_count(decoder.mesh) > 1:
-            raise ValueError("the first-stage engine runs on one device; use static batches over a mesh")
+            raise ValueError("one FirstStageEngine runs on one device; over a mesh use "
+                             "mvjax.inference.engines.DeviceEngines (one engine per device)")
         self.decoder = decoder
+        self.device = device  # where the slots' state lives (None: the default device); the weights' device
         self.config = decoder.config
         self.slots = int(slots)
         self.steps = int(steps)
@@ -210,6 +213,10 @@ class FirstStageEngine:
                                  end_of_audio=self.decoder.end_of_audio)
 
     def _empty_state(self) -> SlotState:
+        with jax.default_device(self.device) if self.device is not None else contextlib.nullcontext():
+            return self._new_state()
+
+    def _new_state(self) -> SlotState:
         s, block = self.slots, self.block_size
         return SlotState(
             tokens=jnp.zeros((s, block), jnp.int32),
@@ -448,6 +455,11 @@ class FirstStageEngine:
 
     def submit(self, request: EngineRequest) -> None:
         """Queue a request; it takes a slot at the next :meth:`step` with one free."""
+        self.check(request)
+        self.waiting.append(request)
+
+    def check(self, request: EngineRequest) -> None:
+        """Raise ValueError for a request this engine cannot take."""
         prompt = np.asarray(request.prompt)
         if prompt.ndim != 1 or len(prompt) < 1:
             raise ValueError("every prompt needs at least one token")
@@ -457,7 +469,6 @@ class FirstStageEngine:
             raise ValueError("max_new_tokens must be >= 1")
         if (request.speaker is not None) and self.speaker_dim is None:
             raise ValueError("this model has no speaker projection: give no speaker embedding")
-        self.waiting.append(request)
 
     def _admit(self, request: EngineRequest, slot: int, in_pieces: bool = False) -> None:
         """``request`` into ``slot``: prefilled whole now, or (``in_pieces``) reserved for a piece-by-piece
@@ -562,11 +573,13 @@ class FirstStageEngine:
             self.moves += 1
             self._lengths[dest] = self._lengths[source]
 
-    def step(self) -> list[EngineResult]:
+    def step(self, others_waiting: bool = False) -> list[EngineResult]:
         """Admit waiting requests into free slots, run one generate call, retire finished slots.
 
         With ``prefill_chunk``, a request admitted while other slots decode is prefilled piece by
-        piece inside the generate calls (one such request at a time; the others wait for it)."""
+        piece inside the generate calls (one such request at a time; the others wait for it).
+        ``others_waiting``: requests wait for a slot elsewhere (:class:`~mvjax.inference.engines.DeviceEngines`
+        queues them until some engine frees one), so end the call as soon as a slot frees up."""
         admitted = 0
         decoding = bool(self.running)  # slots that have produced tokens: an admission must not stall them
         for slot in range(self.slots):
@@ -586,7 +599,7 @@ class FirstStageEngine:
         rows = min(self.slots, next_pow2(max(self.running) + 1))
         # Requests still waiting: every slot is taken, so end the call as soon as one frees up; or a
         # request is being prefilled in pieces, so end it once that is done and admit the next.
-        hand_back = np.bool_(bool(self.waiting))
+        hand_back = np.bool_(bool(self.waiting) or others_waiting)
         window = self._window(rows)
         prefill = self._prefill
         if prefill is None:
@@ -640,15 +653,21 @@ class FirstStageEngine:
 
     def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         """Decode ``requests`` to the end; results in request order."""
-        for request in requests:
-            self.submit(request)
-        order = {id(r): i for i, r in enumerate(requests)}
-        out: list[Optional[EngineResult]] = [None] * len(requests)
-        try:
-            while not self.idle:
-                for result in self.step():
-                    out[order[id(result.request)]] = result
-        except BaseException:
-            self.reset()
-            raise
-        return out
+        return run_to_end(self, requests)
+
+
+def run_to_end(engine, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+    """Submit ``requests`` to ``engine`` (one engine or several) and step it until idle; results in
+    request order. On any error the engine forgets its work (``reset``) before the error propagates."""
+    for request in requests:
+        engine.submit(request)
+    order = {id(r): i for i, r in enumerate(requests)}
+    out: list[Optional[EngineResult]] = [None] * len(requests)
+    try:
+        while not engine.idle:
+            for result in engine.step():
+                out[order[id(result.request)]] = result
+    except BaseException:
+        engine.reset()
+        raise
+    return out

@@ -125,8 +125,9 @@ class SynthesisOptions:
     max_new_tokens: Optional[int] = None  # first-stage tokens per chunk
     long_form: bool = True
     batch_size: Union[int, dict, str] = DEFAULT_BATCH_SIZE
-    # First-stage scheduling: "engine" (continuous batching, batch_size slots, engine_steps tokens
-    # per call; one device) or "static" (batches of batch_size decoded to their longest row; any mesh).
+    # First-stage scheduling: "engine" (continuous batching, batch_size slots per device, engine_steps
+    # tokens per call; one engine per device over a mesh) or "static" (batches of batch_size per device
+    # decoded to their longest row).
     batching: str = "engine"
     engine_steps: int = DEFAULT_STEPS
     decoder: str = "mbd"  # "mbd": multi-band diffusion; "encodec": the plain codec

@@ -115,11 +115,6 @@ class TTS:
                    consume_params=True, kv_cache=kv_cache)
 
     @property
-    def engine_available(self) -> bool:
-        """The continuous-batching first stage runs on one device; over a mesh batches stay static."""
-        return self.first_stage.engine_available
-
-    @property
     def devices(self) -> int:
         return 1 if self.mesh is None else device_count(self.mesh)
 
@@ -174,7 +169,7 @@ class TTS:
         ``options``: a :class:`~mvjax.inference.options.SynthesisOptions`, or its fields as keywords
         (seed, both stages' sampling, ``max_new_tokens``, ``long_form``, ``batch_size`` as an int, a
         per-stage dict or ``"auto"``, ``batching`` (``"engine"``: the first stage through the
-        continuous-batching engine with ``batch_size`` slots, the default on one device;
+        continuous-batching engine with ``batch_size`` slots per device, the default;
         ``"static"``), ``engine_steps``, ``decoder`` (``"mbd"`` or ``"encodec"``), ``enhance``
         (DeepFilterNet3, 48 kHz output), ``normalize`` (-14 LUFS), ``progress``). ``utterance_ids``:
         each text's index for its random key (default 0, 1, ...). Returns one :class:`Speech` per text."""

@@ -28,6 +28,7 @@ from mvjax.inference.decode import BlockFullWarning, FirstStageDecoder, next_pow
 from mvjax.inference.diffusion import re_eq
 from mvjax.inference.diffusion_stream import DiffusionStream, RowNoise, WindowSettings
 from mvjax.inference.engine import EngineRequest, FirstStageEngine
+from mvjax.inference.engines import DeviceEngines
 from mvjax.inference.options import DECODERS, SamplingConfig
 from mvjax.inference.second_stage import SecondStageSampler
 from mvjax.inference.speech import ChunkReport
@@ -137,17 +138,16 @@ class FirstStage:
         self.decoder, self.tokenizer, self.layout, self.stage2_block = decoder, tokenizer, layout, stage2_block
         self._engines: dict = {}
 
-    @property
-    def engine_available(self) -> bool:
-        """The continuous-batching engine runs on one device; over a mesh batches stay static."""
-        return self.decoder.mesh is None or device_count(self.decoder.mesh) == 1
-
-    def engine(self, slots: int, steps: int) -> FirstStageEngine:
-        """The engine with ``slots`` slots and ``steps`` tokens per call (kept, with its compiled
-        functions, for the next synthesis)."""
+    def engine(self, slots: int, steps: int):
+        """The engine with ``slots`` slots (per device) and ``steps`` tokens per call, kept with its
+        compiled functions for the next synthesis: a :class:`FirstStageEngine` on one device, a
+        :class:`~mvjax.inference.engines.DeviceEngines` (one engine per device) over a mesh."""
         key = (int(slots), int(steps))
         if key not in self._engines:
-            self._engines[key] = FirstStageEngine(self.decoder, slots=slots, steps=steps)
+            if self.decoder.mesh is not None and device_count(self.decoder.mesh) > 1:
+                self._engines[key] = DeviceEngines(self.decoder, slots=slots, steps=steps)
+            else:
+                self._engines[key] = FirstStageEngine(self.decoder, slots=slots, steps=steps)
         return self._engines[key]
 
     def run(self, chunks: list[Chunk], max_new_tokens: Optional[int], batcher: Batcher) -> list[FirstStageOut]:

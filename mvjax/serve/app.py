@@ -241,7 +241,7 @@ def _service_routes(app: FastAPI, state: State) -> None:
         return {"status": "draining" if state.draining or (worker and not worker.accepting) else "ok",
                 "model": settings.model_name, "queue_depth": worker.depth if worker else 0,
                 "max_batch": settings.max_batch, "batching": worker.batching if worker else settings.batching,
-                "batching_note": worker.batching_note if worker else None,
+                "devices": worker.devices if worker else None,
                 "formats": list(supported_formats()),
                 "sample_rate": settings.sample_rate, "auth": bool(settings.api_key),
                 "voices": len(state.registry)}

@@ -4,9 +4,9 @@ A request becomes a :class:`~mvjax.serve.jobs.Job` around a scheduler
 :class:`~mvjax.inference.scheduler.Utterance` (its text planned as :meth:`mvjax.TTS.synthesize`
 plans it, one speaker embedding, its own sampling settings and seed). The worker thread feeds
 every admitted job to one :class:`~mvjax.inference.scheduler.Scheduler` and steps it: with
-``batching="engine"`` (the default on one device) the first stage runs through the
-continuous-batching engine with ``batch_size`` slots and a request joins between two decode
-calls; with ``"static"`` each round decodes up to ``batch_size`` waiting chunks as one batch.
+``batching="engine"`` (the default) the first stage runs through the continuous-batching
+engine with ``batch_size`` slots per device (one engine per device over several) and a request
+joins between two decode calls; with ``"static"`` each round decodes up to ``batch_size`` waiting chunks as one batch.
 The scheduler picks chunks fairly (oldest request first, one chunk per request per round; a
 streamed request has one chunk in flight, so its first audio comes soonest) and hands each job
 its finished chunks in order. A request never waits for the longest chunk of a batch it joined,
@@ -19,8 +19,7 @@ in flight. A job whose text is still arriving (the WebSocket's) is open: :meth:`
 adds its chunks as sentences complete, :meth:`SpeechWorker.close_text` ends its text, and an idle
 worker still wakes for its deadline. When a job is over the worker logs its summary
 (:meth:`Job.summary`) at DEBUG (a server's one INFO line per request is its access line, which
-carries it); rounds are for ``on_batch``. Over several devices the engine cannot run: ``batching="engine"`` falls back to
-static batches and says so once (a WARNING and :attr:`SpeechWorker.batching_note`).
+carries it); rounds are for ``on_batch``.
 """
 
 from __future__ import annotations
@@ -55,12 +54,7 @@ class SpeechWorker:
         self.scheduler = tts.scheduler(options, {"stage1": n, "stage2": n, "decoder": n}, room=n, lock=self._lock)
         self.engine = self.scheduler.engine
         self.batching = "engine" if self.engine is not None else "static"
-        # Over a mesh the batches stay static; the worker says so once (the log and ``batching_note``, in /health).
-        self.batching_note: Optional[str] = None
-        if options.batching == "engine" and self.engine is None:
-            self.batching_note = (f"the continuous-batching engine runs on one device and this model is spread "
-                                  f"over {tts.devices}: batches are static")
-            log.warning("%s", self.batching_note)
+        self.devices = tts.devices
         self.max_jobs = int(max_jobs)
         self.batch_wait = float(batch_wait)
         self.on_batch = on_batch or (lambda stats: None)
