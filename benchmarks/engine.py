@@ -14,7 +14,13 @@ flight:
 * ``static``: the utterances waiting when a batch starts (up to ``--concurrency``) are decoded
   as one batch until its longest is done (the rows padded to a power of two);
 * ``engine``: :class:`mvjax.inference.engine.FirstStageEngine` with ``--concurrency`` slots and
-  ``--steps`` tokens per call: an arrival takes a free slot at the next call.
+  ``--steps`` tokens per call: an arrival takes a free slot at the next call. With several local
+  devices (e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=4``) it is
+  :class:`mvjax.inference.engines.DeviceEngines`, one engine per device with ``--concurrency``
+  slots in all (the other modes run on the first device), and after the timed runs every
+  request's tokens are checked against one engine on one device:
+
+    engine-devices config=<c> devices=<n> requests=<r> tokens_equal=<yes|no>
 
 Each mode first compiles every shape its timed run can meet (no mode is charged for compilation);
 latency is retirement time minus arrival time; throughput is utterances over the time from the
@@ -46,16 +52,19 @@ import argparse
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.decode import END_OF_AUDIO, SPEAKER_DIM, make_config, random_params
+from mvjax.core.parallel import local_mesh
 from mvjax.inference.decode import (
     FirstStageDecoder,
     next_pow2,
     prompt_bucket,
 )
 from mvjax.inference.engine import DEFAULT_PREFILL_CHUNK, EngineRequest, FirstStageEngine
+from mvjax.inference.engines import DeviceEngines
 from mvjax.inference.keys import utterance_keys
 from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
 from mvjax.nn.kv_cache import KV_CACHE_KINDS
@@ -120,7 +129,8 @@ def serve_static(decoder, jobs, concurrency, steps, t0):
     return done, stepped / max(row_steps, 1)
 
 
-def serve_engine(decoder, jobs, concurrency, steps, t0, engine=None):
+def serve_engine(decoder, jobs, concurrency, steps, t0, engine=None, sequences=None):
+    """``sequences``: a dict that receives each request's tokens (prompt and generated), by job index."""
     engine = engine or FirstStageEngine(decoder, slots=concurrency, steps=steps)
     tokens_before, row_steps_before = engine.tokens_generated, engine.row_steps  # the engine may be reused
     done, next_job = {}, 0
@@ -135,6 +145,8 @@ def serve_engine(decoder, jobs, concurrency, steps, t0, engine=None):
             next_job += 1
         for result in engine.step():
             done[result.tag] = (time.perf_counter(), len(result.generated))
+            if sequences is not None:
+                sequences[result.tag] = result.sequence
     return done, (engine.tokens_generated - tokens_before) / max(engine.row_steps - row_steps_before, 1)
 
 
@@ -199,14 +211,25 @@ def run_config(config_name: str, args) -> list[dict]:
     log(f"[{config_name}] building random weights ({config.n_layer} layers x {config.n_embd})")
     params = random_params(config, seed=0)
     # An end-of-audio id outside the vocabulary: every utterance runs to its length (the workload's mix).
+    devices = jax.local_devices()
+    mesh = local_mesh(devices) if len(devices) > 1 else None
     decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 5, dtype=jnp.float32,
                                 quantize=args.quantize if config_name == "full" else None, consume_params=True,
-                                kv_cache=args.kv_cache)
+                                kv_cache=args.kv_cache, mesh=mesh)
     del params
     jobs = workload(args.requests, args.rate, args.min_tokens, args.max_tokens, config.vocab_sizes[0], args.seed)
-    engines = {"engine": FirstStageEngine(decoder, slots=args.concurrency, steps=args.steps,
-                                          prefill_chunk=args.prefill_chunk)} \
-        if "engine" in args.modes else {}
+    engines = {}
+    if "engine" in args.modes and mesh is not None:
+        # One engine per device, --concurrency slots in all; the other modes run on the first device.
+        per_device = max(1, args.concurrency // len(devices))
+        log(f"[{config_name}] engine over {len(devices)} devices, {per_device} slots each")
+        engines["engine"] = DeviceEngines(decoder, slots=per_device, steps=args.steps, prefill_chunk=args.prefill_chunk)
+    if mesh is not None:
+        decoder = decoder.on_device(devices[0])
+    if "engine" in args.modes and mesh is None:
+        engines["engine"] = FirstStageEngine(decoder, slots=args.concurrency, steps=args.steps,
+                                             prefill_chunk=args.prefill_chunk)
+    sequences: dict = {}
     for mode in args.modes:
         t = time.perf_counter()
         compiled = warm_up(mode, decoder, engines.get(mode), jobs, args)
@@ -217,7 +240,7 @@ def run_config(config_name: str, args) -> list[dict]:
         for mode in args.modes:
             log(f"[{config_name}] {mode}: {len(jobs)} requests, Poisson {args.rate}/s, kv_cache={decoder.kv_cache}"
                 + (f", run {repeat + 1} of {args.repeats}" if args.repeats > 1 else ""))
-            kw = {"engine": engines[mode]} if mode in engines else {}
+            kw = {"engine": engines[mode], "sequences": sequences} if mode in engines else {}
             t0 = time.perf_counter()
             done, row_use = MODES[mode](decoder, jobs, args.concurrency, args.steps, t0, **kw)
             s = summarise(config_name, mode, args.concurrency, jobs, done, t0)
@@ -236,10 +259,27 @@ def run_config(config_name: str, args) -> list[dict]:
         log(f"[{config_name}] engine vs static: {np.median(ratios):.2f}x utt/min"
             + (f" (runs: {', '.join(f'{r:.2f}' for r in ratios)})" if args.repeats > 1 else "")
             + f", p95 {e['p95_s']:.1f} s vs {st['p95_s']:.1f} s")
+    if mesh is not None and "engine" in engines:
+        same = same_tokens_on_one_device(decoder, jobs, sequences, args)
+        print(f"engine-devices config={config_name} devices={len(devices)} requests={len(jobs)} "
+              f"tokens_equal={'yes' if same else 'no'}", flush=True)
     out = list(summary.values())
     for kind in args.kv_caches:
         out.append(long_utterance(config_name, decoder.with_kv_cache(kind), args))
     return out
+
+
+def same_tokens_on_one_device(decoder, jobs: list[dict], sequences: dict, args) -> bool:
+    """Whether every request's tokens from the engines over several devices (``sequences``, the last
+    timed run's) equal what one engine on one device gives it (run here, untimed)."""
+    engine = FirstStageEngine(decoder, slots=args.concurrency, steps=args.steps, prefill_chunk=args.prefill_chunk)
+    requests = [EngineRequest(j["prompt"], j["key"], j["speaker"], j["sampling"], j["tokens"], tag=i)
+                for i, j in enumerate(jobs)]
+    results = engine.run(requests)
+    differ = [r.tag for r in results if not np.array_equal(r.sequence, sequences.get(r.tag))]
+    if differ:
+        log(f"tokens differ from one device for requests {differ}")
+    return not differ
 
 
 def long_utterance(config_name: str, decoder, args) -> dict:

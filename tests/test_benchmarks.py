@@ -65,6 +65,21 @@ def test_engine_benchmark_smoke():
     assert [(m.group(1), m.group(2)) for m in kinds] == [("float32", "40"), ("bf16", "40"), ("int8", "40")]
 
 
+def test_engine_benchmark_over_four_devices_checks_tokens_against_one():
+    """With four (forced host) devices the engine mode runs one engine per device, and the benchmark
+    checks every request's tokens against one device's."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine", "--configs", "tiny", "--concurrency", "4", "--steps", "4",
+         "--requests", "6", "--rate", "20", "--min-tokens", "4", "--max-tokens", "12", "--kv-caches", "",
+         "--modes", "engine"],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env=env,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "engine over 4 devices, 1 slots each" in res.stderr
+    assert re.search(r"^engine-devices config=tiny devices=4 requests=6 tokens_equal=yes$", res.stdout, re.M), res.stdout
+
+
 REPEAT_LINE = re.compile(r"^engine config=tiny mode=(static|engine) concurrency=2 utt_per_min=([0-9.]+) "
                          r"p50_s=([0-9.]+) p95_s=([0-9.]+) tokens_per_s=([0-9.]+) kv_cache=float32 "
                          r"row_use=([0-9.]+) run=(\d+|median)$")
