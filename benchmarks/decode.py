@@ -23,7 +23,8 @@ speed ratio: eager PyTorch by default; ``--reference-compile`` sets it up as the
 ``build_model(compile=True, compile_prefill=True)`` does (``torch.compile(mode="max-autotune",
 fullgraph=True)`` on its decode step, ``torch.compile(fullgraph=True, dynamic=True)`` on its
 prefill), on the CPU (inductor's C++ backend) or with ``--reference-device cuda``.
-``--dtype bfloat16`` runs our decoder entirely in bfloat16 (weights, activations, KV cache).
+``--dtype bfloat16`` runs our decoder entirely in bfloat16 (weights, activations, KV cache);
+``--quantize int8`` (or ``bf16``) stores the weights so (the decode line then says ``weights=``).
 
 On the CPU, at a realistic length against the compiled reference:
 
@@ -36,7 +37,7 @@ On a GPU machine (see benchmarks/RESULTS.md for what to record):
         --reference-src PATH --reference-device cuda --reference-compile
 
 Each measurement ends with machine-readable lines:
-  decode config=<name> batch=<n> dtype=<d> tokens_per_s=<x> GB_per_s=<y> roofline_frac=<z>
+  decode config=<name> batch=<n> dtype=<d> [weights=<int8|bf16>] tokens_per_s=<x> GB_per_s=<y> roofline_frac=<z>
   timing side=<ours|reference> batch=<n> new_tokens=<N> repeats=<r> first_call_s=... compile_s=...
          first_call_n_s=... median_s=... prefill_s=... runs_s=<each run of N>
 """
@@ -283,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (the median is reported)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantize", default=None, choices=["int8", "bf16"],
+                        help="first-stage weights stored int8 (per output channel) or bf16, as --quantize elsewhere")
     parser.add_argument("--reference-src", type=Path, help="metavoice-src checkout to time the reference decode")
     parser.add_argument("--reference-tokens", type=int, default=None, help="new tokens for the reference (default --tokens)")
     parser.add_argument("--reference-device", default="cpu", help="torch device for the reference (cpu, cuda)")
@@ -301,11 +304,13 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}", flush=True)
     bandwidth = measure_bandwidth()
     params = random_params(config, dtype=dtype)
-    weight_bytes = tree_nbytes(params)
+    n_params = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params))
     # An end-of-audio id outside the vocabulary: every row runs the full number of steps.
-    decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1, dtype=dtype)
+    decoder = FirstStageDecoder(config, params, end_of_audio=config.vocab_sizes[0] + 1, dtype=dtype,
+                                quantize=args.quantize)
     del params  # the decoder keeps its own re-laid copy
-    print(f"config={args.config} params={weight_bytes / dtype(0).dtype.itemsize / 1e9:.3f}B "
+    weight_bytes = tree_nbytes(decoder.params)  # as stored: what a step reads
+    print(f"config={args.config} params={n_params / 1e9:.3f}B "
           f"weights={weight_bytes / 1e9:.2f} GB  read bandwidth={bandwidth:.1f} GB/s", flush=True)
 
     ref_dtype = args.reference_dtype or args.dtype
@@ -343,7 +348,8 @@ def main(argv=None) -> int:
               f"prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s (median of {r['repeats']}), "
               f"first call (2 tokens) {r['first_call_s']:.2f} s, compile {r['compile_s']:.1f} s, "
               f"first {r['steps'] + 2}-token call (compile + median) {r['first_call_n_s']:.2f} s")
-        print(f"decode config={args.config} batch={batch} dtype={args.dtype} tokens_per_s={tps:.3f} "
+        weights = f" weights={args.quantize}" if args.quantize else ""
+        print(f"decode config={args.config} batch={batch} dtype={args.dtype}{weights} tokens_per_s={tps:.3f} "
               f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}", flush=True)
         timing_line("ours", batch, r)
         if "reference" in results:
@@ -355,7 +361,7 @@ def main(argv=None) -> int:
 
     if ref is not None:
         tps = ref["steps"] / ref["seconds"]
-        ref_bytes = weight_bytes * (2 if ref_dtype == "bfloat16" else 4) / dtype(0).dtype.itemsize
+        ref_bytes = n_params * (2 if ref_dtype == "bfloat16" else 4)
         gbps = tps * ref_bytes / 1e9
         print(f"  reference batch=1 ({args.reference_device}, {ref_dtype}, {ref_mode}): {ref['steps']} decode steps in "
               f"{ref['seconds']:.2f} s; prefill {ref['prefill_s']:.2f} s, end to end {ref['end_to_end_s']:.2f} s "
