@@ -170,12 +170,20 @@ def init_lora(cfg: GPTConfig, spec: TrainSpec, rng: jax.Array) -> dict:
 
 
 def _slice(tree, start: int, end: int):
-    """Layers ``start:end`` as arrays of their own (a copy: a view would keep the whole stack alive)."""
-    return jax.tree_util.tree_map(lambda a: np.array(np.asarray(a)[start:end], copy=True), tree)
+    """Layers ``start:end`` as arrays of their own (a copy: a view would keep the whole stack alive). An
+    abstract tree (``jax.ShapeDtypeStruct`` leaves: shapes only, to lower the step for the released shape
+    without its weights) gives the slices' shapes."""
+    def one(a):
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((end - start,) + tuple(a.shape[1:]), a.dtype)
+        return np.array(np.asarray(a)[start:end], copy=True)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def split_params(cfg: GPTConfig, spec: TrainSpec, params: dict, rng: Optional[jax.Array] = None) -> tuple[dict, dict]:
-    """(frozen, trainable) from a full converted parameter tree (see the module docstring)."""
+    """(frozen, trainable) from a full converted parameter tree (see the module docstring); from an
+    abstract tree (``jax.ShapeDtypeStruct`` leaves) their shapes (the LoRA adapters are made either way)."""
     validate(cfg, spec)
     if "blocks" not in params or "ln_f" not in params:
         raise TrainSpecError("parameters are not a float first-stage tree (a quantised model cannot be fine-tuned)")

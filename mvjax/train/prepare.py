@@ -83,6 +83,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def codes_encoder(cfg) -> Callable:
+    """The jitted EnCodec encoding clips go through: ``(params, wav (B, channels, samples))`` -> codes
+    (B, n_q, frames) at :data:`BANDWIDTH_KBPS` (also lowered by ``python -m benchmarks.lowering``).
+    One compilation per distinct clip length (~1 s each on a CPU): exact, but a dataset of many
+    lengths pays it per clip on its first preparation (later runs hit the cache)."""
+    # heavy: python -m mvjax.finetune --help imports this module (its limits); jax loads at the first clip
+    import jax
+
+    from mvjax.nn import encodec
+
+    return jax.jit(lambda p, wav: encodec.encode_wav(cfg, p, wav, bandwidth_kbps=BANDWIDTH_KBPS))
+
+
 class ClipCoder:
     """EnCodec codes of clips (loaded lazily, cached by file content and codec weights).
 
@@ -100,16 +113,10 @@ class ClipCoder:
     def _load(self):
         if self._codec is None:
             # heavy: python -m mvjax.finetune --help imports this module (its limits); jax loads at the first clip
-            import jax
-
             from mvjax.io.checkpoint import load_encodec
-            from mvjax.nn import encodec
 
             cfg, params = load_encodec(self.model_dir)
-            # One compilation per distinct clip length (~1 s each on a CPU): exact, but a dataset of
-            # many lengths pays it per clip on its first preparation (later runs hit the cache).
-            encode = jax.jit(lambda p, wav: encodec.encode_wav(cfg, p, wav, bandwidth_kbps=BANDWIDTH_KBPS))
-            self._codec = (cfg, params, encode)
+            self._codec = (cfg, params, codes_encoder(cfg))
         return self._codec
 
     def cache_file(self, content_digest: str) -> Optional[Path]:

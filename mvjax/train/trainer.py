@@ -13,6 +13,7 @@ resumed run draws the same masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -45,12 +46,25 @@ def new_state(tx: optax.GradientTransformation, trainable: dict, seed: int = 0) 
     }
 
 
+def _stored_as(a, dtype):
+    """A frozen weight at the compute dtype (floats only; an abstract leaf gives the new shape and dtype)."""
+    if not np.issubdtype(a.dtype, np.floating):
+        return a
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape, dtype)
+    return np.asarray(a).astype(dtype)
+
+
 class Trainer:
     """Holds the frozen weights and the compiled step; the trainable state travels in and out."""
 
     def __init__(self, config: GPTConfig, params: dict, spec: TrainSpec, optim: OptimConfig, pad_token: int,
                  mesh: Optional[Mesh] = None, lora_seed: int = 0):
+        """``params``: the converted first-stage tree; or an abstract one (``jax.ShapeDtypeStruct`` leaves),
+        which makes a trainer that only traces and lowers (``trainer._step.trace(...)``; what
+        ``python -m benchmarks.lowering`` does for the released shape without allocating its weights)."""
         self.config, self.spec, self.optim, self.pad_token, self.mesh = config, spec, optim, int(pad_token), mesh
+        abstract = any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree_util.tree_leaves(params))
         self.frozen, self.initial_trainable = split_params(config, spec, params, jax.random.PRNGKey(lora_seed))
         self.tx = make_optimizer(optim, self.initial_trainable)
         self.schedule = learning_rate_schedule(optim)
@@ -58,11 +72,10 @@ class Trainer:
             # Frozen weights never update: stored at the compute precision, they take half the memory and
             # are not cast again every step. Trainable weights stay float32 (the optimiser's masters).
             dtype = jnp.dtype(spec.compute_dtype)
-            self.frozen = jax.tree_util.tree_map(
-                lambda a: np.asarray(a).astype(dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else a,
-                self.frozen)
-        # Frozen weights go to the devices once: passed as host arrays, every step would copy them again.
-        self.frozen = jax.device_put(self.frozen, None if mesh is None else NamedSharding(mesh, P()))
+            self.frozen = jax.tree_util.tree_map(functools.partial(_stored_as, dtype=dtype), self.frozen)
+        if not abstract:
+            # Frozen weights go to the devices once: passed as host arrays, every step would copy them again.
+            self.frozen = jax.device_put(self.frozen, None if mesh is None else NamedSharding(mesh, P()))
         # The frozen weights are an argument of every compiled function, never a closure: closed over,
         # XLA would bake them into the executable as constants (a second copy, and slow compiles).
         self._step = jax.jit(self._step_impl, donate_argnums=(0,))
