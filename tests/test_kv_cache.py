@@ -53,7 +53,6 @@ def path(request, monkeypatch):
             pytest.skip(f"CPU kernels unavailable here ({cpu_int8._state.get('why') or jax.default_backend()})")
     else:
         monkeypatch.setattr(CA, "cache_kernel_used", lambda: False)
-        monkeypatch.setattr(KV, "cache_kernel_used", lambda: False)
     return request.param
 
 

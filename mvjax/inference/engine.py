@@ -404,9 +404,10 @@ class FirstStageEngine:
 
     def _whole_cache(self, rows: int) -> bool:
         """Whether a call over ``rows`` slots runs on the whole cache rather than a window copy: a
-        call over every slot when steps attend through the CPU kernel (:func:`step_kernel_used`),
-        which reads only the positions each row has reached, so a window would only add a copy."""
-        return rows == self.slots and step_kernel_used(self.decoder.dtype)
+        call over every slot when steps attend through a ragged kernel (:func:`step_kernel_used`: the
+        CPU kernel, or a Pallas kernel on GPU/TPU), which reads only the positions each row has
+        reached, so a window would only add a copy."""
+        return rows == self.slots and step_kernel_used(self.decoder.dtype, self.config.head_dim)
 
     # --- the host side ---
 

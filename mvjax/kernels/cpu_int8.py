@@ -43,6 +43,7 @@ import jaxlib
 
 from mvjax.core.atomic import atomic_path
 from mvjax.core.paths import cache_root
+from mvjax.kernels.platform import vary_like, varying_axes
 
 log = logging.getLogger("mvjax")
 
@@ -145,6 +146,18 @@ def int8_matmul_available() -> bool:
         return ok
 
 
+def cpu_kernels_ready() -> bool:
+    """Whether a program lowered for CPU should call the kernels: they are built and registered.
+    Where JAX computes on the CPU this builds them on first use (:func:`int8_matmul_available`);
+    in a process whose default backend is an accelerator (which traces the CPU branch of the
+    kernel dispatch too, see :mod:`mvjax.kernels.platform`) it only reports a build made
+    earlier, so an accelerator host never compiles the C++ library for a branch it does not run."""
+    if jax.default_backend() == "cpu":
+        return int8_matmul_available()
+    with _lock:
+        return _state.get("ok", False)
+
+
 def quantize_activations(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """x (K, N) float -> (int16 (N, K), float32 scale (N,)): per column, |q| <= ACTIVATION_MAX.
     A column holding NaN or inf has no meaningful scale (its codes are 0 or garbage);
@@ -162,4 +175,5 @@ def kernel_int8_matmul(w: jnp.ndarray, wscale: jnp.ndarray, x: jnp.ndarray) -> j
     the caller's business: :func:`mvjax.kernels.int8.int8_matmul` handles them."""
     xq, xscale = quantize_activations(x)
     out = jax.ShapeDtypeStruct((w.shape[0], x.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(w, wscale.astype(jnp.float32), xq, xscale)
+    y = jax.ffi.ffi_call(TARGET, out)(w, wscale.astype(jnp.float32), xq, xscale)
+    return vary_like(y, varying_axes(w, wscale, x))  # inside shard_map, varying as its operands

@@ -10,21 +10,21 @@ each head's key (or value) vector at a position is stored as ``round(x / s)`` wi
 and the rounding error is at most ``s / 2``. Every leaf has rows first and positions last, so
 slicing rows or positions is the same ``tree_map`` whatever the kind.
 
-Reads: on CPU a decode step (one float32 query per row) runs the cache kernel
-(:mod:`mvjax.kernels.cache_attention`) whatever the kind: it reads the stored bytes, and only the
-positions each row has reached, in one call for all rows and heads. Prefill, bf16 compute and
-other backends use XLA (dequantising a compact cache first; accelerator compilers fuse that
-into the product).
+Reads: a decode step (one float32 query per row) runs a cache kernel whatever the kind
+(:mod:`mvjax.kernels.cache_attention`: the C++ kernel on CPU, the Pallas kernels on CUDA GPUs and
+TPUs): it reads the stored bytes, and only the positions each row has reached, in one call for all
+rows and heads. Prefill, bf16 compute and other platforms use XLA (dequantising a compact cache
+first; accelerator compilers fuse that into the product).
 """
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from mvjax.kernels.cache_attention import cache_kernel_used, kernel_cache_attention
+from mvjax.kernels.cache_attention import ragged_kernel_on_backend, step_attention
 from mvjax.nn.config import GPTConfig
 
 KV_CACHE_KINDS = ("float32", "bf16", "int8")
@@ -121,25 +121,41 @@ def write(entry, update: jnp.ndarray, positions: jnp.ndarray):
     return jax.lax.dynamic_update_slice(entry, update, (0,) * (entry.ndim - 1) + (positions[0, 0],))
 
 
-def step_kernel_used(dtype) -> bool:
-    """Whether one-token decode steps with ``dtype`` activations attend through the CPU cache kernel
-    (:func:`attend`), which reads, for each row, only the positions that row has reached, so the
-    length of the cache passed in costs nothing. Decided at trace time."""
-    return jnp.dtype(dtype) == jnp.float32 and cache_kernel_used()
+def step_kernel_used(dtype, head_dim: Optional[int] = None) -> bool:
+    """Whether one-token decode steps with ``dtype`` activations, run on JAX's default backend,
+    attend through a ragged kernel (:func:`attend`): the C++ cache kernel on a CPU with it built,
+    a Pallas kernel on a CUDA GPU or TPU (``head_dim``: the model's, which the GPU kernel needs a
+    power of two; None: assumed to fit). Such a kernel reads, for each row, only the positions
+    that row has reached, so the length of the cache passed in costs nothing. Decided at trace time."""
+    return jnp.dtype(dtype) == jnp.float32 and ragged_kernel_on_backend(head_dim)
 
 
 def attend(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dtype,
            kernel: bool = True) -> jnp.ndarray:
     """Causal attention of q (R, H, T, D) over the first ``length`` cache positions (each query sees
-    slots <= its position) -> (R, H, T, D) in ``dtype``. ``kernel=False``: XLA even for one-token
-    queries (a prefill piece of one token, computed as the whole prefill computes it)."""
-    if kernel and q.shape[2] == 1 and step_kernel_used(q.dtype):
-        scales = {}
+    slots <= its position) -> (R, H, T, D) in ``dtype``. A float32 one-token step (``kernel``)
+    goes through :func:`mvjax.kernels.cache_attention.step_attention`, which picks the C++ kernel
+    (CPU), a Pallas kernel (GPU, TPU) or this function's XLA path for the platform lowered for.
+    ``kernel=False``: XLA even for one-token queries (a prefill piece of one token, computed as
+    the whole prefill computes it)."""
+    if kernel and q.shape[2] == 1 and jnp.dtype(q.dtype) == jnp.float32:
+        scales = (None, None)
         if isinstance(keys, dict):
-            scales = {"key_scale": keys["scale"], "value_scale": values["scale"]}
+            scales = (keys["scale"], values["scale"])
             keys, values = keys["q"], values["q"]
-        y = kernel_cache_attention(q[:, :, 0].astype(jnp.float32), keys, values, positions[:, 0], length, **scales)
+
+        def xla(q, keys, values, positions, key_scale, value_scale):
+            if key_scale is not None:
+                keys, values = {"q": keys, "scale": key_scale}, {"q": values, "scale": value_scale}
+            return _attend_xla(q[:, :, None], keys, values, positions[:, None], length, dtype)[:, :, 0]
+
+        y = step_attention(q[:, :, 0], keys, values, positions[:, 0], length, *scales, xla=xla)
         return y[:, :, None].astype(dtype)
+    return _attend_xla(q, keys, values, positions, length, dtype)
+
+
+def _attend_xla(q: jnp.ndarray, keys, values, positions: jnp.ndarray, length: int, dtype) -> jnp.ndarray:
+    """:func:`attend` in plain XLA: dequantise the first ``length`` slots, masked softmax, product."""
     k, v = dequantize(keys, length).astype(q.dtype), dequantize(values, length).astype(q.dtype)
     mask = (jnp.arange(length)[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
