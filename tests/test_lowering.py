@@ -13,7 +13,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
 from benchmarks.lowering import KERNEL_NAMES, Entry, Variant, lower_entry, pallas_kernel_names, unrunnable_calls
-from mvjax.kernels.cpu_int8 import int8_matmul_available
 from tests.conftest import REPO
 
 KINDS = ("float32", "bf16", "int8")
@@ -34,29 +33,6 @@ PLATFORMS = ("cuda", "tpu")
 LINE = re.compile(r"^lower entry=(?P<entry>[a-z0-9_]+) platform=(?P<platform>[a-z]+) variant=(?P<variant>[a-z0-9.-]+) "
                   r"ok=(?P<ok>yes|no) pallas=(?P<pallas>none|mvjax_[a-z0-9_]+(?:,mvjax_[a-z0-9_]+)*)$")
 DECODE_STEPS = ("decode", "engine_generate", "engine_generate_window", "engine_prefill_piece")
-ATTENTION_KERNEL = {"float32": "mvjax_f32_attention", "bf16": "mvjax_bf16_attention", "int8": "mvjax_int8_attention"}
-
-
-def expected_failures() -> dict:
-    """(entry, variant) -> the CPU FFI kernels its lowering must name, for the entries that cannot lower
-    until the kernel choice is made per platform (``lax.platform_dependent``) instead of by
-    ``jax.default_backend()`` at trace time (mvjax/kernels, issue 30): traced on this CPU with the
-    kernels built, every one-token decode step attends through the cache kernel whatever the cache kind
-    (``mvjax_{f32,bf16,int8}_attention``), and int8 weights multiply through ``mvjax_int8_matmul`` (the
-    engine's admission prefills whole prompts, so only its int8-weight variants call a kernel). Without
-    the kernels (no compiler, or ``MVJAX_CPU_KERNELS=0``) nothing is expected to fail. Once the dispatch
-    lands these lower, this test fails, and the set is to be emptied."""
-    if not int8_matmul_available():
-        return {}
-    out = {}
-    for variant in W_X_KV:
-        weights, kv = (part.split("-", 1)[1] for part in variant.split("."))
-        matmul = ["mvjax_int8_matmul"] if weights == "int8" else []
-        for entry in DECODE_STEPS:
-            out[entry, variant] = matmul + [ATTENTION_KERNEL[kv]]
-        if matmul:
-            out["engine_admit", variant] = matmul
-    return out
 
 
 def test_every_entry_lowers_for_cuda_and_tpu():
@@ -82,19 +58,21 @@ def test_every_entry_lowers_for_cuda_and_tpu():
     assert set(results) == expected_keys, (f"missing {sorted(expected_keys - set(results))}; "
                                            f"unexpected {sorted(set(results) - expected_keys)}")
 
-    xfail = expected_failures()
     for (entry, platform, variant), m in sorted(results.items()):
-        kernels = xfail.get((entry, variant))
-        if kernels is None:
-            why = reasons.get((entry, platform, variant))
-            assert m["ok"] == "yes", f"{entry} {variant} does not lower for {platform}: {why}"
-        else:
-            assert m["ok"] == "no", (f"{entry} {variant} now lowers for {platform}: the kernel dispatch has landed; "
-                                     "empty expected_failures()")
-            named = set(re.findall(r"@(mvjax_\w+) is a CPU FFI kernel", reasons[entry, platform, variant]))
-            assert named == set(kernels), reasons[entry, platform, variant]
-    assert res.returncode == (1 if xfail else 0), res.stderr[-2000:]
-    assert re.search(r"lowering config=tiny: \d+ of 138 lowered ok in [0-9.]+ s", res.stderr), res.stderr[-2000:]
+        assert m["ok"] == "yes", f"{entry} {variant} does not lower for {platform}: {reasons.get((entry, platform, variant))}"
+        kernels = set() if m["pallas"] == "none" else set(m["pallas"].split(","))
+        # The accelerator path runs the Pallas kernels: every decode step attends through the ragged one, and
+        # int8 weights multiply through the int8 one (the engine's admission prefills whole prompts: XLA
+        # attention, int8 products only).
+        weights = variant.split(".")[0] if variant.startswith("w-") else None
+        want = set()
+        if entry in DECODE_STEPS:
+            want.add("mvjax_ragged_attention")
+        if weights == "w-int8" and entry in DECODE_STEPS + ("engine_admit",):
+            want.add("mvjax_int8_matmul")
+        assert kernels == want, f"{entry} {variant} on {platform}: Pallas kernels {sorted(kernels)}, want {sorted(want)}"
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(r"lowering config=tiny: 138 of 138 lowered ok in [0-9.]+ s", res.stderr), res.stderr[-2000:]
 
 
 # --- The checks on a lowered module, against real lowerings of small programs ---------------------------
