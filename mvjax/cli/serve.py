@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--warmup", action="store_true", help="before listening: synthesise once and compile every shape the engine can meet "
                            "(up to --max-new-tokens), so no request waits for a compilation")
     p.add_argument("--log-text", action="store_true", help="log request texts (off: only their length)")
+    p.add_argument("--log-rounds", action="store_true",
+                   help="log one line per scheduler round (chunks, tokens, stage-1 and streaming seconds)")
     p.add_argument("--quiet", action="store_true", help="log warnings and errors only (no request lines)")
     return p
 
@@ -115,7 +117,7 @@ def build(args, tts=None):
         batching=args.batching, engine_steps=args.engine_steps,
         max_new_tokens=args.max_new_tokens, max_input_chars=args.max_input_chars, voice_limits=limits,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
-        public_metrics=args.public_metrics, log_text=args.log_text, decoder=args.decoder, enhance=not args.no_enhance,
+        public_metrics=args.public_metrics, log_text=args.log_text, log_rounds=args.log_rounds, decoder=args.decoder, enhance=not args.no_enhance,
         response_format=args.response_format,
     )
     if args.demo:

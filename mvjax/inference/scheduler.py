@@ -117,6 +117,7 @@ class RoundStats:
     stage1_seconds: float
     seconds: float
     started: int = 0  # chunks whose first stage started this round
+    stream_seconds: float = 0.0  # streaming within chunks: second-stage passes and waveforms of partial frames
 
 
 class Scheduler:
@@ -280,12 +281,14 @@ class Scheduler:
             in_flight = [request.tag.owner for request, _ in engine.running.values()] + [
                 r.tag.owner for r in list(engine.waiting)[: engine.free_slots]]
             results = engine.step()
+        stage1 = time.perf_counter() - start
         for result in results:
             self._first_done(result.tag, self.first.result(result.tag, result.sequence, result.finished,
                                                            result.hit_block_end))
+        start = time.perf_counter()
         self._stream_partials()
-        return RoundStats(len(in_flight), len(set(map(id, in_flight))), engine.last_step_tokens,
-                          time.perf_counter() - start, 0.0, len(picked))
+        return RoundStats(len(in_flight), len(set(map(id, in_flight))), engine.last_step_tokens, stage1, 0.0,
+                          len(picked), stream_seconds=time.perf_counter() - start)
 
     def _static_round(self, chunks: list[Chunk]) -> RoundStats:
         start = time.perf_counter()

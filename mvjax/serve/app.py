@@ -114,8 +114,9 @@ def create_app(tts, registry: VoiceRegistry, settings: ServerSettings = ServerSe
 def _on_batch(state: State):
     def record(stats):
         state.metrics.batch(stats)
-        log.debug("batch: %d chunks of %d requests (%d started), %d tokens, %.2f s (stage 1 %.2f s)", stats.chunks,
-                  stats.utterances, stats.started, stats.tokens, stats.seconds, stats.stage1_seconds)
+        log.log(logging.INFO if state.settings.log_rounds else logging.DEBUG, "batch: %d chunks of %d requests (%d started), %d tokens, %.2f s "
+                "(stage 1 %.2f s, streaming %.2f s)", stats.chunks, stats.utterances, stats.started, stats.tokens,
+                stats.seconds, stats.stage1_seconds, stats.stream_seconds)
 
     return record
 

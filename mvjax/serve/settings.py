@@ -39,6 +39,7 @@ class ServerSettings:
     public_metrics: bool = False  # /metrics without the API key (it needs it when a key is set)
     cors_origins: tuple[str, ...] = ()
     log_text: bool = False
+    log_rounds: bool = False  # one INFO line per scheduler round (chunks, tokens, stage 1 and streaming time)
     decoder: str = LIBRARY.decoder  # default decoder: mbd | encodec
     enhance: bool = LIBRARY.enhance  # DeepFilterNet3 on the output
     normalize: bool = LIBRARY.normalize  # -14 LUFS
