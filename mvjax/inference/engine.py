@@ -34,6 +34,29 @@ decoded alone with the same key, whatever it shared the slots with (tested). A s
 rows keep stale values from earlier occupants beyond its current position; attention only reads
 positions at or below a row's own, and each of those is rewritten before it is read.
 
+**Pages** (``page_size``, ``pages``): instead of a block of positions per cache row, the slots share a pool
+of ``pages`` pages of ``page_size`` positions per layer (:mod:`mvjax.nn.paged_cache`), and each row has a
+page table (in the slot state; the host keeps the authoritative copy and decides who owns what). A request
+gets pages as it grows: at admission, pages for what its prompt and first call write; before each generate
+call, pages for what each running row's next ``steps`` tokens write; it hands them all back when it
+retires or is cancelled. Memory then follows the tokens held rather than ``slots`` whole blocks, so
+``slots`` can exceed what whole-block rows would fit in the same bytes. When pages run short:
+
+* a waiting request is admitted (first in, first out) only while the free pages cover its prompt and
+  first call plus ``page_reserve`` pages; otherwise it waits, like a request with no free slot;
+* if the running rows' next call needs more pages than are free, the most recently admitted request is
+  **preempted** (repeatedly, until the rest fit): its pages are freed, its tokens dropped, and it goes back
+  to the front of the queue, to be prefilled and decoded again from its prompt once pages allow (never in
+  the step that preempted it). As token i is drawn with ``fold_in(key, i)`` from the logits of the tokens
+  before it, the re-decoded tokens are the ones it got before, and the ones it gets decoded alone, so a
+  preemption costs only the recomputation (and the request's admission time is its re-admission; a
+  :meth:`partial` reader sees its tokens start again from the prompt). The oldest request is never
+  preempted and the pool holds at least one request's whole block, so every request finishes.
+
+A page-table call reads and writes the pool in place whatever its rows and window: no window copy; the
+window still bounds attention (each row's first ``window`` positions are gathered for XLA's attention, or
+a paged attention kernel's read), and a compaction move only moves the page-table rows.
+
 One engine runs on one device; over a mesh, :class:`mvjax.inference.engines.DeviceEngines`
 runs one engine per device behind the same interface.
 
@@ -77,6 +100,7 @@ from mvjax.nn.kv_cache import (
     take_rows,
     window_part,
 )
+from mvjax.nn.paged_cache import empty_table, init_pages, pages_for, pages_per_row, write_stored
 
 DEFAULT_SLOTS = 8
 # Prompt tokens per decode step while a request is admitted next to running ones (None: whole prefill).
@@ -139,6 +163,9 @@ class SlotState:
     keys: jnp.ndarray  # (S, 2) uint32
     sampling: dict  # guidance, temperature, top_k, top_p: (S,) each
     speaker: Optional[jnp.ndarray]  # (S, E) float32, zeros where a request has none; None without speaker_proj
+    # With pages: ``cache`` is the page pool (per layer (k, v), (pages, heads, head_dim, page_size)) and this
+    # is each cache row's page table (2S, pages_per_row) int32, rows in the cache's order; None without pages.
+    table: Optional[jnp.ndarray] = None
 
 
 @dataclasses.dataclass
@@ -163,10 +190,15 @@ class FirstStageEngine:
     ``prefill_chunk``: prompt tokens (a power of two) prefilled per decode step while a request is
     admitted next to decoding slots, so they never wait for a whole prefill; None or 0: every
     prompt is prefilled whole in its own call (the running slots wait for it).
+    ``page_size``: hold the KV cache in pages of this many positions (see the module docstring), ``pages``
+    of them in all (default: as many as ``slots`` whole blocks take, which saves nothing; give fewer), at
+    least a whole block's worth for one request; ``page_reserve``: free pages an admission must leave for
+    the running requests to grow into. None (default): a whole block per row, as before.
     """
 
     def __init__(self, decoder: FirstStageDecoder, slots: int = DEFAULT_SLOTS, steps: int = DEFAULT_STEPS,
-                 prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK, device=None):
+                 prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK, device=None, page_size: Optional[int] = None,
+                 pages: Optional[int] = None, page_reserve: int = 0):
         if slots < 1 or steps < 1:
             raise ValueError("the engine needs at least one slot and one step per call")
         if prefill_chunk and (prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1)):
@@ -204,6 +236,19 @@ class FirstStageEngine:
         self.steps_run = 0
         self.tokens_generated = 0
         self.row_steps = 0
+        self.page_size = int(page_size or 0)
+        self.paged = self.page_size > 0
+        self.preemptions = 0  # requests preempted for lack of pages (each re-decoded from its prompt)
+        self.num_pages = self.pages_per_row = 0
+        if self.paged:
+            self.pages_per_row = pages_per_row(self.block_size, self.page_size)
+            self.num_pages = int(pages) if pages else 2 * self.slots * self.pages_per_row
+            if self.num_pages < 2 * self.pages_per_row:
+                raise ValueError(f"a pool of {self.num_pages} pages cannot hold one request's two rows of "
+                                 f"{self.pages_per_row} pages (the whole block): give at least "
+                                 f"{2 * self.pages_per_row}")
+            self.page_reserve = int(page_reserve)
+        self._reset_pages()
 
     # --- the jitted pieces ---
 
@@ -223,7 +268,8 @@ class FirstStageEngine:
             lengths=jnp.zeros((s,), jnp.int32),
             done=jnp.ones((s,), bool),
             finished=jnp.zeros((s,), bool),
-            cache=init_cache(self.config, 2 * s, block, self.decoder.kv_cache),
+            cache=(init_pages(self.config, self.num_pages, self.page_size, self.decoder.kv_cache) if self.paged
+                   else init_cache(self.config, 2 * s, block, self.decoder.kv_cache)),
             step_logits=None,
             prompt_lengths=jnp.zeros((s,), jnp.int32),
             limits=jnp.zeros((s,), jnp.int32),
@@ -231,6 +277,7 @@ class FirstStageEngine:
             sampling={name: jnp.asarray(values)
                       for name, values in sampling_columns([IDLE_SAMPLING] * s, self.vocab).items()},
             speaker=None if self.speaker_dim is None else jnp.zeros((s, self.speaker_dim), jnp.float32),
+            table=jnp.asarray(empty_table(2 * s, self.pages_per_row, self.num_pages)) if self.paged else None,
         )
 
     def _admit_fn(self, plen: int):
@@ -252,9 +299,17 @@ class FirstStageEngine:
 
         one = prefill(logits_fn, small, prompt, prompt_length, limit, window,
                       self._advance(prompt_length, limit, key, sampling), block_size=self.block_size)
-        # The pair's rows [conditioned, unconditioned] land on cache rows slot and slots + slot.
-        cache = put_rows(state.cache, take_rows(one.cache, 0, 1), slot)
-        cache = put_rows(cache, take_rows(one.cache, 1, 1), self.slots + slot)
+        # The pair's rows [conditioned, unconditioned] land on cache rows slot and slots + slot (with pages:
+        # the prompt bucket's positions, as stored, through those rows' page tables).
+        if self.paged:
+            pair = state.table[jnp.stack([slot, self.slots + slot])]
+            at = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (2, plen))
+            part = jax.tree_util.tree_map(lambda a: a[..., :plen], one.cache)
+            cache = jax.tree_util.tree_map(lambda pages, new: write_stored(pages, new, pair, at), state.cache, part,
+                                           is_leaf=lambda a: isinstance(a, dict))
+        else:
+            cache = put_rows(state.cache, take_rows(one.cache, 0, 1), slot)
+            cache = put_rows(cache, take_rows(one.cache, 1, 1), self.slots + slot)
         set_row = lambda whole, row: whole.at[slot].set(row[0])
         return state.replace(
             tokens=set_row(state.tokens, one.tokens), lengths=set_row(state.lengths, one.lengths),
@@ -291,13 +346,15 @@ class FirstStageEngine:
                              done=put(state.done, one.done), finished=put(state.finished, one.finished))
 
     def _move(self, state: SlotState, source, target) -> SlotState:
-        """Slot ``source``'s request moved to slot ``target`` (cache rows and per-slot values)."""
+        """Slot ``source``'s request moved to slot ``target`` (cache rows and per-slot values; with pages the
+        host moves the page-table rows and the pool stays as it is)."""
         cache = state.cache
-        for half in (0, self.slots):
-            cache = put_rows(cache, take_rows(cache, half + source, 1), half + target)
+        if not self.paged:
+            for half in (0, self.slots):
+                cache = put_rows(cache, take_rows(cache, half + source, 1), half + target)
         moved = jax.tree_util.tree_map(lambda a: a.at[target].set(a[source]),
-                                       state.replace(cache=None, step_logits=None))
-        return moved.replace(cache=cache, done=moved.done.at[source].set(True))
+                                       state.replace(cache=None, step_logits=None, table=None))
+        return moved.replace(cache=cache, table=state.table, done=moved.done.at[source].set(True))
 
     def _generate_fn(self, window: int, rows: int, piece: Optional[tuple[int, int]] = None):
         """The generate call over ``rows`` slots and ``window`` positions; ``piece``: (piece size, prefill
@@ -329,11 +386,18 @@ class FirstStageEngine:
         self.compile_count += 1  # runs only while tracing
         cfg, dtype = self.config, self.decoder.dtype
         whole = state
-        sliced = rows < self.slots or window < self.block_size
-        if sliced:
-            cut = lambda a: a[:rows]
-            state = jax.tree_util.tree_map(cut, state.replace(cache=None))
-            state = state.replace(cache=window_part(self._pairs(whole.cache, rows), window))
+        cut = lambda a: a[:rows]
+        table = None
+        if self.paged:  # the whole pool, in place; the call's rows' page tables in its row layout
+            table = jnp.concatenate([whole.table[:rows], whole.table[self.slots:self.slots + rows]])
+            sliced = rows < self.slots
+            if sliced:
+                state = jax.tree_util.tree_map(cut, state.replace(cache=None, table=None)).replace(cache=whole.cache)
+        else:
+            sliced = rows < self.slots or window < self.block_size
+            if sliced:
+                state = jax.tree_util.tree_map(cut, state.replace(cache=None))
+                state = state.replace(cache=window_part(self._pairs(whole.cache, rows), window))
         speaker_rows = None
         if state.speaker is not None:  # the decoder's row layout: [conditioned..., unconditioned...]
             speaker_rows = jnp.concatenate([state.speaker, jnp.zeros_like(state.speaker)], axis=0)
@@ -341,7 +405,8 @@ class FirstStageEngine:
         idle_at_start = state.done
 
         def logits_fn(cache, tokens, positions, attend):
-            return apply_tokens(cfg, params, tokens, positions, speaker_rows, cache, dtype, attend=attend)
+            return apply_tokens(cfg, params, tokens, positions, speaker_rows, cache, dtype, attend=attend,
+                                table=table)
 
         def body(carry):
             i, st = carry
@@ -375,7 +440,7 @@ class FirstStageEngine:
                     cfg, params, jnp.concatenate([tok, tok])[:, None], jnp.concatenate([last_pos, last_pos])[:, None],
                     speaker_rows, st.cache, jnp.stack([piece, piece]), start, pair,
                     None if st.speaker is None else st.speaker[slot], prefill_window,
-                    jnp.clip(length - 1 - start, 0, size - 1), dtype, attend=window)
+                    jnp.clip(length - 1 - start, 0, size - 1), dtype, attend=window, table=table)
                 st = advance(st.replace(cache=cache), logits[:, 0])
                 return i + 1, start + size, self._first_token(st, piece_logits, slot, start + size >= length)
 
@@ -389,12 +454,14 @@ class FirstStageEngine:
         _, state = jax.lax.while_loop(more, body, (steps_done, state))
         if not sliced:
             return state if prefill is None else (state, start)
-        # Back in place: each half's rows, first ``window`` positions (put_rows writes a smaller block as is).
-        cache = put_rows(whole.cache, take_rows(state.cache, 0, rows), 0)
-        cache = put_rows(cache, take_rows(state.cache, rows, rows), self.slots)
-        merged = jax.tree_util.tree_map(lambda a, part: a.at[:rows].set(part), whole.replace(cache=None),
-                                        state.replace(cache=None))
-        merged = merged.replace(cache=cache)
+        if self.paged:
+            cache = state.cache
+        else:  # back in place: each half's rows, first ``window`` positions (put_rows writes a smaller block as is)
+            cache = put_rows(whole.cache, take_rows(state.cache, 0, rows), 0)
+            cache = put_rows(cache, take_rows(state.cache, rows, rows), self.slots)
+        merged = jax.tree_util.tree_map(lambda a, part: a.at[:rows].set(part), whole.replace(cache=None, table=None),
+                                        state.replace(cache=None, table=None))
+        merged = merged.replace(cache=cache, table=whole.table)
         return merged if prefill is None else (merged, start)
 
     def _pairs(self, cache: list, rows: int) -> list:
@@ -406,8 +473,9 @@ class FirstStageEngine:
         """Whether a call over ``rows`` slots runs on the whole cache rather than a window copy: a
         call over every slot when steps attend through a ragged kernel (:func:`step_kernel_used`: the
         CPU kernel, or a Pallas kernel on GPU/TPU), which reads only the positions each row has
-        reached, so a window would only add a copy."""
-        return rows == self.slots and step_kernel_used(self.decoder.dtype, self.config.head_dim)
+        reached, so a window would only add a copy. Never with pages: their calls copy nothing, and the
+        window bounds the positions gathered for attention."""
+        return not self.paged and rows == self.slots and step_kernel_used(self.decoder.dtype, self.config.head_dim)
 
     # --- the host side ---
 
@@ -425,12 +493,128 @@ class FirstStageEngine:
     def free_slots(self) -> int:
         return self.slots - len(self.running)
 
+    @property
+    def free_pages(self) -> int:
+        """Pages no request owns (0 without pages)."""
+        return len(self._free_pages)
+
+    @property
+    def pages_in_use(self) -> int:
+        """Pages the running requests own (0 without pages)."""
+        return self.num_pages - len(self._free_pages) if self.paged else 0
+
     def reset(self) -> None:
         """Forget every waiting and running request (after an error mid-run) and free the cache."""
         self.waiting.clear()
         self.running.clear()
         self._prefill = None
         self._state = None
+        self._reset_pages()
+
+    # --- pages (host side) ---
+
+    def _reset_pages(self) -> None:
+        """Every page free, every row's table empty (also the whole-block engine's empty bookkeeping)."""
+        self._free_pages: list[int] = list(range(self.num_pages - 1, -1, -1)) if self.paged else []
+        width = self.pages_per_row if self.paged else 0
+        self._table = empty_table(2 * self.slots, width, self.num_pages if self.paged else 0)
+        self._owned = np.zeros(self.slots, np.int64)  # pages each row of a slot's pair owns (from position 0)
+        self._limits = np.zeros(self.slots, np.int64)  # each running slot's total-length limit
+        self._buckets = np.zeros(self.slots, np.int64)  # each running slot's prompt bucket
+        self._order = np.zeros(self.slots, np.int64)  # admission order (the newest is preempted first)
+        self._admissions = 0
+        self._table_dirty = True
+        self._preempted: set = set()  # ids of requests preempted in this step (not re-admitted in it)
+
+    def _grow(self, slot: int, positions: int) -> bool:
+        """Give slot ``slot``'s two rows pages for positions ``0 .. positions - 1``; False (nothing given) if
+        the free pages do not cover it."""
+        want = pages_for(min(positions, self.block_size), self.page_size) - int(self._owned[slot])
+        if want <= 0:
+            return True
+        if 2 * want > len(self._free_pages):
+            return False
+        have = int(self._owned[slot])
+        for row in (slot, self.slots + slot):
+            for j in range(have, have + want):
+                self._table[row, j] = self._free_pages.pop()
+        self._owned[slot] = have + want
+        self._table_dirty = True
+        return True
+
+    def _drop_pages(self, slot: int) -> None:
+        """Slot ``slot``'s pages back to the pool."""
+        if not self.paged:
+            return
+        have = int(self._owned[slot])
+        for row in (slot, self.slots + slot):
+            self._free_pages.extend(int(page) for page in self._table[row, :have])
+            self._table[row] = self.num_pages
+        self._owned[slot] = 0
+        self._table_dirty = True
+
+    def _first_positions(self, length: int, bucket: int, limit: int) -> int:
+        """Positions a request's admission and first generate call write: its prompt bucket (the prefill,
+        whole or in pieces), then up to ``steps`` tokens from its prompt's end."""
+        return max(bucket, min(length + self.steps, limit))
+
+    def _call_positions(self, slot: int) -> int:
+        """Positions slot ``slot`` may write up to the end of the next generate call."""
+        if self._prefill is not None and self._prefill.slot == slot:
+            return self._first_positions(self._prefill.length, int(self._buckets[slot]), int(self._limits[slot]))
+        # A row of length L writes positions L - 1 .. L + steps - 2 (its last token's, one per step).
+        return min(int(self._lengths[slot]) + self.steps - 1, int(self._limits[slot]))
+
+    def _pages_for_running(self) -> None:
+        """Pages for every running row's next call, preempting the newest requests until they fit."""
+        while True:
+            short = sum(2 * max(0, pages_for(self._call_positions(slot), self.page_size) - int(self._owned[slot]))
+                        for slot in self.running)
+            if short <= len(self._free_pages) or len(self.running) == 1:
+                break
+            self._preempt(max(self.running, key=lambda slot: self._order[slot]))
+        for slot in sorted(self.running, key=lambda slot: self._order[slot]):
+            if not self._grow(slot, self._call_positions(slot)):  # only when one request outgrows the pool
+                raise RuntimeError(f"{self.num_pages} pages cannot hold one request's next call")
+
+    def _preempt(self, slot: int) -> None:
+        """The request in ``slot`` stopped, its pages freed and its tokens dropped; back to the front of the
+        queue (re-admitted from its prompt in a later step)."""
+        mask = np.zeros(self.slots, bool)
+        mask[slot] = True
+        self._state = self._free(self._state, mask)
+        request, _ = self.running.pop(slot)
+        if self._prefill is not None and self._prefill.slot == slot:
+            self._prefill = None
+        self._drop_pages(slot)
+        self.waiting.appendleft(request)
+        self._preempted.add(id(request))
+        self.preemptions += 1
+
+    def _admissible(self, request: EngineRequest) -> bool:
+        """Whether the free pages cover ``request``'s admission and first call (plus the reserve while others
+        run); always True without pages."""
+        if not self.paged:
+            return True
+        if id(request) in self._preempted:
+            return False
+        n = len(request.prompt)
+        positions = self._first_positions(n, prompt_bucket(n, self.block_size), self._limit(request))
+        reserve = self.page_reserve if self.running else 0
+        return 2 * pages_for(positions, self.page_size) + reserve <= len(self._free_pages)
+
+    def _limit(self, request: EngineRequest) -> int:
+        """The total length (prompt and generated tokens) at which ``request`` stops."""
+        new = self.block_size if request.max_new_tokens is None else request.max_new_tokens
+        return min(len(request.prompt) + new, self.block_size)
+
+    def _push_table(self) -> None:
+        """The host's page tables into the slot state, if they changed since the last push."""
+        if self.paged and self._table_dirty and self._state is not None:
+            table = self._table.copy()
+            table = jax.device_put(table, self.device) if self.device is not None else jnp.asarray(table)
+            self._state = self._state.replace(table=table)
+            self._table_dirty = False
 
     def cancel(self, predicate) -> int:
         """Drop every waiting or running request for which ``predicate(request)`` is true (a client
@@ -445,6 +629,7 @@ class FirstStageEngine:
             self._state = self._free(self._state, mask)
             for slot in slots:
                 del self.running[slot]
+                self._drop_pages(slot)
                 if self._prefill is not None and self._prefill.slot == slot:
                     self._prefill = None
         return dropped + len(slots)
@@ -476,13 +661,20 @@ class FirstStageEngine:
         prefill during the next generate calls."""
         if self._state is None:
             self._state = self._empty_state()
+            self._table_dirty = True
         prompt = np.asarray(request.prompt, np.int32)
         n = len(prompt)
         plen = prompt_bucket(n, self.block_size)
         padded = np.zeros((1, plen), np.int32)
         padded[0, :n] = prompt
-        new = self.block_size if request.max_new_tokens is None else request.max_new_tokens
-        limit = min(n + new, self.block_size)
+        limit = self._limit(request)
+        if self.paged:
+            self._limits[slot], self._buckets[slot] = limit, plen
+            self._order[slot] = self._admissions
+            self._admissions += 1
+            if not self._grow(slot, self._first_positions(n, plen, limit)):  # _admissible checked it
+                raise RuntimeError("admitted a request without the pages for it")
+            self._push_table()
         sampling = sampling_columns([request.sampling], self.vocab)
         speaker = None
         if self.speaker_dim is not None:
@@ -569,6 +761,14 @@ class FirstStageEngine:
             dest = free.pop(0)
             self._state = self._move_fn(self._state, np.int32(source), np.int32(dest))
             self.running[dest] = self.running.pop(source)
+            if self.paged:  # the pages stay where they are: the table rows move
+                for half in (0, self.slots):
+                    self._table[half + dest] = self._table[half + source]
+                    self._table[half + source] = self.num_pages
+                for per_slot in (self._owned, self._limits, self._buckets, self._order):
+                    per_slot[dest] = per_slot[source]
+                self._owned[source] = 0
+                self._table_dirty = True
             if self._prefill is not None and self._prefill.slot == source:
                 self._prefill.slot = dest
             self.moves += 1
@@ -582,9 +782,12 @@ class FirstStageEngine:
         ``others_waiting``: requests wait for a slot elsewhere (:class:`~mvjax.inference.engines.DeviceEngines`
         queues them until some engine frees one), so end the call as soon as a slot frees up."""
         admitted = 0
+        self._preempted.clear()
+        if self.paged and self.running:
+            self._pages_for_running()  # before admitting: the running requests come first
         decoding = bool(self.running)  # slots that have produced tokens: an admission must not stall them
         for slot in range(self.slots):
-            if not self.waiting or self._prefill is not None:
+            if not self.waiting or self._prefill is not None or not self._admissible(self.waiting[0]):
                 break
             if slot not in self.running:
                 if self.prefill_chunk and decoding:
@@ -603,6 +806,7 @@ class FirstStageEngine:
         hand_back = np.bool_(bool(self.waiting) or others_waiting)
         window = self._window(rows)
         prefill = self._prefill
+        self._push_table()
         if prefill is None:
             self._state = self._generate_fn(window, rows)(self.decoder.params, self._state, hand_back)
             start = None
@@ -634,6 +838,7 @@ class FirstStageEngine:
             if not done[slot] or slot == getattr(self._prefill, "slot", None):
                 continue
             request, admitted = self.running.pop(slot)
+            self._drop_pages(slot)
             n = int(lengths[slot])
             if tokens is None:  # one transfer of (slots, block) int32 for every slot retired this round
                 tokens = np.asarray(jax.device_get(self._state.tokens))

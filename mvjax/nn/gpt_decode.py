@@ -21,7 +21,8 @@ every position of a conditioned row.
 
 A weight matrix may also be stored bfloat16, or int8 with a float32 scale per output row
 (``{"q", "scale"}``, :mod:`mvjax.io.quantize`); :func:`_matmul` and :func:`_rows` take either.
-The KV cache may be float32, bf16 or int8 (:mod:`mvjax.nn.kv_cache`, which writes and reads it).
+The KV cache may be float32, bf16 or int8 (:mod:`mvjax.nn.kv_cache`, which writes and reads it), either a
+whole block per row or a pool of pages with a page table (:mod:`mvjax.nn.paged_cache`: pass ``table``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from mvjax.kernels.int8 import int8_matmul
-from mvjax.nn import kv_cache
+from mvjax.nn import kv_cache, paged_cache
 from mvjax.nn.config import GPTConfig
 
 
@@ -162,10 +163,12 @@ def _head(params: dict, x):
     return jax.lax.optimization_barrier(_matmul(params["wte"], x))
 
 
-def _attention_block(config: GPTConfig, qkv, cache_k, cache_v, positions, cache_len: int, dtype, kernel: bool = True):
+def _attention_block(config: GPTConfig, qkv, cache_k, cache_v, positions, cache_len: int, dtype, kernel: bool = True,
+                     table=None):
     """One layer's attention for ``rows`` rows of ``length`` tokens each (qkv (3D, rows * length), column
     r * length + t): keys and values written at ``positions`` (rows, length), then causal attention over
-    the first ``cache_len`` cache slots -> (y (D, rows * length), cache_k, cache_v)."""
+    the first ``cache_len`` cache slots -> (y (D, rows * length), cache_k, cache_v). ``table``: the rows'
+    page tables (rows, pages_per_row) when ``cache_k``/``cache_v`` are page pools (:mod:`mvjax.nn.paged_cache`)."""
     width, heads, head_dim = config.n_embd, config.n_head, config.head_dim
     rows, length = positions.shape
 
@@ -175,8 +178,13 @@ def _attention_block(config: GPTConfig, qkv, cache_k, cache_v, positions, cache_
 
     q = split(qkv[:width], False)
     k, v = split(qkv[width:2 * width], True), split(qkv[2 * width:], True)
-    cache_k, cache_v = kv_cache.write(cache_k, k, positions), kv_cache.write(cache_v, v, positions)
-    y = kv_cache.attend(q, cache_k, cache_v, positions, cache_len, dtype, kernel=kernel)
+    if table is not None:
+        cache_k = paged_cache.write(cache_k, k, table, positions)
+        cache_v = paged_cache.write(cache_v, v, table, positions)
+        y = paged_cache.attend(q, cache_k, cache_v, table, positions, cache_len, dtype, kernel=kernel)
+    else:
+        cache_k, cache_v = kv_cache.write(cache_k, k, positions), kv_cache.write(cache_v, v, positions)
+        y = kv_cache.attend(q, cache_k, cache_v, positions, cache_len, dtype, kernel=kernel)
     return y.transpose(1, 3, 0, 2).reshape(width, rows * length), cache_k, cache_v
 
 
@@ -189,12 +197,15 @@ def apply_tokens(
     cache: list,
     dtype=jnp.float32,
     attend: Optional[int] = None,
+    table: Optional[jnp.ndarray] = None,
 ):
     """tokens, positions: (R, T). Row r writes keys/values at ``positions[r, 0]`` onwards and
     attends to cache slots <= each query's position. With T > 1 (prefill) every row must start
     at the same position (``positions[0, 0]``), so the write is one slice update. ``speaker_emb`` (R, S) or None.
     ``attend`` (static): read only the first ``attend`` cache slots (every position must be
-    below it); the cache itself keeps its full length and is updated in place.
+    below it); the cache itself keeps its full length and is updated in place. ``table`` (R, pages_per_row):
+    ``cache`` is a page pool (:mod:`mvjax.nn.paged_cache`) and these are the rows' page tables; each row then
+    writes at its own positions, T > 1 included.
     Returns (float32 logits (R, T, V), new cache)."""
     rows, length = tokens.shape
     n = rows * length
@@ -202,10 +213,10 @@ def apply_tokens(
     if speaker_emb is not None:  # (D, R), repeated over each row's tokens (column n = r * T + t)
         speaker_term = jnp.repeat(_matmul(params["speaker_proj"], speaker_emb.T), length, axis=1)
     x = _embed(config, params, tokens.reshape(n), positions.reshape(n), speaker_term, dtype)
-    cache_len = kv_cache.length(cache) if attend is None else min(attend, kv_cache.length(cache))
+    cache_len = _cache_len(config, cache, attend, table)
 
     def attention(cache_k, cache_v, qkv):
-        return _attention_block(config, qkv, cache_k, cache_v, positions, cache_len, x.dtype)
+        return _attention_block(config, qkv, cache_k, cache_v, positions, cache_len, x.dtype, table=table)
 
     x, new_cache = _layers(config, params, x, cache, attention)
     return _head(params, x).T.reshape(rows, length, -1), new_cache
@@ -226,6 +237,7 @@ def apply_with_piece(
     piece_last,
     dtype=jnp.float32,
     attend: Optional[int] = None,
+    table: Optional[jnp.ndarray] = None,
 ):
     """One decode step for R cache rows plus a prefill piece for one more utterance, in one pass over the weights.
 
@@ -239,6 +251,9 @@ def apply_with_piece(
     piece's keys, values and logits are the prefill's up to float32 rounding (XLA compiles the products over
     a different set of columns; ~2e-7 on a random model). Every matrix product sees the decode rows' and the
     piece's columns together (weights read once).
+    ``table`` (R, pages_per_row): ``cache`` is a page pool (:mod:`mvjax.nn.paged_cache`), ``table`` the decode
+    rows' page tables, and ``piece_rows`` index that table (the piece's rows need not be decode rows' tables'
+    neighbours in the pool: each page is found through the table).
     Returns (decode logits (R, 1, V), the piece's logits at ``piece_last`` (2, V), new cache)."""
     rows = tokens.shape[0]
     length = piece.shape[1]
@@ -250,18 +265,27 @@ def apply_with_piece(
         speaker_term = jnp.concatenate([term[:, :rows], jnp.repeat(term[:, rows:], length, axis=1)], axis=1)
     x = _embed(config, params, jnp.concatenate([tokens.reshape(rows), piece.reshape(2 * length)]),
                jnp.concatenate([positions.reshape(rows), piece_positions.reshape(2 * length)]), speaker_term, dtype)
-    cache_len = kv_cache.length(cache) if attend is None else min(attend, kv_cache.length(cache))
+    cache_len = _cache_len(config, cache, attend, table)
+    piece_table = None if table is None else table[jnp.stack(piece_rows)]
 
     def attention(cache_k, cache_v, qkv):
         # Every write before every read, so each layer's cache is updated in place (a read between two
         # writes made XLA copy the whole cache).
         q, k, v = _piece_heads(config, qkv[:, rows:], length)
-        cache_k = kv_cache.write_rows(cache_k, k, piece_rows, piece_start)
-        cache_v = kv_cache.write_rows(cache_v, v, piece_rows, piece_start)
+        if piece_table is None:
+            cache_k = kv_cache.write_rows(cache_k, k, piece_rows, piece_start)
+            cache_v = kv_cache.write_rows(cache_v, v, piece_rows, piece_start)
+        else:
+            cache_k = paged_cache.write(cache_k, k, piece_table, piece_positions)
+            cache_v = paged_cache.write(cache_v, v, piece_table, piece_positions)
         y_rows, cache_k, cache_v = _attention_block(config, qkv[:, :rows], cache_k, cache_v, positions, cache_len,
-                                                    x.dtype)
-        own_k = kv_cache.read_rows(cache_k, piece_rows, piece_window)
-        own_v = kv_cache.read_rows(cache_v, piece_rows, piece_window)
+                                                    x.dtype, table=table)
+        if piece_table is None:
+            own_k = kv_cache.read_rows(cache_k, piece_rows, piece_window)
+            own_v = kv_cache.read_rows(cache_v, piece_rows, piece_window)
+        else:
+            own_k = paged_cache.gather(cache_k, piece_table, piece_window)
+            own_v = paged_cache.gather(cache_v, piece_table, piece_window)
         y_piece = kv_cache.attend(q, own_k, own_v, piece_positions, piece_window, x.dtype, kernel=False)
         y_piece = y_piece.transpose(1, 3, 0, 2).reshape(config.n_embd, 2 * length)
         return jnp.concatenate([y_rows, y_piece], axis=1), cache_k, cache_v
@@ -270,6 +294,12 @@ def apply_with_piece(
     last = jnp.array([0, length], jnp.int32) + piece_last
     logits = _head(params, jnp.concatenate([x[:, :rows], x[:, rows + last]], axis=1)).T
     return logits[:rows, None], logits[rows:], new_cache
+
+
+def _cache_len(config: GPTConfig, cache: list, attend: Optional[int], table) -> int:
+    """Cache positions attention reads: ``attend``, capped at what the cache (or a page table's row) holds."""
+    held = kv_cache.length(cache) if table is None else min(config.block_size, table.shape[1] * kv_cache.length(cache))
+    return held if attend is None else min(attend, held)
 
 
 def _piece_heads(config: GPTConfig, qkv, length: int):
