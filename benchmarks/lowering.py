@@ -80,7 +80,7 @@ from benchmarks.decode import END_OF_AUDIO, SPEAKER_DIM, make_config
 from mvjax.core.precision import apply as apply_precision
 from mvjax.inference.decode import FirstStageDecoder, cache_windows, prompt_bucket, sampling_columns
 from mvjax.inference.diffusion import MultiBandDiffusion
-from mvjax.inference.engine import FirstStageEngine
+from mvjax.inference.engine import DEFAULT_SLOTS, FirstStageEngine
 from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
 from mvjax.inference.second_stage import DEFAULT_STAGE2_TOP_K, SecondStageSampler
 from mvjax.inference.stages import Codec, diffusion_frames_bucket
@@ -263,6 +263,13 @@ class Builder:
         return self._memo(("engine", weights, v.kv), lambda: FirstStageEngine(
             self.decoder(Variant(weights=weights, kv=v.kv)), steps=DEFAULT_STEPS, prefill_chunk=16))
 
+    def paged_engine(self, v: Variant) -> FirstStageEngine:
+        """:meth:`engine` with its KV cache in pages of 16 positions, enough for every slot's whole block."""
+        weights = v.weights or "float32"
+        return self._memo(("paged", weights, v.kv), lambda: FirstStageEngine(
+            self.decoder(Variant(weights=weights, kv=v.kv)), steps=DEFAULT_STEPS, prefill_chunk=16, page_size=16,
+            pages=2 * DEFAULT_SLOTS * -(-self.m.first.block_size // 16)))
+
     def slot_state(self, engine: FirstStageEngine):
         return jax.eval_shape(engine._empty_state)
 
@@ -304,6 +311,14 @@ def _engine_generate(b: Builder, v: Variant, whole: bool):
             max(1, engine.slots // 2)
     args = (engine.decoder.params, b.slot_state(engine), np.bool_(False))
     return engine._generate_fn(window, rows), args, {}
+
+
+def _engine_generate_paged(b: Builder, v: Variant):
+    """A decode call over every slot of an engine whose KV cache is in pages (each slot's whole block in
+    16-position pages), attending through the page table."""
+    engine = b.paged_engine(v)
+    args = (engine.decoder.params, b.slot_state(engine), np.bool_(False))
+    return engine._generate_fn(engine.block_size, engine.slots), args, {}
 
 
 def _engine_prefill_piece(b: Builder, v: Variant):
@@ -444,6 +459,7 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("engine_generate", WEIGHTS_X_CACHE, functools.partial(_engine_generate, whole=True)),
     Entry("engine_generate_window", WEIGHTS_X_CACHE, functools.partial(_engine_generate, whole=False)),
     Entry("engine_prefill_piece", WEIGHTS_X_CACHE, _engine_prefill_piece),
+    Entry("engine_generate_paged", WEIGHTS_X_CACHE, _engine_generate_paged),
     Entry("engine_move", CACHE_ONLY, _engine_move),
     Entry("engine_reserve", CACHE_ONLY, _engine_reserve),
     Entry("engine_free", CACHE_ONLY, _engine_free),

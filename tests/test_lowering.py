@@ -22,7 +22,7 @@ KV = tuple(f"kv-{k}" for k in KINDS)
 # entry or variant the tool stops lowering fails this test).
 DOCUMENTED = {
     "decode": W_X_KV, "engine_admit": W_X_KV, "engine_generate": W_X_KV, "engine_generate_window": W_X_KV,
-    "engine_prefill_piece": W_X_KV, "engine_move": KV, "engine_reserve": KV, "engine_free": KV,
+    "engine_prefill_piece": W_X_KV, "engine_generate_paged": W_X_KV, "engine_move": KV, "engine_reserve": KV, "engine_free": KV,
     "quantize_rows": ("int8",), "second_stage": ("float32",), "encodec_decode": ("float32",),
     "encodec_encode": ("float32",), "encodec_stream_first": ("float32",), "encodec_stream_step": ("float32",),
     "encodec_stream_flush": ("float32",), "mbd": ("float32",), "speaker_encoder": ("float32",),
@@ -68,11 +68,13 @@ def test_every_entry_lowers_for_cuda_and_tpu():
         want = set()
         if entry in DECODE_STEPS:
             want.add("mvjax_ragged_attention")
-        if weights == "w-int8" and entry in DECODE_STEPS + ("engine_admit",):
+        if entry == "engine_generate_paged":
+            want.add("mvjax_paged_attention")
+        if weights == "w-int8" and entry in DECODE_STEPS + ("engine_admit", "engine_generate_paged"):
             want.add("mvjax_int8_matmul")
         assert kernels == want, f"{entry} {variant} on {platform}: Pallas kernels {sorted(kernels)}, want {sorted(want)}"
     assert res.returncode == 0, res.stderr[-2000:]
-    assert re.search(r"lowering config=tiny: 138 of 138 lowered ok in [0-9.]+ s", res.stderr), res.stderr[-2000:]
+    assert re.search(r"lowering config=tiny: 156 of 156 lowered ok in [0-9.]+ s", res.stderr), res.stderr[-2000:]
 
 
 # --- The checks on a lowered module, against real lowerings of small programs ---------------------------

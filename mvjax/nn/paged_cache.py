@@ -15,10 +15,10 @@ not compute, caps how many run at once. Here each layer's keys and values are in
   pages before it writes there).
 
 The host decides which pages a row owns (:class:`mvjax.inference.engine.FirstStageEngine` with ``page_size``);
-these functions only follow the table. :func:`attend` is the one read path: it gathers each row's pages
-into the contiguous ``(rows, heads, head_dim, window)`` layout and runs the whole-block cache's attention
-(:func:`mvjax.nn.kv_cache.attend`) on that copy, so a paged decode-attention kernel can later replace the
-gather and the attention in one call with the same arguments.
+these functions only follow the table. :func:`attend` is the one read path: on CPU it gathers each row's
+pages into the contiguous ``(rows, heads, head_dim, window)`` layout and runs the whole-block cache's
+attention (:func:`mvjax.nn.kv_cache.attend`) on that copy; a decode step lowered for a GPU or TPU reads the
+pages in place through the paged Pallas kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvjax.kernels.cache_attention import paged_step_attention
 from mvjax.nn import kv_cache
 from mvjax.nn.config import GPTConfig
 
@@ -124,6 +125,26 @@ def attend(q: jnp.ndarray, keys, values, table: jnp.ndarray, positions: jnp.ndar
     are ``table`` (R, pages_per_row): each query sees positions <= its own (``positions`` (R, T)). The rows'
     pages are gathered into the whole-block layout and :func:`mvjax.nn.kv_cache.attend` computes what it
     computes for a whole-block cache holding the same values (``kernel`` as there). -> (R, H, T, D) in
-    ``dtype``."""
-    return kv_cache.attend(q, gather(keys, table, window), gather(values, table, window), positions, window,
-                           dtype, kernel=kernel)
+    ``dtype``.
+
+    A one-token float32 decode step lowered for ``cuda`` or ``tpu`` instead reads the pages in place through
+    the paged Pallas kernel (:func:`mvjax.kernels.cache_attention.paged_step_attention`: only the pages each
+    row has reached, no gather); on CPU (and anywhere else) the gather stays, so the CPU path computes
+    exactly what the whole-block cache computes."""
+
+    def gathered(q, keys, values, table, positions):
+        return kv_cache.attend(q, gather(keys, table, window), gather(values, table, window), positions, window,
+                               dtype, kernel=kernel)
+
+    if not (kernel and q.shape[2] == 1 and jnp.dtype(q.dtype) == jnp.float32):
+        return gathered(q, keys, values, table, positions)
+
+    def in_place(q, keys, values, table, positions):
+        scales = {}
+        if isinstance(keys, dict):
+            scales = {"key_scale": keys["scale"], "value_scale": values["scale"]}
+            keys, values = keys["q"], values["q"]
+        y = paged_step_attention(q[:, :, 0], keys, values, table, positions[:, 0], **scales)
+        return y[:, :, None].astype(dtype)
+
+    return jax.lax.platform_dependent(q, keys, values, table, positions, cpu=gathered, default=in_place)
