@@ -190,7 +190,7 @@ def summarise(config: str, mode: str, concurrency: int, jobs: list[dict], done: 
 
 def line(s: dict) -> str:
     text = (f"engine config={s['config']} mode={s['mode']} concurrency={s['concurrency']} "
-            f"utt_per_min={s['utt_per_min']:.2f} p50_s={s['p50_s']:.2f} p95_s={s['p95_s']:.2f} "
+            f"utt_per_min={s['utt_per_min']:.2f} p50_s={s['p50_s']:.3f} p95_s={s['p95_s']:.3f} "
             f"tokens_per_s={s['tokens_per_s']:.1f} kv_cache={s['kv_cache']} row_use={s['row_use']:.3f}")
     return text if "run" not in s else f"{text} run={s['run']}"
 

@@ -182,10 +182,11 @@ def test_the_worker_logs_rounds_and_request_summaries_at_debug_only(demo, caplog
 
     from mvjax.serve.app import _on_batch
     from mvjax.serve.metrics import Metrics
+    from mvjax.serve.settings import ServerSettings
 
     tts, voices = demo
     caplog.set_level(logging.DEBUG, logger="mvjax")
-    worker = worker_for(tts, max_batch=8, on_batch=_on_batch(types.SimpleNamespace(metrics=Metrics())))
+    worker = worker_for(tts, max_batch=8, on_batch=_on_batch(types.SimpleNamespace(metrics=Metrics(), settings=ServerSettings())))
     assert worker.batching == "engine" and worker.devices == 1
     try:
         jobs = [worker.submit(make_job(plan(tts, text), voices[0], 3, time.monotonic() + 600, voice="demo"))
@@ -226,3 +227,23 @@ def test_the_access_line_adds_the_text_only_with_log_text_escaped():
     logged = job_words(scope, dataclasses.replace(ServerSettings(), log_text=True))
     assert logged.endswith(", text 'Hello\\tthere. Bye \\xe9 now.')"), logged
     assert job_words({}, ServerSettings()) == "" and job_words({"state": {}}, ServerSettings()) == ""
+
+
+def test_log_rounds_puts_the_round_lines_at_info(caplog):
+    import logging
+    import types
+
+    from mvjax.inference.scheduler import RoundStats
+    from mvjax.serve.app import _on_batch
+    from mvjax.serve.metrics import Metrics
+    from mvjax.serve.settings import ServerSettings
+
+    caplog.set_level(logging.DEBUG, logger="mvjax")
+    for log_rounds, level in ((False, logging.DEBUG), (True, logging.INFO)):
+        caplog.clear()
+        record = _on_batch(types.SimpleNamespace(metrics=Metrics(), settings=ServerSettings(log_rounds=log_rounds)))
+        record(RoundStats(3, 2, 48, 0.5, 0.7, started=1, stream_seconds=0.2))
+        (line,) = [r for r in caplog.records if r.getMessage().startswith("batch:")]
+        assert line.levelno == level
+        assert line.getMessage() == ("batch: 3 chunks of 2 requests (1 started), 48 tokens, 0.70 s "
+                                     "(stage 1 0.50 s, streaming 0.20 s)")
