@@ -91,14 +91,13 @@ class RowNoise:
     extending the last."""
 
     def __init__(self, diffusion: MultiBandDiffusion, row_key, channels: int = 1, minimum: int = 1 << 15):
-        self.key, self.channels, self.minimum = jnp.asarray(row_key), channels, minimum
-        self.draws = diffusion.noise_count()
-        self._drawn = np.zeros((self.draws, channels, 0), np.float32)
+        self.diffusion, self.key, self.channels, self.minimum = diffusion, row_key, channels, minimum
+        self._drawn = np.zeros((diffusion.noise_count(), channels, 0), np.float32)
 
     def __call__(self, samples: int) -> np.ndarray:
         if samples > self._drawn.shape[-1]:
             n = max(self.minimum, 1 << max(samples - 1, 1).bit_length())
-            self._drawn = np.asarray(time_major_noise(self.key, self.draws, self.channels, n))
+            self._drawn = row_noise(self.diffusion, self.key, n, self.channels)
         return self._drawn[..., :samples]
 
 

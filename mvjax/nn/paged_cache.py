@@ -48,16 +48,9 @@ def bytes_per_page(config: GPTConfig, page_size: int, kind: str) -> int:
 
 
 def init_pages(config: GPTConfig, num_pages: int, page_size: int, kind="float32") -> list:
-    """Per layer (key pages, value pages), zero-filled, in the layout of the module docstring."""
-    kind = kv_cache.cache_kind(kind)
-    shape = (num_pages, config.n_head, config.head_dim, page_size)
-
-    def one():
-        if kind == "int8":
-            return {"q": jnp.zeros(shape, jnp.int8), "scale": jnp.zeros(shape[:2] + shape[3:], jnp.float32)}
-        return jnp.zeros(shape, jnp.uint16 if kind == "bf16" else jnp.float32)
-
-    return [(one(), one()) for _ in range(config.n_layer)]
+    """Per layer (key pages, value pages), zero-filled, in the layout of the module docstring: a page pool is
+    laid out as a whole-block cache whose rows are pages and whose length is the page size."""
+    return kv_cache.init_cache(config, num_pages, page_size, kind)
 
 
 def num_pages(pages: list) -> int:
@@ -68,8 +61,7 @@ def num_pages(pages: list) -> int:
 
 def page_size(pages: list) -> int:
     """Positions per page of a pool."""
-    keys = pages[0][0]
-    return (keys["q"] if isinstance(keys, dict) else keys).shape[-1]
+    return kv_cache.length(pages)
 
 
 def empty_table(rows: int, width: int, pool_pages: int):
@@ -82,7 +74,7 @@ def stored(entry, update: jnp.ndarray):
     if isinstance(entry, dict):
         return kv_cache.quantize(update)
     if entry.dtype == jnp.uint16:
-        return jax.lax.bitcast_convert_type(update.astype(jnp.bfloat16), jnp.uint16)
+        return kv_cache._to_bits(update)  # the whole-block cache's bf16 storage
     return update.astype(entry.dtype)
 
 
