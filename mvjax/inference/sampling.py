@@ -105,10 +105,15 @@ def sample_inverse_cdf(key: jax.Array, logits: jnp.ndarray) -> jnp.ndarray:
     """One draw per row of (..., V) logits (-inf = excluded) from one uniform per row: the first
     index whose cumulative probability reaches it. Same distribution as ``categorical``, with
     V times fewer random numbers, which dominates the cost when every position of a block samples."""
+    return draw_inverse_cdf(jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32), logits)
+
+
+def draw_inverse_cdf(u: jnp.ndarray, logits: jnp.ndarray) -> jnp.ndarray:
+    """:func:`sample_inverse_cdf` with its uniforms ``u`` (..., 1) given: a subset of rows drawn
+    with the same uniforms as the whole gives the whole's draws for those rows."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     cumulative = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * cumulative[..., -1:]
-    index = jnp.sum(cumulative <= u, axis=-1)
+    index = jnp.sum(cumulative <= u * cumulative[..., -1:], axis=-1)
     vocab = logits.shape[-1]
     last = vocab - 1 - jnp.argmax((probs > 0)[..., ::-1], axis=-1)  # never step past the last allowed id
     return jnp.minimum(index, last)

@@ -193,6 +193,8 @@ class FirstStage:
 class SecondStage:
     """Codebooks 3-8 for every frame of chunks whose first stage is done."""
 
+    MIN_WINDOW = 16  # positions: fewer window shapes to compile
+
     def __init__(self, sampler: SecondStageSampler, tokenizer, layout: TokenLayout, block_size: int):
         self.sampler, self.tokenizer, self.layout, self.block_size = sampler, tokenizer, layout, block_size
 
@@ -201,10 +203,12 @@ class SecondStage:
         return max(self.block_size - len(chunk.stage2_text) - 1, 0)
 
     def run(self, chunks: list[Chunk], temperature: float, top_k: Optional[int], batcher: Batcher) -> list[np.ndarray]:
-        """All codebooks, (n_q, frames), per chunk, in ``chunks``' order. The second stage sees the
-        whole block (text, frames, pads) and draws each position from the chunk's stage-2 key, so a
-        pass over a chunk's first frames draws those frames from the same numbers as the pass over
-        all of them."""
+        """All codebooks, (n_q, frames), per chunk, in ``chunks``' order; codebooks 3-8 only from each
+        chunk's first frame not yet sent (``emitted``; the frames before hold the pad id). The second
+        stage sees the whole block (text, frames, pads) and draws each position from the chunk's
+        stage-2 key, so a pass over a chunk's first frames draws those frames from the same numbers
+        as the pass over all of them; only the positions wanted are sampled (a window of a power of
+        two positions, at least :data:`MIN_WINDOW`)."""
         out = []
         with batcher.timer("stage2"):
             for batch in batcher.batches(chunks, "stage 2"):
@@ -212,8 +216,11 @@ class SecondStage:
                                                             self.layout.stage2_pad) for c in batch])
                 keys = np.stack([K.fold(c.key, K.STAGE2) for c in batch])
                 pad = next_pow2(len(batch))
+                starts = np.array([len(c.stage2_text) + c.emitted for c in batch])
+                wanted = max(min(c.first_stage_codes.shape[1], self.room(c)) - c.emitted for c in batch)
+                window = (pad_rows(starts, pad), next_pow2(max(wanted, self.MIN_WINDOW)))
                 predicted = self.sampler.sample(pad_rows(inputs, pad), pad_rows(np.stack([c.embedding for c in batch]), pad),
-                                                pad_rows(keys, pad), temperature=temperature, top_k=top_k)
+                                                pad_rows(keys, pad), temperature=temperature, top_k=top_k, window=window)
                 out += [second_stage_codebooks(inputs[i], predicted[i], len(c.stage2_text), c.first_stage_codes.shape[1])
                         for i, c in enumerate(batch)]
         return out

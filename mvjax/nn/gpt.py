@@ -262,7 +262,8 @@ class GPT(nn.Module):
             )
         return tuple(head(x).astype(jnp.float32) for head in self.lm_heads)
 
-    def __call__(self, tokens, speaker_emb: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None):
+    def hidden(self, tokens, speaker_emb: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None):
+        """The final normalised states (B, T, D) the heads read."""
         cfg = self.config
         length = tokens.shape[-1]
         if length > cfg.block_size:
@@ -272,7 +273,10 @@ class GPT(nn.Module):
         x = self.embed(tokens, positions, speaker_emb)
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if cfg.causal else None
         x, _ = self.blocks(x, mask)
-        return self.heads(self.ln_f(x))
+        return self.ln_f(x)
+
+    def __call__(self, tokens, speaker_emb: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None):
+        return self.heads(self.hidden(tokens, speaker_emb, positions))
 
 
 def init_params(config: GPTConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
@@ -290,3 +294,13 @@ def abstract_params(config: GPTConfig) -> dict:
 
 def forward(config: GPTConfig, params, tokens, speaker_emb=None) -> Sequence[jnp.ndarray]:
     return GPT(config).apply({"params": params}, tokens, speaker_emb)
+
+
+def forward_hidden(config: GPTConfig, params, tokens, speaker_emb=None) -> jnp.ndarray:
+    """The states (B, T, D) before the heads (:func:`head_logits` finishes :func:`forward`)."""
+    return GPT(config).apply({"params": params}, tokens, speaker_emb, method=GPT.hidden)
+
+
+def head_logits(config: GPTConfig, params, x) -> Sequence[jnp.ndarray]:
+    """Each head's logits (B, T', vocab) for states ``x`` (B, T', D), e.g. a window of :func:`forward_hidden`'s."""
+    return GPT(config).apply({"params": params}, x, method=GPT.heads)
