@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from mvjax.inference.options import SamplingConfig, SynthesisOptions
+from mvjax.inference.options import SamplingConfig, SynthesisError, SynthesisOptions
 from mvjax.inference.scheduler import Utterance
 from mvjax.serve.jobs import ChunkAudio, Job
 from mvjax.serve.worker import SpeechWorker
@@ -38,6 +38,22 @@ def test_engine_and_static_batches_give_the_same_tokens(tts, voice):
     split = {b: tts.tokens("Two words.", voice, seed=0, batching=b) for b in ("engine", "static")}
     assert [c.text for c in split["engine"].chunks] == ["Two", "words."]
     np.testing.assert_array_equal(split["engine"].all_codebooks, split["static"].all_codebooks)
+
+
+def test_a_paged_kv_cache_gives_the_same_tokens(tts, voice):
+    """The engine's cache in pages (options.kv_pages) changes where keys and values live, not what is
+    sampled: a pool just over one request's block (so requests wait for pages, or are preempted and
+    re-decoded) gives the whole-block engine's tokens; a pool that cannot hold one block is refused."""
+    page = 8
+    block_pages = -(-tts.config1.block_size // page)
+    whole = _library(tts, voice, "engine")
+    paged = _library(tts, voice, "engine", kv_pages=2 * block_pages + 2, kv_page_size=page)
+    for a, b in zip(whole, paged, strict=True):
+        np.testing.assert_array_equal(a.all_codebooks, b.all_codebooks)
+    with pytest.raises(SynthesisError, match="pages"):
+        tts.tokens("One.", voice, kv_pages=block_pages, kv_page_size=page, max_new_tokens=4)
+    with pytest.raises(SynthesisError, match="kv_pages"):
+        SynthesisOptions(kv_pages=0)
 
 
 def test_the_cli_saves_the_library_tokens(tts, voice, full_model, tmp_path):

@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
                            "device); static: batches decoded to their longest chunk")
     work.add_argument("--engine-steps", type=int, default=d.engine_steps,
                       help="first-stage tokens per decode call of the engine: how soon a new request joins")
+    work.add_argument("--kv-pages", type=int, default=d.kv_pages,
+                      help="hold the engine's KV cache in a pool of this many pages per device, shared by the slots "
+                           "(memory follows the tokens held, so a larger --max-batch fits; default: a whole block "
+                           "per slot, faster on CPU)")
+    work.add_argument("--kv-page-size", type=int, default=d.kv_page_size, help="KV-cache positions per page")
     work.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_s * 1000,
                       help="a batch that is not full waits this long for more requests before it starts")
     work.add_argument("--max-queue", type=int, default=d.max_queue, help="speech requests admitted at once; more get 503")
@@ -114,7 +119,8 @@ def build(args, tts=None):
     settings = ServerSettings(
         model_name="metavoice-1b-demo" if args.demo else "metavoice-1b", max_batch=args.max_batch,
         max_queue=args.max_queue, batch_wait_s=args.batch_wait_ms / 1000, timeout_s=args.timeout,
-        batching=args.batching, engine_steps=args.engine_steps,
+        batching=args.batching, engine_steps=args.engine_steps, kv_pages=args.kv_pages,
+        kv_page_size=args.kv_page_size,
         max_new_tokens=args.max_new_tokens, max_input_chars=args.max_input_chars, voice_limits=limits,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
         public_metrics=args.public_metrics, log_text=args.log_text, log_rounds=args.log_rounds, decoder=args.decoder, enhance=not args.no_enhance,
@@ -136,7 +142,7 @@ def build(args, tts=None):
         tts.synthesize("Warm up.", registry.get(voice.name), options=dataclasses.replace(settings.options, enhance=False))
     if args.warmup and settings.batching == "engine":
         # Every admit and generate shape the engine can meet, so no request waits for a compilation.
-        engine = tts.first_stage.engine(settings.max_batch, settings.engine_steps)
+        engine = tts.first_stage.engine(settings.max_batch, settings.engine_steps, settings.options.paging)
         cap = settings.max_new_tokens
         count = engine.precompile(max_prompt=WARMUP_MAX_PROMPT,
                                   max_window=None if cap is None else WARMUP_MAX_PROMPT + cap + settings.engine_steps)

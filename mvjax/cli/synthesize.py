@@ -133,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
                           "engine per device); static = batches decoded to their longest chunk (default: engine)")
     dec.add_argument("--engine-steps", type=int, default=DEFAULT_STEPS,
                      help=f"first-stage tokens per engine call (default {DEFAULT_STEPS})")
+    dec.add_argument("--kv-pages", type=int, default=defaults.kv_pages,
+                     help="hold the engine's KV cache in a pool of this many pages per device, shared by the slots "
+                          "(memory follows the tokens held; default: a whole block per slot, faster on CPU)")
+    dec.add_argument("--kv-page-size", type=int, default=defaults.kv_page_size, help="KV-cache positions per page")
     par = p.add_argument_group("multi-process")
     par.add_argument("--coordinator", help="HOST:PORT of process 0 (jax.distributed)")
     par.add_argument("--num-processes", type=int)
@@ -194,7 +198,8 @@ def _options(args) -> SynthesisOptions:
             seed=args.seed, temperature=args.temperature, top_p=args.top_p, guidance_scale=args.guidance_scale,
             stage2_temperature=args.stage2_temperature, stage2_top_k=args.stage2_top_k,
             max_new_tokens=args.max_new_tokens, long_form=not args.no_long_form, batch_size=args.batch_size,
-            batching=args.batching, engine_steps=args.engine_steps, decoder=args.decoder,
+            batching=args.batching, engine_steps=args.engine_steps, kv_pages=args.kv_pages,
+            kv_page_size=args.kv_page_size, decoder=args.decoder,
             enhance=not args.no_enhance, progress=not args.quiet and sys.stderr.isatty())
     except SynthesisError as exc:  # name the flag, not the field
         flag = f"--{exc.option.replace('_', '-')}" if exc.option else ""

@@ -48,14 +48,17 @@ def local_devices(mesh) -> list:
 class DeviceEngines:
     """``slots`` slots on each local device of ``decoder``'s mesh, served as one engine (the interface of
     :class:`FirstStageEngine`: :meth:`submit`, :meth:`step`, :meth:`run`, ...). ``slots`` is per device,
-    as a batch size is per device elsewhere."""
+    as a batch size is per device elsewhere; ``page_size``/``pages``: each device's engine keeps its KV
+    cache in a pool of ``pages`` pages (see :class:`FirstStageEngine`)."""
 
     def __init__(self, decoder: FirstStageDecoder, slots: int = DEFAULT_SLOTS, steps: int = DEFAULT_STEPS,
-                 prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK, page_size: Optional[int] = None,
+                 pages: Optional[int] = None):
         if decoder.mesh is None:
             raise ValueError("DeviceEngines needs a decoder over a mesh; use FirstStageEngine on one device")
         self.devices = local_devices(decoder.mesh)
-        self.engines = [FirstStageEngine(decoder.on_device(d), slots, steps, prefill_chunk, device=d)
+        self.engines = [FirstStageEngine(decoder.on_device(d), slots, steps, prefill_chunk, device=d,
+                                         page_size=page_size, pages=pages)
                         for d in self.devices]
         self.decoder = decoder
         self.slots = slots * len(self.engines)

@@ -20,6 +20,7 @@ from mvjax.text.tokenizer import TextError, normalize_text
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_STEPS = 8  # first-stage tokens per continuous-batching engine call
+DEFAULT_PAGE_SIZE = 16  # KV-cache positions per page when the engine's cache is paged
 BATCHING = ("engine", "static")
 DECODERS = ("mbd", "encodec")
 MAX_SEED = 2**32 - 1
@@ -130,6 +131,11 @@ class SynthesisOptions:
     # decoded to their longest row).
     batching: str = "engine"
     engine_steps: int = DEFAULT_STEPS
+    # The engine's KV cache in pages (mvjax.inference.engine, "Pages"): a pool of kv_pages pages of
+    # kv_page_size positions per device shared by the slots, so memory follows the tokens held and more
+    # slots fit; None: a whole block per slot (faster on CPU, where a paged step gathers its window).
+    kv_pages: Optional[int] = None
+    kv_page_size: int = DEFAULT_PAGE_SIZE
     decoder: str = "mbd"  # "mbd": multi-band diffusion; "encodec": the plain codec
     enhance: bool = True  # DeepFilterNet3 (48 kHz output)
     normalize: bool = True  # -14 LUFS
@@ -148,8 +154,19 @@ class SynthesisOptions:
         check_choice("decoder", self.decoder, DECODERS)
         if isinstance(self.engine_steps, bool) or not isinstance(self.engine_steps, int) or not 1 <= self.engine_steps <= 1024:
             raise SynthesisError(f"engine_steps must be an integer in [1, 1024], not {self.engine_steps!r}", "engine_steps")
+        for name in ("kv_pages", "kv_page_size"):
+            value = getattr(self, name)
+            if value is None and name == "kv_pages":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= 1 << 20:
+                raise SynthesisError(f"{name} must be an integer in [1, {1 << 20}], not {value!r}", name)
         if self.stage2_top_k is not None and self.stage2_top_k < 0:
             raise SynthesisError(f"stage2_top_k must be >= 0 (0 = off), not {self.stage2_top_k!r}", "stage2_top_k")
+
+    @property
+    def paging(self) -> Optional[tuple[int, int]]:
+        """``(page_size, pages)`` for the engine's paged KV cache, or None (whole blocks)."""
+        return None if self.kv_pages is None else (int(self.kv_page_size), int(self.kv_pages))
 
     @classmethod
     def build(cls, **fields) -> "SynthesisOptions":

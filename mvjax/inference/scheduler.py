@@ -136,7 +136,7 @@ class Scheduler:
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.timings = timings if timings is not None else {}
         use_engine = options.batching == "engine"
-        self.engine = self.first.engine(sizes["stage1"], options.engine_steps) if use_engine else None
+        self.engine = self.first.engine(sizes["stage1"], options.engine_steps, options.paging) if use_engine else None
         if self.engine is not None:
             self.engine.reset()  # an engine (and its compiled code) is the model's: start it empty
         self.utterances: list[Utterance] = []

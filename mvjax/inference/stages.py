@@ -29,7 +29,7 @@ from mvjax.inference.diffusion import re_eq
 from mvjax.inference.diffusion_stream import DiffusionStream, RowNoise, WindowSettings
 from mvjax.inference.engine import EngineRequest, FirstStageEngine
 from mvjax.inference.engines import DeviceEngines
-from mvjax.inference.options import DECODERS, SamplingConfig
+from mvjax.inference.options import DECODERS, SamplingConfig, SynthesisError
 from mvjax.inference.second_stage import SecondStageSampler
 from mvjax.inference.speech import ChunkReport
 from mvjax.inference.throughput import diffusion_bytes_per_row, memory_pools, rows_that_fit
@@ -138,16 +138,21 @@ class FirstStage:
         self.decoder, self.tokenizer, self.layout, self.stage2_block = decoder, tokenizer, layout, stage2_block
         self._engines: dict = {}
 
-    def engine(self, slots: int, steps: int):
+    def engine(self, slots: int, steps: int, paging: Optional[tuple[int, int]] = None):
         """The engine with ``slots`` slots (per device) and ``steps`` tokens per call, kept with its
         compiled functions for the next synthesis: a :class:`FirstStageEngine` on one device, a
-        :class:`~mvjax.inference.engines.DeviceEngines` (one engine per device) over a mesh."""
-        key = (int(slots), int(steps))
+        :class:`~mvjax.inference.engines.DeviceEngines` (one engine per device) over a mesh.
+        ``paging``: ``(page_size, pages per device)`` for a paged KV cache (None: whole blocks)."""
+        key = (int(slots), int(steps), paging)
         if key not in self._engines:
-            if self.decoder.mesh is not None and device_count(self.decoder.mesh) > 1:
-                self._engines[key] = DeviceEngines(self.decoder, slots=slots, steps=steps)
-            else:
-                self._engines[key] = FirstStageEngine(self.decoder, slots=slots, steps=steps)
+            pages = {} if paging is None else {"page_size": paging[0], "pages": paging[1]}
+            try:
+                if self.decoder.mesh is not None and device_count(self.decoder.mesh) > 1:
+                    self._engines[key] = DeviceEngines(self.decoder, slots=slots, steps=steps, **pages)
+                else:
+                    self._engines[key] = FirstStageEngine(self.decoder, slots=slots, steps=steps, **pages)
+            except ValueError as exc:  # a pool too small for one request's block
+                raise SynthesisError(str(exc), "kv_pages") from None
         return self._engines[key]
 
     def run(self, chunks: list[Chunk], max_new_tokens: Optional[int], batcher: Batcher) -> list[FirstStageOut]:

@@ -28,6 +28,8 @@ class ServerSettings:
     # engine_steps tokens); "static": batches decoded to their longest chunk.
     batching: str = LIBRARY.batching
     engine_steps: int = LIBRARY.engine_steps
+    kv_pages: Optional[int] = LIBRARY.kv_pages  # the engine's KV cache as a pool of pages per device (None: blocks)
+    kv_page_size: int = LIBRARY.kv_page_size
     timeout_s: float = 300.0  # a speech request's deadline
     # First-stage tokens per text chunk: a cap on the work one chunk may take (None: the block's
     # room); texts are still split into chunks at the speaking rate.
@@ -64,6 +66,7 @@ class ServerSettings:
     def options(self) -> SynthesisOptions:
         """What the worker's scheduler runs with (requests bring their own sampling, seed and decoder)."""
         return SynthesisOptions(batch_size=self.max_batch, batching=self.batching, engine_steps=self.engine_steps,
+                                kv_pages=self.kv_pages, kv_page_size=self.kv_page_size,
                                 max_new_tokens=self.max_new_tokens, decoder=self.decoder, enhance=self.enhance,
                                 normalize=self.normalize)
 
