@@ -30,6 +30,7 @@ Entries (``--entries``; variants in brackets, ``--variants`` keeps those made on
   engine_reserve          FirstStageEngine: reserve a slot for a piece-by-piece prefill          [KV]
   engine_free             FirstStageEngine: free cancelled slots                                 [KV]
   quantize_rows           mvjax.io.quantize: int8 quantisation of a weight matrix at load         [int8]
+  int4_matmul             mvjax.kernels.pallas_int4: a decoder layer's four int4 products, group 64 [int4]
   second_stage            SecondStageSampler: forward pass and per-position sampling              [float32]
   encodec_decode          Codec: latent -> waveform (the whole decode)                            [float32]
   encodec_encode          mvjax.train.prepare.codes_encoder: waveform -> codes (fine-tuning data) [float32]
@@ -41,6 +42,11 @@ Entries (``--entries``; variants in brackets, ``--variants`` keeps those made on
   finetune_last_block     Trainer._step, the last block and final norm trained                    [float32, bf16]
   finetune_lora           Trainer._step, LoRA adapters on every block                             [float32, bf16]
   finetune_eval           Trainer._eval (validation loss), last-block mode                        [float32, bf16]
+
+int4_matmul lowers each distinct weight shape of a first-stage layer (attention in/out, MLP in/out) in
+the int4 layout of :mod:`mvjax.kernels.int4` (abstract, its q4 shape from ``pack_codes``), times a decode
+step's rows, through the platform's Pallas int4 kernel (plain XLA on other platforms): the kernel on its
+own, as the decoder does not hold int4 weights yet.
 
 W: first-stage weight storage (float32, bf16, int8: :mod:`mvjax.io.quantize`); KV: the KV cache kind
 (:data:`mvjax.nn.kv_cache.KV_CACHE_KINDS`); compute is float32, as the product runs it. Variant names:
@@ -85,6 +91,8 @@ from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
 from mvjax.inference.second_stage import DEFAULT_STAGE2_TOP_K, SecondStageSampler
 from mvjax.inference.stages import Codec, diffusion_frames_bucket
 from mvjax.io.quantize import abstract_decode_params, quantize_rows
+from mvjax.kernels import pallas_int4
+from mvjax.kernels.int4 import int4_matmul_xla, pack_codes
 from mvjax.nn import encodec, speaker_encoder
 from mvjax.nn.config import GPTConfig
 from mvjax.nn.diffusion_config import DiffusionConfig
@@ -99,9 +107,11 @@ from mvjax.train.trainer import Trainer, new_state
 
 PLATFORMS = ("cuda", "tpu")
 KINDS = ("float32", "bf16", "int8")
+# Kinds ``--variants`` selects by: the first-stage weight kinds, and int4 (the int4_matmul entry alone).
+VARIANT_KINDS = KINDS + ("int4",)
 CONFIGS = ("tiny", "fixture", "released")
 # The Pallas kernels the product may carry (the names their pallas_call is given).
-KERNEL_NAMES = ("mvjax_ragged_attention", "mvjax_paged_attention", "mvjax_int8_matmul")
+KERNEL_NAMES = ("mvjax_ragged_attention", "mvjax_paged_attention", "mvjax_int8_matmul", "mvjax_int4_matmul")
 
 # Custom calls a platform runs. Pallas kernels lower to the first group; its lines are where kernel names
 # are looked for (a CPU FFI call of the same name, ``custom_call @mvjax_int8_matmul``, is no Pallas kernel).
@@ -354,6 +364,45 @@ def _quantize_rows(b: Builder, v: Variant):
     return quantize_rows, (_sds((b.m.first.mlp_hidden, d), jnp.float32),), {}
 
 
+INT4_GROUP = 64  # inputs a scale and minimum cover in the int4_matmul entry
+
+
+@jax.jit
+def _int4_products(entries, xs):
+    """Each int4 matrix of ``entries`` times its activations, through the Pallas int4 kernel of the
+    platform lowered for (plain XLA elsewhere), as the decoder's dispatch will pick it."""
+    def one(entry, x):
+        def on(platform):
+            return lambda q4, scale, mins, x: pallas_int4.int4_matmul(q4, scale, mins, x, platform=platform)
+
+        def xla(q4, scale, mins, x):
+            return int4_matmul_xla({"q4": q4, "scale": scale, "min": mins}, x)
+
+        return jax.lax.platform_dependent(entry["q4"], entry["scale"], entry["min"], x, cuda=on("cuda"),
+                                          tpu=on("tpu"), default=xla)
+
+    return [one(entry, x) for entry, x in zip(entries, xs)]
+
+
+def _int4_matmul(b: Builder, v: Variant):
+    """A first-stage layer's distinct weight shapes (out, in) as abstract int4 entries of group
+    :data:`INT4_GROUP` (or the largest power of two below it that divides ``in``), each times (in,
+    decode rows) float32 activations."""
+    cfg = b.m.first
+    d, hidden = cfg.n_embd, cfg.mlp_hidden
+    shapes = dict.fromkeys([(3 * d, d), (d, d), (hidden, d), (d, hidden)])  # attention in/out, MLP in/out
+
+    def entry(out, width):
+        q4 = jax.eval_shape(pack_codes, _sds((out, width), jnp.uint8))
+        group = next(g for g in (INT4_GROUP, 32, 16, 8, 2) if width % g == 0)  # a narrower one where 64 does not divide
+        groups = width // group
+        return {"q4": q4, "scale": _sds((out, groups), jnp.float16), "min": _sds((out, groups), jnp.float16)}
+
+    entries = [entry(out, width) for out, width in shapes]
+    xs = [_sds((width, b.m.decode_rows), jnp.float32) for _, width in shapes]
+    return _int4_products, (entries, xs), {}
+
+
 def _second_stage(b: Builder, v: Variant):
     cfg = b.m.second
     sampler = SecondStageSampler(cfg, gpt_shapes(cfg), pad_token=b.m.stage2_pad)
@@ -464,6 +513,7 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("engine_reserve", CACHE_ONLY, _engine_reserve),
     Entry("engine_free", CACHE_ONLY, _engine_free),
     Entry("quantize_rows", (Variant(dtype="int8"),), _quantize_rows),
+    Entry("int4_matmul", (Variant(dtype="int4"),), _int4_matmul),
     Entry("second_stage", FLOAT32, _second_stage),
     Entry("encodec_decode", FLOAT32, _encodec_decode),
     Entry("encodec_encode", FLOAT32, _encodec_encode),
@@ -586,7 +636,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", choices=CONFIGS, default="tiny")
     parser.add_argument("--platforms", type=_csv(PLATFORMS), default=list(PLATFORMS))
     parser.add_argument("--entries", type=_csv(ENTRY_NAMES), default=list(ENTRY_NAMES))
-    parser.add_argument("--variants", type=_csv(KINDS), default=list(KINDS),
+    parser.add_argument("--variants", type=_csv(VARIANT_KINDS), default=list(VARIANT_KINDS),
                         help="kinds to lower with: a variant runs when every kind in it is listed")
     parser.add_argument("--fixtures", type=Path, default=None, help="fixture directory (--config fixture)")
     parser.add_argument("--dump", type=Path, default=None, help="write each lowered module's text here")

@@ -23,7 +23,7 @@ KV = tuple(f"kv-{k}" for k in KINDS)
 DOCUMENTED = {
     "decode": W_X_KV, "engine_admit": W_X_KV, "engine_generate": W_X_KV, "engine_generate_window": W_X_KV,
     "engine_prefill_piece": W_X_KV, "engine_generate_paged": W_X_KV, "engine_move": KV, "engine_reserve": KV, "engine_free": KV,
-    "quantize_rows": ("int8",), "second_stage": ("float32",), "encodec_decode": ("float32",),
+    "quantize_rows": ("int8",), "int4_matmul": ("int4",), "second_stage": ("float32",), "encodec_decode": ("float32",),
     "encodec_encode": ("float32",), "encodec_stream_first": ("float32",), "encodec_stream_step": ("float32",),
     "encodec_stream_flush": ("float32",), "mbd": ("float32",), "speaker_encoder": ("float32",),
     "finetune_last_block": ("float32", "bf16"), "finetune_lora": ("float32", "bf16"),
@@ -72,9 +72,29 @@ def test_every_entry_lowers_for_cuda_and_tpu():
             want.add("mvjax_paged_attention")
         if weights == "w-int8" and entry in DECODE_STEPS + ("engine_admit", "engine_generate_paged"):
             want.add("mvjax_int8_matmul")
+        if entry == "int4_matmul":
+            want.add("mvjax_int4_matmul")
         assert kernels == want, f"{entry} {variant} on {platform}: Pallas kernels {sorted(kernels)}, want {sorted(want)}"
     assert res.returncode == 0, res.stderr[-2000:]
-    assert re.search(r"lowering config=tiny: 156 of 156 lowered ok in [0-9.]+ s", res.stderr), res.stderr[-2000:]
+    assert re.search(r"lowering config=tiny: 158 of 158 lowered ok in [0-9.]+ s", res.stderr), res.stderr[-2000:]
+
+
+def test_int4_matmul_entry_lowers_to_the_int4_kernel():
+    """The int4_matmul entry alone (the full run above takes minutes): at the tiny shapes it lowers for
+    cuda and tpu to the Pallas int4 kernel and nothing unrunnable; selected by ``--entries`` and by
+    ``--variants int4`` (a variant of kinds not listed is left out)."""
+    from benchmarks.lowering import ENTRIES, Builder, build_models
+
+    entry = next(e for e in ENTRIES if e.name == "int4_matmul")
+    assert [v.name for v in entry.variants] == ["int4"]
+    results = lower_entry(Builder(build_models("tiny")), entry, entry.variants[0], PLATFORMS)
+    assert [(r.platform, r.ok, r.pallas, r.reason) for r in results] == [
+        (p, True, ["mvjax_int4_matmul"], "") for p in PLATFORMS]
+    res = subprocess.run([sys.executable, "-m", "benchmarks.lowering", "--entries", "int4_matmul,quantize_rows",
+                          "--variants", "int4"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines() == [f"lower entry=int4_matmul platform={p} variant=int4 ok=yes "
+                                       f"pallas=mvjax_int4_matmul" for p in PLATFORMS]
 
 
 # --- The checks on a lowered module, against real lowerings of small programs ---------------------------

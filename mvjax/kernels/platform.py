@@ -28,9 +28,10 @@ import jax
 
 # Names given to the pallas_calls (the kernels' ``name=``), found again by :func:`pallas_names`.
 INT8_MATMUL = "mvjax_int8_matmul"
+INT4_MATMUL = "mvjax_int4_matmul"
 RAGGED_ATTENTION = "mvjax_ragged_attention"
 PAGED_ATTENTION = "mvjax_paged_attention"
-PALLAS_KERNELS = (INT8_MATMUL, RAGGED_ATTENTION, PAGED_ATTENTION)
+PALLAS_KERNELS = (INT8_MATMUL, INT4_MATMUL, RAGGED_ATTENTION, PAGED_ATTENTION)
 
 # The custom-call targets a lowered pallas_call becomes: Triton (through XLA's own Triton support or
 # jaxlib's launcher), Mosaic TPU, Mosaic GPU.
