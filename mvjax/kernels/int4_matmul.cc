@@ -47,49 +47,102 @@ struct Activations {
   std::vector<float> centre;  // (n, groups_pad): 7.5 * (sum - step * sum of the codes)
 };
 
-// Where input k sits in a column's codes.
-inline int64_t CodePosition(int64_t k) { return (k & ~int64_t(63)) + (k & 1) * 32 + ((k & 63) >> 1); }
+inline float MaxOf(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55)));
+}
 
-// Groups [g0, g1) of every column of x (K, N), row-major: the columns are the fast axis, so each
-// pass reads rows of x front to back.
-void QuantizeGroups(const float* x, Activations& a, int64_t g0, int64_t g1) {
-  const int64_t n = a.n, gp = a.groups_pad;
-  std::vector<float> amax(static_cast<size_t>(n));
-  std::vector<double> sum(static_cast<size_t>(n));
-  std::vector<double> inv(static_cast<size_t>(n));
-  std::vector<int64_t> qsum(static_cast<size_t>(n));
-  for (int64_t g = g0; g < g1; ++g) {
-    std::fill(amax.begin(), amax.end(), 0.0f);
-    std::fill(sum.begin(), sum.end(), 0.0);
-    for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) {
-      const float* row = x + k * n;
-      for (int64_t c = 0; c < n; ++c) {
-        amax[c] = std::max(amax[c], std::fabs(row[c]));  // NaN is skipped; the caller replaces such columns
-        sum[c] += row[c];
-      }
+inline float SumOf(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55)));
+}
+
+inline int32_t SumOf(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+// 32 int32 values (four vectors, in order) as 32 int8 in order (saturating: the codes are within
+// +-127 for finite activations).
+inline __m256i Narrow(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Rounds column c (contiguous values x, k_len of them) into a, group by group, then block by block
+// (64 inputs: the codes stored even inputs first, then odd ones).
+void QuantizeColumn(const float* x, Activations& a, int64_t c) {
+  const int64_t gp = a.groups_pad, group = a.group;
+  float* step = a.step.data() + c * gp;
+  std::vector<float> inv(static_cast<size_t>(a.groups + 1), 0.0f);     // 127 / amax per group
+  std::vector<int32_t> qsums(static_cast<size_t>(a.groups + 1), 0);  // sum of the codes per group
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t g = 0; g < a.groups; ++g) {
+    __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+    for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));  // NaN may be dropped; such columns are replaced
+      vsum = _mm256_add_ps(vsum, v);
     }
-    for (int64_t c = 0; c < n; ++c) {
-      // 127 / amax in double: finite for any positive float amax, so every group's codes reach +-127.
-      // (Below ~1e-36 the float32 step itself has fewer significant bits.)
-      const bool finite = amax[c] > 0.0f && amax[c] <= 3.4e38f;
-      inv[c] = finite ? double(kActivationMax) / double(amax[c]) : 0.0;
-      a.step[c * gp + g] = finite ? amax[c] / kActivationMax : 0.0f;
-      a.sum[c * gp + g] = float(sum[c]);
+    const float amax = MaxOf(vmax);
+    a.sum[c * gp + g] = SumOf(vsum);
+    if (amax > 0.0f && amax <= 3.4028235e38f) {
+      // 127 / amax overflows float32 below amax ~ 3.7e-37: such groups use the largest finite
+      // factor and its reciprocal as the step (subnormal: fewer significant bits).
+      const double factor = double(kActivationMax) / double(amax);
+      inv[g] = factor <= 3.4028235e38 ? float(factor) : 3.4028235e38f;
+      step[g] = factor <= 3.4028235e38 ? amax / kActivationMax : float(1.0 / 3.4028235e38);
+    } else {
+      inv[g] = 0.0f;  // all zero (or non-finite: the caller replaces the column)
+      step[g] = 0.0f;
     }
-    std::fill(qsum.begin(), qsum.end(), 0);
-    for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) {
-      const float* row = x + k * n;
-      const int64_t pos = CodePosition(k);
-      for (int64_t c = 0; c < n; ++c) {
-        // fmax/fmin drop NaN (inf * 0 in a non-finite column): the codes stay in range either way.
-        const double v = std::fmin(std::fmax(double(row[c]) * inv[c], -127.0), 127.0);
-        const int8_t q = int8_t(std::nearbyint(v));
-        a.q[c * a.k_pad + pos] = q;
-        qsum[c] += q;
-      }
+  }
+  int8_t* q = a.q.data() + c * a.k_pad;
+  const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i even_odd = _mm256_setr_m128i(split, split);
+  for (int64_t b = 0; b * 64 < a.k_len; ++b) {
+    // The block's group: one (G a multiple of 64), or two (G = 32: inputs 0..31 and 32..63).
+    const int64_t g = group == 32 ? 2 * b : b * 64 / group, g_hi = group == 32 ? g + 1 : g;
+    __m256i v[8];
+    for (int j = 0; j < 8; ++j) {
+      const int64_t i = b * 64 + j * 8;
+      v[j] = i < a.k_len  // else the zero half of a last block of 32 inputs
+                 ? _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(inv[j < 4 ? g : g_hi])))
+                 : _mm256_setzero_si256();
     }
-    for (int64_t c = 0; c < n; ++c)
-      a.centre[c * gp + g] = float(kCodeMiddle * (sum[c] - double(a.step[c * gp + g]) * double(qsum[c])));
+    const __m256i s_lo = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    const __m256i s_hi = _mm256_add_epi32(_mm256_add_epi32(v[4], v[5]), _mm256_add_epi32(v[6], v[7]));
+    if (g_hi != g) {
+      qsums[g] += SumOf(s_lo);
+      qsums[g_hi] += SumOf(s_hi);
+    } else {
+      qsums[g] += SumOf(_mm256_add_epi32(s_lo, s_hi));
+    }
+    // In order: inputs 0..31 and 32..63; each lane's bytes split into its 8 even, then 8 odd inputs.
+    const __m256i lo = _mm256_shuffle_epi8(Narrow(v[0], v[1], v[2], v[3]), even_odd);
+    const __m256i hi = _mm256_shuffle_epi8(Narrow(v[4], v[5], v[6], v[7]), even_odd);
+    // 64-bit pieces (e: even, o: odd): lo = [e0-15, o0-15, e16-31, o16-31] -> [e0-31 | o0-31].
+    const __m256i lo2 = _mm256_permute4x64_epi64(lo, 0xD8), hi2 = _mm256_permute4x64_epi64(hi, 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 64), _mm256_permute2x128_si256(lo2, hi2, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 64 + 32), _mm256_permute2x128_si256(lo2, hi2, 0x31));
+  }
+  for (int64_t g = 0; g < a.groups; ++g)
+    a.centre[c * gp + g] = float(kCodeMiddle * (double(a.sum[c * gp + g]) - double(step[g]) * double(qsums[g])));
+}
+
+// Columns [c0, c1) of x (K, N), row-major: each gathered into a contiguous copy (unless N = 1) and rounded.
+void QuantizeColumns(const float* x, Activations& a, int64_t c0, int64_t c1) {
+  if (a.n == 1) {
+    QuantizeColumn(x, a, 0);
+    return;
+  }
+  std::vector<float> column(static_cast<size_t>(a.k_len));
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t k = 0; k < a.k_len; ++k) column[k] = x[k * a.n + c];
+    QuantizeColumn(column.data(), a, c);
   }
 }
 
@@ -105,16 +158,16 @@ Activations Quantize(ffi::ThreadPool& pool, const float* x, int64_t k_len, int64
   a.step.assign(size_t(n * a.groups_pad), 0.0f);
   a.sum.assign(size_t(n * a.groups_pad), 0.0f);
   a.centre.assign(size_t(n * a.groups_pad), 0.0f);
-  // Small inputs (a decode step's few columns) on this thread; large ones (prefill, big batches)
-  // in pieces of >= 32K activations over the pool.
-  const int64_t per_piece = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(group * n, 1));
-  const int64_t pieces = (a.groups + per_piece - 1) / per_piece;
+  // A decode step's few columns on this thread; many (prefill, big batches) a piece of >= 64K
+  // activations per task over the pool.
+  const int64_t per_piece = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(k_len, 1));
+  const int64_t pieces = (n + per_piece - 1) / per_piece;
   if (pieces <= 1) {
-    QuantizeGroups(x, a, 0, a.groups);
+    QuantizeColumns(x, a, 0, n);
   } else {
     Activations* ap = &a;
     mvjax::ParallelFor(pool, pieces, [=](int64_t i) {
-      QuantizeGroups(x, *ap, i * per_piece, std::min(ap->groups, (i + 1) * per_piece));
+      QuantizeColumns(x, *ap, i * per_piece, std::min(n, (i + 1) * per_piece));
     });
   }
   return a;

@@ -190,13 +190,15 @@ MVJAX_INT4_TARGET void RowsForColumns(const Weights& w, const Activations& a, in
 
 // Register tiles, R rows x C columns (R divides 12, the chunk granularity), batched or not (Tile):
 // live vectors 4 R C (batched) or 2 R C, plus the block's codes and constants; AVX-512 VL has 32
-// vector registers, AVX2 16.
+// vector registers, AVX2 16. Picked by single-thread CPU time on an AMD EPYC (Zen 4) for N = 1, 2,
+// 4: batching pays at one column (where the scaling is most of the per-group work) and not at more
+// (vphaddd is slow there, and the wider tile it forces reuses each unpacked block less).
 #if MVJAX_INT4_VNNI
-constexpr int kRows4 = 1, kRows3 = 2, kRows2 = 3, kRows1 = 4;
-constexpr bool kBatch4 = true, kBatch3 = true;
+constexpr int kRows4 = 2, kRows3 = 2, kRows2 = 4, kRows1 = 4;
+constexpr bool kBatch4 = false, kBatch3 = true, kBatch2 = false, kBatch1 = true;
 #else
-constexpr int kRows4 = 1, kRows3 = 1, kRows2 = 1, kRows1 = 2;
-constexpr bool kBatch4 = false, kBatch3 = false;
+constexpr int kRows4 = 1, kRows3 = 1, kRows2 = 2, kRows1 = 3;
+constexpr bool kBatch4 = false, kBatch3 = false, kBatch2 = false, kBatch1 = true;
 #endif
 
 // One chunk of rows against every column, four columns at a time: the chunk's nibbles (sized by
@@ -210,8 +212,8 @@ MVJAX_INT4_TARGET void Rows(const Weights& w, const Activations& a, int64_t o0, 
   for (; c + 4 <= a.n; c += 4) RowsForColumns<kRows4, 4, Split, kBatch4>(w, a, o0, o1, sf.data(), c, y);
   switch (a.n - c) {
     case 3: RowsForColumns<kRows3, 3, Split, kBatch3>(w, a, o0, o1, sf.data(), c, y); break;
-    case 2: RowsForColumns<kRows2, 2, Split, true>(w, a, o0, o1, sf.data(), c, y); break;
-    case 1: RowsForColumns<kRows1, 1, Split, true>(w, a, o0, o1, sf.data(), c, y); break;
+    case 2: RowsForColumns<kRows2, 2, Split, kBatch2>(w, a, o0, o1, sf.data(), c, y); break;
+    case 1: RowsForColumns<kRows1, 1, Split, kBatch1>(w, a, o0, o1, sf.data(), c, y); break;
     default: break;
   }
 }
