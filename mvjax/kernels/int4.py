@@ -17,11 +17,25 @@ way, and float16's 10-bit mantissa adds ~100x less error than bfloat16's 7 bits 
 
 :func:`int4_matmul_xla` is the oracle every kernel is tested against: it unpacks the codes,
 dequantises in float32 and runs one float32 dot.
+
+:func:`int4_matmul` picks its implementation for the platform the program is lowered for, as
+:func:`mvjax.kernels.int8.int8_matmul` does (see :mod:`mvjax.kernels.platform`): on CPU the C++
+kernel (:func:`mvjax.kernels.cpu_int8.kernel_int4_matmul`, built with the int8 one) when it is built
+and takes the group size (G = 32 or a multiple of 64), which streams the nibbles once and rounds the
+activations to int8 per column and group; on CUDA GPUs and TPUs plain XLA for now (the Pallas
+kernel is wired in separately); elsewhere plain XLA. Every way, NaN and inf in the activations
+propagate as in a float32 matmul.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
+import jax
 import jax.numpy as jnp
+
+from mvjax.kernels import cpu_int8
+from mvjax.kernels.platform import float_for_nonfinite_columns, pallas_enabled
 
 INT4_LEVELS = 15  # codes 0..15
 
@@ -66,7 +80,36 @@ def int4_matmul_xla(entry: dict, x: jnp.ndarray) -> jnp.ndarray:
     return jnp.dot(dequantize(entry), x.astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
+def int4_kernel_used(entry: Optional[dict] = None) -> bool:
+    """Whether :func:`int4_matmul` runs the C++ kernel on the default backend (a CPU with the kernels
+    built) rather than :func:`int4_matmul_xla`; with ``entry``, for that matrix (its group size must
+    suit the kernel: :func:`mvjax.kernels.cpu_int8.int4_kernel_takes`). The CPU branch of the
+    dispatch decides when it is traced, so a jitted function keeps the choice it was first traced with."""
+    if jax.default_backend() != "cpu":
+        return False
+    return cpu_int8.int8_matmul_available() and (entry is None or cpu_int8.int4_kernel_takes(entry))
+
+
 def int4_matmul(entry: dict, x: jnp.ndarray) -> jnp.ndarray:
-    """The decoder's int4 product ``dequantize(entry) @ x`` -> float32 (out, N), by the platform it is
-    lowered for (as :func:`mvjax.kernels.int8.int8_matmul` does)."""
-    return int4_matmul_xla(entry, x)
+    """The decoder's int4 product ``dequantize(entry) @ x`` for x (in, N) -> float32 (out, N), without a
+    float32 weight copy where a kernel runs: the C++ kernel on CPU, XLA elsewhere for now (module
+    docstring)."""
+    q4, scale, mins = entry["q4"], entry["scale"], entry["min"]
+
+    def xla(q4, scale, mins, x):
+        return int4_matmul_xla({"q4": q4, "scale": scale, "min": mins}, x)
+
+    def on_cpu(q4, scale, mins, x):
+        if cpu_int8.cpu_kernels_ready() and cpu_int8.int4_kernel_takes(entry):
+            return float_for_nonfinite_columns(x, cpu_int8.kernel_int4_matmul(q4, scale, mins, x),
+                                               lambda x: xla(q4, scale, mins, x))
+        return xla(q4, scale, mins, x)
+
+    def on(platform):
+        if not pallas_enabled():
+            return xla
+        # TODO(int4-pallas merge): route to the Pallas kernel here, as int8_matmul does:
+        #   return lambda q4, scale, mins, x: pallas_int4.int4_matmul(q4, scale, mins, x, platform=platform)
+        return xla
+
+    return jax.lax.platform_dependent(q4, scale, mins, x, cpu=on_cpu, cuda=on("cuda"), tpu=on("tpu"), default=xla)

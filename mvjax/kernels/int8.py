@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mvjax.kernels import cpu_int8, pallas_int8
-from mvjax.kernels.platform import pallas_enabled
+from mvjax.kernels.platform import float_for_nonfinite_columns, pallas_enabled
 
 
 def int8_kernel_used() -> bool:
@@ -43,7 +43,8 @@ def int8_matmul(entry: dict, x: jnp.ndarray) -> jnp.ndarray:
 
     def on_cpu(q, scale, x):
         if cpu_int8.cpu_kernels_ready():
-            return _float_for_nonfinite_columns(q, scale, x, cpu_int8.kernel_int8_matmul(q, scale, x))
+            return float_for_nonfinite_columns(x, cpu_int8.kernel_int8_matmul(q, scale, x),
+                                               lambda x: int8_matmul_xla(q, scale, x))
         return int8_matmul_xla(q, scale, x)
 
     def on(platform):
@@ -54,22 +55,3 @@ def int8_matmul(entry: dict, x: jnp.ndarray) -> jnp.ndarray:
     return jax.lax.platform_dependent(q, scale, x, cpu=on_cpu, cuda=on("cuda"), tpu=on("tpu"),
                                       default=int8_matmul_xla)
 
-
-def _float_for_nonfinite_columns(q: jnp.ndarray, scale: jnp.ndarray, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
-    """``y`` with every column whose activations hold NaN or inf replaced by the float32 product.
-
-    Integer codes cannot carry NaN/inf: such a column would come out as finite garbage (NaN:
-    the scale falls back to 1.0) or NaN everywhere (inf: the scale is inf). A float matmul
-    gives NaN for a NaN column and, for an inf column, +-inf or NaN row by row (signs of the
-    weights met, ``0 * inf``), never a finite value. The exact float result costs a float32
-    copy of ``q`` (what the kernel avoids), so it runs under ``lax.cond`` only when some column
-    is non-finite; the usual step pays one ``isfinite`` pass over ``x`` (K x N, tiny next to
-    the O x K weights) and the branch. (Under ``vmap`` with a batched predicate ``cond`` becomes
-    a select that runs both branches; the decoder batches along N instead.)"""
-    bad = jnp.any(~jnp.isfinite(x), axis=0)
-
-    def patch(y):
-        exact = int8_matmul_xla(q, scale, jnp.where(bad[None, :], x, jnp.zeros((), x.dtype)))
-        return jnp.where(bad[None, :], exact, y)
-
-    return jax.lax.cond(jnp.any(bad), patch, lambda y: y, y)

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 # Names given to the pallas_calls (the kernels' ``name=``), found again by :func:`pallas_names`.
 INT8_MATMUL = "mvjax_int8_matmul"
@@ -91,3 +93,27 @@ def pallas_names(lowered_text: str) -> list[str]:
         if found and found.group(1):
             names.append(found.group(1))
     return names
+
+
+def float_for_nonfinite_columns(x: jax.Array, y: jax.Array,
+                                float_product: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """``y``, a kernel's product ``W @ x`` (out, N), with every column whose activations ``x`` (K, N) hold
+    NaN or inf replaced by ``float_product(x)``, the float32 product (what the integer kernels'
+    dispatch, :func:`mvjax.kernels.int8.int8_matmul` and :func:`mvjax.kernels.int4.int4_matmul`, share).
+
+    Integer codes cannot carry NaN/inf: a kernel that rounds activations to integers gives such a
+    column finite garbage (NaN: the step falls back to a default) or NaN everywhere (inf: the
+    step is inf). A float matmul gives NaN for a NaN column and, for an inf column, +-inf or NaN
+    row by row (signs of the weights met, ``0 * inf``), never a finite value. The exact float
+    result costs a float32 copy of the weights (what the kernels avoid), so it runs under
+    ``lax.cond`` only when some column is non-finite (``float_product`` sees the other columns
+    zeroed); the usual step pays one ``isfinite`` pass over ``x`` (K x N, tiny next to the O x K
+    weights) and the branch. (Under ``vmap`` with a batched predicate ``cond`` becomes a select that
+    runs both branches; the decoder batches along N instead.)"""
+    bad = jnp.any(~jnp.isfinite(x), axis=0)
+
+    def patch(y):
+        exact = float_product(jnp.where(bad[None, :], x, jnp.zeros((), x.dtype)))
+        return jnp.where(bad[None, :], exact, y)
+
+    return jax.lax.cond(jnp.any(bad), patch, lambda y: y, y)
