@@ -91,8 +91,7 @@ from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
 from mvjax.inference.second_stage import DEFAULT_STAGE2_TOP_K, SecondStageSampler
 from mvjax.inference.stages import Codec, diffusion_frames_bucket
 from mvjax.io.quantize import abstract_decode_params, quantize_rows
-from mvjax.kernels import pallas_int4
-from mvjax.kernels.int4 import int4_matmul_xla, pack_codes
+from mvjax.kernels.int4 import int4_matmul, pack_codes
 from mvjax.nn import encodec, speaker_encoder
 from mvjax.nn.config import GPTConfig
 from mvjax.nn.diffusion_config import DiffusionConfig
@@ -369,19 +368,9 @@ INT4_GROUP = 64  # inputs a scale and minimum cover in the int4_matmul entry
 
 @jax.jit
 def _int4_products(entries, xs):
-    """Each int4 matrix of ``entries`` times its activations, through the Pallas int4 kernel of the
-    platform lowered for (plain XLA elsewhere), as the decoder's dispatch will pick it."""
-    def one(entry, x):
-        def on(platform):
-            return lambda q4, scale, mins, x: pallas_int4.int4_matmul(q4, scale, mins, x, platform=platform)
-
-        def xla(q4, scale, mins, x):
-            return int4_matmul_xla({"q4": q4, "scale": scale, "min": mins}, x)
-
-        return jax.lax.platform_dependent(entry["q4"], entry["scale"], entry["min"], x, cuda=on("cuda"),
-                                          tpu=on("tpu"), default=xla)
-
-    return [one(entry, x) for entry, x in zip(entries, xs)]
+    """Each int4 matrix of ``entries`` times its activations through the decoder's int4 product
+    (:func:`mvjax.kernels.int4.int4_matmul`: the Pallas kernel of the platform lowered for)."""
+    return [int4_matmul(entry, x) for entry, x in zip(entries, xs)]
 
 
 def _int4_matmul(b: Builder, v: Variant):

@@ -70,7 +70,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from mvjax.kernels import int4 as int4_layout
+from mvjax.kernels import int4_layout
 from mvjax.kernels.pallas_int8 import split_bf16
 from mvjax.kernels.platform import INT4_MATMUL as NAME
 from mvjax.kernels.platform import out_struct, varying_axes
