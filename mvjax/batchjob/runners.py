@@ -10,9 +10,11 @@ A runner is called with a list of :class:`~mvjax.batchjob.worker.Task` and yield
 chips; CPUs on a cluster with neither) and loading the model once; a task is ``rows_per_task``
 rows, run through the actor's engine together, its results streamed back to the driver when the
 task ends; Ray Data's streaming executor applies back-pressure (a bounded number of tasks queued
-per actor). A worker process that dies is restarted by Ray (``max_restarts``) and its task is run
-again (``max_task_retries``), on the restarted actor; when Ray gives up, the dataset fails and the
-driver's next round takes the rows that have no result yet.
+per actor). A worker process that dies is restarted by Ray and its task is run again: Ray Data's
+own actor fault tolerance (its actor pools set ``max_restarts`` and ``max_task_retries`` to -1,
+no limit; passing other values is deprecated from Ray 2.60 on). An actor that dies while it loads
+the model counts against ``DataContext.max_consecutive_actor_init_deaths``; when Ray gives up,
+the dataset fails and the driver's next round takes the rows that have no result yet.
 """
 
 from __future__ import annotations
@@ -32,20 +34,11 @@ from mvjax.batchjob.worker import (
 )
 from mvjax.core.errors import MvjaxError
 
-ACTOR_RESTARTS = 4  # per actor: a worker killed (or out of memory) this many times is given up
-TASK_RETRIES = 2  # per task, after its actor died: Ray runs it again this many times
 log = logging.getLogger("mvjax")
 
 
 class RayUnavailable(MvjaxError, RuntimeError):
     pass
-
-
-def fault_tolerance() -> dict:
-    """The actors' restart and retry bounds (Ray Data's own default is to restart and retry forever, which
-    a row that kills its worker every time would turn into a job that never ends). Given through
-    ``ray_remote_args_fn``, applied over Ray Data's defaults when each actor starts."""
-    return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": TASK_RETRIES}
 
 
 class LocalRunner:
@@ -103,7 +96,7 @@ class RayRunner:
             RayWorker, fn_constructor_kwargs={"model": self.model, "settings": self.settings, "digest": self.digest},
             batch_size=self.rows_per_task, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(self.workers, blocks)),
-            ray_remote_args_fn=fault_tolerance, **self.resources)
+            **self.resources)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             yield from outcomes_from_batch(batch)
 

@@ -43,7 +43,7 @@ FORMATS = tuple(s.lstrip(".") for s in OUTPUT_FORMATS)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mvjax.batch", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m mvjax.batch", description=" ".join(__doc__.split("\n\n")[1:3]),
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("listing", type=Path, help="JSONL (one JSON object per line) or .csv listing of the rows")
     p.add_argument("--out", type=Path, required=True, help="output directory (created; reused by a rerun)")
@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-tokens", action="store_true", help="also DIR/<id>.npz with the row's tokens (as "
                                                              "python -m mvjax.synthesize --save-tokens writes)")
     smp = p.add_argument_group("sampling (a row's own fields override these)")
-    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--seed", type=int, default=0, help="a row's seed when it gives none (its tokens equal "
+                                                          "python -m mvjax.synthesize --seed's)")
     for name in ("temperature", "top_p", "guidance_scale"):
         spec = SamplingConfig.spec(name)
         smp.add_argument("--" + name.replace("_", "-"), type=float, default=spec.default,
@@ -93,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-listing-mb", type=float, default=ListingLimits.max_bytes / 2**20)
     lim.add_argument("--max-rows", type=int, default=ListingLimits.max_rows)
     lim.add_argument("--max-text-chars", type=int, default=ListingLimits.max_text_chars)
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (errors and the summary only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, log lines or summary (errors only)")
     return p
 
 
