@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -88,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--devices-per-worker", type=int, default=1,
                      help="GPUs (or TPU chips; CPUs on a cluster without accelerators) per actor")
     ray.add_argument("--rows-per-task", type=int, default=None,
-                     help="rows sent to an actor at a time (default: twice its engine slots); a dead worker's "
-                          "task is run again whole")
+                     help="rows sent to an actor at a time (default: twice its engine slots, fewer when the "
+                          "job is small, so every worker gets rows); a dead worker's task is run again whole")
     lim = p.add_argument_group("limits (the listing is untrusted input)")
     lim.add_argument("--max-listing-mb", type=float, default=ListingLimits.max_bytes / 2**20)
     lim.add_argument("--max-rows", type=int, default=ListingLimits.max_rows)
@@ -158,7 +159,10 @@ def run(argv: list[str] | None = None) -> int:
 def _runner(args, model: str, settings: JobSettings, plan, use_ray: bool):
     if not use_ray:
         return LocalRunner(model, settings, plan.model_digest)
-    rows_per_task = args.rows_per_task or 2 * settings.options.batch_size * args.devices_per_worker
+    # Twice a worker's slots keeps its engine full across a task's tail; a small job is split so that
+    # every worker gets a share.
+    rows_per_task = args.rows_per_task or min(2 * settings.options.batch_size * args.devices_per_worker,
+                                              max(1, math.ceil(len(plan.pending) / args.workers)))
     return RayRunner(model, settings, plan.model_digest, args.ray_address, args.workers, args.devices_per_worker,
                      rows_per_task)
 
