@@ -160,7 +160,7 @@ def time_decoders(tts, frames: int, decoder: str, repeats: int) -> tuple[dict, d
         c = chunk(utterance)
         (c.wav,) = tts.wave_decoder.run([c], decoder, Batcher(1, tts.mesh, tts.last_timings))
         utterance.chunks = [c]
-        tts._finish(utterance, SynthesisOptions(decoder=decoder))
+        tts.finish(utterance, SynthesisOptions(decoder=decoder))
         runs.append(dict(tts.last_timings))
     return runs[0], _median_stages(runs[1:])
 

@@ -273,3 +273,22 @@ def test_admission_benchmark_smoke():
     lines = [m for m in (ADMISSION_LINE.match(line) for line in res.stdout.splitlines()) if m]
     assert [(m.group(1), m.group(7)) for m in lines] == [("none", "1"), ("8", "1"), ("none", "median"),
                                                           ("8", "median")]
+
+
+BATCH_LINE = re.compile(r"^batch mode=(local|ray) workers=(\d+) rows_per_min=([0-9.]+) audio_s_per_s=([0-9.]+)$")
+
+
+@pytest.mark.slow
+def test_batch_benchmark_smoke():
+    """The dataset-job benchmark on the demo-size model, embedded and on a local Ray cluster with two
+    workers: one line per mode, every row done, the same tokens in both (the rates are not checked)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.batch", "--config", "demo", "--rows", "3", "--stop", "60",
+         "--max-new-tokens", "160", "--batch-size", "2"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "tokens equal across modes: yes" in res.stdout
+    lines = [m for m in (BATCH_LINE.match(line) for line in res.stdout.splitlines()) if m]
+    assert [(m.group(1), m.group(2)) for m in lines] == [("local", "1"), ("ray", "2")]
+    assert all(float(m.group(3)) > 0 and float(m.group(4)) > 0 for m in lines)

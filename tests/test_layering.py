@@ -21,11 +21,13 @@ LAYERS = {
     "mvjax.inference": 6,
     "mvjax.train": 7,
     "mvjax.serve": 7,  # beside train: neither imports the other
-    "mvjax.cli": 8,
-    "mvjax.parity": 8,  # the parity checks, beside cli: neither imports the other
-    "mvjax": 9,  # the package face (public API) and the python -m entry points
-    "mvjax.serve.__main__": 9,  # python -m mvjax.serve: calls the command in mvjax.cli.serve
-    "mvjax.parity.__main__": 9,  # python -m mvjax.parity: the command, on mvjax.cli.common's helpers
+    # the dataset job (python -m mvjax.batch): above serve, whose voice directory it reads; beside parity
+    "mvjax.batchjob": 8,
+    "mvjax.parity": 8,  # the parity checks, beside the dataset job: neither imports the other nor the CLI
+    "mvjax.cli": 9,
+    "mvjax": 10,  # the package face (public API) and the python -m entry points
+    "mvjax.serve.__main__": 10,  # python -m mvjax.serve: calls the command in mvjax.cli.serve
+    "mvjax.parity.__main__": 10,  # python -m mvjax.parity: the command, on mvjax.cli.common's helpers
 }
 ENTRY_POINT = {"convert_released", "released_components", "write_released_gpt", "write_random_released", "check_seed"}
 # The runtime layers that may reach the converter, and the entry points each may call.

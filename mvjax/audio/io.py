@@ -169,6 +169,23 @@ def output_format(path: str | os.PathLike) -> str:
     return OUTPUT_FORMATS[suffix][0]
 
 
+def encode_audio(audio: np.ndarray, rate: int, suffix: str, subtype: str = "FLOAT") -> bytes:
+    """(channels, samples) or (samples,) audio as the bytes of a whole file in the container the
+    extension ``suffix`` names (``.wav``, ``.flac``, ``.ogg``); ``subtype`` as for :func:`write_wav`.
+    Encoded in memory, so a writer elsewhere (the dataset job's driver) can store it atomically."""
+    container, pcm16, floating = OUTPUT_FORMATS.get(suffix.lower(), (None, None, None))
+    if container is None:
+        output_format(f"audio{suffix}")  # raises the one-line error
+    data = np.asarray(audio, np.float32)
+    data = data.T if data.ndim == 2 else data
+    buffer = io.BytesIO()
+    try:
+        sf.write(buffer, data, rate, subtype=pcm16 if subtype == "PCM_16" else floating, format=container)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise AudioError(f"cannot encode audio as {container}: {exc}") from None
+    return buffer.getvalue()
+
+
 def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int, subtype: str = "FLOAT") -> None:
     """Write (channels, samples) or (samples,) audio atomically in the format its extension names.
 
@@ -178,19 +195,15 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int, subtype: st
     the system error and never leaves a partial file.
     """
     path = Path(path)
-    container, pcm16, floating = OUTPUT_FORMATS.get(path.suffix.lower(), (None, None, None))
-    if container is None:
+    if path.suffix.lower() not in OUTPUT_FORMATS:
         output_format(path)  # raises the one-line error
-    data = np.asarray(audio, np.float32)
-    data = data.T if data.ndim == 2 else data
     if not path.parent.is_dir():
         raise AudioError(f"cannot write {path}: directory {path.parent} does not exist")
-    buffer = io.BytesIO()
     try:
-        sf.write(buffer, data, rate, subtype=pcm16 if subtype == "PCM_16" else floating, format=container)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        raise AudioError(f"cannot encode {path} as {container}: {exc}") from None
+        data = encode_audio(audio, rate, path.suffix, subtype)
+    except AudioError as exc:
+        raise AudioError(str(exc).replace("cannot encode audio", f"cannot encode {path}", 1)) from None
     try:
-        write_bytes(path, buffer.getvalue())
+        write_bytes(path, data)
     except OSError as exc:
         raise AudioError(f"cannot write {path}: {exc.strerror or exc}") from None

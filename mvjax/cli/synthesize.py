@@ -11,7 +11,11 @@ whole pipeline in seconds: its output is noise, not speech.
 Several processes (``--num-processes N --process-id I --coordinator HOST:PORT``, the ``JAX_*``
 environment, or the tasks of a Slurm job / TPU pod, detected as ``jax.distributed`` does) each
 take every N-th line of the text file and write their own outputs; inside a process, batches are
-split over all local devices.
+split over all local devices. That split is static and a process writes its outputs when its whole
+share is done (a killed process loses its share, a rerun redoes everything): for large text sets
+use ``python -m mvjax.batch`` instead, a resumable dataset job (results written as each row
+finishes, a rerun skips what is done, a dead Ray worker's rows run again elsewhere) whose tokens
+equal this command's for the same text, voice and seed.
 """
 
 from __future__ import annotations
@@ -137,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="hold the engine's KV cache in a pool of this many pages per device, shared by the slots "
                           "(memory follows the tokens held; default: a whole block per slot, faster on CPU)")
     dec.add_argument("--kv-page-size", type=int, default=defaults.kv_page_size, help="KV-cache positions per page")
-    par = p.add_argument_group("multi-process")
+    par = p.add_argument_group("multi-process", "a static split of --text-file over processes; for large, "
+                                "resumable jobs (and Ray clusters) use python -m mvjax.batch")
     par.add_argument("--coordinator", help="HOST:PORT of process 0 (jax.distributed)")
     par.add_argument("--num-processes", type=int)
     par.add_argument("--process-id", type=int)

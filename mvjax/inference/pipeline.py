@@ -179,7 +179,7 @@ class TTS:
         if opts.decoder == "mbd":
             _ = self.diffusion  # a model without one fails before any token is sampled
         utterances = self._run(text, speaker, opts, utterance_ids, audio=True)
-        results = [self._finish(u, opts) for u in utterances]
+        results = [self.finish(u, opts) for u in utterances]
         return results[0] if isinstance(text, str) else results
 
     def tokens(self, text: Union[str, Sequence[str]], speaker=None, *, options: Optional[SynthesisOptions] = None,
@@ -227,7 +227,17 @@ class TTS:
             utterances.append(Utterance(pieces, embeddings[u], key, opts.sampling, opts.decoder, index=u, text=t))
         return utterances
 
-    def _finish(self, utterance: Utterance, opts: SynthesisOptions) -> Speech:
+    def utterance(self, text: str, speaker, options: SynthesisOptions) -> Utterance:
+        """``text`` planned and keyed as :meth:`synthesize` keys a text given alone (utterance id 0 of
+        ``options.seed``), for callers that run their own :meth:`scheduler` and :meth:`finish` (the
+        dataset job): its tokens then equal ``synthesize``'s for that text, voice and seed."""
+        (normalised,) = normalised_texts([text])
+        pieces = self.plan(normalised, options.max_new_tokens) if options.long_form else [normalised]
+        return Utterance(pieces, self.speaker_embedding(speaker), K.keys_for(options.seed, [0])[0], options.sampling,
+                         options.decoder, text=normalised)
+
+    def finish(self, utterance: Utterance, opts: SynthesisOptions) -> Speech:
+        """A delivered utterance's chunks joined and finished (loudness, enhancement) into a :class:`Speech`."""
         wav = crossfade_join([c.wav for c in utterance.chunks], self.sample_rate, CROSSFADE_SECONDS)
         if opts.enhance and self._enhancer is None:
             self._enhancer = DeepFilterNet3()

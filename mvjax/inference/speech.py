@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -49,12 +50,20 @@ class Speech:
     def save_tokens(self, path: str | os.PathLike) -> None:
         """``.npz`` with ``first_stage`` (2, F), ``all_codebooks`` (8, F), ``speaker_embedding`` (E,),
         ``chunk_frames`` and ``text`` (written atomically)."""
-        arrays = {
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **self.token_arrays())
+
+    def tokens_npz(self) -> bytes:
+        """The bytes :meth:`save_tokens` writes (for a worker that hands its results to a driver)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.token_arrays())
+        return buffer.getvalue()
+
+    def token_arrays(self) -> dict:
+        return {
             "first_stage": self.first_stage_codes,
             "all_codebooks": self.all_codebooks,
             "speaker_embedding": self.speaker_embedding.astype(np.float32),
             "chunk_frames": np.array([c.frames for c in self.chunks], np.int64),
             "text": np.array(self.text),
         }
-        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
