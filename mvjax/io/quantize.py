@@ -19,8 +19,8 @@ each layer's attention and MLP kernels in (out, in) layout, the speaker projecti
     :mod:`mvjax.kernels.int4` (``{"q4": uint8 (out, in // 2), "scale", "min": float16 (out, in // G)}``;
     4.5 bits a weight at G = 64, 0.14 of float32's bytes). :func:`quantize_groups` picks each
     group's scale and minimum by a small search that minimises the group's squared error
-    (calibration-free; see there); codes are chosen against the float16-rounded values, so the
-    stored triple is exactly what the search scored. The products run in :func:`mvjax.kernels.int4.int4_matmul`.
+    (calibration-free; see there); codes are chosen against the float16-rounded pair actually
+    stored. The products run in :func:`mvjax.kernels.int4.int4_matmul`.
     The speaker projection stays float32 in this mode (see :data:`INT4_KEEP_FLOAT`).
 ``"bf16"``
     Matrices stored as bfloat16 and multiplied in bfloat16 with float32 accumulation. Meant
