@@ -61,9 +61,11 @@ INT8_MAX = 127
 # (0.0937). ``python -m benchmarks.quantize --int4-error`` measures them.
 INT4_GROUP = 64
 # Range fractions the int4 search starts from (1.0: the full range, its codes refitted). Relative RMS
-# error at G = 64: N(0, 1) 0.0897 round to nearest -> 0.0848; Student-t (3 d.o.f., heavier tails, as
-# trained weights have) 0.1333 -> 0.1207. Three fractions gave 0.0854 / 0.1214, nine 0.0844 / 0.1201;
-# each costs about 0.1 s per 12.6 M weights on two cores (~50 s for the released first stage).
+# error at G = 64 (``python -m benchmarks.quantize --int4-error``): N(0, 1) 0.0897 round to nearest ->
+# 0.0848; Student-t (3 d.o.f., heavier tails, as trained weights have) 0.1311 -> 0.1209; the fixture
+# model 0.0893 -> 0.0845. Three fractions gave ~0.6 % more error than these five, nine ~0.5 % less
+# (1024 x 2048 draws); each costs about 0.1 s per 12.6 M weights on two cores (~50 s for the released
+# first stage, against ~5 s for round to nearest).
 INT4_SEARCH = (1.0, 0.93, 0.86, 0.79, 0.72)
 # Matrices that stay float32 in int4 mode. The speaker projection (2048 x 256 at the released shape,
 # 2.1 MB float32 = 0.3 % of an int4 step's bytes) is multiplied into every position of a conditioned
