@@ -70,7 +70,9 @@ INT4_SEARCH = (1.0, 0.93, 0.86, 0.79, 0.72)
 # Matrices that stay float32 in int4 mode. The speaker projection (2048 x 256 at the released shape,
 # 2.1 MB float32 = 0.3 % of an int4 step's bytes) is multiplied into every position of a conditioned
 # row: its 4-bit error would be a bias on every position's input that no later token averages out,
-# for 1.8 MB saved.
+# for 1.8 MB saved. Fixture model, teacher-forced (320 positions): mean KL(float32 || int4) 3.98e-2
+# with it float32, 4.07e-2 with it int4; an int4 wte as well: 7.26e-2 (round to nearest instead of
+# the search: 4.57e-2).
 INT4_KEEP_FLOAT = ("speaker_proj",)
 
 
