@@ -10,7 +10,12 @@ Configs (random weights, the released first-stage architecture otherwise):
 Each utterance decodes with guidance (a conditioned and an unconditioned row), so one step
 reads every weight once for the whole batch. The benchmark measures the machine's memory
 read bandwidth itself (a jitted reduction over a 2 GB array, best of several runs) and
-reports ``roofline_frac = steps/s * weight_bytes / bandwidth``.
+reports ``roofline_frac = steps/s * bytes_per_step / bandwidth`` from the bytes the variant
+actually reads in a steady-state step (:func:`bytes_per_step`): every weight matrix as stored
+(float32, bf16, int8 with its scales, int4 with its scales and minimums; the tied head
+included, the position table not: a step reads one row of it) plus the KV cache slots the
+timed steps attend to (each row its own positions through a ragged cache kernel, the whole
+static window through plain XLA), in the cache's stored kind.
 
 Timing (the same rule on both sides, :func:`timed_protocol`): a first call of 2 new tokens
 from cold (compilation included), then ``--repeats`` runs of N and of 2 new tokens, the
@@ -24,7 +29,7 @@ speed ratio: eager PyTorch by default; ``--reference-compile`` sets it up as the
 fullgraph=True)`` on its decode step, ``torch.compile(fullgraph=True, dynamic=True)`` on its
 prefill), on the CPU (inductor's C++ backend) or with ``--reference-device cuda``.
 ``--dtype bfloat16`` runs our decoder entirely in bfloat16 (weights, activations, KV cache);
-``--quantize int8`` (or ``bf16``) stores the weights so (the decode line then says ``weights=``).
+``--quantize int8`` (or ``int4``, ``bf16``) stores the weights so (the decode line then says ``weights=``).
 
 On the CPU, at a realistic length against the compiled reference:
 
@@ -37,7 +42,9 @@ On a GPU machine (see benchmarks/RESULTS.md for what to record):
         --reference-src PATH --reference-device cuda --reference-compile
 
 Each measurement ends with machine-readable lines:
-  decode config=<name> batch=<n> dtype=<d> [weights=<int8|bf16>] tokens_per_s=<x> GB_per_s=<y> roofline_frac=<z>
+  decode config=<name> batch=<n> dtype=<d> [weights=<int8|int4|bf16>] tokens_per_s=<x> GB_per_s=<y> roofline_frac=<z>
+  decode-bytes config=<name> batch=<n> weights=<float32|int8|int4|bf16> kv_cache=<kind> weights_gb=<w>
+         kv_gb=<k> bandwidth_gb_s=<b>   (bytes read per steady-state step; GB_per_s counts both)
   timing side=<ours|reference> batch=<n> new_tokens=<N> repeats=<r> first_call_s=... compile_s=...
          first_call_n_s=... median_s=... prefill_s=... runs_s=<each run of N>
 """
@@ -54,12 +61,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import FIRST_STAGE_SHAPES, FIRST_STAGE_VOCAB, best_of, clock
-from mvjax.inference.decode import FirstStageDecoder  # noqa: E402
+from mvjax.inference.decode import FirstStageDecoder, cache_windows, prompt_bucket  # noqa: E402
 from mvjax.inference.keys import utterance_keys  # noqa: E402
 from mvjax.inference.options import SamplingConfig  # noqa: E402
 from mvjax.io.quantize import tree_nbytes  # noqa: E402
 from mvjax.nn.config import GPTConfig  # noqa: E402
 from mvjax.nn.gpt import abstract_params  # noqa: E402
+from mvjax.nn.kv_cache import bytes_per_slot, step_kernel_used  # noqa: E402
 
 SPEAKER_DIM = 256
 END_OF_AUDIO = 2048
@@ -98,6 +106,30 @@ def measure_bandwidth(gigabytes: float = 2.0, repeats: int = 5) -> float:
     total(x).block_until_ready()
     best, _ = best_of(lambda: total(x), repeats)
     return n * 4 / best / 1e9
+
+
+def bytes_per_step(decoder: FirstStageDecoder, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    """(weight bytes, KV-cache bytes) one steady-state decode step of ``batch`` guided utterances reads,
+    averaged over the steps the timing rule measures (``new_tokens`` new tokens minus 2: decode
+    steps 2 .. N - 1, step j writing position ``prompt_len + j - 1`` and attending to the
+    ``prompt_len + j`` slots up to it).
+
+    Weights: the decode tree as stored, minus the position table (one row of it per token). KV:
+    2 * batch rows (conditioned and unconditioned) times the slot bytes of the cache's kind over
+    every layer, keys and values (:func:`mvjax.nn.kv_cache.bytes_per_slot`), times the slots read:
+    a ragged cache kernel (:func:`mvjax.nn.kv_cache.step_kernel_used`) reads each row's own
+    positions, plain XLA the whole static window the step runs in (``cache_windows``)."""
+    config = decoder.config
+    params = decoder.params
+    weights = tree_nbytes(params) - tree_nbytes(params["wpe"])
+    ragged = step_kernel_used(decoder.dtype, config.head_dim)
+    windows = cache_windows(prompt_bucket(prompt_len, config.block_size), config.block_size)
+    slots = []
+    for j in range(2, new_tokens):
+        attended = prompt_len + j
+        slots.append(attended if ragged else next(w for w in windows if attended - 1 < w))
+    kv = 2 * batch * bytes_per_slot(config, decoder.kv_cache) * float(np.mean(slots))
+    return float(weights), kv
 
 
 def prompts_for(batch: int, length: int, config: GPTConfig, seed: int = 0) -> list[list[int]]:
@@ -284,8 +316,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (the median is reported)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quantize", default=None, choices=["int8", "bf16"],
-                        help="first-stage weights stored int8 (per output channel) or bf16, as --quantize elsewhere")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4", "bf16"],
+                        help="first-stage weights stored int8 (per output channel), int4 (group-wise) or bf16, "
+                             "as --quantize elsewhere")
     parser.add_argument("--reference-src", type=Path, help="metavoice-src checkout to time the reference decode")
     parser.add_argument("--reference-tokens", type=int, default=None, help="new tokens for the reference (default --tokens)")
     parser.add_argument("--reference-device", default="cpu", help="torch device for the reference (cpu, cuda)")
@@ -342,7 +375,8 @@ def main(argv=None) -> int:
         tokens = batch * r["steps"]
         steps_per_s = r["steps"] / r["seconds"]
         tps = tokens / r["seconds"]
-        gbps = steps_per_s * weight_bytes / 1e9
+        read_weights, read_kv = bytes_per_step(decoder, batch, args.prompt_len, args.tokens)
+        gbps = steps_per_s * (read_weights + read_kv) / 1e9
         ours[batch] = tps
         print(f"  ours batch={batch}: {r['steps']} decode steps ({tokens} tokens) in {r['seconds']:.2f} s; "
               f"prefill {r['prefill_s']:.2f} s, end to end {r['end_to_end_s']:.2f} s (median of {r['repeats']}), "
@@ -351,6 +385,9 @@ def main(argv=None) -> int:
         weights = f" weights={args.quantize}" if args.quantize else ""
         print(f"decode config={args.config} batch={batch} dtype={args.dtype}{weights} tokens_per_s={tps:.3f} "
               f"GB_per_s={gbps:.2f} roofline_frac={gbps / bandwidth:.3f}", flush=True)
+        print(f"decode-bytes config={args.config} batch={batch} weights={args.quantize or args.dtype} "
+              f"kv_cache={decoder.kv_cache} weights_gb={read_weights / 1e9:.4f} kv_gb={read_kv / 1e9:.4f} "
+              f"bandwidth_gb_s={bandwidth:.2f}", flush=True)
         timing_line("ours", batch, r)
         if "reference" in results:
             ref = results["reference"]

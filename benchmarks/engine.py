@@ -318,7 +318,7 @@ def main(argv=None) -> int:
                         "utterances/min measures capacity rather than the arrival rate)")
     p.add_argument("--min-tokens", type=int, default=None, help="default 64 (--quick: 32)")
     p.add_argument("--max-tokens", type=int, default=None, help="default 512 (--quick: 256)")
-    p.add_argument("--quantize", choices=["int8", "bf16", "none"], default="int8", help="weights of the full config")
+    p.add_argument("--quantize", choices=["int8", "int4", "bf16", "none"], default="int8", help="weights of the full config")
     p.add_argument("--kv-cache", choices=list(KV_CACHE_KINDS), default="float32",
                    help="KV cache of the load test (every mode)")
     p.add_argument("--kv-caches", default="float32,bf16,int8",

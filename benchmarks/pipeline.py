@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="first-stage tokens (overrides --seconds)")
     parser.add_argument("--decoder", choices=["encodec", "mbd"], default="encodec")
     parser.add_argument("--unet", choices=["tiny", "realistic"], default="realistic", help="MBD band size (--decoder mbd)")
-    parser.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="first-stage weights")
+    parser.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None, help="first-stage weights")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side after the first (median reported)")
     parser.add_argument("--reference-src", type=Path, help="metavoice-src checkout: time the reference too")
     parser.add_argument("--reference-compile", action="store_true",

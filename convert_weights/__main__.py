@@ -1,4 +1,4 @@
-"""python -m convert_weights --model-dir DIR --out OUT [--quantize int8|bf16]
+"""python -m convert_weights --model-dir DIR --out OUT [--quantize int8|int4|bf16]
 
 Exit status: 0 on success; 1 on any error, reported as one line on stderr that names the
 file and the problem (a checkpoint that cannot be read safely, one that does not fit its
@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model-dir", required=True, help="directory holding the released .pt files")
     parser.add_argument("--out", required=True, help="output model directory (replaced atomically if it exists)")
-    parser.add_argument("--quantize", choices=["int8", "bf16"],
+    parser.add_argument("--quantize", choices=["int8", "int4", "bf16"],
                         help="store the first stage quantised for decoding: int8 (per output channel, about a "
-                        "quarter of the float32 size, faster on CPU) or bf16 (for GPU/TPU)")
+                        "quarter of the float32 size, faster on CPU), int4 (4-bit in groups of 64 inputs with a "
+                        "float16 scale and minimum each, about a seventh) or bf16 (for GPU/TPU)")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
 

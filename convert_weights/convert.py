@@ -89,8 +89,9 @@ def _check_gpt_meta(ckpt: Mapping, src: Path) -> None:
 
 
 def _convert_gpt(src: Path, dst: Path, quantize: str | None = None) -> dict:
-    """``quantize`` (causal first stage only): store the decoder's layout with int8 or bfloat16
-    matrices (:mod:`mvjax.io.quantize`) instead of the float32 tree; the manifest entry records it."""
+    """``quantize`` (causal first stage only): store the decoder's layout with int8, int4 or bfloat16
+    matrices (:mod:`mvjax.io.quantize`, one matrix at a time) instead of the float32 tree; the
+    manifest entry records it."""
     # jax: loaded only once every file is vetted (see the module docstring)
     from convert_weights.gpt import convert_gpt_checkpoint
 
@@ -179,7 +180,7 @@ def _check_out(out: Path) -> None:
 def convert_directory(model_dir: str | Path, out: str | Path, log: Callable[[str], None] = lambda s: None,
                       quantize: str | None = None, stop_requested: Callable[[], bool] | None = None) -> dict:
     """Convert every known checkpoint in ``model_dir`` into ``out``; returns the manifest.
-    ``quantize`` (``"int8"`` or ``"bf16"``): store the first stage quantised (see :func:`_convert_gpt`).
+    ``quantize`` (``"int8"``, ``"int4"`` or ``"bf16"``): store the first stage quantised (see :func:`_convert_gpt`).
     ``stop_requested``: polled before each component and before ``out`` is replaced; when it
     returns True the conversion stops with KeyboardInterrupt (and leaves nothing behind). The CLI
     uses it so that a Ctrl-C that a library swallowed (one landing in a gc callback) still stops."""

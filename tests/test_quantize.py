@@ -1,4 +1,4 @@
-"""int8 / bf16 first-stage weights: quantiser bounds, the CPU kernel, decoding fidelity on the
+"""int8 / bf16 first-stage weights (int4: tests/test_int4.py): quantiser bounds, the CPU kernel, decoding fidelity on the
 fixture, quantised conversion, and the command-line options."""
 
 import json
@@ -51,8 +51,9 @@ def test_quantize_rows_error_bounds():
 def test_check_mode():
     assert Q.check_mode(None) is None and Q.check_mode("float32") is None
     assert Q.check_mode("int8") == "int8" and Q.check_mode("bf16") == "bf16"
-    with pytest.raises(ValueError, match="int8, bf16"):
-        Q.check_mode("int4")
+    assert Q.check_mode("int4") == "int4"
+    with pytest.raises(ValueError, match="int8, bf16, int4"):
+        Q.check_mode("int2")
 
 
 # --- the int8 product: CPU kernel and plain-XLA fallback ---------------------------------------
@@ -413,7 +414,7 @@ def test_cli_flags_parse(tmp_path, converted, monkeypatch):
     assert synthesize._parser()._option_string_actions["--kv-cache"].choices == list(KV_CACHE_KINDS)
     with pytest.raises(SystemExit):
         synthesize._parser().parse_args(["--model", "m", "--text", "hi", "--out", "o.wav", "--kv-cache", "int4"])
-    for bad in (["--quantize", "int4"],):
+    for bad in (["--quantize", "int2"],):
         with pytest.raises(SystemExit):
             synthesize._parser().parse_args(["--model", "m", "--text", "hi", "--out", "o.wav", *bad])
         with pytest.raises(SystemExit):
@@ -446,7 +447,7 @@ def test_quantize_benchmark_quick():
                          cwd=REPO, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     speed = re.findall(r"^quantize-speed config=tiny mode=(\w+) batch=1 tokens_per_s=([0-9.]+)", res.stdout, re.M)
-    assert sorted(m for m, _ in speed) == ["bf16", "float32", "int8"] and all(float(v) > 0 for _, v in speed)
+    assert sorted(m for m, _ in speed) == ["bf16", "float32", "int4", "int8"] and all(float(v) > 0 for _, v in speed)
     fid = dict(re.findall(r"^quantize-fidelity inputs=fixture mode=int8 mean_kl=(\S+) max_kl=\S+ greedy_agree=(\S+)",
                           res.stdout, re.M))
     assert fid, res.stdout[-2000:]

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--no-enhance", action="store_true", help="no DeepFilterNet3 by default")
     work.add_argument("--response-format", choices=list(supported_formats()), default=default_format(),
                       help="audio format of a speech request that names none")
-    work.add_argument("--quantize", choices=["int8", "bf16"], default=None,
+    work.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None,
                       help="first-stage weight storage (default: as stored)")
     work.add_argument("--kv-cache", choices=["float32", "bf16", "int8"], default=None,
                       help="first-stage KV cache storage (default float32)")

@@ -121,8 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="multi-band diffusion (default) or the plain EnCodec decoder (fast)")
     dec.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 (output stays at 24 kHz)")
     dec.add_argument("--no-long-form", action="store_true", help="do not split long texts into chunks")
-    dec.add_argument("--quantize", choices=["int8", "bf16"],
-                     help="first-stage weights: int8 (per output channel; faster on CPU, a quarter of the memory) "
+    dec.add_argument("--quantize", choices=["int8", "int4", "bf16"],
+                     help="first-stage weights: int8 (per output channel; faster on CPU, a quarter of the memory), "
+                     "int4 (4-bit in groups of 64 inputs; about a seventh of the memory) "
                      "or bf16 (for GPU/TPU); default: as stored (float32 unless converted with --quantize)")
     dec.add_argument("--kv-cache", choices=["float32", "bf16", "int8"],
                      help="first-stage KV cache: float32 (default for float32 compute), bf16, or int8 (a scale per "

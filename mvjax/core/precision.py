@@ -10,7 +10,7 @@ program: both call :func:`apply`, which reads the same default and the same over
 Override with ``--matmul-precision`` on every CLI, ``TTS.load(..., matmul_precision=...)``
 or the ``MVJAX_MATMUL_PRECISION`` environment variable: ``"high"`` (TF32 / three bfloat16
 passes) or ``"default"`` trade parity for speed on accelerators. On CPU all three are the same
-program. Weights quantised to bf16 or int8 are unaffected (their inputs are already narrower).
+program. Weights quantised to bf16, int8 or int4 are unaffected (their inputs are already narrower).
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ class FirstStageDecoder:
 
     def __init__(self, config: GPTConfig, params, end_of_audio: int, dtype=jnp.float32, kv_cache=None, mesh=None,
                  quantize: Optional[str] = None, consume_params: bool = False):
-        """``quantize``: None, ``"int8"`` or ``"bf16"`` weight storage (:mod:`mvjax.io.quantize`); a
+        """``quantize``: None, ``"int8"``, ``"int4"`` or ``"bf16"`` weight storage (:mod:`mvjax.io.quantize`); a
         tree already quantised (a model directory converted with ``--quantize``) is used as stored.
         ``kv_cache``: ``"float32"``, ``"bf16"`` or ``"int8"`` (:mod:`mvjax.nn.kv_cache`); default:
         the compute dtype's (float32, or bf16 for bf16 compute).

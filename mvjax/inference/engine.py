@@ -92,6 +92,7 @@ from mvjax.inference.decode import (
     sampling_columns,
 )
 from mvjax.inference.options import DEFAULT_STEPS, SamplingConfig
+from mvjax.io.quantize import matrix_shape
 from mvjax.nn.gpt_decode import apply_tokens, apply_with_piece
 from mvjax.nn.kv_cache import (
     init_cache,
@@ -216,7 +217,7 @@ class FirstStageEngine:
         self.windows = cache_windows(1, self.block_size)
         self.vocab = self.config.output_vocab_sizes[0]
         proj = decoder.params.get("speaker_proj")
-        self.speaker_dim = None if proj is None else int((proj["q"] if isinstance(proj, dict) else proj).shape[1])
+        self.speaker_dim = None if proj is None else matrix_shape(proj)[1]
         self.compile_count = 0
         self.waiting: collections.deque[EngineRequest] = collections.deque()
         self.running: dict[int, tuple[EngineRequest, float]] = {}  # slot -> (request, admitted)

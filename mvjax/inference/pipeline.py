@@ -98,7 +98,7 @@ class TTS:
         """Load a converted model directory, released checkpoints (converted once into the cache) or
         a Hugging Face repo id (:mod:`mvjax.sources.resolve`). ``mesh``: ``"auto"`` splits batches over
         every local device (or ``devices``) when there are several, ``None`` uses one device.
-        ``quantize``: first-stage weights as ``"int8"`` or ``"bf16"``; ``kv_cache``: its KV cache as
+        ``quantize``: first-stage weights as ``"int8"``, ``"int4"`` or ``"bf16"``; ``kv_cache``: its KV cache as
         ``"float32"``, ``"bf16"`` or ``"int8"``."""
         resolve_precision(matmul_precision)  # a bad policy or cache kind fails before any download or conversion
         cache_kind(kv_cache)

@@ -19,8 +19,9 @@ The numerics are those of :class:`mvjax.nn.gpt.GPT` (checked against it and agai
 reference fixtures); as in the reference's fast path, the speaker projection is added at
 every position of a conditioned row.
 
-A weight matrix may also be stored bfloat16, or int8 with a float32 scale per output row
-(``{"q", "scale"}``, :mod:`mvjax.io.quantize`); :func:`_matmul` and :func:`_rows` take either.
+A weight matrix may also be stored bfloat16, int8 with a float32 scale per output row
+(``{"q", "scale"}``), or group-wise int4 (``{"q4", "scale", "min"}``, :mod:`mvjax.kernels.int4`; both
+made by :mod:`mvjax.io.quantize`); :func:`_matmul` and :func:`_rows` take any of them.
 The KV cache may be float32, bf16 or int8 (:mod:`mvjax.nn.kv_cache`, which writes and reads it), either a
 whole block per row or a pool of pages with a page table (:mod:`mvjax.nn.paged_cache`: pass ``table``).
 """
@@ -32,6 +33,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from mvjax.kernels.int4 import dequantize as int4_dequantize
+from mvjax.kernels.int4 import int4_matmul, is_int4
 from mvjax.kernels.int8 import int8_matmul
 from mvjax.nn import kv_cache, paged_cache
 from mvjax.nn.config import GPTConfig
@@ -103,15 +106,21 @@ def _norm(config: GPTConfig, p, x):
 
 
 def _matmul(w, x):
-    """Weight matrix (out, in) @ x (in, N) -> float32 (out, N). ``w`` is an array, or an int8
-    matrix with per-row scales (``{"q", "scale"}``, see :mod:`mvjax.kernels.int8`)."""
+    """Weight matrix (out, in) @ x (in, N) -> float32 (out, N). ``w`` is an array, an int8 matrix
+    with per-row scales (``{"q", "scale"}``, see :mod:`mvjax.kernels.int8`) or a group-wise int4
+    matrix (``{"q4", "scale", "min"}``, see :mod:`mvjax.kernels.int4`)."""
+    if is_int4(w):
+        return int4_matmul(w, x)
     if isinstance(w, dict):
         return int8_matmul(w, x)
     return jnp.dot(w, x.astype(w.dtype), preferred_element_type=jnp.float32)
 
 
 def _rows(table, ids):
-    """Rows ``ids`` of an embedding table (array or int8 with per-row scales), float32."""
+    """Rows ``ids`` of an embedding table (array, int8 with per-row scales or group-wise int4), float32:
+    only the gathered rows are dequantised."""
+    if is_int4(table):
+        return int4_dequantize({name: table[name][ids] for name in ("q4", "scale", "min")})
     if isinstance(table, dict):
         return table["q"][ids].astype(jnp.float32) * table["scale"][ids][:, None]
     return table[ids].astype(jnp.float32)
