@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="multi-band diffusion or the plain EnCodec decoder (fast)")
     dec.add_argument("--no-enhance", action="store_true", help="skip DeepFilterNet3 (output stays at 24 kHz)")
     dec.add_argument("--no-long-form", action="store_true", help="do not split long texts into chunks")
-    dec.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="first-stage weight storage")
+    dec.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None, help="first-stage weight storage")
     dec.add_argument("--kv-cache", choices=["float32", "bf16", "int8"], default=None, help="first-stage KV cache")
     dec.add_argument("--matmul-precision", choices=["highest", "high", "default"], default=None,
                      help="float32 matmul precision (default: $MVJAX_MATMUL_PRECISION or 'highest')")
