@@ -125,8 +125,12 @@ def test_search_never_loses_to_round_to_nearest():
 
 
 def test_decoder_product_takes_int4_entries():
-    """``gpt_decode._matmul`` (what every decoder matrix goes through) gives the dequantised product
-    for an int4 entry: float32 dot of the dequantised matrix, so within float32 summation error."""
+    """``gpt_decode._matmul`` (what every decoder matrix goes through) sends an int4 entry to the int4
+    product (bit for bit what ``kernels.int4.int4_matmul`` gives: the C++ kernel on CPU, whose own
+    error bound is tested in tests/test_int4_kernels.py), which stays near the dequantised float64
+    product within the kernel's int8 activation rounding: each activation moves by at most half a step
+    of 1/127 of its group's largest, against the centred weight ``scale * (code - 7.5)`` (the minimum
+    and the centre meet the exact sum of the group's activations), plus float32 summation."""
     from mvjax.nn.gpt_decode import _matmul, _rows
 
     rng = np.random.default_rng(3)
@@ -136,7 +140,12 @@ def test_decoder_product_takes_int4_entries():
     w = np.asarray(K4.dequantize(entry), np.float64)
     want = w @ x.astype(np.float64)
     assert got.shape == (40, 3) and got.dtype == np.float32
-    assert np.all(np.abs(got - want) <= 1e-5 * (np.abs(w) @ np.abs(x)))
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(K4.int4_matmul)(entry, jnp.asarray(x))))
+    codes = np.asarray(K4.unpack_codes(entry["q4"]), np.float64).reshape(40, -1, K4.group_size(entry))
+    centred = np.abs(codes - 7.5) * np.asarray(entry["scale"], np.float64)[:, :, None]  # (O, groups, G)
+    x_max = np.abs(x).reshape(-1, K4.group_size(entry), 3).max(axis=1)  # (groups, N)
+    bound = np.einsum("ogi,gn->on", centred, x_max) / 254 + 1e-5 * (np.abs(w) @ np.abs(x))
+    assert np.all(np.abs(got - want) <= bound)
     # An int4 embedding table: the gathered rows only, dequantised.
     ids = jnp.asarray([5, 0, 39, 5])
     np.testing.assert_array_equal(np.asarray(_rows(entry, ids)), np.asarray(K4.dequantize(entry))[np.asarray(ids)])
