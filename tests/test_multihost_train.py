@@ -136,7 +136,8 @@ FSDP_SCRIPT = textwrap.dedent("""
         out[f"{name}/{k}"] = {"losses": losses, "state": device_bytes(state), "frozen": device_bytes(t.frozen),
                               "whole": {p: sum(x.nbytes for x in v) for p, v in leaves.items()},
                               "small": {p: sum(x.nbytes for x in v if x.size < MIN_SHARDED_ELEMENTS)
-                                        for p, v in leaves.items()}}
+                                        for p, v in leaves.items()},
+                              "abstract": t.bytes_per_device()}
     print(json.dumps(out))
 """)
 
@@ -162,6 +163,11 @@ def test_fsdp_shards_weights_gradients_and_optimiser_state_and_keeps_the_losses(
                 # whole copies of the small replicated ones (norm gains, LoRA adapters, Adam's count, step, key).
                 assert per_device.pop() == (whole - small) // k + small, (name, k, part, got[part], whole, small)
                 assert small < (0.02 if name == "full" else 0.15) * whole  # so the saving is nearly K-fold
+            # What benchmarks.fsdp_memory reports for the released shape, from shapes alone, is what devices hold
+            # (the state's extra 12 bytes: the step counter and the two-word key).
+            abstract = got["abstract"]
+            assert abstract["frozen"] == set(got["frozen"].values()).pop()
+            assert abstract["trainable"] + abstract["opt_state"] + 12 == set(got["state"].values()).pop()
 
 
 def test_two_processes_train_as_one_process_and_as_one_device(data, tmp_path):

@@ -35,7 +35,7 @@ from mvjax.train.model import (
     split_params,
 )
 from mvjax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from mvjax.train.sharding import batch_sharding, put, replicated, tree_shardings
+from mvjax.train.sharding import abstract_device_bytes, batch_sharding, put, replicated, tree_shardings
 
 
 def new_state(tx: optax.GradientTransformation, trainable: dict, seed: int = 0) -> dict:
@@ -106,7 +106,7 @@ class Trainer:
     def _state_shardings(self) -> dict:
         """The state's layout: trainable weights and optimiser moments by the sharding rule, step and RNG
         replicated (the rule would split the two words of the key)."""
-        shapes = jax.eval_shape(lambda: new_state(self.tx, self.initial_trainable, 0))
+        shapes = jax.eval_shape(lambda t: new_state(self.tx, t, 0), self.initial_trainable)
         one = replicated(self.mesh)
         return {"step": one, "rng": one, "trainable": tree_shardings(shapes["trainable"], self.mesh),
                 "opt_state": tree_shardings(shapes["opt_state"], self.mesh)}
@@ -130,11 +130,29 @@ class Trainer:
     def abstract_state(self) -> dict:
         """Shapes and dtypes of the state, with its shardings when there is a mesh (what a checkpoint restores
         into: each process then reads only its own devices' shards)."""
-        shapes = jax.eval_shape(lambda: new_state(self.tx, self.initial_trainable, 0))
+        shapes = jax.eval_shape(lambda t: new_state(self.tx, t, 0), self.initial_trainable)
         if self.mesh is None:
             return shapes
         return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       shapes, self.state_shardings)
+
+    def bytes_per_device(self) -> dict:
+        """Bytes one device holds of the weights (frozen and trainable), the gradients and the optimiser state,
+        from shapes and the layout alone (works for an abstract trainer): the peak of these, activations aside,
+        is their sum during the update, when the gradients are alive beside the state."""
+        shapes = jax.eval_shape(lambda t: new_state(self.tx, t, 0), self.initial_trainable)
+        if self.mesh is None:
+            def count(tree, _):
+                return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+                           for a in jax.tree_util.tree_leaves(tree))
+            lay = {"trainable": None, "opt_state": None}
+            frozen_lay = None
+        else:
+            count, lay, frozen_lay = abstract_device_bytes, self.state_shardings, self.frozen_shardings
+        frozen = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), self.frozen)
+        trainable = count(shapes["trainable"], lay["trainable"])
+        return {"frozen": count(frozen, frozen_lay), "trainable": trainable, "grads": trainable,
+                "opt_state": count(shapes["opt_state"], lay["opt_state"])}
 
     # Batches -------------------------------------------------------------------------------
     def _put(self, array, batch_axis: int):
