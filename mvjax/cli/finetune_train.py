@@ -184,17 +184,15 @@ def join_job(args) -> None:
     detects); then check ``--fsdp`` against the job's devices. Before anything touches a device."""
     import jax  # heavy
 
-    from mvjax.core.parallel import ClusterError, initialize_distributed, requested_processes
+    from mvjax.core.parallel import ClusterError
+    from mvjax.train.job import join
 
     if args.num_processes is not None and args.num_processes < 1:
         raise TrainUsageError(f"--num-processes must be at least 1, got {args.num_processes}")
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
         raise TrainUsageError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
     try:
-        if args.coordinator or requested_processes(args.num_processes)[0] > 1:
-            # CPU devices of several processes reduce over gloo (TCP); accelerators use their own collectives.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        join(args.coordinator, args.num_processes, args.process_id)
     except ClusterError as exc:
         raise TrainUsageError(str(exc)) from None
     if args.fsdp < 1 or jax.device_count() % args.fsdp:

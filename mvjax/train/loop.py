@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from mvjax.io.checkpoint import load_gpt_stage, read_manifest
 from mvjax.train.data import load_split
+from mvjax.train.job import latest_checkpoint, peer_failure, resume_hint_for, set_resume_hint
 from mvjax.train.model import TrainSpec
 from mvjax.train.optim import OptimConfig
 from mvjax.train.run import (
@@ -200,6 +201,7 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
             log(f"step 0: validation loss {best:.4f}")
     bar = _progress(loop.steps, start, progress)
     last = {}
+    set_resume_hint(resume_hint_for(start if start else None))
     try:
         for step in range(start, loop.steps):
             idx = batch_rows(n_train, step * loop.rows_per_step, loop.rows_per_step, loop.seed)
@@ -221,14 +223,26 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
             if done % loop.save_interval == 0 or done == loop.steps:
                 save_checkpoint(manager, state, {"step": done, "rows_seen": done * loop.rows_per_step,
                                                  "loss": last["loss"], "val_loss": val}, val)
+                set_resume_hint(resume_hint_for(done))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+    except Exception as exc:
+        failure = peer_failure(exc)
+        if failure is None:
+            raise
+        # A peer is gone: waiting for Orbax's barriers or closing would wait for it. Leave at once, naming the
+        # last checkpoint committed on disk (the one being written when the peer died may be complete).
+        manager = None
+        set_resume_hint(resume_hint_for(latest_checkpoint(run_dir)))
+        failure = peer_failure(exc)
+        raise failure from None
     finally:
         if bar is not None:
             bar.close()
-        manager.wait_until_finished()
-        manager.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
         metrics.close()
     return {"step": loop.steps, "last": last, "best_val_loss": best}
 
