@@ -117,6 +117,18 @@ def _latest_checkpoint(argv: Sequence[str]) -> Optional[int]:
         return None
 
 
+def _die_with_parent() -> None:
+    """In the child, before it runs: on Linux, SIGKILL it when the supervising parent dies (a scheduler that kills
+    the task kills the parent), so no trainer is left running on its own."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def supervise(argv: Sequence[str]) -> Optional[int]:
     """Run ``python -m mvjax.finetune ARGV`` in a child when it is one process of a multi-process training job
     (the exit status to end with); None when it is not (run it here)."""
@@ -124,7 +136,7 @@ def supervise(argv: Sequence[str]) -> Optional[int]:
     if os.environ.get(CHILD_ENV) or not argv or argv[0] != "train" or not _multi_process(argv):
         return None
     child = subprocess.Popen([sys.executable, "-m", "mvjax.finetune", *argv], env={**os.environ, CHILD_ENV: "1"},
-                             stderr=subprocess.PIPE, text=True, errors="replace")
+                             stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=_die_with_parent)
     said = False
     try:
         for line in child.stderr:
