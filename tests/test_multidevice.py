@@ -170,9 +170,9 @@ def test_finetune_default_batch_splits_over_four_devices(demo_model, data, tmp_p
     assert not (tmp_path / "bad").exists()
 
 
-def test_finetune_train_refuses_a_multi_task_slurm_job(demo_model, data, tmp_path, capsys, no_cluster):  # noqa: F811
-    for key, value in _slurm(2, 1).items():
-        no_cluster.setenv(key, value)
-    rc = finetune_main(["train", "--model", str(demo_model), "--data", str(data), "--out", str(tmp_path / "run")])
-    _one_line(capsys, rc, "this slurm job has 2 tasks: start it as one task")
+def test_finetune_train_refuses_an_fsdp_degree_that_does_not_divide_the_devices(demo_model, data, tmp_path, capsys,  # noqa: F811
+                                                                                no_cluster):
+    rc = finetune_main(["train", "--model", str(demo_model), "--data", str(data), "--out", str(tmp_path / "run"),
+                        "--fsdp", "3"])
+    _one_line(capsys, rc, "--fsdp 3 does not divide the 1 devices of this job")
     assert not (tmp_path / "run").exists()

@@ -3,8 +3,13 @@
 Defaults are the reference recipe (``fam/llm/finetune.py``): the last block and the final norm
 train, AdamW at 3e-5 with betas 0.9/0.95 and weight decay 0.1 on matrices, gradients clipped to
 norm 1.0, batch 2, dropout 0.1, constant learning rate, loss over every position, two epochs.
-Training is one process: its batches split over the local devices (the default batch rounded up
-to a multiple of their count); a multi-task cluster job (Slurm, TPU pod) is refused.
+Batches split over every device of the job (the default batch rounded up to a multiple of their
+count). ``--fsdp K`` shards weights, gradients and optimiser state over K devices (data parallel
+over the rest; :mod:`mvjax.train.sharding`). Several processes form one job through
+``jax.distributed``: ``--coordinator HOST:PORT --num-processes N --process-id I`` on each, the
+``JAX_*`` variables, or a cluster JAX detects by itself (Slurm, TPU pods, ...). Every process
+runs this same command with the same ``--out`` (a shared filesystem); process 0 writes the run's
+files and the log.
 """
 
 from __future__ import annotations
@@ -65,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, - or _); flags win")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fsdp", type=int, default=1,
+                        help="shard weights, gradients and optimiser state over this many devices (data parallel "
+                             "over the rest; must divide the device count; may change on --resume)")
+    job = parser.add_argument_group("multi-process (jax.distributed; Slurm and TPU pods are detected by JAX)")
+    job.add_argument("--coordinator", help="HOST:PORT of process 0")
+    job.add_argument("--num-processes", type=int, help="processes in the job")
+    job.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
     for name, (kind, default, text) in OPTIONS.items():
         shown = f" (default {default})" if default is not None and "(default" not in text else ""  # said once
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text + shown)
@@ -167,28 +179,41 @@ def build_configs(values: dict, n_train_rows: int):
     return spec, optim, loop
 
 
-def fit_devices(values: dict, explicit: dict, resume: bool, log=print) -> None:
-    """One process only (a multi-task cluster job is refused before it writes anything), and for a new run a
-    batch that splits over this process's devices: the default is rounded up to a multiple of the device
-    count (and said), an explicit batch that does not split is an error. A resumed run keeps its recorded
-    batch (the loop checks it against the devices)."""
-    from mvjax.core.parallel import device_count, local_mesh, padded_size, requested_processes  # heavy (jax)
+def join_job(args) -> None:
+    """Join a ``jax.distributed`` job when this is one of several processes (flags, ``JAX_*``, or a cluster JAX
+    detects); then check ``--fsdp`` against the job's devices. Before anything touches a device."""
+    import jax  # heavy
 
-    count, cluster = requested_processes()
-    if count > 1:
-        where = f"this {cluster} job has {count} tasks" if cluster else f"JAX_NUM_PROCESSES is {count}"
-        raise TrainUsageError(f"finetune train runs as one process (its batches split over every local device), "
-                              f"but {where}: start it as one task")
+    from mvjax.core.parallel import ClusterError
+    from mvjax.train.job import join
+
+    if args.num_processes is not None and args.num_processes < 1:
+        raise TrainUsageError(f"--num-processes must be at least 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
+        raise TrainUsageError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+    try:
+        join(args.coordinator, args.num_processes, args.process_id)
+    except ClusterError as exc:
+        raise TrainUsageError(str(exc)) from None
+    if args.fsdp < 1 or jax.device_count() % args.fsdp:
+        raise TrainUsageError(f"--fsdp {args.fsdp} does not divide the {jax.device_count()} devices of this job")
+
+
+def fit_devices(values: dict, explicit: dict, resume: bool, log=print) -> None:
+    """For a new run, a batch that splits over every device of the job: the default is rounded up to a multiple
+    of the device count (and said), an explicit batch that does not split is an error. A resumed run keeps its
+    recorded batch (the loop checks it against the devices)."""
+    import jax  # heavy
+
     if resume:  # a resumed run keeps its recorded batch (the loop checks it against the devices)
         return
-    mesh = local_mesh()
-    devices, batch = device_count(mesh), values["batch_size"]
+    devices, batch = jax.device_count(), values["batch_size"]
     if batch % devices == 0:
         return
     if "batch_size" in explicit:
         raise TrainUsageError(f"--batch-size {batch} does not split over {devices} devices: "
                               f"use a multiple of {devices}")
-    values["batch_size"] = padded_size(batch, mesh)
+    values["batch_size"] = -(-batch // devices) * devices
     log(f"batch size {values['batch_size']}: the default {batch} rounded up to split over {devices} devices")
 
 
@@ -201,7 +226,11 @@ def run(args) -> int:
     values, explicit = settings_from_args(args)
     if not args.resume and (bool(args.model) == bool(args.demo) or not args.data):
         raise TrainUsageError("a new run needs --data and one of --model / --demo (or --resume to continue --out)")
-    fit_devices(values, explicit, args.resume)
+    join_job(args)
+    import jax  # heavy; loaded by join_job
+
+    main = jax.process_index() == 0
+    fit_devices(values, explicit, args.resume, log=print if main else (lambda message: None))
     out = Path(args.out)
     model_dir = data_dir = None
     n_rows = 1
@@ -227,7 +256,9 @@ def run(args) -> int:
     if "lora_blocks" in changed:
         changed["lora_blocks"] = None if spec.lora_blocks is None else list(spec.lora_blocks)
     summary = train(out, model_dir, data_dir, spec, optim, loop, resume=args.resume, changed=changed,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, fsdp=args.fsdp)
+    if not main:
+        return 0
     last, best = summary["last"], summary["best_val_loss"]
     print(f"done: step {summary['step']}" + (f", loss {last['loss']:.4f}" if last else "")
           + (f", best validation loss {best:.4f}" if best is not None else "") + f"; run in {out}")

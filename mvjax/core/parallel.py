@@ -124,14 +124,15 @@ def requested_processes(num_processes: Optional[int] = None) -> tuple[int, Optio
 
 
 def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> bool:
+                           process_id: Optional[int] = None, **options) -> bool:
     """Start ``jax.distributed`` when this run is one of several processes; True if it did.
 
     Explicit arguments or the ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``
     variables are passed on (JAX fills in the rest from a cluster environment). Without them, a cluster
     that JAX detects (:func:`detected_cluster`: Slurm, TPU pods, ...) with more than one task starts
     ``jax.distributed.initialize()`` with no arguments, as JAX would; a one-task job needs no coordinator
-    and stays a plain single process. Call it before anything touches a device."""
+    and stays a plain single process. ``options`` go to ``jax.distributed.initialize`` as they are (timeouts).
+    Call it before anything touches a device."""
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     given = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
@@ -143,7 +144,7 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
             raise ClusterError("--num-processes needs --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS) outside "
                                "a cluster that JAX detects (Slurm, TPU pods, ...)")
     kwargs = {"coordinator_address": coordinator, "num_processes": given, "process_id": process_id}
-    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None}, **options)
     return True
 
 

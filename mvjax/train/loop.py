@@ -1,4 +1,11 @@
-"""The training loop: data -> jitted steps -> evaluation, checkpoints, metrics; fresh or resumed."""
+"""The training loop: data -> jitted steps -> evaluation, checkpoints, metrics; fresh or resumed.
+
+The same loop runs as one process or as each process of a ``jax.distributed`` job. Every process
+computes the same batch indices (a pure function of the step), places only its own devices' rows
+(:func:`mvjax.train.sharding.put`) and takes part in every step, evaluation and checkpoint (Orbax
+writes each process's shards; process 0 writes the metadata). Process 0 alone writes ``run.json``,
+``metrics.jsonl``, TensorBoard events and the log; the others wait for ``run.json`` at a barrier.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
-from mvjax.core.parallel import local_mesh
 from mvjax.io.checkpoint import load_gpt_stage, read_manifest
 from mvjax.train.data import load_split
+from mvjax.train.job import latest_checkpoint, peer_failure, resume_hint_for, set_resume_hint
 from mvjax.train.model import TrainSpec
 from mvjax.train.optim import OptimConfig
 from mvjax.train.run import (
@@ -28,6 +36,7 @@ from mvjax.train.run import (
     save_checkpoint,
     write_run_file,
 )
+from mvjax.train.sharding import MeshError, training_mesh
 from mvjax.train.trainer import Trainer
 
 
@@ -101,12 +110,50 @@ def load_run_model(settings: dict):
     return load_gpt_stage(model_dir, "first_stage")
 
 
+def _open_everywhere(run_dir: Path, *args) -> dict:
+    """:func:`open_run` on process 0, then every other process reads the ``run.json`` it wrote. Process 0's
+    outcome is broadcast first, so a refused run stops every process with an error, not a wait."""
+    if jax.process_count() == 1:
+        return open_run(run_dir, *args)
+    from jax.experimental import multihost_utils  # multi-process only
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            open_run(run_dir, *args)
+        except RunError as exc:
+            error = exc
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if failed:
+        raise RunError("process 0 refused the run (its message says why)")
+    return read_run_file(run_dir)
+
+
+class _Quiet:
+    """The metrics log of processes other than 0: they write nothing."""
+
+    def write(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], spec: TrainSpec, optim: OptimConfig,
           loop: LoopConfig, resume: bool = False, changed: Optional[dict] = None,
-          log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns a summary (final step, last losses, best validation loss)."""
+          log: Callable[[str], None] = print, progress: bool = True, fsdp: int = 1) -> dict:
+    """Train (or resume) a run; returns a summary (final step, last losses, best validation loss).
+
+    ``fsdp``: devices over which weights, gradients and optimiser state are sharded (see
+    :mod:`mvjax.train.sharding`); a setting of this invocation, not of the run, so a resumed run may
+    use another degree or another number of processes and devices."""
     run_dir = Path(run_dir)
-    settings = open_run(run_dir, model_dir, data_dir, spec, optim, loop, resume, changed or {})
+    main = jax.process_index() == 0
+    if not main:
+        log, progress = (lambda message: None), False
+    settings = _open_everywhere(run_dir, model_dir, data_dir, spec, optim, loop, resume, changed or {})
     spec, optim, loop = run_configs(settings)
     cfg, params, tok = load_run_model(settings)
     train_split = load_split(Path(settings["data"]), "train")
@@ -115,9 +162,13 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
         val_split = load_split(Path(settings["data"]), "val")
     except FileNotFoundError:
         val_split = None
-    mesh = local_mesh() if jax.local_device_count() > 1 else None
-    if mesh is not None and loop.batch_size % jax.local_device_count():
-        raise RunError(f"--batch-size {loop.batch_size} does not split over {jax.local_device_count()} devices")
+    devices = jax.device_count()
+    try:
+        mesh = training_mesh(fsdp) if devices > 1 or fsdp > 1 else None
+    except MeshError as exc:
+        raise RunError(str(exc)) from None
+    if mesh is not None and loop.batch_size % devices:
+        raise RunError(f"--batch-size {loop.batch_size} does not split over {devices} devices")
     trainer = Trainer(cfg, params, spec, optim, tok.offset - 1, mesh=mesh, lora_seed=loop.seed)
     del params
     manager = checkpoint_manager(run_dir, loop.keep)
@@ -129,7 +180,7 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
         if int(meta.get("rows_seen", -1)) != start * loop.rows_per_step:
             raise RunError(f"checkpoint {start} records a data position that does not match its step")
         log(f"resuming at step {start} (data row {start * loop.rows_per_step})")
-    metrics = MetricsLog(run_dir, start, log)
+    metrics = MetricsLog(run_dir, start, log) if main else _Quiet()
     n_train, ctx = len(train_split.tokens), train_split.tokens.shape[-1] - 1
     log(f"training {n_train} rows ({0 if val_split is None else len(val_split.tokens)} validation), "
         f"{loop.rows_per_step} rows x {ctx} tokens per step, steps {start}..{loop.steps}")
@@ -150,6 +201,7 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
             log(f"step 0: validation loss {best:.4f}")
     bar = _progress(loop.steps, start, progress)
     last = {}
+    set_resume_hint(resume_hint_for(start if start else None))
     try:
         for step in range(start, loop.steps):
             idx = batch_rows(n_train, step * loop.rows_per_step, loop.rows_per_step, loop.seed)
@@ -171,14 +223,26 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
             if done % loop.save_interval == 0 or done == loop.steps:
                 save_checkpoint(manager, state, {"step": done, "rows_seen": done * loop.rows_per_step,
                                                  "loss": last["loss"], "val_loss": val}, val)
+                set_resume_hint(resume_hint_for(done))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+    except Exception as exc:
+        failure = peer_failure(exc)
+        if failure is None:
+            raise
+        # A peer is gone: waiting for Orbax's barriers or closing would wait for it. Leave at once, naming the
+        # last checkpoint committed on disk (the one being written when the peer died may be complete).
+        manager = None
+        set_resume_hint(resume_hint_for(latest_checkpoint(run_dir)))
+        failure = peer_failure(exc)
+        raise failure from None
     finally:
         if bar is not None:
             bar.close()
-        manager.wait_until_finished()
-        manager.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
         metrics.close()
     return {"step": loop.steps, "last": last, "best_val_loss": best}
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
@@ -153,7 +154,19 @@ def pick_step(manager, step) -> int:
     return int(step)
 
 
+def _placed(abstract_state: dict) -> dict:
+    """Every leaf with a sharding: a checkpoint written by another set of devices (other processes, another
+    mesh) restores only into an explicit layout; leaves without one go to this process's first device."""
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+        abstract_state)
+
+
 def restore_checkpoint(manager, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    """The state and metadata of checkpoint ``step``, laid out as ``abstract_state`` says (or on one device);
+    under jax.distributed every process reads only the shards of its own devices."""
+    abstract_state = _placed(abstract_state)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                  meta=ocp.args.JsonRestore()))

@@ -5,9 +5,12 @@ The state is a plain dict, so Orbax saves it as it is::
     {"step": int32 (), "rng": uint32 (2,), "trainable": {...}, "opt_state": optax state}
 
 A step takes ``rows`` of shape (accumulation, batch, hierarchies, T + 1) and the matching speaker
-embeddings (accumulation, batch, S). With a mesh, the batch axis is split over its ``data`` axis and
-the parameters are replicated; XLA averages the gradients across devices, so the loss and the
-update are those of one device on the whole batch. Dropout keys are ``fold_in(rng, step)``, so a
+embeddings (accumulation, batch, S). With a mesh, the batch axis is split over all its devices
+and the weights, gradients and optimiser state are laid out by :mod:`mvjax.train.sharding`
+(replicated, or sharded over an ``fsdp`` axis); XLA combines the gradients across devices, so the
+loss and the update are those of one device on the whole batch. The compiled functions are given
+their input and output shardings, so the state stays where it is from step to step, also when the
+mesh spans several processes (``jax.distributed``). Dropout keys are ``fold_in(rng, step)``, so a
 resumed run draws the same masks as an uninterrupted one.
 """
 
@@ -20,10 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from mvjax.core.parallel import DATA_AXIS, device_count
+from mvjax.core.parallel import device_count
 from mvjax.nn.config import GPTConfig
 from mvjax.train.model import (
     TrainSpec,
@@ -33,6 +35,7 @@ from mvjax.train.model import (
     split_params,
 )
 from mvjax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from mvjax.train.sharding import abstract_device_bytes, batch_sharding, put, replicated, tree_shardings
 
 
 def new_state(tx: optax.GradientTransformation, trainable: dict, seed: int = 0) -> dict:
@@ -73,39 +76,94 @@ class Trainer:
             # are not cast again every step. Trainable weights stay float32 (the optimiser's masters).
             dtype = jnp.dtype(spec.compute_dtype)
             self.frozen = jax.tree_util.tree_map(functools.partial(_stored_as, dtype=dtype), self.frozen)
+        self.frozen_shardings = self.state_shardings = None
+        if mesh is not None:
+            self.frozen_shardings = tree_shardings(self.frozen, mesh)
+            self.state_shardings = self._state_shardings()
         if not abstract:
             # Frozen weights go to the devices once: passed as host arrays, every step would copy them again.
-            self.frozen = jax.device_put(self.frozen, None if mesh is None else NamedSharding(mesh, P()))
+            self.frozen = (jax.device_put(self.frozen) if mesh is None else put(self.frozen, self.frozen_shardings))
         # The frozen weights are an argument of every compiled function, never a closure: closed over,
         # XLA would bake them into the executable as constants (a second copy, and slow compiles).
-        self._step = jax.jit(self._step_impl, donate_argnums=(0,))
-        self._eval = jax.jit(self._eval_impl)
+        if mesh is None:
+            self._step = jax.jit(self._step_impl, donate_argnums=(0,))
+            self._eval = jax.jit(self._eval_impl)
+            self._init = jax.jit(self._init_impl, static_argnums=(1,))
+        else:
+            rows, by_row, one = batch_sharding(mesh, 4, 1), batch_sharding(mesh, 3, 1), replicated(mesh)
+            self._step = jax.jit(self._step_impl, donate_argnums=(0,),
+                                 in_shardings=(self.state_shardings, self.frozen_shardings, rows, by_row),
+                                 out_shardings=(self.state_shardings, one))
+            trainable = self.state_shardings["trainable"]
+            self._eval = jax.jit(self._eval_impl, out_shardings=(one, one),
+                                 in_shardings=(self.frozen_shardings, trainable, batch_sharding(mesh, 3, 0),
+                                               batch_sharding(mesh, 2, 0), batch_sharding(mesh, 1, 0)))
+            self._init = jax.jit(self._init_impl, static_argnums=(1,), in_shardings=(trainable,),
+                                 out_shardings=self.state_shardings)
         self._losses = jax.jit(self._token_losses_impl)
 
     # State ---------------------------------------------------------------------------------
+    def _state_shardings(self) -> dict:
+        """The state's layout: trainable weights and optimiser moments by the sharding rule, step and RNG
+        replicated (the rule would split the two words of the key)."""
+        shapes = jax.eval_shape(lambda t: new_state(self.tx, t, 0), self.initial_trainable)
+        one = replicated(self.mesh)
+        return {"step": one, "rng": one, "trainable": tree_shardings(shapes["trainable"], self.mesh),
+                "opt_state": tree_shardings(shapes["opt_state"], self.mesh)}
+
+    def _init_impl(self, trainable, seed):
+        return new_state(self.tx, trainable, seed)
+
     def init_state(self, seed: int = 0) -> dict:
-        return self.place(new_state(self.tx, self.initial_trainable, seed))
+        """The step-0 state, made on the devices in its final layout (no device ever holds it whole)."""
+        trainable = self.initial_trainable
+        if self.mesh is not None:
+            trainable = put(trainable, self.state_shardings["trainable"])
+        return self._init(trainable, int(seed))
 
     def place(self, state: dict) -> dict:
-        """Replicate a state over the mesh (no-op without one)."""
+        """Lay a state out over the mesh as the step expects it (no-op without one)."""
         if self.mesh is None:
             return state
-        return jax.device_put(state, NamedSharding(self.mesh, P()))
+        return jax.device_put(state, self.state_shardings)
 
     def abstract_state(self) -> dict:
-        return jax.eval_shape(lambda: self.init_state(0))
+        """Shapes and dtypes of the state, with its shardings when there is a mesh (what a checkpoint restores
+        into: each process then reads only its own devices' shards)."""
+        shapes = jax.eval_shape(lambda t: new_state(self.tx, t, 0), self.initial_trainable)
+        if self.mesh is None:
+            return shapes
+        return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      shapes, self.state_shardings)
+
+    def bytes_per_device(self) -> dict:
+        """Bytes one device holds of the weights (frozen and trainable), the gradients and the optimiser state,
+        from shapes and the layout alone (works for an abstract trainer): the peak of these, activations aside,
+        is their sum during the update, when the gradients are alive beside the state."""
+        shapes = jax.eval_shape(lambda t: new_state(self.tx, t, 0), self.initial_trainable)
+        if self.mesh is None:
+            def count(tree, _):
+                return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+                           for a in jax.tree_util.tree_leaves(tree))
+            lay = {"trainable": None, "opt_state": None}
+            frozen_lay = None
+        else:
+            count, lay, frozen_lay = abstract_device_bytes, self.state_shardings, self.frozen_shardings
+        frozen = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), self.frozen)
+        trainable = count(shapes["trainable"], lay["trainable"])
+        return {"frozen": count(frozen, frozen_lay), "trainable": trainable, "grads": trainable,
+                "opt_state": count(shapes["opt_state"], lay["opt_state"])}
 
     # Batches -------------------------------------------------------------------------------
     def _put(self, array, batch_axis: int):
-        array = jnp.asarray(array)
+        """A batch split over every device of the mesh; each process copies in only its own devices' rows."""
         if self.mesh is None:
-            return array
+            return jnp.asarray(array)
+        array = np.asarray(array)
         n = device_count(self.mesh)
         if array.shape[batch_axis] % n:
             raise TrainSpecError(f"batch of {array.shape[batch_axis]} rows does not split over {n} devices")
-        spec = [None] * array.ndim
-        spec[batch_axis] = DATA_AXIS
-        return jax.device_put(array, NamedSharding(self.mesh, P(*spec)))
+        return put(array, batch_sharding(self.mesh, array.ndim, batch_axis))
 
     # Step ----------------------------------------------------------------------------------
     def _grads(self, frozen, trainable, rows, spk, key):
@@ -134,6 +192,8 @@ class Trainer:
                                             (rows, spk, jnp.arange(accumulation)))
             loss = loss / accumulation
             grads = jax.tree_util.tree_map(lambda g: g / accumulation, grads)
+        if self.mesh is not None:  # gradients laid out as their weights (reduce-scattered under fsdp)
+            grads = jax.lax.with_sharding_constraint(grads, self.state_shardings["trainable"])
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], trainable)
         new_state = {
