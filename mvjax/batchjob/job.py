@@ -30,18 +30,17 @@ from mvjax.batchjob.records import (
     RESULTS,
     OutputError,
     ResultsLog,
-    file_sha256,
     model_digest,
     output_settings,
     read_results,
     result_record,
     rewrite_results,
     row_digest,
-    sha256_json,
     write_job,
 )
 from mvjax.batchjob.worker import DEMO_MODEL, JobSettings, Task, model_directory, reason
 from mvjax.core.atomic import write_bytes
+from mvjax.core.digest import file_sha256, json_sha256
 from mvjax.core.errors import MvjaxError
 from mvjax.inference.speaker import ShortReferenceWarning, SpeakerEncoder
 from mvjax.nn.config import GPTConfig
@@ -126,7 +125,7 @@ def plan(listing: Path, out_dir: Path, model: str, settings: JobSettings, voices
     model_dir = model_directory(model)
     digest = model_digest(model_dir)
     embeddings, identities = _voices(rows, files, voices_dir, model_dir, model == DEMO_MODEL, log)
-    job_digest = sha256_json({"model": digest, **output_settings(settings)})
+    job_digest = json_sha256({"model": digest, **output_settings(settings)})
     tasks, digests = {}, {}
     for row in rows:
         key = ("file", str(files[row.id])) if row.id in files else ("name", row.voice)

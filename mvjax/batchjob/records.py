@@ -19,13 +19,13 @@ so a rerun with other ones reuses what is done.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Optional
 
 from mvjax.core.atomic import atomic_path, write_bytes
+from mvjax.core.digest import json_sha256
 from mvjax.core.errors import MvjaxError
 from mvjax.io.checkpoint import read_manifest
 
@@ -38,22 +38,12 @@ class OutputError(MvjaxError, OSError):
     """A result that cannot be written (a full disk): the job stops; a rerun continues it."""
 
 
-def sha256_json(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_digest(model_dir: Path) -> str:
     """The converted model's identity: the digest of each component's parameters and its config, as the
     converter recorded them in ``manifest.json`` (not its timestamps or paths)."""
-    return sha256_json(read_manifest(model_dir).get("components", {}))
+    return json_sha256(read_manifest(model_dir).get("components", {}))
 
 
 def output_settings(settings) -> dict:
@@ -66,7 +56,7 @@ def output_settings(settings) -> dict:
 
 
 def row_digest(row, voice_identity: str, settings_digest: str) -> str:
-    return sha256_json({"text": row.text, "voice": voice_identity, "seed": row.seed,
+    return json_sha256({"text": row.text, "voice": voice_identity, "seed": row.seed,
                         "sampling": dataclasses.asdict(row.sampling), "job": settings_digest})
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from mvjax.audio.io import AudioError, header_seconds, load_audio, wav_shortfall
 from mvjax.audio.resample import ResampleError, resample_frac
 from mvjax.core.atomic import atomic_path
+from mvjax.core.digest import file_sha256
 from mvjax.core.errors import MvjaxError
 from mvjax.core.paths import cache_root
 from mvjax.text.tokenizer import TextError, Tokenizer, TokenizerSpec, normalize_text
@@ -73,14 +74,6 @@ CODES_CACHE_VERSION = 1
 
 
 # --- Codes and embeddings ----------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def codes_encoder(cfg) -> Callable:
