@@ -396,9 +396,12 @@ def _second_stage(b: Builder, v: Variant):
     cfg = b.m.second
     sampler = SecondStageSampler(cfg, gpt_shapes(cfg), pad_token=b.m.stage2_pad)
     rows = 1
+    # The pass the scheduler runs: a window of the block's positions sampled (SecondStage.run).
+    width = 64 if cfg.block_size > 64 else None
+    starts = None if width is None else _sds((rows,), jnp.int32)
     args = (sampler.params, _sds((rows, len(cfg.vocab_sizes), cfg.block_size), jnp.int32),
-            _sds((rows, cfg.speaker_emb_dim), jnp.float32), _sds((rows, 2), jnp.uint32), np.float32(1.0))
-    return sampler._jitted, args, {"top_k": DEFAULT_STAGE2_TOP_K}
+            _sds((rows, cfg.speaker_emb_dim), jnp.float32), _sds((rows, 2), jnp.uint32), np.float32(1.0), starts)
+    return sampler._jitted, args, {"top_k": DEFAULT_STAGE2_TOP_K, "width": width}
 
 
 def _codec_params(b: Builder):

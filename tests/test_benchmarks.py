@@ -47,6 +47,7 @@ ENGINE_LINE = re.compile(r"^engine config=tiny mode=(one|static|engine) concurre
 KV_LINE = re.compile(r"^decode config=tiny kv_cache=(float32|bf16|int8) tokens=(\d+) tokens_per_s=([0-9.]+)$")
 
 
+@pytest.mark.slow  # a whole benchmark run (~45 s); the engine it times is tested in tests/test_engine*.py
 def test_engine_benchmark_smoke():
     """The engine benchmark's three modes and its long utterance with every KV cache kind, on the
     tiny model: one line each, every request served (the rates are the machine's, not checked)."""
@@ -65,6 +66,7 @@ def test_engine_benchmark_smoke():
     assert [(m.group(1), m.group(2)) for m in kinds] == [("float32", "40"), ("bf16", "40"), ("int8", "40")]
 
 
+@pytest.mark.slow  # ~40 s; tests/test_engine_devices.py checks four devices' tokens in the default suite
 def test_engine_benchmark_over_four_devices_checks_tokens_against_one():
     """With four (forced host) devices the engine mode runs one engine per device, and the benchmark
     checks every request's tokens against one device's."""

@@ -42,6 +42,7 @@ def _lines(stdout: str, prefix: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith(prefix + " ")]
 
 
+@pytest.mark.slow  # ~60 s of CPU decode; the script's checks and exit paths stay in the default suite
 def test_dry_run_decode_step(tmp_path):
     res = _run(["--dry-run", "decode"], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

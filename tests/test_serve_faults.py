@@ -29,7 +29,9 @@ UPLOAD_LIMIT = 3_000_000
 VOICE_RATE = 16000
 MAX_NEW_TOKENS = 256  # bounds the random demo model's work per chunk (it rarely stops by itself)
 DEMO_ARGS = ["--demo", "--decoder", "encodec", "--no-enhance", "--max-new-tokens", str(MAX_NEW_TOKENS)]
-LONG_TEXT = "This is a sentence of speech. " * 16  # the demo model plans it into 4 chunks
+# The demo model plans it into 12 chunks: more than a serial worker can start within the whole request's
+# 1.5 s read timeout below (4 did not suffice once the second stage sampled only the frames it sends).
+LONG_TEXT = "This is a sentence of speech. " * 48
 
 
 # --- helpers ---------------------------------------------------------------------------------
