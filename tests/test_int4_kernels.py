@@ -13,6 +13,7 @@ import pytest
 from mvjax.kernels import cpu_int8
 from mvjax.kernels import int4 as K4
 from tests.conftest import REPO
+from tests.kernel_util import put_nonfinite
 
 KERNEL_CALL = re.compile(r"custom_call\s*@" + re.escape(cpu_int8.INT4_TARGET) + r"\b")
 MIDDLE = 7.5  # the kernel centres the codes here (int4_matmul.cc)
@@ -195,12 +196,8 @@ def _nonfinite_case(n):
     entry = {"q4": K4.pack_codes(jnp.asarray(codes)), "scale": jnp.asarray(scale, jnp.float16),
              "min": jnp.asarray(mins, jnp.float16)}
     x = rng.standard_normal((k, n)).astype(np.float32)
-    patterns = [{2: -np.inf, 9: np.inf}] if n == 1 else [{5: np.nan}, {2: np.inf}, {2: -np.inf, 9: np.inf},
-                                                         {2: np.inf, 30: np.nan}]
-    for c, pattern in enumerate(patterns):
-        for i, v in pattern.items():
-            x[i, c] = v
-    return entry, x, len(patterns)
+    touched = put_nonfinite(x)
+    return entry, x, touched
 
 
 @pytest.mark.parametrize("n", [1, 6])

@@ -14,6 +14,7 @@ from jax.experimental.pallas import tpu as pltpu
 from mvjax.kernels import cpu_int8, pallas_names
 from mvjax.kernels import pallas_int4 as PI4
 from mvjax.kernels.int4 import int4_matmul_xla, pack_codes
+from tests.kernel_util import put_nonfinite
 
 EPS = float(np.finfo(np.float32).eps)
 PLATFORMS = ("cuda", "tpu")
@@ -115,14 +116,10 @@ def _nonfinite_x(k, n, rng):
     rest finite with an outlier feature (n == 1: the -inf/+inf column alone)."""
     x = rng.standard_normal((k, n)).astype(np.float32)
     x[0] *= 50
-    patterns = [{2: -np.inf, 9: np.inf}] if n == 1 else [{5: np.nan}, {2: np.inf}, {2: -np.inf, 9: np.inf},
-                                                         {2: np.inf, 30: np.nan}]
-    for c, pattern in enumerate(patterns):
-        for i, value in pattern.items():
-            x[i, c] = value
+    touched = put_nonfinite(x)
     if n > 4:
         x[:, 4] = 0.0
-    return x, len(patterns)
+    return x, touched
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

@@ -21,6 +21,7 @@ from mvjax.nn import gpt_decode
 from mvjax.nn import kv_cache as KV
 from mvjax.nn.config import GPTConfig
 from mvjax.nn.gpt import abstract_params
+from tests.kernel_util import put_nonfinite
 
 EPS = float(np.finfo(np.float32).eps)
 PLATFORMS = ("cuda", "tpu")
@@ -197,14 +198,10 @@ def _nonfinite_x(k, n, rng):
     rest finite with an outlier feature (n == 1: the -inf/+inf column alone)."""
     x = rng.standard_normal((k, n)).astype(np.float32)
     x[0] *= 50
-    patterns = [{2: -np.inf, 9: np.inf}] if n == 1 else [{5: np.nan}, {2: np.inf}, {2: -np.inf, 9: np.inf},
-                                                         {2: np.inf, 30: np.nan}]
-    for c, pattern in enumerate(patterns):
-        for i, value in pattern.items():
-            x[i, c] = value
+    touched = put_nonfinite(x)
     if n > 4:
         x[:, 4] = 0.0
-    return x, len(patterns)
+    return x, touched
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

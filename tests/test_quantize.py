@@ -23,6 +23,7 @@ from mvjax.kernels import cpu_int8 as cpu_kernels
 from mvjax.kernels import int8 as K
 from mvjax.nn.kv_cache import KV_CACHE_KINDS
 from tests.conftest import REPO
+from tests.kernel_util import put_nonfinite
 
 
 # --- quantiser ---------------------------------------------------------------------------
@@ -152,12 +153,8 @@ def _nonfinite_case(n):
     w[10:20, 9] = np.abs(w[10:20, 9])
     entry = Q.quantize_rows(jnp.asarray(w))
     x = rng.standard_normal((k, n)).astype(np.float32)
-    patterns = [{2: -np.inf, 9: np.inf}] if n == 1 else [{5: np.nan}, {2: np.inf}, {2: -np.inf, 9: np.inf},
-                                                         {2: np.inf, 30: np.nan}]
-    for c, pattern in enumerate(patterns):
-        for i, v in pattern.items():
-            x[i, c] = v
-    return entry, x, len(patterns)
+    touched = put_nonfinite(x)
+    return entry, x, touched
 
 
 @pytest.mark.parametrize("n", [1, 6])
