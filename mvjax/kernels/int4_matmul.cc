@@ -27,6 +27,21 @@ namespace {
 constexpr float kActivationMax = 127.0f;  // int8 activations, symmetric (never -128)
 constexpr double kCodeMiddle = 7.5;       // codes 0..15
 
+// Software prefetch of the nibbles 16 KiB ahead of the row being read, into L2. A tile walks R rows
+// side by side, block by block, so every 4 KiB page of nibbles starts a new set of short streams the
+// hardware prefetcher (which stops at page boundaries) has to learn again: without this, one core
+// read the released shapes' nibbles at 6 GB/s against the 16 GB/s its loops reach on cached
+// weights (single-thread CPU time, AMD EPYC Zen 4, N = 2); with it, 12-14 GB/s. 8-64 KiB and the
+// L1/L2/LLC hints were tried: 16 KiB into L2 was best on every shape.
+constexpr int64_t kPrefetchAhead = int64_t(16) << 10;
+constexpr int64_t kMinPrefetchRows = 48;  // the minimums' own prefetch (Tile): measured +5-15 %
+
+// A hint only: never faults, so the address may lie past the end of the weights (computed as an
+// integer so that no out-of-range pointer is formed).
+inline __attribute__((always_inline)) void PrefetchAhead(const uint8_t* p, int64_t ahead) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(ahead)), _MM_HINT_T1);
+}
+
 struct Weights {
   const uint8_t* q4;     // (out, k_len / 2)
   const uint16_t* scale;  // float16 bits (out, groups)

@@ -47,6 +47,8 @@ MVJAX_INT4_INLINE void HalfRow(const uint16_t* src, int64_t count, float* dst, i
 
 // dot[r][c] += the integer dots of blocks [b0, b1) of rows q4 + r * row_bytes with columns xq[c]
 // (full blocks of 32 bytes; half: one block of 16 bytes, a row's last 32 inputs).
+// Each row also asks for the cache line kPrefetchAhead bytes further on (once per 64 bytes; see
+// kPrefetchAhead in int4_matmul.cc for why).
 template <int R, int C>
 MVJAX_INT4_INLINE void AddDots(const uint8_t* q4, int64_t row_bytes, const int8_t* const* xq, int64_t b0,
                                int64_t b1, bool half, __m256i (&dot)[R][C]) {
@@ -54,6 +56,7 @@ MVJAX_INT4_INLINE void AddDots(const uint8_t* q4, int64_t row_bytes, const int8_
   for (int64_t b = b0; b < b1; ++b) {
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = q4 + r * row_bytes + b * 32;
+      if ((b & 1) == 0) PrefetchAhead(p, kPrefetchAhead);
       const __m256i v = half ? _mm256_inserti128_si256(_mm256_setzero_si256(),
                                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), 0)
                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -125,6 +128,10 @@ MVJAX_INT4_TARGET void Tile(const Weights& w, const Activations& a, int64_t o, c
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  // The minimums of the rows kMinPrefetchRows further on (their float16 rows are read at the end of
+  // a tile; their own stream is too short and too slow for the hardware prefetcher to follow).
+  for (int r = 0; r < R; ++r)
+    PrefetchAhead(reinterpret_cast<const uint8_t*>(w.min + std::min(o + r + kMinPrefetchRows, w.out - 1) * w.groups), 0);
 
   // Units: groups of G / 64 blocks, or (split, G = 32) single blocks of two groups, the last one
   // half a block when k_len % 64 == 32 (its second group is the zero padding at index `groups`).

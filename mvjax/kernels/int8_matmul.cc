@@ -12,6 +12,17 @@ namespace {
 // int32 lanes stay exact: each lane sums 2 * 4096 / 16 products of |w| <= 127, |x| <= 16383 per block.
 constexpr int64_t kBlockK = 4096;
 
+// Software prefetch of the weights 32 KiB ahead of the row being read, into L2: a tile reads R rows
+// side by side, so each 4 KiB page starts short streams the hardware prefetcher (which stops at page
+// boundaries) must learn again. Single-thread CPU time on the released shapes (AMD EPYC Zen 4,
+// N = 2): 8-12 GB/s without, 18-23 GB/s with (the loops reach ~30 GB/s on cached weights). A hint
+// only: it never faults, and the address is formed as an integer (no out-of-range pointer).
+constexpr uintptr_t kPrefetchAhead = uintptr_t(32) << 10;
+
+inline __attribute__((always_inline)) void PrefetchAhead(const int8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + kPrefetchAhead), _MM_HINT_T1);
+}
+
 inline int64_t HorizontalSum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -34,8 +45,10 @@ void Tile(const int8_t* w, const int16_t* x, int64_t k_len, const float* wscale,
     int64_t k = kb;
     for (; k + 16 <= ke; k += 16) {
       __m256i wv[R];
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
+        if ((k & 63) == 0) PrefetchAhead(w + r * k_len + k);
         wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * k_len + k)));
+      }
       for (int c = 0; c < C; ++c) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c * k_len + k));
         for (int r = 0; r < R; ++r) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(wv[r], xv));
