@@ -11,6 +11,9 @@ keyed by its own seed and sampled on one device, so nothing may differ: no toler
    worker process killed (by the pid it reports) after its first task: every id still ends ok
    exactly once;
 3. ``python -m mvjax.synthesize`` for one row (an audio-file voice with its own seed and temperature).
+
+On the same Ray session, a stand-in worker (tests/ray_killer.py, no model) whose process dies on one row
+every time: the job ends, that row an error, every other row ok.
 """
 
 import contextlib
@@ -150,7 +153,17 @@ def test_killed_job_reruns_only_the_rows_not_yet_ok(local_run):
 def ray_cluster():
     import ray  # the [scale] extra, part of [test]: a missing Ray fails these tests, it does not skip them
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, logging_level="ERROR")
+    # Ray's worker processes inherit the environment ray.init starts them with: this checkout (mvjax and the
+    # tests' stand-in workers, imported by module name) goes first on their path.
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([old] if old else []))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, logging_level="ERROR")
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old
     try:
         yield ray
     finally:
@@ -193,6 +206,39 @@ def test_ray_workers_give_the_local_tokens_even_when_one_is_killed(ray_cluster, 
     lines = _results(out)
     assert sorted(r["id"] for r in lines) == sorted(r["id"] for r in ROWS)
     assert {r["id"]: r["seed"] for r in lines}["r6"] == 9
+
+
+def test_a_row_that_kills_its_worker_every_time_is_an_error_and_the_rest_end_ok(ray_cluster, job_dir, tmp_path,
+                                                                                 monkeypatch, capfd):
+    """A row whose task ends its worker process each time it runs (tests/ray_killer.py, no model): Ray retries the
+    task once, then drops its block; the row and its task-mates go round again one per task, so the killer fails
+    alone, twice the same way (an error), and its task-mates end ok. Ray Data's default (retry without limit)
+    would never end."""
+    import functools
+
+    from mvjax.batchjob import job as J
+    from mvjax.batchjob.runners import RayRunner
+    from tests.ray_killer import KILLER, KillerWorker
+
+    ids = ["k0", "k1", KILLER, "k3", "k4", "k5"]
+    listing = _write_listing(tmp_path / "listing.jsonl", [{"id": i, "text": f"Row {i}.", "voice": "demo"} for i in ids])
+    monkeypatch.setattr("mvjax.cli.batch.RayRunner", functools.partial(RayRunner, worker=KillerWorker))
+    out, result = tmp_path / "out", {}
+    # Tasks of 3 rows: the killer shares its first task with k0 and k1.
+    args = [str(listing), "--out", str(out), *DEMO_FLAGS, "--ray", "--workers", "2", "--rows-per-task", "3"]
+    worker = threading.Thread(target=lambda: result.setdefault("rc", main(args)))
+    worker.start()
+    worker.join(timeout=300)  # a hang guard: unbounded retries would never return
+    err = capfd.readouterr().err
+    assert not worker.is_alive() and result["rc"] == 1, err
+    assert "1 of 6 rows failed" in err, err
+    lines = _results(out)
+    assert sorted(r["id"] for r in lines) == sorted(ids), lines  # every id exactly once
+    status = {r["id"]: r for r in lines}
+    assert status[KILLER]["status"] == "error" and status[KILLER]["error"] == J.WORKER_DIED
+    assert sorted(i for i, r in status.items() if r["status"] == "ok") == sorted(set(ids) - {KILLER})
+    for i in set(ids) - {KILLER}:
+        assert (out / f"{i}.wav").read_bytes() == b"RIFF" + i.encode()  # the stand-in's placeholder
 
 
 def test_a_row_equals_synthesize_for_its_text_voice_and_seed(job_dir, local_run, tmp_path):
@@ -255,22 +301,26 @@ def test_csv_listing_and_its_refusals(tmp_path, capsys):
 def test_failures_are_retried_and_recorded_once_they_repeat(tmp_path):
     """The driver's rounds with a stand-in runner: a row that fails the same way twice is an error with
     that reason; one that fails once is retried (and ends ok); one failing differently each time gets
-    MAX_ATTEMPTS tries; a runner that dies mid-round sends the rows it had not answered round again."""
+    MAX_ATTEMPTS tries; a runner that dies mid-round sends the rows it had not answered round again; a row
+    never answered in a round that ends (its Ray task's worker died every time) failed with WORKER_DIED.
+    Later rounds ask the runner for one row per task (retry=True)."""
     from mvjax.batchjob import job as J
     from mvjax.batchjob.worker import JobSettings, Outcome, Task
     from mvjax.inference.options import SamplingConfig, SynthesisOptions
 
-    ids = ["same", "once", "varies", "lost", "input"]
+    ids = ["same", "once", "varies", "lost", "input", "dies"]
     rows = [J.Row(i, "text", "demo", 0, SamplingConfig(), f"line {n}") for n, i in enumerate(ids)]
     plan = J.Plan(tmp_path, JobSettings(SynthesisOptions()), "m", rows,
                   {i: Task(i, "text", np.zeros(4, np.float32), 0, SamplingConfig()) for i in ids},
                   {i: f"digest-{i}" for i in ids}, set())
     calls = []
 
-    def runner(tasks):
-        calls.append([t.id for t in tasks])
+    def runner(tasks, retry=False):
+        calls.append(([t.id for t in tasks], retry))
         attempt = len(calls)
         for t in tasks:
+            if t.id == "dies":
+                continue  # no outcome, ever
             if t.id == "lost" and attempt == 1:
                 raise RuntimeError("a worker died")  # the dataset fails: "lost" has no answer in round 1
             if t.id == "same" or (t.id == "once" and attempt == 1):
@@ -283,7 +333,9 @@ def test_failures_are_retried_and_recorded_once_they_repeat(tmp_path):
                 yield Outcome(t.id, None, b"RIFF", audio_seconds=1.5)
 
     summary = J.run(plan, runner)
-    assert calls == [ids, ids, ["varies"]]  # "input" had no answer before the failure: it goes round too
+    # "input" and "dies" had no answer before the failure: they go round too; "dies" then fails twice as
+    # WORKER_DIED (once as the failed round's "worker failed" first).
+    assert calls == [(ids, False), (ids, True), (["varies", "dies"], True)]
     status = {r["id"]: r for r in _results(tmp_path)}
     assert len(_results(tmp_path)) == len(ids)  # one line per id
     assert status["same"]["status"] == "error" and status["same"]["error"] == "boom"
@@ -291,7 +343,8 @@ def test_failures_are_retried_and_recorded_once_they_repeat(tmp_path):
     assert status["varies"]["status"] == "error" and status["varies"]["error"] == "boom 3"
     assert status["lost"]["status"] == "ok"
     assert status["input"]["status"] == "error" and status["input"]["error"].startswith("unsupported")
-    assert (summary.ok, summary.errors, summary.audio_seconds) == (2, 3, 3.0)
+    assert status["dies"]["status"] == "error" and status["dies"]["error"] == J.WORKER_DIED
+    assert (summary.ok, summary.errors, summary.audio_seconds) == (2, 4, 3.0)
 
 
 def test_an_output_that_would_overwrite_an_input_is_refused(tmp_path, capsys):

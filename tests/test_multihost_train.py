@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mvjax.train.checkpoints import restore_for_export
+from mvjax.train.run import batch_rows
 from mvjax.train.sharding import MIN_SHARDED_ELEMENTS, shard_spec
 from tests.conftest import REPO
 from tests.serve_util import free_port
@@ -61,9 +62,11 @@ def _devices(n: int) -> dict:
     return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "PYTHONPATH": str(REPO)}
 
 
-def _launch(args, processes: int, devices: int):
-    """``processes`` copies of ``python -m mvjax.finetune train ARGS`` forming one jax.distributed job."""
-    cmd = [sys.executable, "-m", "mvjax.finetune", "train", *args]
+def _launch(args, processes: int, devices: int, record=None):
+    """``processes`` copies of ``python -m mvjax.finetune train ARGS`` forming one jax.distributed job (with
+    ``record``: through :mod:`tests.fetch_probe`, which notes the training rows each process reads)."""
+    probe = ["tests.fetch_probe", str(record)] if record is not None else ["mvjax.finetune"]
+    cmd = [sys.executable, "-m", *probe, "train", *args]
     if processes > 1:
         cmd += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", str(processes)]
     return [subprocess.Popen(cmd + (["--process-id", str(i)] if processes > 1 else []), cwd=REPO,
@@ -82,8 +85,8 @@ def _finish(procs, timeout=300) -> list:
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-def _train(args, processes: int, devices: int) -> None:
-    for rc, out, err in _finish(_launch(args, processes, devices)):
+def _train(args, processes: int, devices: int, record=None) -> None:
+    for rc, out, err in _finish(_launch(args, processes, devices, record)):
         assert rc == 0, (out + err)[-3000:]
 
 
@@ -177,7 +180,20 @@ def test_two_processes_train_as_one_process_and_as_one_device(data, tmp_path):
             "--no-progress"]
     runs = {"2x2": (2, 2, ["--fsdp", "2"]), "1x4": (1, 4, ["--fsdp", "4"]), "1x1": (1, 1, [])}
     for name, (processes, devices, extra) in runs.items():
-        _train([*base, *extra, "--out", str(tmp_path / name)], processes, devices)
+        _train([*base, *extra, "--out", str(tmp_path / name)], processes, devices, record=tmp_path / f"{name}-reads")
+    # Each process read exactly the training rows its own devices hold: the mesh lays the batch over the devices in
+    # JAX's order (process 0's first), so of each step's 4 rows process 0 reads the first two and process 1 the
+    # last two, one read per device; a single process reads them all. No row is read twice or by another process.
+    seed = json.loads((tmp_path / "1x1" / "run.json").read_text())["loop"]["seed"]
+    steps = [batch_rows(8, 4 * s, 4, seed) for s in range(3)]
+    for name, (processes, devices, _) in runs.items():
+        for p in range(processes):
+            reads = json.loads((tmp_path / f"{name}-reads.{p}.json").read_text())
+            assert reads["spk"] == reads["tokens"], name
+            share = 4 // processes
+            want = sorted(int(i) for idx in steps for i in idx[p * share:(p + 1) * share])
+            assert sorted(i for read in reads["tokens"] for i in read) == want, (name, p, reads["tokens"], steps)
+            assert {len(read) for read in reads["tokens"]} == {4 // (processes * devices)}, (name, reads)
     ref = _losses(tmp_path / "1x1")
     assert [k for k, _, _ in ref] == ["eval", "train", "train", "eval", "train", "eval"]
     ref_params = _trained(tmp_path / "1x1")

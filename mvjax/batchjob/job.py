@@ -6,9 +6,12 @@ decides what is left: a row whose last result is ``ok``, whose file exists and w
 is gone is done again. :func:`run` hands the rest to a runner (:mod:`mvjax.batchjob.runners`) and
 writes each result as it comes back: the audio file (atomically), then its line in
 ``results.jsonl``. A row that fails is tried again in the next round (on whichever worker takes
-it); it is recorded as an error once it failed twice with the same reason (or
-:data:`MAX_ATTEMPTS` times), and the job goes on. A row whose own input fails (its text cannot be
-read: planning is deterministic, so every try would fail the same way) is recorded at once.
+it, alone in its task: ``runner(tasks, retry=True)``); it is recorded as an error once it failed
+twice with the same reason (or :data:`MAX_ATTEMPTS` times), and the job goes on. A row that got
+no result by the end of a round failed with :data:`WORKER_DIED` (a Ray task whose worker process
+died every time it ran it yields nothing: :mod:`mvjax.batchjob.runners`). A row whose own input
+fails (its text cannot be read: planning is deterministic, so every try would fail the same way)
+is recorded at once.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from mvjax.serve.voices import AUDIO_SUFFIXES, VoiceLimits, VoiceRegistry
 from mvjax.sources.demo import demo_speaker_audio
 
 MAX_ATTEMPTS = 3
+WORKER_DIED = "its worker process died while running it"
 DEMO_VOICE = "demo"
 
 
@@ -256,12 +260,12 @@ def run(job: Plan, runner, progress: bool = False) -> Summary:
 
     try:
         todo = [r.id for r in pending]
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_ATTEMPTS):
             if not todo:
                 break
             again, seen = [], set()
             try:
-                for outcome in runner([job.tasks[i] for i in todo]):
+                for outcome in runner([job.tasks[i] for i in todo], retry=attempt > 0):
                     if outcome.id in final or outcome.id in seen or outcome.id not in reasons:
                         continue  # a task Ray ran again after its first result arrived
                     seen.add(outcome.id)
@@ -278,9 +282,11 @@ def run(job: Plan, runner, progress: bool = False) -> Summary:
                 raise
             except Exception as exc:  # noqa: BLE001 - the workers failed (Ray gave up on one): rows go round again
                 why = f"worker failed: {reason(exc)}"
-                for row_id in todo:
-                    if row_id not in seen and not failed(row_id, why):
-                        again.append(row_id)
+            else:
+                why = WORKER_DIED  # the round ended, these rows' task never did
+            for row_id in todo:
+                if row_id not in seen and not failed(row_id, why):
+                    again.append(row_id)
             todo = again
     finally:
         bar.close()

@@ -10,17 +10,27 @@ A runner is called with a list of :class:`~mvjax.batchjob.worker.Task` and yield
 chips; CPUs on a cluster with neither) and loading the model once; a task is ``rows_per_task``
 rows, run through the actor's engine together, its results streamed back to the driver when the
 task ends; Ray Data's streaming executor applies back-pressure (a bounded number of tasks queued
-per actor). A worker process that dies is restarted by Ray and its task is run again: Ray Data's
-own actor fault tolerance (its actor pools set ``max_restarts`` and ``max_task_retries`` to -1,
-no limit; passing other values is deprecated from Ray 2.60 on). An actor that dies while it loads
-the model counts against ``DataContext.max_consecutive_actor_init_deaths``; when Ray gives up,
-the dataset fails and the driver's next round takes the rows that have no result yet.
+per actor).
+
+A worker process that dies is restarted by Ray (actors restart without limit, Ray Data's default)
+and its task is run again, but only :data:`TASK_RETRIES` times: Ray Data's own default is to retry
+without limit, so a row that kills its worker every time (a crash in native code, memory it cannot
+get) would hold the job forever. A task out of retries fails its block alone (the dataset runs with
+``max_errored_blocks = -1``): the other tasks go on, and the driver (:func:`mvjax.batchjob.job.run`)
+counts each row that got no result in the round as "its worker process died while running it" and
+sends it round again (tasks queued on a worker die with it too). Rounds after the first
+(``retry=True``) run one row per task and one task at a time per worker, so a row that shared a
+task or a worker with the killer is not blamed a second time, and the killer fails alone and is
+recorded as an error once it failed that way twice. An actor that dies while it loads the model
+counts against ``DataContext.max_consecutive_actor_init_deaths``; when Ray gives up, the dataset
+fails and the driver's next round takes the rows that have no result yet.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Iterator, Optional
 
 from mvjax.batchjob.worker import (
@@ -36,6 +46,10 @@ from mvjax.core.errors import MvjaxError
 
 log = logging.getLogger("mvjax")
 
+# Times Ray runs a task again after its worker process died (Ray Data's default: no limit). One retry lets a row
+# survive a worker lost by chance (a node taken away, another row's memory spike) within its round.
+TASK_RETRIES = 1
+
 
 class RayUnavailable(MvjaxError, RuntimeError):
     pass
@@ -49,7 +63,8 @@ class LocalRunner:
     def __init__(self, model: str, settings: JobSettings, digest: str):
         self.synthesizer = Synthesizer(model, settings, digest)
 
-    def __call__(self, tasks: list[Task]) -> Iterator[Outcome]:
+    def __call__(self, tasks: list[Task], retry: bool = False) -> Iterator[Outcome]:
+        """``retry``: a later round's rows (no difference here: one process, rows independent in the engine)."""
         return self.synthesizer.run(tasks)
 
     def close(self) -> None:
@@ -61,7 +76,9 @@ class RayRunner:
     or a new local one); a Ray already initialised in this process (a test's) is used as it is."""
 
     def __init__(self, model: str, settings: JobSettings, digest: str, address: Optional[str], workers: int,
-                 devices_per_worker: int, rows_per_task: int):
+                 devices_per_worker: int, rows_per_task: int, worker: type = RayWorker):
+        """``worker``: the actor class (:class:`~mvjax.batchjob.worker.RayWorker`; tests give a stand-in, which the
+        Ray workers import by its module's name)."""
         try:
             import ray
             import ray.data  # noqa: F401 - Ray Data is the [data] extra: fail here, not at the first round
@@ -75,7 +92,7 @@ class RayRunner:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the job draws its own
         self.model, self.settings, self.digest = model, settings, digest
-        self.workers, self.rows_per_task = workers, rows_per_task
+        self.workers, self.rows_per_task, self.worker = workers, rows_per_task, worker
         resources = ray.cluster_resources()
         if resources.get("GPU", 0) > 0:
             kind, self.resources = "GPU", {"num_gpus": devices_per_worker}
@@ -88,15 +105,26 @@ class RayRunner:
                         "autoscaler's nodes)", resources.get(kind, 0), kind, workers, devices_per_worker,
                         workers * devices_per_worker)
 
-    def __call__(self, tasks: list[Task]) -> Iterator[Outcome]:
+    def __call__(self, tasks: list[Task], retry: bool = False) -> Iterator[Outcome]:
+        """Outcomes of ``tasks`` as their Ray tasks end; a task whose worker died :data:`TASK_RETRIES` + 1 times
+        yields nothing for its rows. ``retry``: the rows of a later round, run one per task and one task at a time
+        per worker: tasks queued on a worker die with it, so a row waiting behind the killer would be lost again."""
         ray = self.ray
-        blocks = max(1, math.ceil(len(tasks) / self.rows_per_task))
+        per_task = 1 if retry else self.rows_per_task
+        blocks = max(1, math.ceil(len(tasks) / per_task))
         dataset = ray.data.from_items([task_row(t) for t in tasks], override_num_blocks=blocks)
-        dataset = dataset.map_batches(
-            RayWorker, fn_constructor_kwargs={"model": self.model, "settings": self.settings, "digest": self.digest},
-            batch_size=self.rows_per_task, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(self.workers, blocks)),
-            **self.resources)
+        with warnings.catch_warnings():
+            # Ray 2.60 takes max_task_retries only among the extra remote arguments, which it says are deprecated
+            # (to be replaced by named parameters, none of which sets task retries yet).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            dataset = dataset.map_batches(
+                self.worker, fn_constructor_kwargs={"model": self.model, "settings": self.settings,
+                                                    "digest": self.digest},
+                batch_size=per_task, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=min(self.workers, blocks),
+                                                   max_tasks_in_flight_per_actor=1 if retry else None),
+                max_task_retries=TASK_RETRIES, **self.resources)
+        dataset.context.max_errored_blocks = -1  # this dataset's own copy of the context: a dead task drops its rows
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             yield from outcomes_from_batch(batch)
 

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from mvjax.core.errors import MvjaxError
-from mvjax.train.data import load_split
+from mvjax.train.split_reader import open_split
 
 
 class TrainUsageError(MvjaxError, ValueError):
@@ -238,7 +238,7 @@ def run(args) -> int:
         from mvjax.sources.resolve import resolve_model  # heavy: as above
 
         data_dir = Path(args.data)
-        n_rows = len(load_split(data_dir, "train").tokens)
+        n_rows = len(open_split(data_dir, "train"))  # headers only: no process reads the whole split
         if args.demo:
             from mvjax.sources.demo import demo_model_dir  # heavy: as above (scipy too)
 

@@ -24,7 +24,8 @@ with the pad id (which is also end of audio) to ``ctx_window + 1`` tokens; train
     embeddings), ``texts`` (N,) str (the captions as read), ``audio`` (N,) str (the source
     files), ``frames`` (N,) int32 (EnCodec frames of each clip).
 
-:func:`load_split` reads one split back, checking it against the manifest with bounded reads.
+:func:`load_split` reads one split back whole, checking it against the manifest with bounded reads;
+:func:`mvjax.train.split_reader.open_split` opens one for training without reading its rows.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ ARRAYS = ("tokens", "spk", "texts", "audio", "frames")
 # Longest text / path a row may hold in the .npz (numpy stores str arrays as UTF-32).
 MAX_STRING_CHARS = 65536
 _MAX_MANIFEST_BYTES = 1 << 20
-_NPY_HEADER_BYTES = 1 << 16
+NPY_HEADER_BYTES = 1 << 16
 MAX_CAPTION_BYTES = 1 << 20
 LISTING_SUFFIXES = (".csv", ".jsonl")
 CSV_HEADER = ["audio_files", "captions"]
@@ -295,7 +296,7 @@ def read_data_manifest(data_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def _member_shapes(path: Path, rows: int, width: int, emb: int) -> None:
+def check_members(path: Path, rows: int, width: int, emb: int) -> None:
     """Refuse an .npz whose members are missing, extra, or larger than the manifest allows (before loading)."""
     limits = {
         "tokens": rows * width * 4,
@@ -316,13 +317,12 @@ def _member_shapes(path: Path, rows: int, width: int, emb: int) -> None:
         raise DataError(f"{path}: {detail}")
     for name, limit in limits.items():
         info = infos.get(f"{name}.npy") or infos[name]
-        if info.file_size > limit + _NPY_HEADER_BYTES:
+        if info.file_size > limit + NPY_HEADER_BYTES:
             raise DataError(f"{path}: {name} is {info.file_size} bytes, more than {rows} rows can hold")
 
 
-def load_split(data_dir: str | os.PathLike, split: str = "train") -> Split:
-    """Read split ``split`` of a prepared data directory, checking shapes, dtypes and values."""
-    data_dir = Path(data_dir)
+def split_file(data_dir: Path, split: str) -> tuple[dict, Path]:
+    """(manifest, path) of split ``split``: MissingSplitError when the manifest or the disk lacks it."""
     manifest = read_data_manifest(data_dir)
     if split not in manifest["splits"]:
         have = ", ".join(sorted(manifest["splits"]))
@@ -330,10 +330,22 @@ def load_split(data_dir: str | os.PathLike, split: str = "train") -> Split:
     path = data_dir / f"{split}.npz"
     if not path.is_file():
         raise MissingSplitError(f"{path} is missing")
+    return manifest, path
+
+
+def load_split(data_dir: str | os.PathLike, split: str = "train") -> Split:
+    """Read split ``split`` of a prepared data directory whole, checking shapes, dtypes and values.
+
+    For callers that want every array in memory: tests and tools on small splits, and the training
+    loop's validation split (every process evaluates all of it, and it is small: ``prepare`` holds out
+    a few rows). Training rows go through :func:`mvjax.train.split_reader.open_split` instead, which reads no
+    row until asked."""
+    data_dir = Path(data_dir)
+    manifest, path = split_file(data_dir, split)
     rows = manifest["splits"][split]["rows"]
     width = manifest["ctx_window"] + 1
     emb = manifest["speaker_emb_dim"]
-    _member_shapes(path, rows, width, emb)
+    check_members(path, rows, width, emb)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in ARRAYS}
@@ -361,4 +373,5 @@ def load_split(data_dir: str | os.PathLike, split: str = "train") -> Split:
     if rows and arrays["frames"].min() < 1:
         raise DataError(f"{path}: a row has no audio frames")
     return Split(name=split, manifest=manifest, **arrays)
+
 

@@ -1,8 +1,9 @@
 """The training loop: data -> jitted steps -> evaluation, checkpoints, metrics; fresh or resumed.
 
 The same loop runs as one process or as each process of a ``jax.distributed`` job. Every process
-computes the same batch indices (a pure function of the step), places only its own devices' rows
-(:func:`mvjax.train.sharding.put`) and takes part in every step, evaluation and checkpoint (Orbax
+computes the same batch indices (a pure function of the step), reads from the memory-mapped training
+split only the rows its own devices take (:meth:`mvjax.train.trainer.Trainer.step_rows`; the
+validation split is small and read whole by each) and takes part in every step, evaluation and checkpoint (Orbax
 writes each process's shards; process 0 writes the metadata). Process 0 alone writes ``run.json``,
 ``metrics.jsonl``, TensorBoard events and the log; the others wait for ``run.json`` at a barrier.
 """
@@ -37,6 +38,7 @@ from mvjax.train.run import (
     write_run_file,
 )
 from mvjax.train.sharding import MeshError, training_mesh
+from mvjax.train.split_reader import open_split
 from mvjax.train.trainer import Trainer
 
 
@@ -156,7 +158,7 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
     settings = _open_everywhere(run_dir, model_dir, data_dir, spec, optim, loop, resume, changed or {})
     spec, optim, loop = run_configs(settings)
     cfg, params, tok = load_run_model(settings)
-    train_split = load_split(Path(settings["data"]), "train")
+    train_split = open_split(Path(settings["data"]), "train")  # headers only: rows are read as steps take them
     _check_data(train_split.manifest, cfg, tok)
     try:
         val_split = load_split(Path(settings["data"]), "val")
@@ -181,7 +183,7 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
             raise RunError(f"checkpoint {start} records a data position that does not match its step")
         log(f"resuming at step {start} (data row {start * loop.rows_per_step})")
     metrics = MetricsLog(run_dir, start, log) if main else _Quiet()
-    n_train, ctx = len(train_split.tokens), train_split.tokens.shape[-1] - 1
+    n_train, ctx = len(train_split), train_split.ctx_window
     log(f"training {n_train} rows ({0 if val_split is None else len(val_split.tokens)} validation), "
         f"{loop.rows_per_step} rows x {ctx} tokens per step, steps {start}..{loop.steps}")
 
@@ -205,10 +207,8 @@ def train(run_dir: Path, model_dir: Optional[Path], data_dir: Optional[Path], sp
     try:
         for step in range(start, loop.steps):
             idx = batch_rows(n_train, step * loop.rows_per_step, loop.rows_per_step, loop.seed)
-            rows = train_split.tokens[idx].reshape(loop.grad_accum, loop.batch_size, *train_split.tokens.shape[1:])
-            spk = train_split.spk[idx].reshape(loop.grad_accum, loop.batch_size, -1)
             t0 = time.perf_counter()
-            state, m = trainer.step(state, rows, spk)
+            state, m = trainer.step_rows(state, train_split, idx.reshape(loop.grad_accum, loop.batch_size))
             last = {k: float(v) for k, v in m.items()}
             seconds = time.perf_counter() - t0
             last.update(step_time_s=seconds, tokens_per_s=loop.rows_per_step * ctx / seconds)

@@ -165,6 +165,25 @@ class Trainer:
             raise TrainSpecError(f"batch of {array.shape[batch_axis]} rows does not split over {n} devices")
         return put(array, batch_sharding(self.mesh, array.ndim, batch_axis))
 
+    def _gather(self, read, idx: np.ndarray, row_shape: tuple, dtype, batch_axis: int):
+        """The batch ``read(ids)`` of row ids ``idx`` (shape idx.shape + row_shape), split over the mesh along
+        ``batch_axis``, each process reading only the rows of ``idx`` that land on its own devices: the callback
+        gets a device's index into the global batch and reads just those rows (``read`` checks what it reads)."""
+        shape = tuple(idx.shape) + tuple(row_shape)
+        if self.mesh is None:
+            return jnp.asarray(read(idx.reshape(-1)).reshape(shape))
+        n = device_count(self.mesh)
+        if idx.shape[batch_axis] % n:
+            raise TrainSpecError(f"batch of {idx.shape[batch_axis]} rows does not split over {n} devices")
+
+        def rows_of(index):
+            ids = idx[tuple(index[: idx.ndim])]
+            rows = read(ids.reshape(-1)).reshape(ids.shape + tuple(row_shape))
+            return rows[(slice(None),) * idx.ndim + tuple(index[idx.ndim:])]
+
+        return jax.make_array_from_callback(shape, batch_sharding(self.mesh, len(shape), batch_axis), rows_of,
+                                            dtype=dtype)
+
     # Step ----------------------------------------------------------------------------------
     def _grads(self, frozen, trainable, rows, spk, key):
         def loss_fn(t):
@@ -212,6 +231,18 @@ class Trainer:
         if rows.ndim == 3:
             rows, spk = rows[None], spk[None]
         return self._step(state, self.frozen, self._put(rows, 1), self._put(spk, 1))
+
+    def step_rows(self, state: dict, split, idx) -> tuple[dict, dict]:
+        """One optimiser update on rows ``idx`` (accumulation, batch) of ``split`` (a
+        :class:`mvjax.train.split_reader.SplitReader`, or anything with its ``tokens``/``spk`` shapes and
+        ``tokens_rows``/``spk_rows`` readers). The same update as :meth:`step` on ``split``'s arrays indexed by
+        ``idx``, but each process reads only the rows its own devices hold (the whole batch without a mesh)."""
+        idx = np.asarray(idx, np.int64)
+        if idx.ndim == 1:
+            idx = idx[None]
+        rows = self._gather(split.tokens_rows, idx, split.tokens.shape[1:], np.int32, 1)
+        spk = self._gather(split.spk_rows, idx, split.spk.shape[1:], np.float32, 1)
+        return self._step(state, self.frozen, rows, spk)
 
     # Evaluation ----------------------------------------------------------------------------
     def _eval_impl(self, frozen, trainable, rows, spk, row_weight):
