@@ -234,7 +234,6 @@ def _children(pid: int) -> list:
         return [int(p) for p in fh.read().split()]
 
 
-@pytest.mark.slow
 def test_a_killed_process_stops_the_job_in_one_line_and_resume_continues_the_run(data, tmp_path):
     """2 processes x 2 devices; the training child of process 1 is SIGKILLed after its first checkpoint. Each
     process says so in one line. --resume with the same 2 processes x 2 devices takes the uninterrupted run's
