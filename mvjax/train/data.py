@@ -333,6 +333,23 @@ def split_file(data_dir: Path, split: str) -> tuple[dict, Path]:
     return manifest, path
 
 
+def checked_layout(data_dir: str | os.PathLike, split: str) -> tuple[dict, Path, dict]:
+    """(manifest, path, expected) of split ``split``, its zip members checked against the manifest
+    (:func:`check_members`, before any array is read); ``expected``: name -> (shape, dtype) of the
+    numeric arrays the manifest implies."""
+    manifest, path = split_file(Path(data_dir), split)
+    rows = manifest["splits"][split]["rows"]
+    width = manifest["ctx_window"] + 1
+    emb = manifest["speaker_emb_dim"]
+    check_members(path, rows, width, emb)
+    expected = {
+        "tokens": ((rows, 1, width), np.dtype(np.int32)),
+        "spk": ((rows, emb), np.dtype(np.float32)),
+        "frames": ((rows,), np.dtype(np.int32)),
+    }
+    return manifest, path, expected
+
+
 def load_split(data_dir: str | os.PathLike, split: str = "train") -> Split:
     """Read split ``split`` of a prepared data directory whole, checking shapes, dtypes and values.
 
@@ -340,22 +357,13 @@ def load_split(data_dir: str | os.PathLike, split: str = "train") -> Split:
     loop's validation split (every process evaluates all of it, and it is small: ``prepare`` holds out
     a few rows). Training rows go through :func:`mvjax.train.split_reader.open_split` instead, which reads no
     row until asked."""
-    data_dir = Path(data_dir)
-    manifest, path = split_file(data_dir, split)
+    manifest, path, expected = checked_layout(data_dir, split)
     rows = manifest["splits"][split]["rows"]
-    width = manifest["ctx_window"] + 1
-    emb = manifest["speaker_emb_dim"]
-    check_members(path, rows, width, emb)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in ARRAYS}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    expected = {
-        "tokens": ((rows, 1, width), np.int32),
-        "spk": ((rows, emb), np.float32),
-        "frames": ((rows,), np.int32),
-    }
     for name, (shape, dtype) in expected.items():
         value = arrays[name]
         if value.shape != shape or value.dtype != dtype:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvjax.train.data import ARRAYS, NPY_HEADER_BYTES, DataError, check_members, split_file
+from mvjax.train.data import ARRAYS, NPY_HEADER_BYTES, DataError, checked_layout
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip member's local file header (30 bytes, then name and extra)
 _LOCAL_SIGNATURE = 0x04034B50
@@ -121,17 +121,8 @@ def open_split(data_dir: str | os.PathLike, split: str = "train") -> SplitReader
     """Open split ``split`` for training: the manifest and every member's zip and .npy headers are read and
     checked (members, sizes, shapes, dtypes, C order, stored uncompressed); ``tokens``, ``spk`` and ``frames`` are
     mapped where they lie, ``texts`` and ``audio`` (not needed to train) are never read. No row is read here."""
-    data_dir = Path(data_dir)
-    manifest, path = split_file(data_dir, split)
+    manifest, path, expected = checked_layout(data_dir, split)
     rows = manifest["splits"][split]["rows"]
-    width = manifest["ctx_window"] + 1
-    emb = manifest["speaker_emb_dim"]
-    check_members(path, rows, width, emb)
-    expected = {
-        "tokens": ((rows, 1, width), np.dtype(np.int32)),
-        "spk": ((rows, emb), np.dtype(np.float32)),
-        "frames": ((rows,), np.dtype(np.int32)),
-    }
     arrays = {}
     try:
         with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
