@@ -36,9 +36,9 @@ from mvjax.batchjob.listing import ListingLimits
 from mvjax.batchjob.runners import LocalRunner, RayRunner
 from mvjax.batchjob.worker import DEMO_MODEL, JobSettings
 from mvjax.cli.common import DefaultsHelpFormatter, exit_now, fail, guarded
-from mvjax.cli.synthesize import DEMO_MAX_NEW_TOKENS, UsageError, _logger
+from mvjax.cli.synthesize import DEMO_MAX_NEW_TOKENS, UsageError, _logger, add_sampling_flags
 from mvjax.core.precision import PrecisionError, resolve
-from mvjax.inference.options import BATCHING, DECODERS, DEFAULT_STEPS, SamplingConfig, SynthesisError, SynthesisOptions
+from mvjax.inference.options import BATCHING, DECODERS, DEFAULT_STEPS, SynthesisError, SynthesisOptions
 
 FORMATS = tuple(s.lstrip(".") for s in OUTPUT_FORMATS)
 
@@ -57,16 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-tokens", action="store_true", help="also DIR/<id>.npz with the row's tokens (as "
                                                              "python -m mvjax.synthesize --save-tokens writes)")
     smp = p.add_argument_group("sampling (a row's own fields override these)")
-    smp.add_argument("--seed", type=int, default=0, help="a row's seed when it gives none (its tokens equal "
-                                                          "python -m mvjax.synthesize --seed's)")
-    for name in ("temperature", "top_p", "guidance_scale"):
-        spec = SamplingConfig.spec(name)
-        smp.add_argument("--" + name.replace("_", "-"), type=float, default=spec.default,
-                         help=f"{spec.help} ({spec.low:g} to {spec.high:g})")
+    add_sampling_flags(smp, seed_help="a row's seed when it gives none (its tokens equal python -m mvjax.synthesize "
+                                      "--seed's)")
     defaults = SynthesisOptions()
-    smp.add_argument("--stage2-temperature", type=float, default=defaults.stage2_temperature,
-                     help="second stage; 0 = greedy")
-    smp.add_argument("--stage2-top-k", type=int, default=defaults.stage2_top_k, help="second stage top-k (0 = off)")
     smp.add_argument("--max-new-tokens", type=int, default=None,
                      help=f"first-stage tokens per chunk (default: until end of audio; --demo: {DEMO_MAX_NEW_TOKENS})")
     dec = p.add_argument_group("decoding")

@@ -78,6 +78,22 @@ def _logger(quiet: bool) -> logging.Logger:
     return log
 
 
+def add_sampling_flags(group, seed_help: str = "sampling seed (same seed, same tokens)") -> None:
+    """The sampling flags synthesize and the dataset job share: --seed, the first stage's temperature,
+    top-p and guidance scale (ranges from :class:`SamplingConfig`), the second stage's temperature and top-k."""
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    for name in ("temperature", "top_p", "guidance_scale"):
+        spec = SamplingConfig.spec(name)
+        group.add_argument("--" + name.replace("_", "-"), type=float, default=spec.default,
+                           help=f"{spec.help} (default {spec.default}; {spec.low:g} to {spec.high:g})")
+    defaults = SynthesisOptions()
+    group.add_argument("--stage2-temperature", type=float, default=defaults.stage2_temperature,
+                       help=f"second stage; 0 = greedy (default {defaults.stage2_temperature}, which the reference's "
+                            "synthesis always uses)")
+    group.add_argument("--stage2-top-k", type=int, default=defaults.stage2_top_k,
+                       help=f"second stage top-k (default {defaults.stage2_top_k}; 0 = off)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mvjax.synthesize", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,17 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--save-tokens", help=".npz with first_stage, all_codebooks, speaker_embedding "
                                            "(a directory for --text-file: one .npz per output)")
     smp = p.add_argument_group("sampling")
-    smp.add_argument("--seed", type=int, default=0)
-    for name in ("temperature", "top_p", "guidance_scale"):
-        spec = SamplingConfig.spec(name)
-        smp.add_argument("--" + name.replace("_", "-"), type=float, default=spec.default,
-                         help=f"{spec.help} (default {spec.default}; {spec.low:g} to {spec.high:g})")
+    add_sampling_flags(smp)
     defaults = SynthesisOptions()
-    smp.add_argument("--stage2-temperature", type=float, default=defaults.stage2_temperature,
-                     help=f"second stage; 0 = greedy (default {defaults.stage2_temperature}, which the reference's "
-                          "synthesis always uses)")
-    smp.add_argument("--stage2-top-k", type=int, default=defaults.stage2_top_k,
-                     help=f"second stage top-k (default {defaults.stage2_top_k}; 0 = off)")
     smp.add_argument("--max-new-tokens", type=int, help="first-stage tokens per chunk (default: until end of audio "
                                                           "or the block is full)")
     dec = p.add_argument_group("decoding")
