@@ -128,10 +128,13 @@ MVJAX_INT4_TARGET void Tile(const Weights& w, const Activations& a, int64_t o, c
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  // The minimums of the rows kMinPrefetchRows further on (their float16 rows are read at the end of
-  // a tile; their own stream is too short and too slow for the hardware prefetcher to follow).
-  for (int r = 0; r < R; ++r)
-    PrefetchAhead(reinterpret_cast<const uint8_t*>(w.min + std::min(o + r + kMinPrefetchRows, w.out - 1) * w.groups), 0);
+  // The minimums and scales of the rows kMinPrefetchRows further on (float16 rows read at the end
+  // of a tile and just before it; their streams are too slow for the hardware prefetcher to follow).
+  for (int r = 0; r < R; ++r) {
+    const int64_t ahead = std::min(o + r + kMinPrefetchRows, w.out - 1) * w.groups;
+    PrefetchAhead(reinterpret_cast<const uint8_t*>(w.min + ahead), 0);
+    PrefetchAhead(reinterpret_cast<const uint8_t*>(w.scale + ahead), 0);
+  }
 
   // Units: groups of G / 64 blocks, or (split, G = 32) single blocks of two groups, the last one
   // half a block when k_len % 64 == 32 (its second group is the zero padding at index `groups`).
@@ -185,14 +188,23 @@ MVJAX_INT4_TARGET void Tile(const Weights& w, const Activations& a, int64_t o, c
     for (int c = 0; c < C; ++c) y[(o + r) * a.n + c0 + c] = HorizontalSum(acc[r][c]);
 }
 
-// Rows [o0, o1) against columns [c0, c0 + C): R-row tiles, single rows for the remainder.
+// Rows [o0, o1) against columns [c0, c0 + C): R-row tiles, single rows for the remainder; each
+// tile's scales are converted to float32 into sf (room for R rows) just before it runs, so they
+// come from the cache the tiles before prefetched them into, not from memory in one burst per chunk
+// (that burst was ~10 % of an int4 decode step's kernel time, all of it waiting on the loads).
 template <int R, int C, bool Split, bool Batch>
-MVJAX_INT4_TARGET void RowsForColumns(const Weights& w, const Activations& a, int64_t o0, int64_t o1,
-                                      const float* sf, int64_t c0, float* y) {
+MVJAX_INT4_TARGET void RowsForColumns(const Weights& w, const Activations& a, int64_t o0, int64_t o1, float* sf,
+                                      int64_t c0, float* y) {
   const int64_t gp = a.groups_pad;
   int64_t o = o0;
-  for (; o + R <= o1; o += R) Tile<R, C, Split, Batch>(w, a, o, sf + (o - o0) * gp, c0, y);
-  for (; o < o1; ++o) Tile<1, C, Split, Batch>(w, a, o, sf + (o - o0) * gp, c0, y);
+  for (; o + R <= o1; o += R) {
+    for (int r = 0; r < R; ++r) HalfRow(w.scale + (o + r) * w.groups, w.groups, sf + r * gp, gp);
+    Tile<R, C, Split, Batch>(w, a, o, sf, c0, y);
+  }
+  for (; o < o1; ++o) {
+    HalfRow(w.scale + o * w.groups, w.groups, sf, gp);
+    Tile<1, C, Split, Batch>(w, a, o, sf, c0, y);
+  }
 }
 
 // Register tiles, R rows x C columns (R divides 12, the chunk granularity), batched or not (Tile):
@@ -200,6 +212,7 @@ MVJAX_INT4_TARGET void RowsForColumns(const Weights& w, const Activations& a, in
 // vector registers, AVX2 16. Picked by single-thread CPU time on an AMD EPYC (Zen 4) for N = 1, 2,
 // 4: batching pays at one column (where the scaling is most of the per-group work) and not at more
 // (vphaddd is slow there, and the wider tile it forces reuses each unpacked block less).
+constexpr int kMaxTileRows = 4;  // the largest R below
 #if MVJAX_INT4_VNNI
 constexpr int kRows4 = 2, kRows3 = 2, kRows2 = 4, kRows1 = 4;
 constexpr bool kBatch4 = false, kBatch3 = true, kBatch2 = false, kBatch1 = true;
@@ -212,9 +225,7 @@ constexpr bool kBatch4 = false, kBatch3 = false, kBatch2 = false, kBatch1 = true
 // the caller to stay in L2) come from memory once and from cache for every further column group.
 template <bool Split>
 MVJAX_INT4_TARGET void Rows(const Weights& w, const Activations& a, int64_t o0, int64_t o1, float* y) {
-  const int64_t gp = a.groups_pad;
-  std::vector<float> sf(size_t((o1 - o0) * gp));
-  for (int64_t o = o0; o < o1; ++o) HalfRow(w.scale + o * w.groups, w.groups, sf.data() + (o - o0) * gp, gp);
+  std::vector<float> sf(size_t(kMaxTileRows * a.groups_pad));
   int64_t c = 0;
   for (; c + 4 <= a.n; c += 4) RowsForColumns<kRows4, 4, Split, kBatch4>(w, a, o0, o1, sf.data(), c, y);
   switch (a.n - c) {
