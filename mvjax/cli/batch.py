@@ -36,7 +36,8 @@ from mvjax.batchjob.listing import ListingLimits
 from mvjax.batchjob.runners import LocalRunner, RayRunner
 from mvjax.batchjob.worker import DEMO_MODEL, JobSettings
 from mvjax.cli.common import DefaultsHelpFormatter, exit_now, fail, guarded
-from mvjax.cli.synthesize import DEMO_MAX_NEW_TOKENS, UsageError, _logger, add_sampling_flags
+from mvjax.cli.sampling_flags import add_sampling_flags
+from mvjax.cli.synthesize import DEMO_MAX_NEW_TOKENS, UsageError, _logger
 from mvjax.core.precision import PrecisionError, resolve
 from mvjax.inference.options import BATCHING, DECODERS, DEFAULT_STEPS, SynthesisError, SynthesisOptions
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from mvjax.audio.io import OUTPUT_FORMATS
 from mvjax.cli.common import exit_now, guarded
+from mvjax.cli.sampling_flags import add_sampling_flags
 from mvjax.core.compile_cache import enable_compilation_cache
 from mvjax.core.errors import MvjaxError
 from mvjax.core.parallel import initialize_distributed, process_share
@@ -45,7 +46,6 @@ from mvjax.inference.options import (
     BATCHING,
     DECODERS,
     DEFAULT_STEPS,
-    SamplingConfig,
     StreamSettings,
     SynthesisError,
     SynthesisOptions,
@@ -76,22 +76,6 @@ def _logger(quiet: bool) -> logging.Logger:
     logging.getLogger("mvjax.chunks").setLevel(logging.WARNING if quiet else logging.DEBUG)  # the per-chunk lines
     log.propagate = False
     return log
-
-
-def add_sampling_flags(group, seed_help: str = "sampling seed (same seed, same tokens)") -> None:
-    """The sampling flags synthesize and the dataset job share: --seed, the first stage's temperature,
-    top-p and guidance scale (ranges from :class:`SamplingConfig`), the second stage's temperature and top-k."""
-    group.add_argument("--seed", type=int, default=0, help=seed_help)
-    for name in ("temperature", "top_p", "guidance_scale"):
-        spec = SamplingConfig.spec(name)
-        group.add_argument("--" + name.replace("_", "-"), type=float, default=spec.default,
-                           help=f"{spec.help} (default {spec.default}; {spec.low:g} to {spec.high:g})")
-    defaults = SynthesisOptions()
-    group.add_argument("--stage2-temperature", type=float, default=defaults.stage2_temperature,
-                       help=f"second stage; 0 = greedy (default {defaults.stage2_temperature}, which the reference's "
-                            "synthesis always uses)")
-    group.add_argument("--stage2-top-k", type=int, default=defaults.stage2_top_k,
-                       help=f"second stage top-k (default {defaults.stage2_top_k}; 0 = off)")
 
 
 def _parser() -> argparse.ArgumentParser:
