@@ -467,11 +467,15 @@ def test_burst_of_50(server):
     assert elapsed < 240
     wait_idle(server.url, 60)
     # nothing mixed: the same request alone gives the same audio
-    replay = [x for x in ok if x[0]["response_format"] in ("wav", "pcm")][:2]
+    # Whole (non-streamed) lossless answers only: a streamed answer's codebooks 3-8 of early frames come from
+    # partial second-stage passes whose extent depends on how the engine's calls fell (README, "Streaming
+    # within a chunk"), so it is not the whole answer's audio by design. 30 of the 50 requests qualify; all 8+
+    # served ones missing them has probability ~2e-4.
+    replay = [x for x in ok if x[0]["response_format"] in ("wav", "pcm", "flac") and not x[0]["stream"]][:2]
     assert replay
     diffs = []
     for req, r in replay:
-        again = httpx.post(server.url + "/v1/audio/speech", json={**req, "stream": False}, timeout=240)
+        again = httpx.post(server.url + "/v1/audio/speech", json=req, timeout=240)
         assert again.status_code == 200
         if again.content == r.content:
             diffs.append(0.0)
