@@ -92,8 +92,21 @@ def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
 
 
+def _import_native_modules() -> None:
+    """The modules with native extensions that preparing imports on its way (soxr through the speaker
+    encoder's features, tensorstore through the checkpoint reader, jaxlib): imported before SIGTERM is
+    handled, because the handler's exception raised inside a native module's initialisation aborts the
+    interpreter (C++ terminate, exit -6) instead of unwinding."""
+    import jax.numpy  # noqa: F401
+
+    import mvjax.inference.speaker  # noqa: F401
+    import mvjax.io.checkpoint  # noqa: F401
+    import mvjax.nn.encodec  # noqa: F401
+
+
 def run(args: argparse.Namespace) -> int:
     """Prepare the data; SIGTERM is handled as Ctrl-C (one line, nothing left behind) with exit status 143."""
+    _import_native_modules()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
